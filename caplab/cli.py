@@ -1,0 +1,379 @@
+"""The `caplab` command line.
+
+Exit codes: 0 success; 1 the store refused or failed (one clear line, no
+traceback); 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from caplab import __version__, errors
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command line; exit code 2."""
+
+
+def _hostport(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _peer(text: str) -> tuple[str, str]:
+    node_id, sep, addr = text.partition("=")
+    if not sep or not node_id:
+        raise argparse.ArgumentTypeError(f"expected ID=HOST:PORT, got {text!r}")
+    return node_id, _hostport(addr)
+
+
+def _option(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return k, v
+
+
+# -- node -----------------------------------------------------------------------
+def _add_node(sub: Any) -> None:
+    p = sub.add_parser("node", help="run one node in the foreground")
+    p.add_argument("--store", choices=["raft", "gossip"], required=True)
+    p.add_argument("--id", required=True, help="this node's id (unique in the cluster)")
+    p.add_argument("--listen", type=_hostport, required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--peer",
+        type=_peer,
+        action="append",
+        default=[],
+        metavar="ID=HOST:PORT",
+        help="another member of the cluster (repeat for each)",
+    )
+    p.add_argument("--data-dir", required=True, help="where this node keeps its durable state")
+    p.add_argument(
+        "--enable-admin", action="store_true", help="serve the Admin fault-injection service"
+    )
+    p.add_argument("--log-format", choices=["console", "json"], default="console")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--grace", type=float, default=5.0, help="shutdown grace period in seconds")
+    p.add_argument(
+        "--set",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        dest="options",
+        help="store tuning, e.g. --set heartbeat_ms=50 (see the store's docs)",
+    )
+    p.set_defaults(func=_cmd_node)
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from caplab.logs import configure_logging
+    from caplab.server import load_backend_factory, serve
+    from caplab.store import NodeConfig
+
+    peers = dict(args.peer)
+    if args.id in peers:
+        raise UsageError(f"--peer lists this node's own id {args.id!r}")
+    if len(peers) != len(args.peer):
+        raise UsageError("--peer lists the same node id twice")
+    configure_logging(args.log_format, node_id=args.id, level=args.log_level)
+    load_backend_factory(args.store)  # fail fast with a clear message
+    config = NodeConfig(
+        store=args.store,
+        node_id=args.id,
+        listen=args.listen,
+        peers=peers,
+        data_dir=args.data_dir,
+        enable_admin=args.enable_admin,
+        options=dict(args.options),
+    )
+    asyncio.run(serve(config, grace_s=args.grace))
+    return EXIT_OK
+
+
+# -- cluster --------------------------------------------------------------------
+def _add_cluster(sub: Any) -> None:
+    p = sub.add_parser("cluster", help="run N local nodes in the foreground until Ctrl-C")
+    p.add_argument("--store", choices=["raft", "gossip"], required=True)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
+    p.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")
+    p.add_argument("--enable-admin", action="store_true")
+    p.set_defaults(func=_cmd_cluster)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from harness.cluster import LocalCluster
+
+    if not 1 <= args.nodes <= 15:
+        raise UsageError("--nodes must be between 1 and 15")
+    root = Path(args.data_dir or tempfile.mkdtemp(prefix=f"caplab-{args.store}-"))
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with LocalCluster(
+        args.store, args.nodes, root, base_port=args.base_port, enable_admin=args.enable_admin
+    ) as cluster:
+        cluster.start()
+        asyncio.run(cluster.wait_ready())
+        eps = cluster.endpoints
+        print(f"{args.store} cluster of {args.nodes} nodes; data and logs in {root}")
+        for node_id, ep in eps.items():
+            print(f"  {node_id}  {ep}")
+        flags = " ".join(f"--endpoint {ep}" for ep in eps.values())
+        print(f"try: caplab kv {flags} put hello world")
+        print("Ctrl-C stops every node.", flush=True)
+        while not stop:
+            for node in cluster.nodes.values():
+                if not node.running:
+                    print(f"node {node.node_id} exited; see {node.log_path}", file=sys.stderr)
+                    return EXIT_FAILED
+            time.sleep(0.2)
+        print("stopping...", flush=True)
+    return EXIT_OK
+
+
+# -- kv -------------------------------------------------------------------------
+def _add_kv(sub: Any) -> None:
+    p = sub.add_parser("kv", help="talk to a cluster")
+    p.add_argument(
+        "--endpoint", type=_hostport, action="append", required=True, metavar="HOST:PORT"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline per attempt (s)")
+    p.add_argument("--retries", type=int, default=2, help="retries of definite failures")
+    ops = p.add_subparsers(dest="op", required=True, metavar="OP")
+    o = ops.add_parser("put", help="write a register")
+    o.add_argument("key")
+    o.add_argument("value")
+    o = ops.add_parser("get", help="read a key")
+    o.add_argument("key")
+    o.add_argument(
+        "--local", action="store_true", help="answer from the contacted node (may be stale)"
+    )
+    o.add_argument("--linearizable", action="store_true", help="insist on a linearizable read")
+    o = ops.add_parser("delete", help="delete a key")
+    o.add_argument("key")
+    o = ops.add_parser(
+        "cas", help="compare-and-swap (EXPECTED '-' with --absent: key must be absent)"
+    )
+    o.add_argument("key")
+    o.add_argument("expected")
+    o.add_argument("new")
+    o.add_argument("--absent", action="store_true", help="expect the key to be absent")
+    o = ops.add_parser("incr", help="add DELTA (default 1) to a counter")
+    o.add_argument("key")
+    o.add_argument("delta", nargs="?", type=int, default=1)
+    ops.add_parser("status", help="the contacted node's view of the cluster")
+    p.set_defaults(func=_cmd_kv)
+
+
+def _header(h: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"node": h.node_id}
+    if h.term or h.index:
+        out.update(term=h.term, index=h.index)
+    if h.HasField("hlc"):
+        out["hlc"] = f"{h.hlc.wall_ms}.{h.hlc.logical}@{h.hlc.node_id}"
+    if h.stale_possible:
+        out["stale_possible"] = True
+    if h.forwarded_by:
+        out["forwarded_by"] = h.forwarded_by
+    return out
+
+
+def _decode(v: bytes) -> str:
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + v.hex()
+
+
+async def _kv(args: argparse.Namespace) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    from caplab.v1 import kv_pb2
+    from harness.client import KVClient
+
+    async with KVClient(args.endpoint, timeout=args.timeout, retries=args.retries) as c:
+        if args.op == "put":
+            r = await c.put(args.key, args.value.encode())
+            return {"ok": True, "op": "put", "key": args.key, **_header(r.header)}
+        if args.op == "get":
+            if args.local and args.linearizable:
+                raise UsageError("--local and --linearizable exclude each other")
+            level = (
+                kv_pb2.CONSISTENCY_LOCAL
+                if args.local
+                else kv_pb2.CONSISTENCY_LINEARIZABLE
+                if args.linearizable
+                else kv_pb2.CONSISTENCY_DEFAULT
+            )
+            g = await c.get(args.key, level)
+            value = _decode(g.value) if isinstance(g.value, bytes) else g.value
+            return {
+                "ok": True,
+                "op": "get",
+                "key": args.key,
+                "found": g.found,
+                "value": value,
+                **_header(g.header),
+            }
+        if args.op == "delete":
+            d = await c.delete(args.key)
+            return {
+                "ok": True,
+                "op": "delete",
+                "key": args.key,
+                "existed": d.existed,
+                **_header(d.header),
+            }
+        if args.op == "cas":
+            expected = None if args.absent else args.expected.encode()
+            s = await c.cas(args.key, expected, args.new.encode())
+            return {
+                "ok": True,
+                "op": "cas",
+                "key": args.key,
+                "swapped": s.swapped,
+                "current": _decode(s.current) if s.found else None,
+                **_header(s.header),
+            }
+        if args.op == "incr":
+            i = await c.increment(args.key, args.delta)
+            return {
+                "ok": True,
+                "op": "incr",
+                "key": args.key,
+                "value": i.value,
+                **_header(i.header),
+            }
+        st = await c.status()
+        return {
+            "ok": True,
+            "op": "status",
+            "status": MessageToDict(st, preserving_proto_field_name=True),
+        }
+
+
+def _print_kv(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+        return
+    op = result["op"]
+    if op == "get":
+        print(result["value"] if result["found"] else "(absent)")
+    elif op == "cas":
+        print("swapped" if result["swapped"] else f"not swapped; current: {result['current']}")
+    elif op == "incr":
+        print(result["value"])
+    elif op == "status":
+        print(json.dumps(result["status"], indent=2, sort_keys=True))
+    elif op == "delete":
+        print("deleted" if result["existed"] else "deleted (was absent)")
+    else:
+        print("ok")
+
+
+def _cmd_kv(args: argparse.Namespace) -> int:
+    try:
+        result = asyncio.run(_kv(args))
+    except errors.StoreError as e:
+        kind = "refused" if e.definite else "outcome unknown"
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "op": args.op,
+                        "code": e.code.name,
+                        "definite": e.definite,
+                        "error": e.message,
+                    }
+                )
+            )
+        else:
+            print(f"caplab: {kind} ({e.code.name}): {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_kv(result, args.json)
+    return EXIT_OK
+
+
+# -- main -----------------------------------------------------------------------
+Registrar = Callable[[Any], None]
+
+
+def _registrars() -> list[Registrar]:
+    regs: list[Registrar] = [_add_node, _add_cluster, _add_kv]
+    # Later subcommands live with the code they drive.
+    import importlib
+
+    for module_name in ("harness.cli",):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        regs.extend(module.REGISTRARS)
+    return regs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="caplab",
+        description="See the CAP trade-off: a Raft (CP) and a gossip (AP) key-value store, "
+        "side by side.",
+    )
+    parser.add_argument("--version", action="version", version=f"caplab {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    for reg in _registrars():
+        reg(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except UsageError as e:
+        print(f"caplab: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except errors.StoreError as e:
+        print(f"caplab: {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The node runtime: one grpc.aio server per node, shared by both stores.
+
+Serves KV, Cluster, gRPC health checking and reflection, the store's peer
+services, and Admin only with --enable-admin. On SIGTERM/SIGINT: mark the node
+NOT_SERVING, let the store hand over (raft leader transfer), stop accepting and
+finish in-flight requests within the grace period, then flush storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from caplab import __version__
+from caplab.clock import SkewableClock
+from caplab.errors import Unavailable
+from caplab.logs import get_logger
+from caplab.servicer import AdminServicer, ClusterServicer, KVServicer
+from caplab.store import BackendFactory, NodeConfig, StoreBackend
+from caplab.v1 import kv_pb2, kv_pb2_grpc
+from caplab.validation import MAX_MESSAGE_BYTES
+
+log = get_logger("caplab.server")
+
+STORES = {"raft": "raft.node", "gossip": "gossip.node"}
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def load_backend_factory(store: str) -> BackendFactory:
+    """The store's `build_backend(config, clock)`; Unavailable with a clear reason if missing."""
+    module_name = STORES.get(store)
+    if module_name is None:
+        raise Unavailable(f"unknown store {store!r}; choose one of: {', '.join(STORES)}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise Unavailable(f"the {store} store is not available in this build ({e})") from e
+    factory: BackendFactory | None = getattr(module, "build_backend", None)
+    if factory is None:
+        raise Unavailable(f"the {store} store is not available in this build yet")
+    return factory
+
+
+class NodeServer:
+    """A running node: the gRPC server plus its store backend."""
+
+    def __init__(self, config: NodeConfig, backend: StoreBackend, grace_s: float = 5.0) -> None:
+        self.config = config
+        self.backend = backend
+        self.grace_s = grace_s
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._health = health.aio.HealthServicer()
+        self._stopped = asyncio.Event()
+        self.port = 0
+
+    async def start(self) -> None:
+        kv_pb2_grpc.add_KVServicer_to_server(KVServicer(self.backend), self.server)
+        kv_pb2_grpc.add_ClusterServicer_to_server(
+            ClusterServicer(self.backend, __version__), self.server
+        )
+        service_names = [
+            kv_pb2.DESCRIPTOR.services_by_name["KV"].full_name,
+            kv_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name,
+        ]
+        if self.config.enable_admin:
+            kv_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.backend), self.server)
+            service_names.append(kv_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        service_names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(service_names, self.server)
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise Unavailable(f"cannot listen on {self.config.listen} (address in use?)")
+        await self.backend.start(self.server)
+        await self.server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "node_started",
+            store=self.config.store,
+            listen=self.config.listen,
+            peers=self.config.peers,
+            admin=self.config.enable_admin,
+        )
+
+    async def stop(self) -> None:
+        """Graceful shutdown (idempotent)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("node_stopping", grace_s=self.grace_s)
+        await self._health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.backend.before_shutdown(), timeout=self.grace_s)
+        except TimeoutError:
+            log.warning("handover_timed_out")
+        await self.server.stop(self.grace_s)
+        await self.backend.close()
+        log.info("node_stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(config: NodeConfig, grace_s: float = 5.0) -> None:
+    """Run one node in the foreground until SIGTERM/SIGINT."""
+    factory = load_backend_factory(config.store)
+    clock = SkewableClock()
+    backend = factory(config, clock)
+    node = NodeServer(config, backend, grace_s)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await node.start()
+    await stop_requested.wait()
+    await node.stop()

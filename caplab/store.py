@@ -1,0 +1,134 @@
+"""What a store implements so that the shared runtime can serve it.
+
+A store (raft, gossip) is its algorithm plus one :class:`StoreBackend`. The
+runtime validates every request (caplab.validation), calls the backend with
+plain Python values, and maps results and :class:`caplab.errors.StoreError`
+exceptions to protobuf (caplab.servicer). Backends never see protobuf client
+messages, except Status, which they fill directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import grpc
+
+from caplab.clock import SkewableClock
+from caplab.v1 import kv_pb2
+from caplab.validation import RequestId
+
+
+class Consistency(Enum):
+    DEFAULT = 0
+    LINEARIZABLE = 1
+    LOCAL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Hlc:
+    wall_ms: int
+    logical: int
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Where in its history the answering node was (see kv.proto ResponseHeader)."""
+
+    node_id: str  # the node that answered (the leader, after forwarding)
+    term: int = 0  # raft
+    index: int = 0  # raft
+    hlc: Hlc | None = None  # gossip
+    stale_possible: bool = False
+    forwarded_by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    header: Header
+    value: bytes | int | None  # bytes: register, int: counter, None: absent
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    header: Header
+    existed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CasResult:
+    header: Header
+    swapped: bool
+    current: bytes | None  # the register before the operation (None: absent)
+
+
+@dataclass(frozen=True, slots=True)
+class IncrementResult:
+    header: Header
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """How a node was started (`caplab node ...`)."""
+
+    store: str  # "raft" | "gossip"
+    node_id: str
+    listen: str  # HOST:PORT this node serves on
+    peers: dict[str, str]  # other node id -> HOST:PORT used to reach it
+    data_dir: str
+    enable_admin: bool = False
+    # Store-specific tuning (flags like --heartbeat-ms), parsed by the store.
+    options: dict[str, str] = field(default_factory=dict)
+    advertise: str = ""  # address others and clients should use; defaults to listen
+
+
+class StoreBackend(Protocol):
+    """A store as the runtime sees it. Every method may raise StoreError."""
+
+    kind: int  # kv_pb2.StoreKind value
+    clock: SkewableClock
+
+    async def start(self, server: grpc.aio.Server) -> None:
+        """Open storage, register peer services on `server`, start background work."""
+
+    async def before_shutdown(self) -> None:
+        """Shutdown step 1, while still serving: hand over leadership (raft), stop gossiping."""
+
+    async def close(self) -> None:
+        """Shutdown step 3, after in-flight requests finished: flush and close storage."""
+
+    async def put(
+        self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
+    ) -> Header: ...
+
+    async def get(
+        self, key: str, consistency: Consistency, timeout: float | None
+    ) -> ReadResult: ...
+
+    async def delete(
+        self, key: str, rid: RequestId | None, timeout: float | None
+    ) -> DeleteResult: ...
+
+    async def compare_and_swap(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        rid: RequestId | None,
+        timeout: float | None,
+    ) -> CasResult: ...
+
+    async def increment(
+        self, key: str, delta: int, rid: RequestId | None, timeout: float | None
+    ) -> IncrementResult: ...
+
+    async def status(self) -> kv_pb2.StatusResponse: ...
+
+    def dump(self, start_after: str, limit: int) -> AsyncIterator[kv_pb2.DumpEntry]: ...
+
+
+BackendFactory = Callable[[NodeConfig, SkewableClock], StoreBackend]

@@ -1,0 +1,214 @@
+"""State-based CRDTs with delta-mutators (Almeida, Shoker, Baquero: delta-state CRDTs).
+
+Theory of operation
+-------------------
+A replica's ``State`` maps a key to a value that is either
+
+* a last-writer-wins ``Register(ts, value)`` (``value is None`` is a tombstone), ordered by
+  its HLC timestamp ``ts`` (unique per write, so equal timestamps mean the same write); or
+* a PN-``Counter(p, n)``: per-node monotone sums of increments (``p``) and decrements
+  (``n``); value = sum(p) - sum(n).
+
+Every value type is a join-semilattice and ``merge_*`` is its join (commutative,
+associative, idempotent). ``merge_state`` is the pointwise join over keys (a missing key is
+bottom).
+
+Type conflicts. A key's type is fixed by its first write on a replica (the core refuses a
+put/delete on a counter key and an increment on a register key, including a tombstoned
+one). Two sides of a partition may still write different types to a key concurrently. The
+join resolves this deterministically: **the counter wins** (every Register is below every
+Counter in the lattice), so merging is still commutative/associative/idempotent. The
+register writes lost this way are reported in ``ApplyResult.type_lost``.
+
+Delta-mutators return a one-key ``State`` (the delta). Joining the delta into the state
+equals applying the mutation to the full state: ``merge_state(s, m_delta(s)) == m(s)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+
+from gossip.hlc import Timestamp
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """LWW register. The write with the larger ``ts`` wins; ``value is None`` = deleted."""
+
+    ts: Timestamp  # HLC timestamp of the write; unique per write
+    value: bytes | None  # None = tombstone
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """PN-counter. ``p[node]``/``n[node]`` are non-negative, only ever grow per node."""
+
+    p: Mapping[str, int] = field(default_factory=dict)  # treat as immutable
+    n: Mapping[str, int] = field(default_factory=dict)  # treat as immutable
+
+    @property
+    def value(self) -> int:
+        """The counter's value: sum of increments minus sum of decrements."""
+        return sum(self.p.values()) - sum(self.n.values())
+
+
+Value = Register | Counter
+State = Mapping[str, Value]
+
+
+class WrongTypeError(Exception):
+    """An operation does not match the type the key already has."""
+
+    def __init__(self, key: str, actual: str, op: str) -> None:
+        super().__init__(f"key {key!r} holds a {actual}; {op} is not allowed on it")
+        self.key = key
+        self.actual = actual  # "register" | "counter"
+        self.op = op
+
+
+def type_name(v: Value) -> str:
+    """``"register"`` or ``"counter"``."""
+    return "counter" if isinstance(v, Counter) else "register"
+
+
+def _reg_key(r: Register) -> tuple[Timestamp, int, bytes]:
+    # Equal ts means the same write, hence the same value; the value tie-break only makes
+    # the join total (and deterministic) even for malformed input.
+    return (r.ts, 0 if r.value is None else 1, r.value or b"")
+
+
+def merge_register(a: Register, b: Register) -> Register:
+    """Join of two LWW registers: the one with the larger timestamp."""
+    return a if _reg_key(a) >= _reg_key(b) else b
+
+
+def _max_map(a: Mapping[str, int], b: Mapping[str, int]) -> Mapping[str, int]:
+    if a is b or a == b:
+        return a
+    out = dict(a)
+    for k, v in b.items():
+        if v > out.get(k, v - 1):
+            out[k] = v
+    return out
+
+
+def merge_counter(a: Counter, b: Counter) -> Counter:
+    """Join of two PN-counters: pointwise maximum of ``p`` and ``n``."""
+    p, n = _max_map(a.p, b.p), _max_map(a.n, b.n)
+    if p is a.p and n is a.n:
+        return a
+    return Counter(p, n)
+
+
+def merge_value(a: Value, b: Value) -> Value:
+    """Join of two values of any type; a Counter beats a Register (type conflict rule)."""
+    if isinstance(a, Register):
+        if isinstance(b, Register):
+            return merge_register(a, b)
+        return b
+    if isinstance(b, Register):
+        return a
+    return merge_counter(a, b)
+
+
+def merge_state(a: State, b: State) -> dict[str, Value]:
+    """Pointwise join of two states (a new dict; inputs are not modified)."""
+    out = dict(a)
+    for k, v in b.items():
+        cur = out.get(k)
+        out[k] = v if cur is None else merge_value(cur, v)
+    return out
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What ``apply_delta`` changed."""
+
+    changed: dict[str, Value] = field(default_factory=dict)  # key -> new value
+    old: dict[str, Value | None] = field(default_factory=dict)  # key -> value before
+    # registers replaced by a register with a larger timestamp
+    overwritten: list[tuple[str, Register]] = field(default_factory=list)
+    # registers replaced by a counter (type conflict: the counter wins)
+    type_lost: list[tuple[str, Register]] = field(default_factory=list)
+
+
+def apply_delta(state: MutableMapping[str, Value], delta: Iterable[tuple[str, Value]]) -> ApplyResult:
+    """Join ``delta`` into ``state`` in place and report what changed."""
+    res = ApplyResult()
+    for k, v in delta:
+        cur = state.get(k)
+        new = v if cur is None else merge_value(cur, v)
+        if new is cur or new == cur:
+            continue
+        state[k] = new
+        if k not in res.old:
+            res.old[k] = cur
+        res.changed[k] = new
+        if isinstance(cur, Register):
+            if isinstance(new, Register):
+                res.overwritten.append((k, cur))
+            else:
+                res.type_lost.append((k, cur))
+    return res
+
+
+def put_delta(state: State, key: str, value: bytes, ts: Timestamp) -> dict[str, Value]:
+    """Delta of ``put(key, value)`` at ``ts``. Raises ``WrongTypeError`` on a counter key."""
+    cur = state.get(key)
+    if isinstance(cur, Counter):
+        raise WrongTypeError(key, "counter", "put")
+    return {key: Register(ts, value)}
+
+
+def delete_delta(state: State, key: str, ts: Timestamp) -> dict[str, Value]:
+    """Delta of ``delete(key)`` at ``ts`` (a tombstone). ``WrongTypeError`` on a counter."""
+    cur = state.get(key)
+    if isinstance(cur, Counter):
+        raise WrongTypeError(key, "counter", "delete")
+    return {key: Register(ts, None)}
+
+
+def increment_delta(state: State, key: str, node: str, delta: int) -> dict[str, Value]:
+    """Delta of ``increment(key, delta)`` issued by ``node`` (delta may be negative).
+
+    Raises ``WrongTypeError`` if the key holds a register (live or tombstone). The delta
+    carries only ``node``'s entry, so it is O(1) in size.
+    """
+    cur = state.get(key)
+    if isinstance(cur, Register):
+        raise WrongTypeError(key, "register", "increment")
+    p = cur.p.get(node, 0) if cur is not None else 0
+    n = cur.n.get(node, 0) if cur is not None else 0
+    if delta >= 0:
+        return {key: Counter({node: p + delta}, {node: n} if n else {})}
+    return {key: Counter({node: p} if p else {}, {node: n - delta})}
+
+
+def _enc_str(s: str) -> bytes:
+    b = s.encode()
+    return len(b).to_bytes(4, "big") + b
+
+
+def encode_value(v: Value) -> bytes:
+    """Canonical byte encoding of a value (equal values <=> equal bytes).
+
+    Used for Merkle hashing and for message size estimates.
+    """
+    if isinstance(v, Register):
+        ts = v.ts
+        head = b"R" + ts.wall_ms.to_bytes(8, "big", signed=True)
+        head += ts.logical.to_bytes(8, "big") + _enc_str(ts.node)
+        if v.value is None:
+            return head + b"\x00"
+        return head + b"\x01" + len(v.value).to_bytes(4, "big") + v.value
+    parts = [b"C"]
+    for m in (v.p, v.n):
+        items = sorted((k, a) for k, a in m.items() if a != 0)
+        parts.append(len(items).to_bytes(4, "big"))
+        for k, a in items:
+            parts.append(_enc_str(k) + a.to_bytes(16, "big", signed=True))
+    return b"".join(parts)

@@ -1,0 +1,220 @@
+"""The caplab client: one API for both stores, used by the CLI, the harness and tests.
+
+- one or more endpoints; requests go to the current endpoint and move to the
+  next one only after a *definite* failure (nothing was applied);
+- a deadline on every call;
+- retries (tenacity) only where they cannot duplicate an effect: definite
+  refusals (UNAVAILABLE marked not-applied, RESOURCE_EXHAUSTED, connection
+  never established), and outcome-unknown failures of mutations that carry a
+  client_id/sequence (the store deduplicates them); never INVALID_ARGUMENT or
+  FAILED_PRECONDITION, which a retry cannot fix;
+- errors are :class:`caplab.errors.StoreError` subclasses with `.definite`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from caplab import errors
+from caplab.v1 import kv_pb2, kv_pb2_grpc
+from caplab.validation import MAX_MESSAGE_BYTES
+
+T = TypeVar("T")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Reconnect quickly after a node restarts (the default backoff grows to 2 minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class GetResult:
+    found: bool
+    value: bytes | int | None  # bytes: register; int: counter; None: absent
+    header: kv_pb2.ResponseHeader
+
+
+def is_retryable(exc: BaseException, idempotent: bool) -> bool:
+    """The retry policy: which failures may be retried without risking a double effect."""
+    if not isinstance(exc, errors.StoreError):
+        return False
+    if isinstance(exc, errors.Unavailable | errors.Overloaded | errors.TransportError):
+        return True
+    return isinstance(exc, errors.OutcomeUnknown) and idempotent
+
+
+class KVClient:
+    """Async client of one caplab cluster (either store)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 5.0,
+        retries: int = 0,
+        retry_budget_s: float | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_budget_s = retry_budget_s if retry_budget_s is not None else timeout * 3
+        self.client_id = client_id if client_id is not None else uuid.uuid4().hex
+        self._seq = itertools.count(1)
+        self._current = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    # -- plumbing -----------------------------------------------------------
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            self._channels[endpoint] = ch
+        return ch
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self._current % len(self.endpoints)]
+
+    def kv(self, endpoint: str | None = None) -> kv_pb2_grpc.KVAsyncStub:
+        return kv_pb2_grpc.KVStub(self._channel(endpoint or self.endpoint))
+
+    def cluster(self, endpoint: str | None = None) -> kv_pb2_grpc.ClusterAsyncStub:
+        return kv_pb2_grpc.ClusterStub(self._channel(endpoint or self.endpoint))
+
+    def admin(self, endpoint: str | None = None) -> kv_pb2_grpc.AdminAsyncStub:
+        return kv_pb2_grpc.AdminStub(self._channel(endpoint or self.endpoint))
+
+    def next_request_id(self) -> kv_pb2.RequestId:
+        return kv_pb2.RequestId(client_id=self.client_id, sequence=next(self._seq))
+
+    async def _once(self, call: Callable[[str], Awaitable[T]]) -> T:
+        endpoint = self.endpoint
+        try:
+            return await call(endpoint)
+        except grpc.aio.AioRpcError as e:
+            err = errors.classify(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()))
+            if err.definite and err.code in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ):
+                self._current += 1  # try another node next time
+            raise err from None
+
+    async def _run(self, call: Callable[[str], Awaitable[T]], *, idempotent: bool) -> T:
+        if self.retries <= 0:
+            return await self._once(call)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: is_retryable(e, idempotent)),
+            stop=stop_after_attempt(self.retries + 1) | stop_after_delay(self.retry_budget_s),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._once(call)
+        raise AssertionError("unreachable")
+
+    # -- KV -----------------------------------------------------------------
+    async def put(self, key: str, value: bytes) -> kv_pb2.PutResponse:
+        req = kv_pb2.PutRequest(key=key, value=value, request_id=self.next_request_id())
+        return await self._run(
+            lambda ep: self.kv(ep).Put(req, timeout=self.timeout), idempotent=True
+        )
+
+    async def get(self, key: str, consistency: int = kv_pb2.CONSISTENCY_DEFAULT) -> GetResult:
+        req = kv_pb2.GetRequest(key=key, consistency=consistency)  # type: ignore[arg-type]
+        resp: kv_pb2.GetResponse = await self._run(
+            lambda ep: self.kv(ep).Get(req, timeout=self.timeout), idempotent=True
+        )
+        value: bytes | int | None = None
+        if resp.found:
+            value = resp.counter if resp.type == kv_pb2.VALUE_TYPE_COUNTER else resp.value
+        return GetResult(resp.found, value, resp.header)
+
+    async def delete(self, key: str) -> kv_pb2.DeleteResponse:
+        req = kv_pb2.DeleteRequest(key=key, request_id=self.next_request_id())
+        return await self._run(
+            lambda ep: self.kv(ep).Delete(req, timeout=self.timeout), idempotent=True
+        )
+
+    async def cas(
+        self, key: str, expected: bytes | None, new: bytes
+    ) -> kv_pb2.CompareAndSwapResponse:
+        req = kv_pb2.CompareAndSwapRequest(
+            key=key,
+            expected=expected or b"",
+            expected_absent=expected is None,
+            new_value=new,
+            request_id=self.next_request_id(),
+        )
+        return await self._run(
+            lambda ep: self.kv(ep).CompareAndSwap(req, timeout=self.timeout), idempotent=True
+        )
+
+    async def increment(self, key: str, delta: int = 1) -> kv_pb2.IncrementResponse:
+        req = kv_pb2.IncrementRequest(key=key, delta=delta, request_id=self.next_request_id())
+        return await self._run(
+            lambda ep: self.kv(ep).Increment(req, timeout=self.timeout), idempotent=True
+        )
+
+    # -- Cluster / Admin ----------------------------------------------------
+    async def status(self, endpoint: str | None = None) -> kv_pb2.StatusResponse:
+        req = kv_pb2.StatusRequest()
+        if endpoint is not None:
+            return await self._once(
+                lambda _ep: self.cluster(endpoint).Status(req, timeout=self.timeout)
+            )
+        return await self._run(
+            lambda ep: self.cluster(ep).Status(req, timeout=self.timeout), idempotent=True
+        )
+
+    async def dump(self, endpoint: str | None = None) -> list[kv_pb2.DumpEntry]:
+        ep = endpoint or self.endpoint
+        out: list[kv_pb2.DumpEntry] = []
+        try:
+            call: Any = self.cluster(ep).Dump(kv_pb2.DumpRequest(), timeout=self.timeout * 10)
+            async for entry in call:
+                out.append(entry)
+        except grpc.aio.AioRpcError as e:
+            raise errors.classify(
+                e.code(), e.details() or "", tuple(e.trailing_metadata() or ())
+            ) from None
+        return out
+
+    async def set_clock_skew(self, skew_ms: int, endpoint: str | None = None) -> int:
+        req = kv_pb2.SetClockSkewRequest(skew_ms=skew_ms)
+        resp: kv_pb2.SetClockSkewResponse = await self._once(
+            lambda ep: self.admin(endpoint or ep).SetClockSkew(req, timeout=self.timeout)
+        )
+        return resp.skew_ms
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def __aenter__(self) -> KVClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,265 @@
+"""Local clusters of real `caplab node` processes on 127.0.0.1.
+
+Each node gets a free port, its own data directory and a log file. Nodes can be
+stopped (SIGTERM), killed (SIGKILL), paused (SIGSTOP), resumed (SIGCONT) and
+restarted with the same identity and data. No process outlives the cluster: every
+node runs in its own process group and `close()` kills what is left; an atexit
+hook covers interpreter exits, and the nodes ask the kernel to SIGKILL them if
+their parent dies (PR_SET_PDEATHSIG on Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+def _kill_all_at_exit() -> None:
+    for p in list(_LIVE):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+atexit.register(_kill_all_at_exit)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _preexec() -> None:
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+@dataclass
+class NodeProcess:
+    node_id: str
+    port: int
+    data_dir: Path
+    log_path: Path
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+    starts: int = 0
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            preexec_fn=_preexec,
+        )
+        _LIVE.add(self.proc)
+        self.paused = False
+        self.starts += 1
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            _LIVE.discard(self.proc)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush or hand over."""
+        if self.proc is None:
+            return
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+        self.paused = False
+        self._reap()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and wait for a graceful exit (SIGKILL after timeout)."""
+        if self.proc is None:
+            return None
+        if self.paused:
+            self.signal(signal.SIGCONT)
+            self.paused = False
+        self.signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            rc = self.proc.returncode
+        self._reap()
+        return rc
+
+    def pause(self) -> None:
+        self.signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.paused = False
+
+
+class LocalCluster:
+    """N nodes of one store on 127.0.0.1.
+
+    `peer_addresses` lets a harness route node-to-node traffic through proxies:
+    it maps (from_node, to_node) -> address that from_node uses to reach to_node.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        n: int,
+        root: Path,
+        *,
+        base_port: int | None = None,
+        enable_admin: bool = False,
+        log_format: str = "json",
+        extra_args: Sequence[str] = (),
+        peer_addresses: Mapping[tuple[str, str], str] | None = None,
+        ports: Sequence[int] | None = None,
+    ) -> None:
+        self.store = store
+        self.root = Path(root)
+        ids = [f"n{i + 1}" for i in range(n)]
+        if ports is None:
+            ports = [base_port + i for i in range(n)] if base_port else free_ports(n)
+        self.nodes: dict[str, NodeProcess] = {}
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for node_id, port in zip(ids, ports, strict=True):
+            peers = []
+            for other, other_port in zip(ids, ports, strict=True):
+                if other == node_id:
+                    continue
+                addr = (peer_addresses or {}).get((node_id, other), f"127.0.0.1:{other_port}")
+                peers += ["--peer", f"{other}={addr}"]
+            args = [
+                sys.executable,
+                "-m",
+                "caplab.cli",
+                "node",
+                "--store",
+                store,
+                "--id",
+                node_id,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(self.root / "data" / node_id),
+                "--log-format",
+                log_format,
+                *peers,
+                *(["--enable-admin"] if enable_admin else []),
+                *extra_args,
+            ]
+            self.nodes[node_id] = NodeProcess(
+                node_id,
+                port,
+                self.root / "data" / node_id,
+                self.root / "logs" / f"{node_id}.log",
+                args,
+                env,
+            )
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        return {n.node_id: n.address for n in self.nodes.values()}
+
+    def start(self) -> None:
+        for node in self.nodes.values():
+            node.start()
+
+    async def wait_ready(self, timeout: float = 30.0, nodes: Sequence[str] | None = None) -> None:
+        """Poll gRPC health until every (given) node answers SERVING."""
+        deadline = time.monotonic() + timeout
+        for node_id in nodes or list(self.nodes):
+            node = self.nodes[node_id]
+            async with grpc.aio.insecure_channel(node.address) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                while True:
+                    if not node.running:
+                        raise RuntimeError(
+                            f"node {node_id} exited with code {node.proc and node.proc.returncode}"
+                            f"; see {node.log_path}"
+                        )
+                    try:
+                        r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                        if r.status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.aio.AioRpcError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"node {node_id} not ready after {timeout}s")
+                    await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        """Stop every node gracefully, SIGKILL what does not exit."""
+        for node in self.nodes.values():
+            if node.paused:
+                node.resume()
+            node.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for node in self.nodes.values():
+            if node.proc is None:
+                continue
+            try:
+                node.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.kill()
+            node._reap()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,877 @@
+"""Sans-IO Raft consensus core (in the style of etcd-io/raft ``raft.go`` + ``rawnode.go``).
+
+Theory of operation
+-------------------
+``RaftCore`` is a deterministic state machine. It never performs I/O, never reads a clock
+and never uses global randomness. Its only inputs are:
+
+* ``tick()``: one unit of logical time (the shell calls it every ~50 ms). Heartbeats are
+  sent every ``heartbeat_ticks``; a follower that hears nothing from a leader for a
+  randomized timeout in ``[election_ticks, 2 * election_ticks)`` campaigns.
+* ``step(msg)``: a message from a peer (already deserialized; ``msg.to`` is this node).
+* ``propose`` / ``read_index`` / ``transfer_leadership`` / ``compact``: local requests.
+
+Its only output is the ``Ready`` batch returned by ``ready()``; the shell MUST process each
+Ready in this order and then call ``advance(rd)`` before asking for the next one:
+
+1. durably persist (fsync) ``rd.snapshot`` (if set: it replaces the whole durable log),
+   then ``rd.entries`` (entries[0].index may be <= the durable last index: truncate the
+   durable log from there, then append) and ``rd.hard_state`` (if set);
+2. only then send ``rd.messages`` (a vote grant or an AppendResp is a promise about durable
+   state; a leader counts its own not-yet-persisted entries towards commitment, which is
+   safe only because nothing derived from that count leaves the node before step 1);
+3. restore the state machine from ``rd.snapshot`` if set, then apply
+   ``rd.committed_entries`` in order (skip NOOP entries);
+4. answer ``rd.read_states`` (serve each read once ``applied_index >= state.index``) and
+   fail ``rd.dropped_reads`` (UNAVAILABLE: leadership was lost);
+5. ``advance(rd)``.
+
+``step``/``tick``/``propose`` may be called between ``ready()`` and ``advance()``; their effects
+appear in the next Ready. The in-memory log is a Python list with an offset
+(``_log[i]`` holds index ``_snap_index + 1 + i``); entries up to ``_snap_index`` were
+compacted into ``_snapshot``.
+
+Replication follows etcd's progress tracker: per follower ``match``/``next`` and a state:
+PROBE (one Append in flight until an answer; after a reject or on a new leader), REPLICATE
+(optimistic pipelining of up to ``max_inflight`` Append messages of up to
+``max_entries_per_msg`` entries / ``max_bytes_per_msg`` bytes each) and SNAPSHOT (waiting for an
+InstallSnapshot to be acknowledged). Rejections carry a (hint_index, hint_term) so the leader
+skips whole divergent terms (fast backtracking). A leader only commits an entry of its own
+term by counting replicas (Raft §5.4.2 / Figure 8); it appends a NOOP on election so this
+happens promptly. Heartbeats are empty Appends anchored at the follower's ``match``; a
+follower whose ``match`` does not advance for a while is probed again (lost messages).
+
+Pre-vote (thesis §9.6) asks for hypothetical votes at ``term + 1`` without changing any term;
+check-quorum makes a leader step down when it did not hear from a majority within an
+election timeout, and makes nodes that heard from a leader within the election timeout
+ignore (Pre)Vote requests (the "leader lease"), except for leadership transfer.
+
+ReadIndex (thesis §6.4): a read request records the commit index; it is released as a
+``ReadState`` once (a) the leader committed an entry of its current term and (b) a heartbeat
+round (identified by ``Append.ctx``) started after the request was acknowledged by a majority
+at the leader's term. Pending reads are reported in ``dropped_reads`` when leadership is
+lost, so a deposed leader never releases a read state.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from raft.messages import (
+    Append,
+    AppendResp,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    Message,
+    PreVote,
+    PreVoteResp,
+    Snapshot,
+    SnapshotMeta,
+    TimeoutNow,
+    Vote,
+    VoteResp,
+)
+from raft.quorum import VoteResult, committed_index, vote_result
+
+__all__ = [
+    "Ready",
+    "ReadState",
+    "RaftConfig",
+    "RaftCore",
+    "Role",
+]
+
+
+class Role(Enum):
+    """Raft role of a node."""
+
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True, slots=True)
+class RaftConfig:
+    """Tunables. All durations are in ticks."""
+
+    election_ticks: int = 10  #: base election timeout; randomized in [e, 2e).
+    heartbeat_ticks: int = 1  #: leader heartbeat interval; must be < election_ticks.
+    max_inflight: int = 64  #: max unacknowledged Append messages per follower.
+    max_entries_per_msg: int = 256  #: max entries in one Append.
+    max_bytes_per_msg: int = 1 << 20  #: max payload bytes in one Append (>= 1 entry).
+    pre_vote: bool = True  #: run a pre-vote round before bumping the term.
+    check_quorum: bool = True  #: leader lease / step down without majority contact.
+
+    def __post_init__(self) -> None:
+        if self.election_ticks < 1 or self.heartbeat_ticks < 1:
+            raise ValueError("election_ticks and heartbeat_ticks must be >= 1")
+        if self.heartbeat_ticks >= self.election_ticks:
+            raise ValueError("heartbeat_ticks must be < election_ticks")
+        if self.max_inflight < 1 or self.max_entries_per_msg < 1:
+            raise ValueError("max_inflight and max_entries_per_msg must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """A released linearizable read: serve it once ``applied_index >= index``."""
+
+    request_id: int  #: the id passed to ``read_index``.
+    index: int  #: commit index at the time of the request.
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A batch of work for the shell; see the module docstring for the processing order."""
+
+    hard_state: HardState | None  #: persist if not None (only set when changed).
+    entries: tuple[Entry, ...]  #: persist; may overwrite the durable suffix from entries[0].
+    snapshot: Snapshot | None  #: received snapshot: persist (replacing the log) and restore.
+    messages: tuple[Message, ...]  #: send only after the above is durable.
+    committed_entries: tuple[Entry, ...]  #: apply in order after persisting.
+    read_states: tuple[ReadState, ...]  #: released reads.
+    dropped_reads: tuple[int, ...]  #: read request ids to fail (leadership lost).
+
+
+class _PState(Enum):
+    PROBE = 0
+    REPLICATE = 1
+    SNAPSHOT = 2
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Leader's view of one follower (etcd tracker.Progress)."""
+
+    match: int
+    next: int
+    state: _PState = _PState.PROBE
+    probe_sent: bool = False  #: PROBE: an Append is in flight, wait for its answer.
+    inflight: deque[int] = field(default_factory=deque)  #: last index of each in-flight msg.
+    pending_snapshot: int = 0  #: SNAPSHOT: index of the snapshot sent.
+    recent_active: bool = False  #: heard from it in the current check-quorum window.
+    stall: int = 0  #: ticks spent behind without progress.
+
+    def become_probe(self) -> None:
+        if self.state is _PState.SNAPSHOT:
+            self.next = max(self.match + 1, self.pending_snapshot + 1)
+        else:
+            self.next = self.match + 1
+        self.state = _PState.PROBE
+        self.probe_sent = False
+        self.inflight.clear()
+        self.pending_snapshot = 0
+        self.stall = 0
+
+    def become_replicate(self) -> None:
+        self.state = _PState.REPLICATE
+        self.next = self.match + 1
+        self.probe_sent = False
+        self.inflight.clear()
+        self.pending_snapshot = 0
+
+    def become_snapshot(self, index: int) -> None:
+        self.state = _PState.SNAPSHOT
+        self.pending_snapshot = index
+        self.probe_sent = False
+        self.inflight.clear()
+        self.stall = 0
+
+
+class RaftCore:
+    """One Raft replica as a pure state machine. See the module docstring."""
+
+    def __init__(
+        self,
+        node_id: str,
+        voters: Sequence[str],
+        config: RaftConfig,
+        rng: random.Random,
+        *,
+        hard_state: HardState,
+        snapshot: Snapshot | None,
+        entries: Sequence[Entry],
+    ) -> None:
+        """Start (or restart) from durable state: the last persisted HardState, the last
+        persisted snapshot (if any) and the persisted log entries after it (dense)."""
+        self.id = node_id
+        self.voters: tuple[str, ...] = tuple(dict.fromkeys(voters))
+        if node_id not in self.voters:
+            raise ValueError(f"{node_id} is not a voter in {self.voters}")
+        self.peers: tuple[str, ...] = tuple(v for v in self.voters if v != node_id)
+        self.cfg = config
+        self._rng = rng
+
+        self._snapshot = snapshot
+        self._snap_index = snapshot.meta.index if snapshot else 0
+        self._snap_term = snapshot.meta.term if snapshot else 0
+        self._log: list[Entry] = [e for e in entries if e.index > self._snap_index]
+        for i, e in enumerate(self._log):
+            if e.index != self._snap_index + 1 + i:
+                raise ValueError("restart entries must be dense and follow the snapshot")
+
+        self._term = hard_state.term
+        self._vote = hard_state.vote
+        self._commit = max(hard_state.commit, self._snap_index)
+        if self._commit > self.last_index:
+            raise ValueError("durable commit index beyond the durable log")
+        self._applied = self._snap_index
+        self._role = Role.FOLLOWER
+        self._leader: str | None = None
+
+        # Ready bookkeeping.
+        self._prev_hs = HardState(self._term, self._vote, self._commit)
+        self._unstable_from = self.last_index + 1  #: first index not yet handed to a Ready.
+        self._pending_snapshot: Snapshot | None = None
+        self._msgs: list[Message] = []
+        self._read_states: list[ReadState] = []
+        self._dropped_reads: list[int] = []
+        self._outstanding: Ready | None = None
+
+        # Timers.
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_timeout = 0
+        self._reset_randomized_timeout()
+
+        # Candidate state.
+        self._votes: dict[str, bool] = {}
+
+        # Leader state.
+        self._prs: dict[str, _Progress] = {}
+        self._transferee: str | None = None
+        self._transfer_elapsed = 0
+        self._reads_wait_commit: list[int] = []  #: read ids waiting for a current-term commit.
+        self._reads_wait_round: list[ReadState] = []  #: reads waiting for a heartbeat round.
+        self._read_rounds: deque[tuple[int, list[ReadState], set[str]]] = deque()
+        self._ctx_seq = 0
+        self._quorum_contact_ok = False  #: leader: majority heard in the last window.
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def role(self) -> Role:
+        """Current role."""
+        return self._role
+
+    @property
+    def term(self) -> int:
+        """Current term."""
+        return self._term
+
+    @property
+    def vote(self) -> str | None:
+        """Vote cast in the current term."""
+        return self._vote
+
+    @property
+    def leader_id(self) -> str | None:
+        """Known leader of the current term, or None (also None on a follower that has not
+        heard from its leader for a full election timeout)."""
+        if self._role is Role.FOLLOWER and self._election_elapsed >= self.cfg.election_ticks:
+            return None
+        return self._leader
+
+    @property
+    def commit_index(self) -> int:
+        """Highest log index known to be committed."""
+        return self._commit
+
+    @property
+    def applied_index(self) -> int:
+        """Highest index handed to the application and acknowledged via ``advance``."""
+        return self._applied
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last entry of the in-memory log (0 if empty)."""
+        return self._snap_index + len(self._log)
+
+    @property
+    def first_index(self) -> int:
+        """Smallest index still present in the log (``snapshot index + 1``)."""
+        return self._snap_index + 1
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """Latest snapshot (from compaction, InstallSnapshot or restart)."""
+        return self._snapshot
+
+    @property
+    def transferring_to(self) -> str | None:
+        """Target of an ongoing leadership transfer (leader only)."""
+        return self._transferee
+
+    def has_quorum_contact(self) -> bool:
+        """True if this node believes it is connected to a working leader: a leader that
+        heard from a majority within the last election timeout, or a follower that heard
+        from its leader within an election timeout."""
+        if self._role is Role.LEADER:
+            if not self.peers:
+                return True
+            return self._quorum_contact_ok or self._count_recent_active()
+        return self.leader_id is not None
+
+    def log_term(self, index: int) -> int | None:
+        """Term of the entry at ``index`` (0 for index 0), None if compacted or absent."""
+        if index == self._snap_index:
+            return self._snap_term
+        if index < self._snap_index or index > self.last_index:
+            return None
+        return self._log[index - self._snap_index - 1].term
+
+    def log_slice(self, lo: int, hi: int) -> list[Entry]:
+        """Entries with ``lo <= index < hi`` (clamped to what is in memory)."""
+        off = self._snap_index + 1
+        return self._log[max(lo - off, 0) : max(hi - off, 0)]
+
+    # ------------------------------------------------------------------ local API
+    def tick(self) -> None:
+        """Advance logical time by one tick."""
+        if self._role is Role.LEADER:
+            self._tick_leader()
+        else:
+            self._election_elapsed += 1
+            if self._election_elapsed >= self._randomized_timeout:
+                self._election_elapsed = 0
+                self._campaign(pre=self.cfg.pre_vote, transfer=False)
+
+    def propose(self, data: bytes) -> int | None:
+        """Append a COMMAND entry if leader (and not transferring); returns its index."""
+        r = self.propose_batch((data,))
+        return r[0] if r else None
+
+    def propose_batch(self, datas: Iterable[bytes]) -> list[int] | None:
+        """Append several COMMAND entries at once (one Append per follower)."""
+        if self._role is not Role.LEADER or self._transferee is not None:
+            return None
+        start = self.last_index + 1
+        ents = [
+            Entry(self._term, start + i, EntryKind.COMMAND, bytes(d)) for i, d in enumerate(datas)
+        ]
+        if not ents:
+            return []
+        self._append_local(ents)
+        return list(range(start, start + len(ents)))
+
+    def read_index(self, request_id: int) -> bool:
+        """Request a linearizable read point (leader only). See ``ReadState``."""
+        if self._role is not Role.LEADER:
+            return False
+        if self.log_term(self._commit) != self._term:
+            self._reads_wait_commit.append(request_id)
+        elif not self.peers:
+            self._read_states.append(ReadState(request_id, self._commit))
+        else:
+            self._reads_wait_round.append(ReadState(request_id, self._commit))
+        return True
+
+    def transfer_leadership(self, to: str) -> bool:
+        """Start handing leadership to voter ``to``. Proposals are refused until the
+        transfer completes or is aborted (after an election timeout)."""
+        if self._role is not Role.LEADER or to == self.id or to not in self._prs:
+            return False
+        if self._transferee == to:
+            return True
+        self._transferee = to
+        self._transfer_elapsed = 0
+        pr = self._prs[to]
+        if pr.match == self.last_index:
+            self._send(TimeoutNow(self.id, to, self._term))
+        else:
+            self._send_append(to)
+        return True
+
+    def compact(self, index: int, data: bytes) -> None:
+        """Record an application snapshot at applied ``index`` and drop the log up to it.
+
+        The shell persists the snapshot itself before calling this (it is not repeated in
+        a Ready). It is sent to followers that need compacted entries.
+        """
+        if index <= self._snap_index:
+            return
+        if index > self._applied:
+            raise ValueError(f"cannot compact to {index} beyond applied {self._applied}")
+        term = self.log_term(index)
+        assert term is not None
+        del self._log[: index - self._snap_index]
+        self._snap_index, self._snap_term = index, term
+        self._snapshot = Snapshot(SnapshotMeta(index, term), data)
+
+    # ------------------------------------------------------------------ Ready
+    def has_ready(self) -> bool:
+        """Whether ``ready()`` would return a batch."""
+        return bool(
+            self._outstanding is None
+            and (
+                self._msgs
+                or self._read_states
+                or self._dropped_reads
+                or self._reads_wait_round
+                or self._pending_snapshot is not None
+                or self._unstable_from <= self.last_index
+                or self._commit > self._applied
+                or self._hard_state() != self._prev_hs
+            )
+        )
+
+    def ready(self) -> Ready | None:
+        """Collect pending work, or None. Call ``advance(rd)`` before the next ``ready``."""
+        if not self.has_ready():
+            return None
+        if self._reads_wait_round:
+            self._start_read_round()
+        hs = self._hard_state()
+        off = self._snap_index + 1
+        ents = tuple(self._log[self._unstable_from - off :])
+        self._unstable_from = self.last_index + 1
+        start = max(self._applied, self._snap_index) + 1
+        committed = tuple(self._log[start - off : self._commit - off + 1])
+        rd = Ready(
+            hard_state=hs if hs != self._prev_hs else None,
+            entries=ents,
+            snapshot=self._pending_snapshot,
+            messages=tuple(self._msgs),
+            committed_entries=committed,
+            read_states=tuple(self._read_states),
+            dropped_reads=tuple(self._dropped_reads),
+        )
+        self._prev_hs = hs
+        self._pending_snapshot = None
+        self._msgs = []
+        self._read_states = []
+        self._dropped_reads = []
+        self._outstanding = rd
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """Acknowledge that ``rd`` was fully processed (persisted, sent, applied)."""
+        if rd is not self._outstanding:
+            raise ValueError("advance() called with a Ready that is not outstanding")
+        self._outstanding = None
+        if rd.snapshot is not None:
+            self._applied = max(self._applied, rd.snapshot.meta.index)
+        if rd.committed_entries:
+            self._applied = max(self._applied, rd.committed_entries[-1].index)
+
+    def _hard_state(self) -> HardState:
+        hs = self._prev_hs
+        if hs.term == self._term and hs.vote == self._vote and hs.commit == self._commit:
+            return hs
+        return HardState(self._term, self._vote, self._commit)
+
+    # ------------------------------------------------------------------ step
+    def step(self, m: Message) -> None:
+        """Process one message from a peer."""
+        if m.frm not in self.voters or m.frm == self.id:
+            return
+        if m.term > self._term:
+            if isinstance(m, PreVote | Vote):
+                transfer = isinstance(m, Vote) and m.transfer
+                in_lease = (
+                    self.cfg.check_quorum
+                    and self._leader is not None
+                    and self._election_elapsed < self.cfg.election_ticks
+                )
+                if in_lease and not transfer:
+                    return  # leader lease: ignore disruptive (pre-)candidates
+            if isinstance(m, PreVote) or (isinstance(m, PreVoteResp) and not m.reject):
+                pass  # pre-vote traffic never changes terms
+            elif isinstance(m, Append | InstallSnapshot):
+                self._become_follower(m.term, m.frm)
+            else:
+                self._become_follower(m.term, None)
+        elif m.term < self._term:
+            if isinstance(m, Append) and (self.cfg.check_quorum or self.cfg.pre_vote):
+                # Tell a stale leader about the newer term so it steps down.
+                self._send(AppendResp(self.id, m.frm, self._term, True, 0, 0, 0, 0))
+            elif isinstance(m, PreVote):
+                self._send(PreVoteResp(self.id, m.frm, self._term, True))
+            return
+
+        if isinstance(m, PreVote | Vote):
+            self._handle_vote_request(m)
+            return
+
+        role = self._role
+        if role is Role.LEADER:
+            self._step_leader(m)
+        elif role is Role.FOLLOWER:
+            if isinstance(m, Append | InstallSnapshot):
+                self._election_elapsed = 0
+                self._leader = m.frm
+                if isinstance(m, Append):
+                    self._handle_append(m)
+                else:
+                    self._handle_snapshot(m)
+            elif isinstance(m, TimeoutNow):
+                self._campaign(pre=False, transfer=True)
+        else:  # candidates
+            if isinstance(m, Append | InstallSnapshot):
+                self._become_follower(m.term, m.frm)
+                self.step(m)
+            elif isinstance(m, PreVoteResp) and role is Role.PRE_CANDIDATE:
+                self._poll(m.frm, not m.reject)
+            elif isinstance(m, VoteResp) and role is Role.CANDIDATE:
+                self._poll(m.frm, not m.reject)
+
+    def _handle_vote_request(self, m: PreVote | Vote) -> None:
+        pre = isinstance(m, PreVote)
+        can_vote = (
+            self._vote == m.frm
+            or (self._vote is None and self._leader is None)
+            or (pre and m.term > self._term)
+        )
+        last_term = self.log_term(self.last_index) or 0
+        up_to_date = m.last_term > last_term or (
+            m.last_term == last_term and m.last_index >= self.last_index
+        )
+        if can_vote and up_to_date:
+            if pre:
+                self._send(PreVoteResp(self.id, m.frm, m.term, False))
+            else:
+                self._election_elapsed = 0
+                self._vote = m.frm
+                self._send(VoteResp(self.id, m.frm, self._term, False))
+        elif pre:
+            self._send(PreVoteResp(self.id, m.frm, self._term, True))
+        else:
+            self._send(VoteResp(self.id, m.frm, self._term, True))
+
+    # ------------------------------------------------------------------ elections
+    def _reset_randomized_timeout(self) -> None:
+        e = self.cfg.election_ticks
+        self._randomized_timeout = e + self._rng.randrange(e)
+
+    def _reset(self, term: int) -> None:
+        if term != self._term:
+            self._term = term
+            self._vote = None
+        self._leader = None
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._reset_randomized_timeout()
+        self._votes = {}
+        self._transferee = None
+        self._prs = {}
+        self._drop_reads()
+
+    def _drop_reads(self) -> None:
+        self._dropped_reads.extend(self._reads_wait_commit)
+        self._dropped_reads.extend(r.request_id for r in self._reads_wait_round)
+        for _, reads, _ in self._read_rounds:
+            self._dropped_reads.extend(r.request_id for r in reads)
+        self._reads_wait_commit = []
+        self._reads_wait_round = []
+        self._read_rounds.clear()
+
+    def _become_follower(self, term: int, leader: str | None) -> None:
+        self._reset(term)
+        self._role = Role.FOLLOWER
+        self._leader = leader
+
+    def _campaign(self, *, pre: bool, transfer: bool) -> None:
+        if self._role is Role.LEADER:
+            return
+        if pre:
+            self._reset(self._term)
+            self._role = Role.PRE_CANDIDATE
+            term = self._term + 1
+        else:
+            self._reset(self._term + 1)
+            self._role = Role.CANDIDATE
+            self._vote = self.id
+            term = self._term
+        self._votes = {self.id: True}
+        if vote_result(self._votes, self.voters) is VoteResult.WON:
+            self._on_won(pre)
+            return
+        li = self.last_index
+        lt = self.log_term(li) or 0
+        for p in self.peers:
+            if pre:
+                self._send(PreVote(self.id, p, term, li, lt))
+            else:
+                self._send(Vote(self.id, p, term, li, lt, transfer))
+
+    def _poll(self, frm: str, granted: bool) -> None:
+        self._votes.setdefault(frm, granted)
+        res = vote_result(self._votes, self.voters)
+        if res is VoteResult.WON:
+            self._on_won(self._role is Role.PRE_CANDIDATE)
+        elif res is VoteResult.LOST:
+            self._become_follower(self._term, None)
+
+    def _on_won(self, pre: bool) -> None:
+        if pre:
+            self._campaign(pre=False, transfer=False)
+        else:
+            self._become_leader()
+
+    def _become_leader(self) -> None:
+        self._reset(self._term)
+        self._role = Role.LEADER
+        self._leader = self.id
+        nxt = self.last_index + 1
+        self._prs = {p: _Progress(match=0, next=nxt) for p in self.peers}
+        self._quorum_contact_ok = True
+        self._append_local([Entry(self._term, nxt, EntryKind.NOOP, b"")])
+
+    # ------------------------------------------------------------------ leader
+    def _count_recent_active(self) -> bool:
+        n = 1 + sum(1 for pr in self._prs.values() if pr.recent_active)
+        return n >= len(self.voters) // 2 + 1
+
+    def _tick_leader(self) -> None:
+        cfg = self.cfg
+        self._heartbeat_elapsed += 1
+        self._election_elapsed += 1
+        if self._election_elapsed >= cfg.election_ticks:
+            self._election_elapsed = 0
+            ok = self._count_recent_active()
+            self._quorum_contact_ok = ok
+            if cfg.check_quorum and not ok:
+                self._become_follower(self._term, None)
+                return
+            for pr in self._prs.values():
+                pr.recent_active = False
+        if self._transferee is not None:
+            self._transfer_elapsed += 1
+            if self._transfer_elapsed >= cfg.election_ticks:
+                self._transferee = None
+        last = self.last_index
+        stall_limit = max(2 * cfg.heartbeat_ticks, cfg.election_ticks // 2)
+        for p, pr in self._prs.items():
+            if pr.match >= last:
+                pr.stall = 0
+                continue
+            pr.stall += 1
+            limit = cfg.election_ticks if pr.state is _PState.SNAPSHOT else stall_limit
+            if pr.stall >= limit:
+                pr.become_probe()
+                self._send_append(p)
+        if self._heartbeat_elapsed >= cfg.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._bcast_heartbeat(0)
+
+    def _bcast_heartbeat(self, ctx: int) -> None:
+        commit = self._commit
+        for p, pr in self._prs.items():
+            idx = pr.match
+            t = self.log_term(idx)
+            if t is None:
+                idx, t = self._snap_index, self._snap_term
+            self._send(Append(self.id, p, self._term, idx, t, (), min(commit, idx), ctx))
+
+    def _start_read_round(self) -> None:
+        self._ctx_seq += 1
+        ctx = self._ctx_seq
+        self._read_rounds.append((ctx, self._reads_wait_round, {self.id}))
+        self._reads_wait_round = []
+        self._bcast_heartbeat(ctx)
+
+    def _ack_read(self, frm: str, ctx: int) -> None:
+        acked_upto = 0
+        for c, _, acks in self._read_rounds:
+            if c == ctx:
+                acks.add(frm)
+                if len(acks) >= len(self.voters) // 2 + 1:
+                    acked_upto = c
+                break
+        if acked_upto:
+            while self._read_rounds and self._read_rounds[0][0] <= acked_upto:
+                _, reads, _ = self._read_rounds.popleft()
+                self._read_states.extend(reads)
+
+    def _append_local(self, ents: list[Entry]) -> None:
+        self._log.extend(ents)
+        if not self._maybe_commit():
+            for p in self._prs:
+                self._send_append(p, send_if_empty=False)
+
+    def _maybe_commit(self) -> bool:
+        """Advance commit by counting (current-term entries only); broadcast if advanced."""
+        match = {p: pr.match for p, pr in self._prs.items()}
+        match[self.id] = self.last_index
+        ci = committed_index(match, self.voters)
+        if ci <= self._commit or self.log_term(ci) != self._term:
+            return False
+        first_in_term = self.log_term(self._commit) != self._term
+        self._commit = ci
+        if first_in_term and self._reads_wait_commit:
+            ids, self._reads_wait_commit = self._reads_wait_commit, []
+            for rid in ids:
+                if self.peers:
+                    self._reads_wait_round.append(ReadState(rid, ci))
+                else:
+                    self._read_states.append(ReadState(rid, ci))
+        for p in self._prs:
+            self._send_append(p)
+        return True
+
+    def _send_append(self, to: str, send_if_empty: bool = True) -> bool:
+        pr = self._prs[to]
+        if pr.state is _PState.SNAPSHOT:
+            return False
+        if pr.state is _PState.PROBE and pr.probe_sent:
+            return False
+        if pr.state is _PState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
+            return False
+        prev = pr.next - 1
+        prev_term = self.log_term(prev)
+        if prev_term is None:
+            if prev > self.last_index:  # cannot happen; be defensive
+                pr.become_probe()
+                return False
+            snap = self._snapshot
+            assert snap is not None, "compacted log without a snapshot"
+            pr.become_snapshot(snap.meta.index)
+            self._send(InstallSnapshot(self.id, to, self._term, snap))
+            return True
+        off = self._snap_index + 1
+        lo = pr.next - off
+        hi = min(lo + self.cfg.max_entries_per_msg, len(self._log))
+        if hi - lo > 1:
+            budget = self.cfg.max_bytes_per_msg
+            j = lo
+            while j < hi:
+                budget -= len(self._log[j].data)
+                if budget < 0 and j > lo:
+                    break
+                j += 1
+            hi = j
+        if hi <= lo and not send_if_empty:
+            return False
+        ents = tuple(self._log[lo:hi])
+        self._send(Append(self.id, to, self._term, prev, prev_term, ents, self._commit, 0))
+        if pr.state is _PState.REPLICATE:
+            if ents:
+                pr.next = ents[-1].index + 1
+                pr.inflight.append(ents[-1].index)
+        else:
+            pr.probe_sent = True
+        return bool(ents)
+
+    def _step_leader(self, m: Message) -> None:
+        if not isinstance(m, AppendResp):
+            return
+        pr = self._prs.get(m.frm)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if m.ctx:
+            self._ack_read(m.frm, m.ctx)
+        if m.reject:
+            next_probe = m.hint_index
+            if m.hint_term > 0:
+                next_probe = self._find_conflict_by_term(m.hint_index, m.hint_term)
+            if pr.state is _PState.REPLICATE:
+                if m.index <= pr.match:
+                    return  # stale
+                pr.become_probe()
+            elif pr.state is _PState.PROBE:
+                if pr.next - 1 != m.index:
+                    return  # stale
+                pr.next = max(min(m.index, next_probe + 1), pr.match + 1)
+                pr.probe_sent = False
+            else:
+                return
+            self._send_append(m.frm)
+            return
+        updated = m.index > pr.match
+        if updated:
+            pr.match = m.index
+            pr.stall = 0
+            if pr.next <= m.index:
+                pr.next = m.index + 1
+        if updated or (pr.state is _PState.PROBE and m.index == pr.next - 1):
+            if pr.state is _PState.PROBE:
+                pr.become_replicate()
+            elif pr.state is _PState.SNAPSHOT:
+                if pr.match >= pr.pending_snapshot or pr.match + 1 >= self.first_index:
+                    pr.become_probe()
+                    pr.become_replicate()
+            else:
+                inf = pr.inflight
+                while inf and inf[0] <= m.index:
+                    inf.popleft()
+            if not self._maybe_commit():
+                while self._send_append(m.frm, send_if_empty=False):
+                    pass
+            if m.frm == self._transferee and pr.match == self.last_index:
+                self._send(TimeoutNow(self.id, m.frm, self._term))
+        elif pr.state is _PState.PROBE and pr.match < self.last_index:
+            # Heartbeat answer while probing: the probe may have been lost; retry.
+            pr.probe_sent = False
+            self._send_append(m.frm)
+
+    def _find_conflict_by_term(self, index: int, term: int) -> int:
+        """Largest index <= ``index`` whose term is <= ``term`` (or the first unknown one)."""
+        index = min(index, self.last_index)
+        while index > self._snap_index:
+            t = self.log_term(index)
+            if t is None or t <= term:
+                break
+            index -= 1
+        return index
+
+    # ------------------------------------------------------------------ follower
+    def _handle_append(self, m: Append) -> None:
+        if m.prev_index < self._commit:
+            self._send(AppendResp(self.id, m.frm, self._term, False, self._commit, 0, 0, m.ctx))
+            return
+        if self.log_term(m.prev_index) == m.prev_term:
+            last_new = m.prev_index + len(m.entries)
+            self._append_entries(m.entries)
+            c = min(m.commit, last_new)
+            if c > self._commit:
+                self._commit = c
+            self._send(AppendResp(self.id, m.frm, self._term, False, last_new, 0, 0, m.ctx))
+            return
+        hint = self._find_conflict_by_term(m.prev_index, m.prev_term)
+        ht = self.log_term(hint) or 0
+        self._send(AppendResp(self.id, m.frm, self._term, True, m.prev_index, hint, ht, m.ctx))
+
+    def _append_entries(self, ents: tuple[Entry, ...]) -> None:
+        last = self.last_index
+        for k, e in enumerate(ents):
+            if e.index > last:
+                self._log.extend(ents[k:])
+                return
+            t = self.log_term(e.index)
+            if t != e.term:
+                if e.index <= self._commit:
+                    raise AssertionError(
+                        f"{self.id}: conflict at committed index {e.index} (commit {self._commit})"
+                    )
+                del self._log[e.index - self._snap_index - 1 :]
+                self._unstable_from = min(self._unstable_from, e.index)
+                self._log.extend(ents[k:])
+                return
+
+    def _handle_snapshot(self, m: InstallSnapshot) -> None:
+        meta = m.snapshot.meta
+        if meta.index <= self._commit:
+            self._send(AppendResp(self.id, m.frm, self._term, False, self._commit, 0, 0, 0))
+            return
+        if self.log_term(meta.index) == meta.term:
+            # Our log already contains the snapshot point: just fast-forward commit.
+            self._commit = meta.index
+        else:
+            self._log = []
+            self._snap_index, self._snap_term = meta.index, meta.term
+            self._snapshot = m.snapshot
+            self._pending_snapshot = m.snapshot
+            self._commit = meta.index
+            self._unstable_from = meta.index + 1
+            self._applied = max(self._applied, meta.index)
+        self._send(AppendResp(self.id, m.frm, self._term, False, meta.index, 0, 0, 0))
+
+    # ------------------------------------------------------------------ misc
+    def _send(self, m: Message) -> None:
+        self._msgs.append(m)
