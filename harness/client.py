@@ -126,7 +126,7 @@ class KVClient:
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda e: is_retryable(e, idempotent)),
             stop=stop_after_attempt(self.retries + 1) | stop_after_delay(self.retry_budget_s),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
             reraise=True,
         )
         async for attempt in retrying:
