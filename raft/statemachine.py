@@ -1,0 +1,173 @@
+"""The replicated key/value state machine of the Raft store.
+
+Theory of operation: every replica applies the same committed log entries in
+the same order, so this class must be deterministic: no clocks, no randomness,
+no iteration over unordered containers where order matters. A command carries
+(client_id, sequence); the session table remembers each client's last applied
+sequence and its result so that a retried command is applied at most once and
+answered with the original result (Raft thesis §6.3). The table is part of the
+snapshot, so deduplication survives compaction and restarts. Sessions are
+evicted deterministically (least recent last_index first, ties by client id)
+once there are more than `max_sessions`.
+
+The state digest is an XOR of SHA-256 hashes of (key, type, value), updated in
+O(1) per change: two replicas have equal digests iff their key/value states are
+equal (up to hash collisions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from caplab.raft.v1 import raft_pb2
+from caplab.validation import INT64_MAX, INT64_MIN
+
+OK, TYPE_CONFLICT, OVERFLOW, STALE = 0, 1, 2, 3
+DEFAULT_MAX_SESSIONS = 50_000
+
+
+@dataclass(slots=True)
+class Slot:
+    value: bytes | int  # bytes: register, int: counter
+    index: int  # log index of the last change
+
+
+def _key_hash(key: str, value: bytes | int) -> int:
+    h = hashlib.sha256()
+    kb = key.encode()
+    h.update(len(kb).to_bytes(4, "big"))
+    h.update(kb)
+    if isinstance(value, bytes):
+        h.update(b"R")
+        h.update(value)
+    else:
+        h.update(b"C")
+        h.update(value.to_bytes(8, "big", signed=True))
+    return int.from_bytes(h.digest(), "big")
+
+
+class KvStateMachine:
+    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+        self.data: dict[str, Slot] = {}
+        # client_id -> (last applied sequence, its result, log index of that command)
+        self.sessions: dict[str, tuple[int, raft_pb2.CommandResult, int]] = {}
+        self.max_sessions = max_sessions
+        self._digest = 0
+
+    # -- reads ---------------------------------------------------------------
+    def get(self, key: str) -> bytes | int | None:
+        slot = self.data.get(key)
+        return None if slot is None else slot.value
+
+    def digest(self) -> bytes:
+        return self._digest.to_bytes(32, "big")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    # -- writes --------------------------------------------------------------
+    def _set(self, key: str, value: bytes | int, index: int) -> None:
+        old = self.data.get(key)
+        if old is not None:
+            self._digest ^= _key_hash(key, old.value)
+        self.data[key] = Slot(value, index)
+        self._digest ^= _key_hash(key, value)
+
+    def _del(self, key: str) -> bool:
+        old = self.data.pop(key, None)
+        if old is None:
+            return False
+        self._digest ^= _key_hash(key, old.value)
+        return True
+
+    def apply(self, index: int, payload: bytes) -> raft_pb2.CommandResult:
+        """Apply the command in the log entry at `index`; return its (possibly cached) result."""
+        cmd = raft_pb2.Command.FromString(payload)
+        if cmd.client_id:
+            prev = self.sessions.get(cmd.client_id)
+            if prev is not None and cmd.sequence <= prev[0]:
+                if cmd.sequence == prev[0]:
+                    return prev[1]
+                return raft_pb2.CommandResult(
+                    status=STALE,
+                    message=f"request {cmd.client_id}/{cmd.sequence} is older than the last "
+                    f"applied request of this client ({prev[0]}); it was not applied again",
+                )
+        result = self._execute(cmd, index)
+        if cmd.client_id:
+            self.sessions[cmd.client_id] = (cmd.sequence, result, index)
+            if len(self.sessions) > self.max_sessions:
+                victim = min(self.sessions.items(), key=lambda kv: (kv[1][2], kv[0]))[0]
+                del self.sessions[victim]
+        return result
+
+    def _execute(self, cmd: raft_pb2.Command, index: int) -> raft_pb2.CommandResult:
+        key = cmd.key
+        cur = self.get(key)
+        op = cmd.WhichOneof("op")
+        if op == "put":
+            if isinstance(cur, int):
+                return _conflict(key, "counter", "Put")
+            self._set(key, cmd.put, index)
+            return raft_pb2.CommandResult(status=OK)
+        if op == "delete":
+            return raft_pb2.CommandResult(status=OK, flag=self._del(key))
+        if op == "cas":
+            if isinstance(cur, int):
+                return _conflict(key, "counter", "CompareAndSwap")
+            c = cmd.cas
+            matches = cur is None if c.expected_absent else cur == c.expected
+            if matches:
+                self._set(key, c.new_value, index)
+            return raft_pb2.CommandResult(
+                status=OK, flag=matches, found=cur is not None, current=cur or b""
+            )
+        if op == "increment":
+            if isinstance(cur, bytes):
+                return _conflict(key, "register", "Increment")
+            new = (cur or 0) + cmd.increment
+            if not INT64_MIN <= new <= INT64_MAX:
+                return raft_pb2.CommandResult(
+                    status=OVERFLOW,
+                    message=f"incrementing counter {key!r} (now {cur or 0}) by {cmd.increment} "
+                    "would overflow a signed 64-bit integer; nothing was applied",
+                )
+            self._set(key, new, index)
+            return raft_pb2.CommandResult(status=OK, counter=new)
+        raise ValueError(f"log entry {index} holds an unknown command {op!r}")
+
+    # -- snapshots -----------------------------------------------------------
+    def snapshot(self) -> bytes:
+        snap = raft_pb2.StateSnapshot()
+        for key, slot in self.data.items():
+            v = snap.data[key]
+            if isinstance(slot.value, bytes):
+                v.register = slot.value
+            else:
+                v.counter = slot.value
+            v.index = slot.index
+        for client_id in sorted(self.sessions):
+            seq, result, last = self.sessions[client_id]
+            snap.sessions.add(client_id=client_id, sequence=seq, result=result, last_index=last)
+        return snap.SerializeToString(deterministic=True)
+
+    def restore(self, data: bytes) -> None:
+        snap = raft_pb2.StateSnapshot.FromString(data)
+        self.data.clear()
+        self.sessions.clear()
+        self._digest = 0
+        for key in sorted(snap.data):
+            v = snap.data[key]
+            value: bytes | int = v.register if v.WhichOneof("v") == "register" else v.counter
+            self._set(key, value, v.index)
+        for s in snap.sessions:
+            self.sessions[s.client_id] = (s.sequence, s.result, s.last_index)
+
+
+def _conflict(key: str, holds: str, op: str) -> raft_pb2.CommandResult:
+    fix = "use Increment and Get" if holds == "counter" else "use Put, Get and CompareAndSwap"
+    return raft_pb2.CommandResult(
+        status=TYPE_CONFLICT,
+        message=f"key {key!r} holds a {holds}; {op} cannot change it ({fix}, or Delete it first)",
+    )
