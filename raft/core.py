@@ -80,10 +80,10 @@ from raft.messages import (
 from raft.quorum import VoteResult, committed_index, vote_result
 
 __all__ = [
-    "Ready",
-    "ReadState",
     "RaftConfig",
     "RaftCore",
+    "ReadState",
+    "Ready",
     "Role",
 ]
 
@@ -515,9 +515,9 @@ class RaftCore:
             if isinstance(m, Append | InstallSnapshot):
                 self._become_follower(m.term, m.frm)
                 self.step(m)
-            elif isinstance(m, PreVoteResp) and role is Role.PRE_CANDIDATE:
-                self._poll(m.frm, not m.reject)
-            elif isinstance(m, VoteResp) and role is Role.CANDIDATE:
+            elif (isinstance(m, PreVoteResp) and role is Role.PRE_CANDIDATE) or (
+                isinstance(m, VoteResp) and role is Role.CANDIDATE
+            ):
                 self._poll(m.frm, not m.reject)
 
     def _handle_vote_request(self, m: PreVote | Vote) -> None:
@@ -657,7 +657,9 @@ class RaftCore:
                 self._send_append(p)
         if self._heartbeat_elapsed >= cfg.heartbeat_ticks:
             self._heartbeat_elapsed = 0
-            self._bcast_heartbeat(0)
+            # Re-send the newest pending read round (its acks release all older rounds), so
+            # lost heartbeats cannot strand reads.
+            self._bcast_heartbeat(self._read_rounds[-1][0] if self._read_rounds else 0)
 
     def _bcast_heartbeat(self, ctx: int) -> None:
         commit = self._commit
@@ -692,7 +694,8 @@ class RaftCore:
         self._log.extend(ents)
         if not self._maybe_commit():
             for p in self._prs:
-                self._send_append(p, send_if_empty=False)
+                while self._send_append(p, send_if_empty=False):
+                    pass
 
     def _maybe_commit(self) -> bool:
         """Advance commit by counting (current-term entries only); broadcast if advanced."""
@@ -711,7 +714,9 @@ class RaftCore:
                 else:
                     self._read_states.append(ReadState(rid, ci))
         for p in self._prs:
-            self._send_append(p)
+            if self._send_append(p):
+                while self._send_append(p, send_if_empty=False):
+                    pass
         return True
 
     def _send_append(self, to: str, send_if_empty: bool = True) -> bool:

@@ -28,7 +28,7 @@ def test_compaction_keeps_snapshot_and_tail(tmp_path: Path) -> None:
     s = RaftStorage(tmp_path)
     s.save(HardState(1, None, 8), ents(1, 10, 1))
     s.compact(Snapshot(SnapshotMeta(8, 1), b"state@8"))
-    hs, snap, log = s.load()
+    _hs, snap, log = s.load()
     assert snap == Snapshot(SnapshotMeta(8, 1), b"state@8")
     assert [e.index for e in log] == [9, 10]
 
@@ -37,7 +37,7 @@ def test_received_snapshot_replaces_covered_entries(tmp_path: Path) -> None:
     s = RaftStorage(tmp_path)
     s.save(HardState(1, None, 0), ents(1, 3, 1))
     s.save(HardState(3, None, 20), snapshot=Snapshot(SnapshotMeta(20, 3), b"s"))
-    hs, snap, log = s.load()
+    _hs, snap, log = s.load()
     assert snap is not None and snap.meta.index == 20
     assert log == []
 

@@ -4,11 +4,13 @@ isort:skip_file
 Raft peer protocol of caplab's CP store, and the formats of what a Raft node
 writes to disk (commands in log entries, state machine snapshots).
 
-Transport: every node keeps one client-streaming `Stream` call open to each
-peer and writes batches of one-way Raft messages on it (etcd style); the
-answers travel back on the peer's own stream. Messages may be lost,
-duplicated or reordered by the network; Raft tolerates all three. Snapshots
-travel separately, chunked, on `InstallSnapshot`; the receiver steps the
+Transport: one-way Raft messages (etcd style), batched: every `Send` carries
+all the messages the sender had for that peer, and a few `Send` calls may be
+in flight per peer (pipelining). The answers travel back as the peer's own
+`Send` calls. Every call has a short deadline, so a cut link costs dropped
+messages, never a stuck sender; Raft tolerates lost, duplicated and
+reordered messages. Snapshots travel separately, chunked, on the
+client-streaming `InstallSnapshot`; the receiver checks the CRC and steps the
 reassembled snapshot into its Raft core as one message.
 """
 
@@ -237,25 +239,10 @@ class TimeoutNow(_message.Message):
 Global___TimeoutNow: _TypeAlias = TimeoutNow  # noqa: Y015
 
 @_typing.final
-class SnapshotInstalled(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___SnapshotInstalled: _TypeAlias = SnapshotInstalled  # noqa: Y015
-
-@_typing.final
 class RaftMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    FROM_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
     TO_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     PRE_VOTE_FIELD_NUMBER: _builtins.int
@@ -265,6 +252,7 @@ class RaftMessage(_message.Message):
     APPEND_FIELD_NUMBER: _builtins.int
     APPEND_RESPONSE_FIELD_NUMBER: _builtins.int
     TIMEOUT_NOW_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
     to: _builtins.str
     term: _builtins.int
     @_builtins.property
@@ -284,6 +272,7 @@ class RaftMessage(_message.Message):
     def __init__(
         self,
         *,
+        sender: _builtins.str = ...,
         to: _builtins.str = ...,
         term: _builtins.int = ...,
         pre_vote: Global___PreVote | None = ...,
@@ -296,7 +285,7 @@ class RaftMessage(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "timeout_now", b"timeout_now", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "from", b"from", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "term", b"term", "timeout_now", b"timeout_now", "to", b"to", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "sender", b"sender", "term", b"term", "timeout_now", b"timeout_now", "to", b"to", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["pre_vote", "pre_vote_response", "vote", "vote_response", "append", "append_response", "timeout_now"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
@@ -306,7 +295,7 @@ Global___RaftMessage: _TypeAlias = RaftMessage  # noqa: Y015
 
 @_typing.final
 class Batch(_message.Message):
-    """One write on the Stream: every message the sender had for this peer."""
+    """Every message the sender had for this peer (all addressed to it)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -327,7 +316,7 @@ class Batch(_message.Message):
 Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
-class StreamClosed(_message.Message):
+class BatchAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -339,7 +328,7 @@ class StreamClosed(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StreamClosed: _TypeAlias = StreamClosed  # noqa: Y015
+Global___BatchAck: _TypeAlias = BatchAck  # noqa: Y015
 
 @_typing.final
 class SnapshotChunk(_message.Message):
@@ -347,7 +336,7 @@ class SnapshotChunk(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    FROM_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
     TO_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
@@ -356,6 +345,7 @@ class SnapshotChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     CRC32_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
     to: _builtins.str
     term: _builtins.int
     index: _builtins.int
@@ -373,6 +363,7 @@ class SnapshotChunk(_message.Message):
     def __init__(
         self,
         *,
+        sender: _builtins.str = ...,
         to: _builtins.str = ...,
         term: _builtins.int = ...,
         index: _builtins.int = ...,
@@ -384,7 +375,7 @@ class SnapshotChunk(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "from", b"from", "index", b"index", "offset", b"offset", "snapshot_term", b"snapshot_term", "term", b"term", "to", b"to", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "data", b"data", "index", b"index", "offset", b"offset", "sender", b"sender", "snapshot_term", b"snapshot_term", "term", b"term", "to", b"to", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

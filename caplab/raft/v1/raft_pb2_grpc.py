@@ -34,10 +34,10 @@ class RaftPeerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Stream = channel.stream_unary(
-                '/caplab.raft.v1.RaftPeer/Stream',
+        self.Send = channel.unary_unary(
+                '/caplab.raft.v1.RaftPeer/Send',
                 request_serializer=caplab_dot_raft_dot_v1_dot_raft__pb2.Batch.SerializeToString,
-                response_deserializer=caplab_dot_raft_dot_v1_dot_raft__pb2.StreamClosed.FromString,
+                response_deserializer=caplab_dot_raft_dot_v1_dot_raft__pb2.BatchAck.FromString,
                 _registered_method=True)
         self.InstallSnapshot = channel.stream_unary(
                 '/caplab.raft.v1.RaftPeer/InstallSnapshot',
@@ -49,7 +49,7 @@ class RaftPeerStub:
 class RaftPeerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Stream(self, request_iterator, context):
+    def Send(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,10 +64,10 @@ class RaftPeerServicer:
 
 def add_RaftPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Stream': grpc.stream_unary_rpc_method_handler(
-                    servicer.Stream,
+            'Send': grpc.unary_unary_rpc_method_handler(
+                    servicer.Send,
                     request_deserializer=caplab_dot_raft_dot_v1_dot_raft__pb2.Batch.FromString,
-                    response_serializer=caplab_dot_raft_dot_v1_dot_raft__pb2.StreamClosed.SerializeToString,
+                    response_serializer=caplab_dot_raft_dot_v1_dot_raft__pb2.BatchAck.SerializeToString,
             ),
             'InstallSnapshot': grpc.stream_unary_rpc_method_handler(
                     servicer.InstallSnapshot,
@@ -86,7 +86,7 @@ class RaftPeer:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Stream(request_iterator,
+    def Send(request,
             target,
             options=(),
             channel_credentials=None,
@@ -96,12 +96,12 @@ class RaftPeer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
-            '/caplab.raft.v1.RaftPeer/Stream',
+            '/caplab.raft.v1.RaftPeer/Send',
             caplab_dot_raft_dot_v1_dot_raft__pb2.Batch.SerializeToString,
-            caplab_dot_raft_dot_v1_dot_raft__pb2.StreamClosed.FromString,
+            caplab_dot_raft_dot_v1_dot_raft__pb2.BatchAck.FromString,
             options,
             channel_credentials,
             insecure,

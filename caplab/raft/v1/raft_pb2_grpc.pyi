@@ -4,11 +4,13 @@ isort:skip_file
 Raft peer protocol of caplab's CP store, and the formats of what a Raft node
 writes to disk (commands in log entries, state machine snapshots).
 
-Transport: every node keeps one client-streaming `Stream` call open to each
-peer and writes batches of one-way Raft messages on it (etcd style); the
-answers travel back on the peer's own stream. Messages may be lost,
-duplicated or reordered by the network; Raft tolerates all three. Snapshots
-travel separately, chunked, on `InstallSnapshot`; the receiver steps the
+Transport: one-way Raft messages (etcd style), batched: every `Send` carries
+all the messages the sender had for that peer, and a few `Send` calls may be
+in flight per peer (pipelining). The answers travel back as the peer's own
+`Send` calls. Every call has a short deadline, so a cut link costs dropped
+messages, never a stuck sender; Raft tolerates lost, duplicated and
+reordered messages. Snapshots travel separately, chunked, on the
+client-streaming `InstallSnapshot`; the receiver checks the CRC and steps the
 reassembled snapshot into its Raft core as one message.
 """
 
@@ -40,22 +42,22 @@ class RaftPeerStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RaftPeerAsyncStub: ...
-    Stream: _grpc.StreamUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.StreamClosed]
+    Send: _grpc.UnaryUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.BatchAck]
     InstallSnapshot: _grpc.StreamUnaryMultiCallable[_raft_pb2.SnapshotChunk, _raft_pb2.SnapshotAck]
 
 @_typing.type_check_only
 class RaftPeerAsyncStub(RaftPeerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Stream: _aio.StreamUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.StreamClosed]  # type: ignore[assignment]
+    Send: _aio.UnaryUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.BatchAck]  # type: ignore[assignment]
     InstallSnapshot: _aio.StreamUnaryMultiCallable[_raft_pb2.SnapshotChunk, _raft_pb2.SnapshotAck]  # type: ignore[assignment]
 
 class RaftPeerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
-    def Stream(
+    def Send(
         self,
-        request_iterator: _MaybeAsyncIterator[_raft_pb2.Batch],
+        request: _raft_pb2.Batch,
         context: _ServicerContext,
-    ) -> _typing.Union[_raft_pb2.StreamClosed, _abc.Awaitable[_raft_pb2.StreamClosed]]: ...
+    ) -> _typing.Union[_raft_pb2.BatchAck, _abc.Awaitable[_raft_pb2.BatchAck]]: ...
 
     @_abc_1.abstractmethod
     def InstallSnapshot(

@@ -1,0 +1,464 @@
+"""Targeted tests of raft.core.RaftCore, each exercising one feature."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from raft.core import RaftConfig, RaftCore, ReadState, Role
+from raft.messages import (
+    Append,
+    AppendResp,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    Message,
+    PreVote,
+    PreVoteResp,
+    Snapshot,
+    SnapshotMeta,
+    TimeoutNow,
+    Vote,
+    VoteResp,
+)
+from raft.sim import Durable
+
+CFG = RaftConfig(election_ticks=10, heartbeat_ticks=1)
+
+
+def ents(*terms: int, start: int = 1) -> list[Entry]:
+    return [
+        Entry(t, start + i, EntryKind.COMMAND, b"x%d" % (start + i)) for i, t in enumerate(terms)
+    ]
+
+
+def role_of(c: RaftCore) -> Role:
+    return c.role
+
+
+class Net:
+    """A tiny synchronous cluster: explicit message delivery with link filters."""
+
+    def __init__(
+        self,
+        n: int = 3,
+        cfg: RaftConfig = CFG,
+        logs: dict[str, list[Entry]] | None = None,
+        hs: dict[str, HardState] | None = None,
+    ) -> None:
+        self.ids = [f"n{i + 1}" for i in range(n)]
+        self.cfg = cfg
+        self.durable = {i: Durable() for i in self.ids}
+        self.cores: dict[str, RaftCore] = {}
+        self.queue: list[Message] = []
+        self.blocked: set[tuple[str, str]] = set()
+        self.applied: dict[str, list[Entry]] = {i: [] for i in self.ids}
+        self.reads: dict[str, list[ReadState]] = {i: [] for i in self.ids}
+        self.dropped: dict[str, list[int]] = {i: [] for i in self.ids}
+        self.sent: list[Message] = []
+        self.snapshots_received: dict[str, int] = {i: 0 for i in self.ids}
+        for k, i in enumerate(self.ids):
+            d = self.durable[i]
+            d.entries = list((logs or {}).get(i, []))
+            d.hs = (hs or {}).get(i, HardState(0, None, 0))
+            self.cores[i] = RaftCore(
+                i,
+                self.ids,
+                cfg,
+                random.Random(k),
+                hard_state=d.hs,
+                snapshot=None,
+                entries=d.entries,
+            )
+
+    def process(self, nid: str) -> None:
+        c = self.cores[nid]
+        while (rd := c.ready()) is not None:
+            d = self.durable[nid]
+            if rd.snapshot:
+                d.snapshot, d.entries = rd.snapshot, []
+                self.snapshots_received[nid] += 1
+            if rd.entries:
+                first = rd.entries[0].index
+                d.entries = [e for e in d.entries if e.index < first] + list(rd.entries)
+            if rd.hard_state:
+                d.hs = rd.hard_state
+            for m in rd.messages:
+                # Ordering contract: nothing leaves before the state it carries is durable.
+                if not isinstance(m, PreVote | PreVoteResp):
+                    assert m.term <= d.hs.term, (m, d.hs)
+                if isinstance(m, VoteResp) and not m.reject:
+                    assert d.hs.vote == m.to
+                self.queue.append(m)
+                self.sent.append(m)
+            self.applied[nid].extend(rd.committed_entries)
+            self.reads[nid].extend(rd.read_states)
+            self.dropped[nid].extend(rd.dropped_reads)
+            c.advance(rd)
+
+    def flush(self, pred: Callable[[Message], bool] = lambda m: True, limit: int = 10_000) -> None:
+        """Deliver (and process) messages matching ``pred`` until none is left."""
+        for i in self.ids:
+            self.process(i)
+        for _ in range(limit):
+            pick = [m for m in self.queue if pred(m)]
+            if not pick:
+                return
+            self.queue = [m for m in self.queue if not pred(m)]
+            for m in pick:
+                if (m.frm, m.to) not in self.blocked:
+                    self.cores[m.to].step(m)
+            for i in self.ids:
+                self.process(i)
+        raise AssertionError("message storm")
+
+    def tick(self, n: int = 1, only: Sequence[str] | None = None) -> None:
+        for _ in range(n):
+            for i in only or self.ids:
+                self.cores[i].tick()
+            self.flush()
+
+    def isolate(self, nid: str) -> None:
+        for o in self.ids:
+            if o != nid:
+                self.blocked |= {(nid, o), (o, nid)}
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def elect(self, nid: str) -> None:
+        for _ in range(4 * self.cfg.election_ticks):
+            self.cores[nid].tick()
+            self.flush()
+            if self.cores[nid].role is Role.LEADER:
+                return
+        raise AssertionError(f"{nid} was not elected")
+
+    def leader(self) -> str | None:
+        ls = [i for i, c in self.cores.items() if c.role is Role.LEADER]
+        return max(ls, key=lambda i: self.cores[i].term) if ls else None
+
+
+def test_election_and_noop_commit() -> None:
+    net = Net(3)
+    net.tick(40)
+    ldr = net.leader()
+    assert ldr is not None
+    term = net.cores[ldr].term
+    for i, c in net.cores.items():
+        assert c.term == term
+        assert c.leader_id == ldr
+        assert c.commit_index == 1
+        assert [e.kind for e in net.applied[i]] == [EntryKind.NOOP]
+    assert sum(c.role is Role.LEADER for c in net.cores.values()) == 1
+
+
+def test_term_and_vote_only_sent_after_in_hard_state() -> None:
+    c = RaftCore(
+        "n2", ["n1", "n2", "n3"], CFG, random.Random(1), hard_state=HardState(4, None, 0),
+        snapshot=None, entries=[],
+    )  # fmt: skip
+    assert c.ready() is None
+    c.step(Vote("n1", "n2", 5, 0, 0, False))
+    rd = c.ready()
+    assert rd is not None
+    assert rd.hard_state == HardState(5, "n1", 0)
+    assert rd.messages == (VoteResp("n2", "n1", 5, False),)
+    c.advance(rd)
+    # Candidate side: Vote requests go out together with the HardState(term+1, vote=self).
+    for _ in range(2 * CFG.election_ticks):
+        c.tick()
+    rd = c.ready()
+    assert rd is not None
+    votes = [m for m in rd.messages if isinstance(m, Vote | PreVote)]
+    assert votes and all(isinstance(m, PreVote) and m.term == 6 for m in votes)
+    assert rd.hard_state is None  # pre-vote: nothing to persist, the term is unchanged
+    c.advance(rd)
+
+
+def test_candidate_persists_term_before_vote_requests() -> None:
+    cfg = RaftConfig(election_ticks=10, pre_vote=False)
+    c = RaftCore(
+        "n1", ["n1", "n2", "n3"], cfg, random.Random(1), hard_state=HardState(2, None, 0),
+        snapshot=None, entries=[],
+    )  # fmt: skip
+    for _ in range(2 * cfg.election_ticks):
+        c.tick()
+    rd = c.ready()
+    assert rd is not None
+    assert rd.hard_state == HardState(3, "n1", 0)
+    assert {m.to for m in rd.messages if isinstance(m, Vote) and m.term == 3} == {"n2", "n3"}
+
+
+def test_pre_vote_isolated_node_does_not_disrupt() -> None:
+    net = Net(3)
+    net.elect("n1")
+    term = net.cores["n1"].term
+    net.isolate("n3")
+    net.tick(200)
+    assert net.cores["n3"].term == term  # pre-vote never bumps the term
+    assert net.cores["n3"].role is Role.PRE_CANDIDATE or net.cores["n3"].leader_id is None
+    net.heal()
+    net.tick(50)
+    assert net.leader() == "n1"
+    assert all(c.term == term for c in net.cores.values())
+    assert net.cores["n3"].leader_id == "n1"
+
+
+def test_without_pre_vote_isolated_node_disrupts() -> None:
+    """Control for the test above: the scenario does disrupt without pre-vote."""
+    net = Net(3, RaftConfig(election_ticks=10, pre_vote=False, check_quorum=False))
+    net.elect("n1")
+    term = net.cores["n1"].term
+    net.isolate("n3")
+    net.tick(200)
+    assert net.cores["n3"].term > term
+
+
+def test_check_quorum_isolated_leader_steps_down() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.isolate("n1")
+    net.tick(2 * CFG.election_ticks, only=["n1"])
+    assert net.cores["n1"].role is Role.FOLLOWER
+    assert net.cores["n1"].leader_id is None
+    assert not net.cores["n1"].has_quorum_contact()
+
+
+def test_lease_rejects_disruptive_vote() -> None:
+    net = Net(3)
+    net.elect("n1")
+    term = net.cores["n1"].term
+    # n3 (with a current leader) receives a Vote at a higher term: ignored under the lease.
+    net.cores["n3"].step(Vote("n2", "n3", term + 5, 100, term, False))
+    assert net.cores["n3"].term == term
+    net.cores["n3"].step(Vote("n2", "n3", term + 5, 100, term, True))  # transfer: honoured
+    assert net.cores["n3"].term == term + 5
+
+
+def test_figure8_old_term_entry_not_committed_by_counting() -> None:
+    cfg = RaftConfig(election_ticks=10, max_entries_per_msg=1, pre_vote=False)
+    logs = {"n1": ents(1, 2), "n2": ents(1), "n3": ents(1)}
+    hs = {i: HardState(3, None, 1) for i in logs}
+    net = Net(3, cfg, logs, hs)
+    for _ in range(2 * cfg.election_ticks):
+        net.cores["n1"].tick()
+    net.flush(lambda m: not isinstance(m, Append | AppendResp))
+    assert net.cores["n1"].role is Role.LEADER
+    ldr = net.cores["n1"]
+    assert ldr.term == 4 and ldr.last_index == 3  # 1:t1, 2:t2, 3:noop t4
+    # Only n2 takes part; let it catch up entry 2 (term 2) but not the term-4 no-op.
+
+    def only_n2(m: Message) -> bool:
+        return m.to in ("n1", "n2") and m.frm in ("n1", "n2")
+
+    def old_terms_only(m: Message) -> bool:
+        if not isinstance(m, Append):
+            return True
+        return m.prev_index > net.cores[m.to].last_index or all(e.term < 4 for e in m.entries)
+
+    net.flush(lambda m: only_n2(m) and old_terms_only(m))
+    d2 = net.durable["n2"].entries
+    assert [e.term for e in d2] == [1, 2], d2
+    # Index 2 is now on a majority (n1, n2) but from an old term: not committed.
+    assert ldr.commit_index == 1
+    net.flush(only_n2)
+    assert ldr.commit_index == 3  # committing the no-op commits index 2 indirectly
+
+
+def test_fast_backtracking() -> None:
+    cfg = RaftConfig(election_ticks=10, pre_vote=False)
+    logs = {"n1": ents(1, *[3] * 10), "n2": ents(1, *[2] * 50), "n3": ents(1, *[3] * 10)}
+    hs = {i: HardState(3, None, 1) for i in logs}
+    net = Net(3, cfg, logs, hs)
+    net.elect("n1")
+    net.tick(5)
+    rejects = [m for m in net.sent if isinstance(m, AppendResp) and m.reject and m.frm == "n2"]
+    assert len(rejects) <= 2, rejects
+    assert [e.term for e in net.durable["n2"].entries] == [1, *[3] * 10, 4]
+    assert net.cores["n2"].commit_index == 12
+
+
+def test_read_index_waits_for_current_term_commit() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.tick(3)
+    net.isolate("n1")
+    # New leader n2; its no-op cannot commit while n3's appends are held back.
+    for _ in range(4 * CFG.election_ticks):
+        net.cores["n2"].tick()
+        net.cores["n3"].tick()
+        net.flush(lambda m: not isinstance(m, Append | AppendResp))
+        if any(net.cores[i].role is Role.LEADER for i in ("n2", "n3")):
+            break
+    new = "n2" if net.cores["n2"].role is Role.LEADER else "n3"
+    ldr = net.cores[new]
+    assert ldr.role is Role.LEADER
+    assert ldr.log_term(ldr.commit_index) != ldr.term
+    assert ldr.read_index(42)
+
+    # Heartbeats (empty appends) get through and are acknowledged; the no-op does not.
+    def hb_only(m: Message) -> bool:
+        return not isinstance(m, Append) or not m.entries
+
+    for _ in range(3):
+        ldr.tick()
+        net.flush(hb_only)
+    assert any(isinstance(m, AppendResp) and m.frm != "n1" and m.to == new for m in net.sent)
+    assert net.reads[new] == []
+    assert ldr.log_term(ldr.commit_index) != ldr.term
+    net.flush()
+    assert [r.request_id for r in net.reads[new]] == [42]
+    assert net.reads[new][0].index == ldr.commit_index
+
+
+def test_read_index_needs_heartbeat_quorum() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.tick(2)
+    n1 = net.cores["n1"]
+    assert n1.read_index(7)
+    net.process("n1")
+    assert net.reads["n1"] == []
+    ctxs = {m.ctx for m in net.queue if isinstance(m, Append)}
+    assert max(ctxs) > 0
+    net.flush()
+    assert net.reads["n1"] == [ReadState(7, n1.commit_index)]
+    assert not net.cores["n2"].read_index(8)  # followers refuse
+
+
+def test_read_index_single_node_immediate() -> None:
+    net = Net(1)
+    assert not net.cores["n1"].read_index(1)
+    net.tick(25)
+    assert net.cores["n1"].role is Role.LEADER
+    assert net.cores["n1"].read_index(2)
+    net.process("n1")
+    assert net.reads["n1"] == [ReadState(2, 1)]
+
+
+def test_deposed_leader_never_releases_read() -> None:
+    cfg = RaftConfig(election_ticks=10, check_quorum=False)
+    net = Net(3, cfg)
+    net.elect("n1")
+    net.tick(2)
+    net.isolate("n1")
+    assert net.cores["n1"].read_index(9)
+    net.tick(60)
+    assert net.cores["n1"].role is Role.LEADER  # still believes it (no check-quorum)
+    assert net.leader() in ("n2", "n3")
+    assert net.reads["n1"] == []
+    net.heal()
+    net.tick(5)
+    assert role_of(net.cores["n1"]) is Role.FOLLOWER
+    assert net.reads["n1"] == []
+    assert net.dropped["n1"] == [9]
+
+
+def test_snapshot_catch_up_of_far_behind_follower() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.isolate("n3")
+    n1 = net.cores["n1"]
+    for i in range(60):
+        assert n1.propose(b"v%d" % i) is not None
+        net.flush()
+    assert n1.commit_index == 61
+    for nid in ("n1", "n2"):
+        c = net.cores[nid]
+        c.compact(c.applied_index, b"state@%d" % c.applied_index)
+    assert n1.first_index == 62
+    net.heal()
+    net.tick(5)
+    n3 = net.cores["n3"]
+    assert net.snapshots_received["n3"] == 1
+    assert any(isinstance(m, InstallSnapshot) for m in net.sent)
+    assert n3.commit_index == 61 and n3.applied_index == 61
+    assert net.durable["n3"].snapshot == Snapshot(SnapshotMeta(61, n1.term), b"state@61")
+    assert n1.propose(b"after") == 62
+    net.flush()
+    assert n3.commit_index == 62 and net.applied["n3"][-1].data == b"after"
+
+
+def test_leader_transfer_via_timeout_now() -> None:
+    net = Net(3)
+    net.elect("n1")
+    term = net.cores["n1"].term
+    net.isolate("n3")
+    for i in range(5):
+        net.cores["n1"].propose(b"%d" % i)
+    net.flush()
+    net.heal()
+    assert net.cores["n1"].transfer_leadership("n3")
+    assert net.cores["n1"].propose(b"no") is None  # refused while transferring
+    net.flush()
+    assert any(isinstance(m, TimeoutNow) and m.to == "n3" for m in net.sent)
+    assert net.leader() == "n3"
+    assert net.cores["n3"].term == term + 1
+    assert net.cores["n1"].role is Role.FOLLOWER
+
+
+def test_leader_transfer_aborts_after_election_timeout() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.isolate("n3")
+    n1 = net.cores["n1"]
+    n1.propose(b"a")
+    net.flush()
+    assert n1.transfer_leadership("n3")
+    assert n1.propose(b"b") is None
+    net.tick(CFG.election_ticks, only=["n1"])
+    assert n1.role is Role.LEADER and n1.transferring_to is None
+    assert n1.propose(b"c") is not None
+
+
+def test_restart_from_snapshot_and_log() -> None:
+    snap = Snapshot(SnapshotMeta(10, 2), b"sm@10")
+    log = [Entry(2, i, EntryKind.COMMAND, b"%d" % i) for i in range(11, 16)]
+    c = RaftCore(
+        "n1", ["n1"], CFG, random.Random(0), hard_state=HardState(2, "n1", 13),
+        snapshot=snap, entries=log,
+    )  # fmt: skip
+    assert (c.applied_index, c.commit_index, c.last_index, c.first_index) == (10, 13, 15, 11)
+    assert c.log_term(10) == 2 and c.log_term(9) is None
+    rd = c.ready()
+    assert rd is not None
+    assert [e.index for e in rd.committed_entries] == [11, 12, 13]
+    assert rd.entries == () and rd.hard_state is None
+    c.advance(rd)
+    assert c.applied_index == 13
+    for _ in range(2 * CFG.election_ticks):
+        c.tick()
+    assert c.role is Role.LEADER and c.term == 3
+    rd = c.ready()
+    assert rd is not None
+    assert [e.index for e in rd.committed_entries] == [14, 15, 16]
+    assert rd.entries[-1] == Entry(3, 16, EntryKind.NOOP, b"")
+
+
+def test_pipelining_respects_max_inflight_and_batches() -> None:
+    cfg = RaftConfig(election_ticks=10, max_inflight=2, max_entries_per_msg=3)
+    net = Net(3, cfg)
+    net.elect("n1")
+    net.flush()
+    n1 = net.cores["n1"]
+    before = len(net.sent)
+    n1.propose_batch([b"%d" % i for i in range(20)])
+    net.process("n1")
+    apps = [m for m in net.sent[before:] if isinstance(m, Append) and m.to == "n2"]
+    assert len(apps) == 2 and all(len(m.entries) == 3 for m in apps)
+    net.flush()
+    assert all(c.commit_index == 21 for c in net.cores.values())
+
+
+def test_stale_leader_learns_new_term_from_append_response() -> None:
+    net = Net(3)
+    net.elect("n1")
+    c = net.cores["n2"]
+    c.step(Append("n3", "n2", c.term + 3, 0, 0, (), 0, 0))
+    assert c.term == net.cores["n1"].term + 3 and c.leader_id == "n3"
+    c.step(Append("n1", "n2", c.term - 3, 0, 0, (), 0, 0))
+    net.process("n2")
+    resp = [m for m in net.queue if isinstance(m, AppendResp) and m.to == "n1"]
+    assert resp and resp[-1].term == c.term
