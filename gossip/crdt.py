@@ -136,7 +136,9 @@ class ApplyResult:
     type_lost: list[tuple[str, Register]] = field(default_factory=list)
 
 
-def apply_delta(state: MutableMapping[str, Value], delta: Iterable[tuple[str, Value]]) -> ApplyResult:
+def apply_delta(
+    state: MutableMapping[str, Value], delta: Iterable[tuple[str, Value]]
+) -> ApplyResult:
     """Join ``delta`` into ``state`` in place and report what changed."""
     res = ApplyResult()
     for k, v in delta:

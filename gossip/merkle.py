@@ -64,7 +64,7 @@ class MerkleTree:
     @property
     def leaf_count(self) -> int:
         """Number of leaf buckets (``16**depth``)."""
-        return FANOUT**self.depth
+        return len(self._leaves)
 
     def leaf_of(self, key: str) -> int:
         """Leaf bucket index of ``key`` (stable across processes)."""

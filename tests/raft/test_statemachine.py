@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -7,16 +9,16 @@ from caplab.raft.v1 import raft_pb2
 from raft.statemachine import OK, OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine
 
 
-def cmd(key: str, client: str = "", seq: int = 0, **op: object) -> bytes:
+def cmd(key: str, client: str = "", seq: int = 0, **op: Any) -> bytes:
     c = raft_pb2.Command(client_id=client, sequence=seq, key=key)
     if "put" in op:
-        c.put = op["put"]  # type: ignore[assignment]
+        c.put = op["put"]
     if "incr" in op:
-        c.increment = op["incr"]  # type: ignore[assignment]
+        c.increment = op["incr"]
     if "delete" in op:
         c.delete = True
     if "cas" in op:
-        expected, new = op["cas"]  # type: ignore[misc]
+        expected, new = op["cas"]
         c.cas.CopyFrom(
             raft_pb2.CompareAndSwap(
                 expected=expected or b"", expected_absent=expected is None, new_value=new
@@ -90,7 +92,7 @@ ops = st.lists(
 
 @settings(max_examples=200)
 @given(ops)
-def test_digest_equals_iff_state_equals(seq: list[tuple[str, dict[str, object]]]) -> None:
+def test_digest_equals_iff_state_equals(seq: list[tuple[str, dict[str, Any]]]) -> None:
     sm = KvStateMachine()
     for i, (key, op) in enumerate(seq):
         assert sm.apply(i + 1, cmd(key, **op)).status in (OK, TYPE_CONFLICT)
