@@ -13,7 +13,7 @@ import grpc
 
 from caplab import errors, validation
 from caplab.logs import get_logger
-from caplab.store import Consistency, Header, StoreBackend
+from caplab.store import FORWARDED_BY_KEY, Consistency, Header, StoreBackend, forwarded_by
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 
 T = TypeVar("T")
@@ -54,6 +54,9 @@ def _timeout(context: grpc.aio.ServicerContext[object, object]) -> float | None:
 async def _call(
     context: grpc.aio.ServicerContext[object, object], fn: Callable[[], Awaitable[T]]
 ) -> T:
+    for key, value in context.invocation_metadata() or ():
+        if key == FORWARDED_BY_KEY:
+            forwarded_by.set(value if isinstance(value, str) else value.decode())
     try:
         return await fn()
     except errors.StoreError as e:

@@ -10,6 +10,7 @@ messages, except Status, which they fill directly.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -19,6 +20,12 @@ import grpc
 from caplab.clock import SkewableClock
 from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
+
+# Metadata key a node sets when it forwards a client request to the leader, and
+# the value of that key for the request being served (set by the servicer, per
+# request: grpc.aio runs every request in its own task, hence its own context).
+FORWARDED_BY_KEY = "caplab-forwarded-by"
+forwarded_by: ContextVar[str] = ContextVar("caplab_forwarded_by", default="")
 
 
 class Consistency(Enum):

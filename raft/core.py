@@ -317,6 +317,12 @@ class RaftCore:
             return self._quorum_contact_ok or self._count_recent_active()
         return self.leader_id is not None
 
+    def progress(self) -> dict[str, int]:
+        """Leader only: the highest log index known replicated on each peer (else empty)."""
+        if self._role is not Role.LEADER:
+            return {}
+        return {p: pr.match for p, pr in self._prs.items()}
+
     def log_term(self, index: int) -> int | None:
         """Term of the entry at ``index`` (0 for index 0), None if compacted or absent."""
         if index == self._snap_index:

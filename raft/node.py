@@ -1,0 +1,850 @@
+"""The Raft store's node: a thin asyncio/gRPC shell around the sans-IO RaftCore.
+
+Theory of operation
+-------------------
+One *driver* task owns the core's Ready loop. Client requests never touch the
+log directly: proposals and read requests are queued, and on each iteration the
+driver hands every queued proposal to the core at once (`propose_batch`: one
+log append and one Append per follower for the whole batch), then takes the
+Ready and processes it in the order the core demands:
+
+1. persist snapshot/entries/hard state in one SQLite transaction (fsync), on a
+   single storage thread so the event loop keeps serving while the disk works
+   (requests arriving meanwhile form the next batch: group commit);
+2. send the messages (batched per peer, a few `Send` calls in flight each);
+3. restore a received snapshot, apply committed entries to the KV state
+   machine and resolve the futures of the proposals they answer;
+4. release linearizable reads whose ReadIndex point has been applied, fail
+   dropped ones;
+5. `advance()`, then compact the log when it grew past the threshold.
+
+A client write is therefore acknowledged only after its entry is committed
+(durable on a majority, including the leader) and applied. A proposal whose
+index gets committed with a different term was definitely overwritten
+(UNAVAILABLE, not applied); proposals still pending when this node stops being
+leader get UNKNOWN (a new leader may still commit them).
+
+Followers forward client requests to the leader (one hop: a forwarded request
+is never forwarded again). A node that knows no leader, or a leader that has
+not heard from a majority within an election timeout, refuses at once with
+UNAVAILABLE and the reason; since followers forget the leader after one
+election timeout of silence and leaders step down after one without a quorum
+(check-quorum), a client on the minority side of a partition gets a definite
+refusal within about one election timeout.
+
+Peer messages travel as unary `Send(Batch)` calls with short deadlines, so a cut
+link drops messages instead of blocking a sender (Raft tolerates loss);
+snapshots travel chunked on `InstallSnapshot`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from caplab import errors
+from caplab.clock import SkewableClock
+from caplab.logs import get_logger
+from caplab.raft.v1 import raft_pb2 as pb
+from caplab.raft.v1 import raft_pb2_grpc as pb_grpc
+from caplab.store import (
+    FORWARDED_BY_KEY,
+    CasResult,
+    Consistency,
+    DeleteResult,
+    Header,
+    IncrementResult,
+    NodeConfig,
+    ReadResult,
+    forwarded_by,
+)
+from caplab.v1 import kv_pb2, kv_pb2_grpc
+from caplab.validation import MAX_MESSAGE_BYTES, RequestId
+from raft.codec import from_pb, to_pb
+from raft.core import RaftConfig, RaftCore, Ready, Role
+from raft.messages import EntryKind, InstallSnapshot, Message, Snapshot, SnapshotMeta
+from raft.statemachine import OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine
+from raft.storage import RaftStorage
+
+log = get_logger("raft.node")
+T = TypeVar("T")
+
+SNAPSHOT_CHUNK = 512 * 1024
+PEER_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES * 4),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES * 4),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+]
+ROLE_NAMES = {
+    Role.LEADER: "leader",
+    Role.FOLLOWER: "follower",
+    Role.CANDIDATE: "candidate",
+    Role.PRE_CANDIDATE: "pre-candidate",
+}
+
+
+@dataclass(frozen=True)
+class RaftOptions:
+    """Tuning, from `caplab node --set NAME=VALUE` (defaults suit a local demo)."""
+
+    tick_ms: int = 50  # one core tick; heartbeat = heartbeat_ticks * tick_ms
+    heartbeat_ticks: int = 1  # 50 ms
+    election_ticks: int = 6  # election timeout randomized in [300, 600) ms
+    snapshot_entries: int = 10_000  # compact the log once it holds this many applied entries
+    max_inflight: int = 64  # unacknowledged Append messages per follower
+    max_entries_per_msg: int = 512
+    max_pending: int = 20_000  # proposals + reads in flight before RESOURCE_EXHAUSTED
+    peer_inflight: int = 4  # concurrent Send calls per peer
+    peer_queue: int = 4096  # messages queued per peer before dropping
+    forward_timeout_ms: int = 2000  # cap on a forwarded request's deadline
+
+    @classmethod
+    def parse(cls, options: dict[str, str]) -> RaftOptions:
+        fields = cls.__dataclass_fields__
+        values: dict[str, int] = {}
+        for name, text in options.items():
+            if name not in fields:
+                raise errors.InvalidArgument(
+                    f"unknown raft option {name!r}; known: {', '.join(sorted(fields))}"
+                )
+            try:
+                values[name] = int(text)
+            except ValueError:
+                raise errors.InvalidArgument(f"raft option {name} must be an integer") from None
+            if values[name] < 1:
+                raise errors.InvalidArgument(f"raft option {name} must be >= 1")
+        return cls(**values)
+
+    @property
+    def election_timeout_s(self) -> float:
+        return self.election_ticks * self.tick_ms / 1000
+
+
+@dataclass
+class _Pending:
+    term: int
+    future: asyncio.Future[pb.CommandResult]
+
+
+class PeerLink:
+    """Outbound messages to one peer: batched unary Send calls with deadlines."""
+
+    def __init__(self, node: RaftBackend, peer_id: str, address: str) -> None:
+        self.node = node
+        self.peer_id = peer_id
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.RaftPeerStub(self.channel)
+        self.kv = kv_pb2_grpc.KVStub(self.channel)
+        self.queue: deque[pb.RaftMessage] = deque()
+        self.wake = asyncio.Event()
+        self.inflight = asyncio.Semaphore(node.opts.peer_inflight)
+        self.snapshot_task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timeout = max(0.2, node.opts.election_timeout_s)
+        self.dropped = 0
+        self._batches: set[asyncio.Task[None]] = set()
+
+    def send(self, m: Message) -> None:
+        if isinstance(m, InstallSnapshot):
+            if self.snapshot_task is None or self.snapshot_task.done():
+                self.snapshot_task = asyncio.create_task(self._send_snapshot(m))
+            return
+        if len(self.queue) >= self.node.opts.peer_queue:
+            self.queue.popleft()
+            self.dropped += 1
+        self.queue.append(to_pb(m))
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.queue:
+                await self.inflight.acquire()
+                batch = pb.Batch(messages=list(self.queue))
+                self.queue.clear()
+                t = asyncio.create_task(self._send_batch(batch))
+                self._batches.add(t)
+                t.add_done_callback(self._batches.discard)
+
+    async def _send_batch(self, batch: pb.Batch) -> None:
+        try:
+            await self.stub.Send(batch, timeout=self.timeout)
+            self.node.counters["messages_sent"] += len(batch.messages)
+        except grpc.aio.AioRpcError:
+            self.node.counters["messages_dropped"] += len(batch.messages)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.inflight.release()
+
+    async def _send_snapshot(self, m: InstallSnapshot) -> None:
+        snap = m.snapshot
+        data = snap.data
+        crc = zlib.crc32(data)
+
+        def chunks() -> list[pb.SnapshotChunk]:
+            out = []
+            for off in range(0, max(len(data), 1), SNAPSHOT_CHUNK):
+                out.append(
+                    pb.SnapshotChunk(
+                        sender=m.frm,
+                        to=m.to,
+                        term=m.term,
+                        index=snap.meta.index,
+                        snapshot_term=snap.meta.term,
+                        total_size=len(data),
+                        offset=off,
+                        data=data[off : off + SNAPSHOT_CHUNK],
+                        crc32=crc if off + SNAPSHOT_CHUNK >= len(data) else 0,
+                    )
+                )
+            return out
+
+        async def gen() -> AsyncIterator[pb.SnapshotChunk]:
+            for c in chunks():
+                yield c
+
+        try:
+            ack = await self.stub.InstallSnapshot(gen(), timeout=30 + len(data) / 1e6)
+            self.node.counters["snapshots_sent"] += 1
+            if not ack.accepted:
+                log.warning("snapshot_refused", peer=self.peer_id, reason=ack.reason)
+        except grpc.aio.AioRpcError as e:
+            # The core re-probes a follower stuck in SNAPSHOT state after an election timeout.
+            log.info("snapshot_send_failed", peer=self.peer_id, code=e.code().name)
+
+    async def close(self) -> None:
+        for t in (self.task, self.snapshot_task):
+            if t is not None:
+                t.cancel()
+        await self.channel.close()
+
+
+class RaftPeerServicer(pb_grpc.RaftPeerServicer):
+    def __init__(self, node: RaftBackend) -> None:
+        self.node = node
+
+    async def Send(
+        self, request: pb.Batch, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BatchAck:
+        node = self.node
+        for raw in request.messages:
+            if raw.to != node.id or raw.sender not in node.peers:
+                continue
+            node.core.step(from_pb(raw))
+        node.counters["messages_received"] += len(request.messages)
+        node.wake.set()
+        return pb.BatchAck()
+
+    async def InstallSnapshot(
+        self,
+        request_iterator: AsyncIterator[pb.SnapshotChunk],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SnapshotAck:
+        parts: list[bytes] = []
+        first: pb.SnapshotChunk | None = None
+        size = 0
+        last_crc = 0
+        async for chunk in request_iterator:
+            if first is None:
+                first = chunk
+            if chunk.offset != size:
+                return pb.SnapshotAck(accepted=False, reason="chunks out of order")
+            parts.append(chunk.data)
+            size += len(chunk.data)
+            last_crc = chunk.crc32
+        if first is None:
+            return pb.SnapshotAck(accepted=False, reason="empty snapshot stream")
+        data = b"".join(parts)
+        if len(data) != first.total_size or zlib.crc32(data) != last_crc:
+            return pb.SnapshotAck(accepted=False, reason="snapshot size or CRC mismatch")
+        if first.to != self.node.id or first.sender not in self.node.peers:
+            return pb.SnapshotAck(accepted=False, reason="snapshot not addressed to this node")
+        snap = Snapshot(SnapshotMeta(first.index, first.snapshot_term), data)
+        self.node.core.step(InstallSnapshot(first.sender, first.to, first.term, snap))
+        self.node.counters["snapshots_received"] += 1
+        self.node.wake.set()
+        return pb.SnapshotAck(accepted=True)
+
+
+class RaftBackend:
+    """The CP store as the shared runtime sees it (caplab.store.StoreBackend)."""
+
+    kind: int = kv_pb2.STORE_KIND_RAFT
+
+    def __init__(self, config: NodeConfig, clock: SkewableClock) -> None:
+        self.config = config
+        self.clock = clock
+        self.id = config.node_id
+        self.peers = dict(config.peers)
+        self.opts = RaftOptions.parse(config.options)
+        self.sm = KvStateMachine()
+        self.storage: RaftStorage | None = None
+        self._core: RaftCore | None = None
+        self.wake = asyncio.Event()
+        self.links: dict[str, PeerLink] = {}
+        self.counters: dict[str, int] = {
+            k: 0
+            for k in (
+                "messages_sent",
+                "messages_received",
+                "messages_dropped",
+                "snapshots_sent",
+                "snapshots_received",
+                "proposals",
+                "batches",
+                "reads",
+                "forwarded",
+                "fsyncs",
+            )
+        }
+        self._queued: list[tuple[bytes, asyncio.Future[pb.CommandResult]]] = []
+        self._pending: dict[int, _Pending] = {}
+        self._queued_reads: list[tuple[int, asyncio.Future[int]]] = []
+        self._reads: dict[int, asyncio.Future[int]] = {}
+        self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._read_ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-disk-{self.id}")
+        self._stopping = False
+        self._was_leader = False
+        self._compacting = False
+
+    @property
+    def core(self) -> RaftCore:
+        assert self._core is not None, "node not started"
+        return self._core
+
+    async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self, server: grpc.aio.Server) -> None:
+        self.storage = RaftStorage(self.config.data_dir)
+        hs, snap, entries = await self._disk_call(self.storage.load)
+        if snap is not None:
+            self.sm.restore(snap.data)
+        cfg = RaftConfig(
+            election_ticks=self.opts.election_ticks,
+            heartbeat_ticks=self.opts.heartbeat_ticks,
+            max_inflight=self.opts.max_inflight,
+            max_entries_per_msg=self.opts.max_entries_per_msg,
+        )
+        self._core = RaftCore(
+            self.id,
+            [self.id, *self.peers],
+            cfg,
+            random.Random(),
+            hard_state=hs,
+            snapshot=snap,
+            entries=entries,
+        )
+        log.info(
+            "raft_restored",
+            term=hs.term,
+            commit=hs.commit,
+            snapshot_index=snap.meta.index if snap else 0,
+            entries=len(entries),
+        )
+        pb_grpc.add_RaftPeerServicer_to_server(RaftPeerServicer(self), server)
+        for peer_id, addr in self.peers.items():
+            link = PeerLink(self, peer_id, addr)
+            link.task = asyncio.create_task(link.run())
+            self.links[peer_id] = link
+        self._tasks = [
+            asyncio.create_task(self._ticker()),
+            asyncio.create_task(self._driver()),
+        ]
+
+    async def before_shutdown(self) -> None:
+        """Hand leadership to the most up-to-date follower so a restart costs no election."""
+        self._stopping = True
+        core = self.core
+        if core.role is not Role.LEADER or not self.peers:
+            return
+        progress = core.progress()
+        target = max(progress, key=lambda p: (progress[p], p))
+        if not core.transfer_leadership(target):
+            return
+        self.wake.set()
+        log.info("leader_transfer", to=target)
+        deadline = time.monotonic() + 2 * self.opts.election_timeout_s
+        while time.monotonic() < deadline and core.leader_id in (self.id, None):  # noqa: ASYNC110
+            await asyncio.sleep(self.opts.tick_ms / 1000)
+        log.info("leader_transfer_done", leader=core.leader_id)
+
+    async def close(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for link in self.links.values():
+            await link.close()
+        self._fail_all(errors.Unavailable("node is shutting down; not applied"))
+        self._disk.shutdown(wait=True)
+        if self.storage is not None:
+            self.storage.close()
+
+    # -- the loop ----------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        interval = self.opts.tick_ms / 1000
+        next_at = time.monotonic()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            self.core.tick()
+            self.wake.set()
+
+    async def _driver(self) -> None:
+        core = self.core
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            try:
+                self._hand_over_queued()
+                rd = core.ready()
+                if rd is not None:
+                    await self._process(rd)
+                    core.advance(rd)
+                    await self._maybe_compact()
+                self._check_leadership()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("driver_failed")
+                raise
+            if core.has_ready() or self._queued or self._queued_reads:
+                self.wake.set()
+
+    def _hand_over_queued(self) -> None:
+        core = self.core
+        if self._queued:
+            queued, self._queued = self._queued, []
+            live = [(d, f) for d, f in queued if not f.done()]
+            idxs = core.propose_batch([d for d, _ in live]) if live else []
+            if idxs is None:
+                reason = self._not_leader_reason()
+                for _, f in live:
+                    f.set_exception(reason)
+            else:
+                for idx, (_, f) in zip(idxs, live, strict=True):
+                    self._pending[idx] = _Pending(core.term, f)
+                self.counters["proposals"] += len(idxs)
+                self.counters["batches"] += 1
+        if self._queued_reads:
+            reads, self._queued_reads = self._queued_reads, []
+            for rid, rf in reads:
+                if rf.done():
+                    continue
+                if core.read_index(rid):
+                    self._reads[rid] = rf
+                else:
+                    rf.set_exception(self._not_leader_reason())
+
+    async def _process(self, rd: Ready) -> None:
+        if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+            assert self.storage is not None
+            await self._disk_call(self.storage.save, rd.hard_state, rd.entries, rd.snapshot)
+            self.counters["fsyncs"] += 1
+        for m in rd.messages:
+            link = self.links.get(m.to)
+            if link is not None:
+                link.send(m)
+        if rd.snapshot is not None:
+            self.sm.restore(rd.snapshot.data)
+            for idx in [i for i in self._pending if i <= rd.snapshot.meta.index]:
+                p = self._pending.pop(idx)
+                if not p.future.done():
+                    p.future.set_exception(
+                        errors.OutcomeUnknown(
+                            "this node installed a snapshot past the write; its outcome is unknown"
+                        )
+                    )
+        for e in rd.committed_entries:
+            result = self.sm.apply(e.index, e.data) if e.kind is EntryKind.COMMAND else None
+            pend = self._pending.pop(e.index, None)
+            if pend is None or pend.future.done():
+                continue
+            if pend.term != e.term:
+                pend.future.set_exception(
+                    errors.Unavailable(
+                        "the write was overwritten by a new leader before it committed; "
+                        "not applied (retry)"
+                    )
+                )
+            elif result is not None:
+                pend.future.set_result(result)
+        applied = self.applied_index(rd)
+        for rs in rd.read_states:
+            f = self._reads.pop(rs.request_id, None)
+            if f is not None and not f.done():
+                f.set_result(rs.index)
+        for rid in rd.dropped_reads:
+            f = self._reads.pop(rid, None)
+            if f is not None and not f.done():
+                f.set_exception(
+                    errors.Unavailable("leadership was lost before the read was confirmed; retry")
+                )
+        if self._apply_waiters:
+            still = []
+            for idx, w in self._apply_waiters:
+                if idx <= applied:
+                    if not w.done():
+                        w.set_result(None)
+                else:
+                    still.append((idx, w))
+            self._apply_waiters = still
+
+    def applied_index(self, rd: Ready | None = None) -> int:
+        idx = self.core.applied_index
+        if rd is not None:
+            if rd.committed_entries:
+                idx = max(idx, rd.committed_entries[-1].index)
+            if rd.snapshot is not None:
+                idx = max(idx, rd.snapshot.meta.index)
+        return idx
+
+    def _check_leadership(self) -> None:
+        is_leader = self.core.role is Role.LEADER
+        if self._was_leader and not is_leader and (self._pending or self._reads):
+            err = errors.OutcomeUnknown(
+                "this node lost leadership while the write was in flight; a new leader may "
+                "still commit it (outcome unknown)"
+            )
+            for p in self._pending.values():
+                if not p.future.done():
+                    p.future.set_exception(err)
+            for f in self._reads.values():
+                if not f.done():
+                    f.set_exception(errors.Unavailable("leadership lost; read not served; retry"))
+            self._pending.clear()
+            self._reads.clear()
+        self._was_leader = is_leader
+
+    async def _maybe_compact(self) -> None:
+        core = self.core
+        applied = core.applied_index
+        if self._compacting or applied - core.first_index < self.opts.snapshot_entries:
+            return
+        term = core.log_term(applied)
+        if term is None:
+            return
+        self._compacting = True
+        try:
+            snap = Snapshot(SnapshotMeta(applied, term), self.sm.snapshot())
+            assert self.storage is not None
+            await self._disk_call(self.storage.compact, snap)
+            core.compact(applied, snap.data)
+            log.info("log_compacted", index=applied, snapshot_bytes=len(snap.data))
+        finally:
+            self._compacting = False
+
+    def _fail_all(self, err: errors.StoreError) -> None:
+        for _, f in self._queued:
+            if not f.done():
+                f.set_exception(err)
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(
+                    errors.OutcomeUnknown("node shut down with the write in flight")
+                )
+        for rf in [*self._reads.values(), *(f for _, f in self._queued_reads)]:
+            if not rf.done():
+                rf.set_exception(err)
+        self._queued.clear()
+        self._pending.clear()
+        self._reads.clear()
+        self._queued_reads.clear()
+
+    # -- leadership and forwarding -----------------------------------------------------
+    def _leader_address(self, leader: str | None) -> str | None:
+        if leader is None:
+            return None
+        if leader == self.id:
+            return self.config.advertise or self.config.listen
+        return self.peers.get(leader)
+
+    def _not_leader_reason(self) -> errors.Unavailable:
+        core = self.core
+        leader = core.leader_id
+        if self._stopping:
+            return errors.Unavailable("this node is shutting down; not applied (retry elsewhere)")
+        if leader is None:
+            return errors.Unavailable(
+                f"no leader: node {self.id} ({ROLE_NAMES[core.role]}, term {core.term}) cannot "
+                "reach a majority of the cluster (election in progress or network partition); "
+                "not applied"
+            )
+        if leader == self.id:
+            if core.transferring_to is not None:
+                return errors.Unavailable(
+                    f"leadership is being transferred to {core.transferring_to}; not applied "
+                    "(retry)"
+                )
+            return errors.Unavailable(
+                f"leader {self.id} has not heard from a majority within an election timeout "
+                "(it may be partitioned away); not applied"
+            )
+        return errors.Unavailable(
+            f"not the leader; the leader is {leader} at {self._leader_address(leader)}; "
+            "not applied",
+            leader_id=leader,
+            leader_address=self._leader_address(leader),
+        )
+
+    def _route(self, forwarded: bool) -> str | None:
+        """None: serve here as leader. Else the peer id to forward to. Raises if neither."""
+        core = self.core
+        if self._stopping:
+            raise self._not_leader_reason()
+        if core.role is Role.LEADER:
+            if core.transferring_to is not None or not core.has_quorum_contact():
+                raise self._not_leader_reason()
+            return None
+        leader = core.leader_id
+        if leader is None or forwarded or leader not in self.links:
+            raise self._not_leader_reason()
+        return leader
+
+    async def _forward(
+        self,
+        leader: str,
+        call: Callable[[kv_pb2_grpc.KVStub, float, tuple[tuple[str, str], ...]], Any],
+        timeout: float | None,
+    ) -> Any:
+        self.counters["forwarded"] += 1
+        cap = self.opts.forward_timeout_ms / 1000
+        t = cap if timeout is None else max(0.01, min(timeout, cap))
+        try:
+            return await call(self.links[leader].kv, t, ((FORWARDED_BY_KEY, self.id),))
+        except grpc.aio.AioRpcError as e:
+            err = errors.classify(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()))
+            err.message = f"forwarded to leader {leader}: {err.message}"
+            raise err from None
+
+    def _header(self, index: int, stale: bool = False, forwarded_by: str = "") -> Header:
+        return Header(
+            node_id=self.id,
+            term=self.core.term,
+            index=index,
+            stale_possible=stale,
+            forwarded_by=forwarded_by,
+        )
+
+    # -- proposals ---------------------------------------------------------------------
+    async def _propose(self, cmd: pb.Command) -> tuple[pb.CommandResult, int]:
+        if len(self._pending) + len(self._queued) >= self.opts.max_pending:
+            raise errors.Overloaded(
+                f"{self.opts.max_pending} requests already in flight on leader {self.id}; "
+                "not applied (retry with backoff)"
+            )
+        fut: asyncio.Future[pb.CommandResult] = asyncio.get_running_loop().create_future()
+        self._queued.append((cmd.SerializeToString(), fut))
+        self.wake.set()
+        result = await fut
+        if result.status == TYPE_CONFLICT:
+            raise errors.FailedPrecondition(result.message)
+        if result.status == OVERFLOW:
+            raise errors.OutOfRange(result.message)
+        if result.status == STALE:
+            raise errors.FailedPrecondition(result.message)
+        return result, self.core.applied_index
+
+    @staticmethod
+    def _command(key: str, rid: RequestId | None) -> pb.Command:
+        c = pb.Command(key=key)
+        if rid is not None:
+            c.client_id, c.sequence = rid.client_id, rid.sequence
+        return c
+
+    @staticmethod
+    def _rid_pb(rid: RequestId | None) -> kv_pb2.RequestId | None:
+        return (
+            None
+            if rid is None
+            else kv_pb2.RequestId(client_id=rid.client_id, sequence=rid.sequence)
+        )
+
+    def _fwd_header(self, h: kv_pb2.ResponseHeader) -> Header:
+        return Header(
+            node_id=h.node_id,
+            term=h.term,
+            index=h.index,
+            stale_possible=h.stale_possible,
+            forwarded_by=self.id,
+        )
+
+    async def put(
+        self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
+    ) -> Header:
+        leader = self._route(bool(forwarded_by.get()))
+        if leader is not None:
+            req = kv_pb2.PutRequest(key=key, value=value, request_id=self._rid_pb(rid))
+            resp: kv_pb2.PutResponse = await self._forward(
+                leader, lambda s, t, md: s.Put(req, timeout=t, metadata=md), timeout
+            )
+            return self._fwd_header(resp.header)
+        cmd = self._command(key, rid)
+        cmd.put = value
+        _, index = await self._propose(cmd)
+        return self._header(index)
+
+    async def delete(self, key: str, rid: RequestId | None, timeout: float | None) -> DeleteResult:
+        leader = self._route(bool(forwarded_by.get()))
+        if leader is not None:
+            req = kv_pb2.DeleteRequest(key=key, request_id=self._rid_pb(rid))
+            resp: kv_pb2.DeleteResponse = await self._forward(
+                leader, lambda s, t, md: s.Delete(req, timeout=t, metadata=md), timeout
+            )
+            return DeleteResult(self._fwd_header(resp.header), resp.existed)
+        cmd = self._command(key, rid)
+        cmd.delete = True
+        result, index = await self._propose(cmd)
+        return DeleteResult(self._header(index), result.flag)
+
+    async def compare_and_swap(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        rid: RequestId | None,
+        timeout: float | None,
+    ) -> CasResult:
+        leader = self._route(bool(forwarded_by.get()))
+        if leader is not None:
+            req = kv_pb2.CompareAndSwapRequest(
+                key=key,
+                expected=expected or b"",
+                expected_absent=expected is None,
+                new_value=new,
+                request_id=self._rid_pb(rid),
+            )
+            resp: kv_pb2.CompareAndSwapResponse = await self._forward(
+                leader, lambda s, t, md: s.CompareAndSwap(req, timeout=t, metadata=md), timeout
+            )
+            return CasResult(
+                self._fwd_header(resp.header), resp.swapped, resp.current if resp.found else None
+            )
+        cmd = self._command(key, rid)
+        cmd.cas.CopyFrom(
+            pb.CompareAndSwap(
+                expected=expected or b"", expected_absent=expected is None, new_value=new
+            )
+        )
+        result, index = await self._propose(cmd)
+        return CasResult(self._header(index), result.flag, result.current if result.found else None)
+
+    async def increment(
+        self, key: str, delta: int, rid: RequestId | None, timeout: float | None
+    ) -> IncrementResult:
+        leader = self._route(bool(forwarded_by.get()))
+        if leader is not None:
+            req = kv_pb2.IncrementRequest(key=key, delta=delta, request_id=self._rid_pb(rid))
+            resp: kv_pb2.IncrementResponse = await self._forward(
+                leader, lambda s, t, md: s.Increment(req, timeout=t, metadata=md), timeout
+            )
+            return IncrementResult(self._fwd_header(resp.header), resp.value)
+        cmd = self._command(key, rid)
+        cmd.increment = delta
+        result, index = await self._propose(cmd)
+        return IncrementResult(self._header(index), result.counter)
+
+    async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
+        if consistency is Consistency.LOCAL:
+            return ReadResult(self._header(self.core.applied_index, stale=True), self.sm.get(key))
+        leader = self._route(bool(forwarded_by.get()))
+        if leader is not None:
+            req = kv_pb2.GetRequest(key=key, consistency=kv_pb2.CONSISTENCY_LINEARIZABLE)
+            resp: kv_pb2.GetResponse = await self._forward(
+                leader, lambda s, t, md: s.Get(req, timeout=t, metadata=md), timeout
+            )
+            value: bytes | int | None = None
+            if resp.found:
+                value = resp.counter if resp.type == kv_pb2.VALUE_TYPE_COUNTER else resp.value
+            return ReadResult(self._fwd_header(resp.header), value)
+        if len(self._reads) + len(self._queued_reads) >= self.opts.max_pending:
+            raise errors.Overloaded(f"too many reads in flight on leader {self.id}; retry")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._queued_reads.append((next(self._read_ids), fut))
+        self.counters["reads"] += 1
+        self.wake.set()
+        index = await fut
+        if self.core.applied_index < index:
+            w: asyncio.Future[None] = loop.create_future()
+            self._apply_waiters.append((index, w))
+            await w
+        return ReadResult(self._header(index), self.sm.get(key))
+
+    # -- introspection -------------------------------------------------------------------
+    async def status(self) -> kv_pb2.StatusResponse:
+        core = self.core
+        leader = core.leader_id
+        st = kv_pb2.StatusResponse(
+            node_id=self.id,
+            address=self.config.advertise or self.config.listen,
+            role=ROLE_NAMES[core.role],
+            term=core.term,
+            leader_id=leader or "",
+            leader_address=self._leader_address(leader) or "",
+            commit_index=core.commit_index,
+            applied_index=core.applied_index,
+            first_index=core.first_index,
+            keys=len(self.sm),
+            state_digest=self.sm.digest(),
+        )
+        progress = core.progress()
+        for peer_id, addr in sorted(self.peers.items()):
+            st.members.add(
+                node_id=peer_id,
+                address=addr,
+                match_index=progress.get(peer_id, 0),
+                state=kv_pb2.MEMBER_STATE_UNSPECIFIED,
+            )
+        for k, v in self.counters.items():
+            st.counters[k] = v
+        st.counters["pending_proposals"] = len(self._pending)
+        return st
+
+    async def dump(self, start_after: str, limit: int) -> AsyncIterator[kv_pb2.DumpEntry]:
+        keys = sorted(k for k in self.sm.data if k > start_after)
+        if limit:
+            keys = keys[:limit]
+        for key in keys:
+            slot = self.sm.data.get(key)
+            if slot is None:
+                continue
+            if isinstance(slot.value, bytes):
+                yield kv_pb2.DumpEntry(
+                    key=key, type=kv_pb2.VALUE_TYPE_REGISTER, value=slot.value, index=slot.index
+                )
+            else:
+                yield kv_pb2.DumpEntry(
+                    key=key, type=kv_pb2.VALUE_TYPE_COUNTER, counter=slot.value, index=slot.index
+                )
+
+
+def build_backend(config: NodeConfig, clock: SkewableClock) -> RaftBackend:
+    return RaftBackend(config, clock)
