@@ -1,0 +1,837 @@
+"""Sans-IO core of the AP key-value store: CRDT replica + delta gossip + anti-entropy + SWIM.
+
+Theory of operation
+-------------------
+Every node holds a full replica (``State``: key -> LWW ``Register`` | PN-``Counter``) and
+answers reads and writes from it at any time (AP). Writes are delta-mutations stamped by a
+hybrid logical clock; replicas converge because every exchange is a CRDT join.
+
+Client writes. ``put``/``delete``/``increment`` apply a one-key delta to the replica and
+return a ``Write`` whose ``delta`` the shell must persist (fsync) BEFORE acknowledging the
+client. The shell must do that before its next call into the core.
+
+Outputs and persistence. ``tick`` and ``step`` queue outputs; ``take_outputs`` returns
+them. ``Outputs.to_persist`` (remote state merged into the replica) and
+``Outputs.collected`` (tombstones to remove) must be applied durably BEFORE sending
+``Outputs.messages``: a DeltasAck or an anti-entropy reply asserts the data is durable.
+
+Delta gossip. Every change (local or merged from a peer) appends its key to a delta log
+with a sequence number (a key appears once, at its latest sequence number). Every
+``gossip_interval_ms`` the node sends to ``fanout`` random live peers the current values
+of the keys logged after the peer's last ``DeltasAck`` (at most ``delta_batch_max`` keys
+per message). The log is pruned once every peer acked an entry and capped at
+``delta_log_max`` keys; a peer whose unacked entries were dropped is "behind" and gets the
+next anti-entropy round (which repairs everything).
+
+Anti-entropy. Every ``anti_entropy_interval_ms`` the node runs a push-pull round with one
+random live peer (a "behind" peer first): the two sides descend the Merkle tree (root,
+then the 16 children of each differing node, alternating ``AeRequest``/``AeResponse``)
+and then swap the entries of the differing leaves (``AeItems``), so both end with the join.
+Identical replicas exchange one root hash. At most ``ae_max_nodes`` differing nodes are
+followed per level, bounding the cost of one round; later rounds finish the job.
+
+Membership (SWIM with incarnation-number suspicion, as in Lifeguard/memberlist). Every
+``ping_interval_ms`` the node probes the next member of a shuffled round-robin: ``Ping``;
+no ``Ack`` within ``ping_timeout_ms`` -> ``PingReq`` through ``indirect_k`` other live
+members; still nothing by the end of the interval -> the member is suspected with its
+current incarnation. A suspect not refuted within ``suspicion_timeout_ms`` is dead. A node
+hearing it is suspect/dead refutes by bumping its incarnation (alive(i+1) overrides).
+Updates are piggybacked on pings/acks, each sent ``retransmit_mult * ceil(log2(n+1))``
+times. The static member list defines the cluster: dead members are still probed, once
+every ``dead_ping_every`` turns, and a probe to a suspect/dead member carries that verdict
+so the member (back after a crash or partition) refutes and rejoins on its own.
+Lifeguard's local-health multiplier and dogpile suspicion timeouts are not implemented.
+
+Tombstones. A delete writes a tombstone ``Register(ts, None)``. The node tracks which
+members hold each tombstone (a DeltasAck for a batch containing it, an entry equal to it
+received from a peer, or an equal Merkle root). A tombstone is collected when (a) every
+member holds it and it is older than ``tombstone_min_age_ms`` (in-flight messages older
+than that could resurrect data: the network delay bound assumed), or (b) it is older than
+``tombstone_grace_ms`` regardless. Rule (b) can resurrect a deleted value: a member that
+missed the tombstone for longer than the grace period (e.g. a long-dead node returning)
+still holds the old value and will spread it again. After collecting, the node remembers
+the tombstone in memory for ``2 * tombstone_min_age_ms`` and drops incoming entries it
+dominates (so slower peers do not re-insert it) while still acknowledging them.
+
+LWW accounting. ``stats.lww_overwrites`` counts, on the node that issued it, every own
+register write (put or delete, which is acknowledged once persisted) that is replaced in
+this replica by a merge of a write issued by another node. Timestamps cannot tell a
+concurrent overwrite from a causally later one, so this is an upper bound on writes lost
+to concurrency; a write replaced before it was persisted or after the node crashed is not
+counted. ``stats.type_conflict_overwrites`` counts own register writes replaced by a
+counter (type conflict; the counter wins).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gossip.crdt import (
+    INT64_MAX,
+    INT64_MIN,
+    Counter,
+    Register,
+    State,
+    Value,
+    WrongTypeError,
+    apply_delta,
+    delete_delta,
+    increment_delta,
+    put_delta,
+)
+from gossip.hlc import HLC, ClockDriftError, Timestamp
+from gossip.merkle import MerkleTree
+from gossip.messages import (
+    ALIVE,
+    DEAD,
+    SUSPECT,
+    Ack,
+    AeItems,
+    AeRequest,
+    AeResponse,
+    Deltas,
+    DeltasAck,
+    Entry,
+    Member,
+    Message,
+    Ping,
+    PingReq,
+    wire_size,
+)
+
+__all__ = [
+    "GossipConfig",
+    "GossipCore",
+    "MemberInfo",
+    "Outputs",
+    "Stats",
+    "ValueOutOfRangeError",
+    "Write",
+    "WrongTypeError",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    """Timing and size parameters. All durations in milliseconds."""
+
+    gossip_interval_ms: int = 100
+    fanout: int = 3
+    anti_entropy_interval_ms: int = 1000
+    ping_interval_ms: int = 200  # must exceed ping_timeout_ms
+    ping_timeout_ms: int = 100
+    indirect_k: int = 3
+    suspicion_timeout_ms: int = 1000
+    dead_ping_every: int = 5  # a dead member is probed once per this many of its turns
+    retransmit_mult: int = 3
+    max_piggyback: int = 8  # membership updates per ping/ack
+    tombstone_min_age_ms: int = 10_000  # also the assumed bound on message delay
+    tombstone_grace_ms: int = 7 * 24 * 3600 * 1000  # forced GC: may resurrect (see module doc)
+    delta_log_max: int = 10_000  # keys
+    delta_batch_max: int = 1_000  # keys per Deltas message
+    ae_max_nodes: int = 256  # differing tree nodes followed per level per round
+    merkle_depth: int = 4
+    max_drift_ms: int = 60_000
+
+
+class ValueOutOfRangeError(Exception):
+    """An increment would take a counter outside the int64 range."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Result of a client write: persist ``delta`` durably before acknowledging."""
+
+    key: str
+    ts: Timestamp  # HLC timestamp of the write (a counter increment also gets one)
+    delta: dict[str, Value]  # one-key state fragment to join into the durable state
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """Everything the shell must do; durably apply ``to_persist``/``collected`` first."""
+
+    messages: tuple[Message, ...]
+    to_persist: dict[str, Value]  # join each entry into the durable state
+    # Tombstones garbage-collected: remove key from the durable state if it still holds
+    # exactly ``Register(ts, None)``.
+    collected: tuple[tuple[str, Timestamp], ...]
+
+
+@dataclass(slots=True)
+class MemberInfo:
+    """This node's view of one member."""
+
+    state: str  # alive | suspect | dead
+    incarnation: int
+    since_ms: int  # when the state was last changed
+
+
+@dataclass(slots=True)
+class Stats:
+    """Monotone counters for the shell's Status."""
+
+    deltas_sent: int = 0  # Deltas messages
+    delta_entries_sent: int = 0
+    deltas_received: int = 0
+    delta_entries_received: int = 0
+    bytes_sent: int = 0  # wire_size estimate over every message
+    bytes_received: int = 0
+    ae_rounds_started: int = 0
+    ae_rounds_completed: int = 0
+    ae_items_sent: int = 0
+    ae_items_received: int = 0
+    lww_overwrites: int = 0
+    type_conflict_overwrites: int = 0
+    tombstones_collected: int = 0
+    tombstones_force_collected: int = 0  # by grace period (subset of the above)
+    clock_drift_rejections: int = 0
+    peers_fell_behind: int = 0
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: str
+    seq: int
+    start_ms: int
+    indirect_sent: bool = False
+    acked: bool = False
+
+
+@dataclass(slots=True)
+class _Relay:
+    requester: str
+    seq: int
+    target: str
+    expire_ms: int
+
+
+@dataclass(slots=True)
+class _Round:
+    peer: str
+    start_ms: int
+
+
+@dataclass(slots=True)
+class _Collected:
+    ts: Timestamp
+    expire_ms: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    member: Member
+    left: int
+
+
+@dataclass(slots=True)
+class _Out:
+    messages: list[Message] = field(default_factory=list)
+    persist: dict[str, Value] = field(default_factory=dict)
+    collected: list[tuple[str, Timestamp]] = field(default_factory=list)
+
+
+def _is_tombstone(v: Value | None) -> bool:
+    return isinstance(v, Register) and v.value is None
+
+
+class GossipCore:
+    """One replica of the AP store. Pure and synchronous; see the module docstring."""
+
+    def __init__(
+        self,
+        node_id: str,
+        members: Sequence[str],
+        config: GossipConfig,
+        rng: random.Random,
+        *,
+        state: State | None = None,
+        now_ms: int = 0,
+    ) -> None:
+        if config.ping_interval_ms <= config.ping_timeout_ms:
+            raise ValueError("ping_interval_ms must exceed ping_timeout_ms")
+        self.node_id = node_id
+        self.config = config
+        self._rng = rng
+        self._all = frozenset(members) | {node_id}
+        self._peers = sorted(self._all - {node_id})
+        self._state: dict[str, Value] = dict(state or {})
+        self._merkle = MerkleTree(config.merkle_depth)
+        self._merkle.update_many(self._state.items())
+        self._hlc = HLC(node_id, max_drift_ms=config.max_drift_ms)
+        regs = [v.ts for v in self._state.values() if isinstance(v, Register)]
+        if regs:
+            # Never reissue a timestamp below one already persisted (restart after crash).
+            self._hlc.observe(max(regs), now_ms)
+        self.stats = Stats()
+        # delta log: key -> seq of its latest change, in increasing seq order
+        self._log: dict[str, int] = {}
+        self._seq = 0
+        self._log_floor = 0  # entries with seq <= floor were dropped without every ack
+        self._acked: dict[str, int] = dict.fromkeys(self._peers, 0)
+        self._inflight: dict[str, dict[int, tuple[tuple[str, Timestamp], ...]]] = {
+            p: {} for p in self._peers
+        }
+        self._behind: set[str] = set()
+        # tombstones: key -> members known to hold it (or a newer value)
+        self._tomb: dict[str, set[str]] = {}
+        for k, v in self._state.items():
+            if _is_tombstone(v):
+                self._tomb[k] = {node_id}
+                self._log_key(k)  # push restored tombstones to learn who holds them
+        self._collected: dict[str, _Collected] = {}
+        # membership
+        self._incarnation = 0
+        self._members: dict[str, MemberInfo] = {
+            p: MemberInfo(ALIVE, 0, now_ms) for p in self._peers
+        }
+        self._pending: dict[str, _Pending] = {}
+        self._probe_order: list[str] = []
+        self._dead_skips: dict[str, int] = dict.fromkeys(self._peers, 0)
+        self._probe_seq = 0
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._rounds: dict[int, _Round] = {}
+        self.last_sync_ms: dict[str, int] = {}
+        # timers (jittered start so nodes do not run in lock-step)
+        self._next_gossip = now_ms + rng.randrange(config.gossip_interval_ms)
+        self._next_ae = now_ms + rng.randrange(config.anti_entropy_interval_ms)
+        self._next_ping = now_ms + rng.randrange(config.ping_interval_ms)
+        self._now = now_ms
+        self._out = _Out()
+
+    # ------------------------------------------------------------------ observability
+
+    def digest(self) -> bytes:
+        """Hash of the whole replica (Merkle root): equal iff states are equal."""
+        return self._merkle.root()
+
+    @property
+    def hlc_now(self) -> Timestamp:
+        """Latest HLC timestamp issued or observed (does not advance the clock)."""
+        return self._hlc.peek()
+
+    @property
+    def incarnation(self) -> int:
+        """This node's SWIM incarnation number."""
+        return self._incarnation
+
+    def member_states(self) -> dict[str, MemberInfo]:
+        """This node's view of every other member (copies)."""
+        return {p: MemberInfo(m.state, m.incarnation, m.since_ms) for p, m in self._members.items()}
+
+    def state(self) -> Mapping[str, Value]:
+        """Read-only view of the replica (do not mutate)."""
+        return self._state
+
+    def tombstone_count(self) -> int:
+        """Number of tombstones currently held."""
+        return len(self._tomb)
+
+    def get(self, key: str) -> Value | None:
+        """The local value of ``key``: None if never written (or its tombstone collected);
+        a ``Register`` with ``value is None`` if deleted."""
+        return self._state.get(key)
+
+    # ------------------------------------------------------------------ client writes
+
+    def put(self, key: str, value: bytes, now_ms: int) -> Write:
+        """LWW write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
+        ts = self._hlc.now(now_ms)
+        delta = put_delta(self._state, key, value, ts)
+        self._apply_local(delta, now_ms)
+        return Write(key, ts, delta)
+
+    def delete(self, key: str, now_ms: int) -> Write:
+        """Tombstone write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
+        ts = self._hlc.now(now_ms)
+        delta = delete_delta(self._state, key, ts)
+        self._apply_local(delta, now_ms)
+        return Write(key, ts, delta)
+
+    def increment(self, key: str, delta: int, now_ms: int) -> Write:
+        """Counter add (``delta`` may be negative). Raises ``WrongTypeError`` if ``key``
+        holds a register (also a tombstone) and ``ValueOutOfRangeError`` if the value would
+        leave int64."""
+        d = increment_delta(self._state, key, self.node_id, delta)
+        cur = self._state.get(key)
+        value = (cur.value if isinstance(cur, Counter) else 0) + delta
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueOutOfRangeError(f"counter {key!r} would become {value}")
+        ts = self._hlc.now(now_ms)
+        self._apply_local(d, now_ms)
+        return Write(key, ts, d)
+
+    def _apply_local(self, delta: dict[str, Value], now_ms: int) -> None:
+        self._now = max(self._now, now_ms)
+        res = apply_delta(self._state, delta.items())
+        for k, v in res.changed.items():
+            self._merkle.update(k, v)
+            self._log_key(k)
+            self._collected.pop(k, None)
+            if _is_tombstone(v):
+                self._tomb[k] = {self.node_id}
+            else:
+                self._tomb.pop(k, None)
+
+    # ------------------------------------------------------------------ outputs
+
+    def take_outputs(self) -> Outputs:
+        """Outputs queued since the last call. Persist, then send."""
+        out, self._out = self._out, _Out()
+        return Outputs(tuple(out.messages), out.persist, tuple(out.collected))
+
+    def _send(self, msg: Message) -> None:
+        self.stats.bytes_sent += wire_size(msg)
+        self._out.messages.append(msg)
+
+    # ------------------------------------------------------------------ delta log
+
+    def _log_key(self, key: str) -> None:
+        self._seq += 1
+        self._log.pop(key, None)
+        self._log[key] = self._seq
+        if len(self._log) > self.config.delta_log_max:
+            k0 = next(iter(self._log))
+            self._log_floor = max(self._log_floor, self._log.pop(k0))
+
+    def _prune_log(self) -> None:
+        if not self._peers:
+            self._log.clear()
+            return
+        low = min(self._acked.values())
+        while self._log:
+            k0 = next(iter(self._log))
+            if self._log[k0] > low:
+                break
+            del self._log[k0]
+
+    def _send_deltas(self, peer: str) -> None:
+        acked = self._acked[peer]
+        if acked < self._log_floor:
+            # entries this peer never acked were dropped: anti-entropy will repair it
+            self._acked[peer] = acked = self._log_floor
+            infl = self._inflight[peer]
+            for s in [s for s in infl if s <= acked]:
+                del infl[s]  # never acknowledged: do not count the peer as a holder
+            if peer not in self._behind:
+                self._behind.add(peer)
+                self.stats.peers_fell_behind += 1
+        pending: list[tuple[str, int]] = []
+        for k, s in reversed(self._log.items()):
+            if s <= acked:
+                break
+            pending.append((k, s))
+        if not pending:
+            return
+        pending.reverse()
+        batch = pending[: self.config.delta_batch_max]
+        entries = tuple((k, self._state[k]) for k, _ in batch)
+        seq = batch[-1][1]
+        tombs = tuple((k, v.ts) for k, v in entries if isinstance(v, Register) and v.value is None)
+        if tombs:
+            infl = self._inflight[peer]
+            infl[seq] = tombs
+            if len(infl) > 64:
+                del infl[min(infl)]
+        self.stats.deltas_sent += 1
+        self.stats.delta_entries_sent += len(entries)
+        self._send(Deltas(self.node_id, peer, entries, seq))
+
+    # ------------------------------------------------------------------ merging
+
+    def _merge_remote(self, entries: Iterable[Entry], src: str) -> None:
+        now = self._now
+        accepted: list[Entry] = []
+        max_ts: Timestamp | None = None
+        for k, v in entries:
+            if isinstance(v, Register):
+                col = self._collected.get(k)
+                if col is not None and v.ts <= col.ts and k not in self._state:
+                    continue  # dominated by a collected tombstone
+                if max_ts is None or v.ts > max_ts:
+                    max_ts = v.ts
+            accepted.append((k, v))
+        if max_ts is not None:
+            try:
+                self._hlc.update(max_ts, now)
+            except ClockDriftError:
+                self.stats.clock_drift_rejections += 1
+        res = apply_delta(self._state, accepted)
+        for k, new in res.changed.items():
+            self._merkle.update(k, new)
+            self._log_key(k)
+            self._out.persist[k] = new
+            self._collected.pop(k, None)
+            if _is_tombstone(new):
+                self._tomb[k] = {self.node_id, src}
+            else:
+                self._tomb.pop(k, None)
+        for k, old in res.overwritten:
+            new = self._state[k]
+            if (
+                old.ts.node == self.node_id
+                and isinstance(new, Register)
+                and new.ts.node != self.node_id
+                and res.old.get(k) == old
+            ):
+                self.stats.lww_overwrites += 1
+        for _k, old in res.type_lost:
+            if old.ts.node == self.node_id:
+                self.stats.type_conflict_overwrites += 1
+        for k, v in accepted:
+            holders = self._tomb.get(k)
+            if holders is not None and self._state.get(k) == v:
+                holders.add(src)
+
+    # ------------------------------------------------------------------ step / tick
+
+    def step(self, msg: Message, now_ms: int) -> None:
+        """Handle one incoming message (duplicates and stale messages are harmless)."""
+        self._now = max(self._now, now_ms)
+        self.stats.bytes_received += wire_size(msg)
+        if msg.to != self.node_id or msg.frm not in self._all or msg.frm == self.node_id:
+            return
+        if isinstance(msg, Deltas):
+            self._on_deltas(msg)
+        elif isinstance(msg, DeltasAck):
+            self._on_deltas_ack(msg)
+        elif isinstance(msg, AeRequest | AeResponse):
+            self._on_ae_hashes(msg)
+        elif isinstance(msg, AeItems):
+            self._on_ae_items(msg)
+        elif isinstance(msg, Ping):
+            self._on_ping(msg)
+        elif isinstance(msg, PingReq):
+            self._on_ping_req(msg)
+        else:
+            self._on_ack(msg)
+
+    def tick(self, now_ms: int) -> None:
+        """Advance timers to ``now_ms`` (call at least every ``ping_timeout_ms / 2``)."""
+        self._now = now = max(self._now, now_ms)
+        cfg = self.config
+        self._swim_tick(now)
+        if now >= self._next_gossip:
+            self._next_gossip = now + cfg.gossip_interval_ms
+            live = self._live_peers()
+            for p in self._rng.sample(live, min(cfg.fanout, len(live))):
+                self._send_deltas(p)
+        if now >= self._next_ae:
+            self._next_ae = now + cfg.anti_entropy_interval_ms
+            self._start_ae(now)
+            self._gc_tombstones(now)
+
+    def _live_peers(self) -> list[str]:
+        return [p for p in self._peers if self._members[p].state != DEAD]
+
+    # ------------------------------------------------------------------ delta handlers
+
+    def _on_deltas(self, msg: Deltas) -> None:
+        self.stats.deltas_received += 1
+        self.stats.delta_entries_received += len(msg.entries)
+        self._merge_remote(msg.entries, msg.frm)
+        self.last_sync_ms[msg.frm] = self._now
+        self._send(DeltasAck(self.node_id, msg.frm, msg.seq))
+
+    def _on_deltas_ack(self, msg: DeltasAck) -> None:
+        p = msg.frm
+        if msg.seq > self._acked[p]:
+            self._acked[p] = msg.seq
+        infl = self._inflight[p]
+        for s in [s for s in infl if s <= msg.seq]:
+            for k, ts in infl.pop(s):
+                holders = self._tomb.get(k)
+                v = self._state.get(k)
+                if holders is not None and isinstance(v, Register) and v.ts == ts:
+                    holders.add(p)
+        self.last_sync_ms[p] = self._now
+        self._prune_log()
+
+    # ------------------------------------------------------------------ anti-entropy
+
+    def start_anti_entropy(self, now_ms: int, peer: str | None = None) -> None:
+        """Start an anti-entropy round now (with ``peer``, or as the timer would)."""
+        self._now = max(self._now, now_ms)
+        self._start_ae(self._now, peer)
+
+    def _start_ae(self, now: int, peer: str | None = None) -> None:
+        for r in [r for r, x in self._rounds.items() if now - x.start_ms > 5 * self._ae_timeout()]:
+            del self._rounds[r]
+        if peer is None:
+            behind = [
+                p for p in self._peers if p in self._behind and self._members[p].state != DEAD
+            ]
+            live = behind or self._live_peers()
+            if not live:
+                return
+            peer = self._rng.choice(live)
+        elif peer not in self._members:
+            raise ValueError(f"unknown peer {peer!r}")
+        rnd = self._rng.getrandbits(62)
+        self._rounds[rnd] = _Round(peer, now)
+        self.stats.ae_rounds_started += 1
+        self._send(AeRequest(self.node_id, peer, rnd, 0, (0,), (self._merkle.root(),)))
+
+    def _ae_timeout(self) -> int:
+        return self.config.anti_entropy_interval_ms
+
+    def _round_done(self, rnd: int, peer: str) -> None:
+        r = self._rounds.get(rnd)
+        if r is not None and r.peer == peer:
+            del self._rounds[rnd]
+            self.stats.ae_rounds_completed += 1
+            self.last_sync_ms[peer] = self._now
+            self._behind.discard(peer)
+
+    def _on_ae_hashes(self, msg: AeRequest | AeResponse) -> None:
+        reply_cls = AeResponse if isinstance(msg, AeRequest) else AeRequest
+        if not msg.indices:
+            self._round_done(msg.round, msg.frm)
+            return
+        depth = self._merkle.depth
+        if not 0 <= msg.level <= depth or len(msg.indices) != len(msg.hashes):
+            return
+        limit = 16**msg.level
+        diff = [
+            i
+            for i, h in zip(msg.indices, msg.hashes, strict=True)
+            if 0 <= i < limit and self._merkle.node_hash(msg.level, i) != h
+        ][: self.config.ae_max_nodes]
+        if not diff:
+            if msg.level == 0:
+                for holders in self._tomb.values():  # peer holds exactly what we hold
+                    holders.add(msg.frm)
+            self._round_done(msg.round, msg.frm)
+            self._send(reply_cls(self.node_id, msg.frm, msg.round, msg.level, (), ()))
+            return
+        if msg.level == depth:
+            items = tuple(self._leaf_entries(diff))
+            self.stats.ae_items_sent += len(items)
+            self._send(AeItems(self.node_id, msg.frm, msg.round, tuple(diff), items, True))
+            return
+        idx: list[int] = []
+        hashes: list[bytes] = []
+        for i in diff:
+            for c, h in self._merkle.children_hashes(msg.level, i):
+                idx.append(c)
+                hashes.append(h)
+        self._send(
+            reply_cls(self.node_id, msg.frm, msg.round, msg.level + 1, tuple(idx), tuple(hashes))
+        )
+
+    def _leaf_entries(self, leaves: Iterable[int]) -> list[Entry]:
+        out: list[Entry] = []
+        for leaf in leaves:
+            for k in sorted(self._merkle.leaf_keys(leaf)):
+                out.append((k, self._state[k]))
+        return out
+
+    def _on_ae_items(self, msg: AeItems) -> None:
+        self.stats.ae_items_received += len(msg.items)
+        self._merge_remote(msg.items, msg.frm)
+        if not msg.reply:
+            self._round_done(msg.round, msg.frm)
+            return
+        limit = 16**self._merkle.depth
+        leaves = [i for i in msg.leaves if 0 <= i < limit]
+        got = dict(msg.items)
+        back: list[Entry] = [(k, v) for k, v in self._leaf_entries(leaves) if got.get(k) != v]
+        # tell the sender about tombstones we collected that dominate what it sent
+        for k, v in got.items():
+            col = self._collected.get(k)
+            if k not in self._state and col is not None and isinstance(v, Register):
+                back.append((k, Register(col.ts, None)))
+        self.stats.ae_items_sent += len(back)
+        self._round_done(msg.round, msg.frm)
+        self._send(AeItems(self.node_id, msg.frm, msg.round, tuple(leaves), tuple(back), False))
+
+    # ------------------------------------------------------------------ tombstone GC
+
+    def _gc_tombstones(self, now: int) -> None:
+        cfg = self.config
+        for k in [k for k, c in self._collected.items() if c.expire_ms <= now]:
+            del self._collected[k]
+        clock = max(now, self._hlc.peek().wall_ms)
+        for k, holders in list(self._tomb.items()):
+            v = self._state[k]
+            assert isinstance(v, Register)
+            age = clock - v.ts.wall_ms
+            forced = age >= cfg.tombstone_grace_ms
+            if not forced and not (age >= cfg.tombstone_min_age_ms and holders >= self._all):
+                continue
+            del self._state[k]
+            del self._tomb[k]
+            self._log.pop(k, None)
+            self._merkle.update(k, None)
+            self._collected[k] = _Collected(v.ts, now + 2 * cfg.tombstone_min_age_ms)
+            self._out.collected.append((k, v.ts))
+            self.stats.tombstones_collected += 1
+            if forced:
+                self.stats.tombstones_force_collected += 1
+
+    # ------------------------------------------------------------------ SWIM
+
+    def _gossip_updates(self, extra: Member | None = None) -> tuple[Member, ...]:
+        chosen = sorted(self._pending.values(), key=lambda p: -p.left)[: self.config.max_piggyback]
+        out = []
+        for p in chosen:
+            out.append(p.member)
+            p.left -= 1
+            if p.left <= 0:
+                del self._pending[p.member.node]
+        if extra is not None and all(m.node != extra.node for m in out):
+            out.append(extra)
+        return tuple(out)
+
+    def _enqueue(self, m: Member) -> None:
+        n = len(self._all)
+        self._pending[m.node] = _Pending(
+            m, self.config.retransmit_mult * math.ceil(math.log2(n + 1))
+        )
+
+    def _verdict(self, node: str) -> Member | None:
+        """The member's own suspect/dead status, sent to it so it can refute."""
+        info = self._members.get(node)
+        if info is None or info.state == ALIVE:
+            return None
+        return Member(node, info.state, info.incarnation)
+
+    def _apply_member(self, m: Member) -> None:
+        if m.node == self.node_id:
+            if m.state != ALIVE and m.incarnation >= self._incarnation:
+                self._incarnation = m.incarnation + 1
+                self._enqueue(Member(self.node_id, ALIVE, self._incarnation))
+            return
+        info = self._members.get(m.node)
+        if info is None:
+            return
+        i, j = m.incarnation, info.incarnation
+        if m.state == ALIVE:
+            wins = i > j
+        elif m.state == SUSPECT:
+            wins = (info.state == ALIVE and i >= j) or (info.state != ALIVE and i > j)
+        elif m.state == DEAD:
+            wins = (info.state != DEAD and i >= j) or (info.state == DEAD and i > j)
+        else:
+            return
+        if not wins:
+            return
+        if info.state != m.state:
+            info.since_ms = self._now
+        info.state, info.incarnation = m.state, i
+        self._enqueue(m)
+
+    def _apply_updates(self, updates: Iterable[Member]) -> None:
+        for m in updates:
+            self._apply_member(m)
+
+    def _next_target(self) -> str | None:
+        for _ in range(2 * len(self._peers) + 1):
+            if not self._probe_order:
+                self._probe_order = list(self._peers)
+                self._rng.shuffle(self._probe_order)
+                if not self._probe_order:
+                    return None
+            p = self._probe_order.pop()
+            if self._members[p].state == DEAD:
+                self._dead_skips[p] += 1
+                if self._dead_skips[p] < self.config.dead_ping_every:
+                    continue
+                self._dead_skips[p] = 0
+            return p
+        return None
+
+    def _swim_tick(self, now: int) -> None:
+        cfg = self.config
+        pr = self._probe
+        if pr is not None and not pr.acked:
+            target = self._members[pr.target]
+            if not pr.indirect_sent and now >= pr.start_ms + cfg.ping_timeout_ms:
+                pr.indirect_sent = True
+                if target.state != DEAD:
+                    helpers = [p for p in self._live_peers() if p != pr.target]
+                    for h in self._rng.sample(helpers, min(cfg.indirect_k, len(helpers))):
+                        self._send(
+                            PingReq(self.node_id, h, pr.seq, pr.target, self._gossip_updates())
+                        )
+            if now >= pr.start_ms + cfg.ping_interval_ms:
+                self._probe = None
+                if target.state == ALIVE:
+                    self._apply_member(Member(pr.target, SUSPECT, target.incarnation))
+        for p, info in self._members.items():
+            if info.state == SUSPECT and now - info.since_ms >= cfg.suspicion_timeout_ms:
+                self._apply_member(Member(p, DEAD, info.incarnation))
+        for s in [s for s, r in self._relays.items() if r.expire_ms <= now]:
+            del self._relays[s]
+        if now >= self._next_ping:
+            self._next_ping = now + cfg.ping_interval_ms
+            target_id = self._next_target()
+            if target_id is not None:
+                self._probe_seq += 1
+                self._probe = _Probe(target_id, self._probe_seq, now)
+                self._send(
+                    Ping(
+                        self.node_id,
+                        target_id,
+                        self._probe_seq,
+                        self._incarnation,
+                        self._gossip_updates(self._verdict(target_id)),
+                    )
+                )
+
+    def _on_ping(self, msg: Ping) -> None:
+        self._apply_updates(msg.gossip_updates)
+        self._apply_member(Member(msg.frm, ALIVE, msg.incarnation))
+        self._send(
+            Ack(
+                self.node_id,
+                msg.frm,
+                msg.seq,
+                self.node_id,
+                self._incarnation,
+                self._gossip_updates(self._verdict(msg.frm)),
+            )
+        )
+
+    def _on_ping_req(self, msg: PingReq) -> None:
+        self._apply_updates(msg.gossip_updates)
+        if msg.target not in self._members:
+            return
+        self._probe_seq += 1
+        self._relays[self._probe_seq] = _Relay(
+            msg.frm, msg.seq, msg.target, self._now + self.config.ping_interval_ms
+        )
+        self._send(
+            Ping(
+                self.node_id,
+                msg.target,
+                self._probe_seq,
+                self._incarnation,
+                self._gossip_updates(self._verdict(msg.target)),
+            )
+        )
+
+    def _on_ack(self, msg: Ack) -> None:
+        self._apply_updates(msg.gossip_updates)
+        if msg.node in self._members:
+            self._apply_member(Member(msg.node, ALIVE, msg.incarnation))
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None and relay.target == msg.node:
+            self._send(
+                Ack(
+                    self.node_id,
+                    relay.requester,
+                    relay.seq,
+                    msg.node,
+                    msg.incarnation,
+                    self._gossip_updates(),
+                )
+            )
+            return
+        pr = self._probe
+        if pr is not None and pr.seq == msg.seq and pr.target == msg.node:
+            pr.acked = True

@@ -1,0 +1,314 @@
+"""GossipCore: client ops, membership (SWIM), anti-entropy cost, tombstone GC, accounting."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError
+from gossip.crdt import Counter, Register, Value, WrongTypeError
+from gossip.hlc import Timestamp
+from gossip.messages import (
+    ALIVE,
+    DEAD,
+    SUSPECT,
+    Ack,
+    AeItems,
+    AeRequest,
+    AeResponse,
+    Member,
+    Message,
+    Ping,
+    PingReq,
+    wire_size,
+)
+from gossip.sim import Sim
+
+QUIET = GossipConfig(  # no timers fire during the direct tests below
+    gossip_interval_ms=10**9,
+    anti_entropy_interval_ms=10**9,
+    ping_interval_ms=10**9,
+    ping_timeout_ms=10**9 - 1,
+)
+
+
+def core(node: str = "a", members: tuple[str, ...] = ("a", "b"), **kw: object) -> GossipCore:
+    state = kw.pop("state", None)
+    cfg = kw.pop("config", QUIET)
+    assert isinstance(cfg, GossipConfig)
+    return GossipCore(node, members, cfg, random.Random(1), state=state, now_ms=0)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- client ops
+
+
+def test_writes_return_delta_and_typed_errors() -> None:
+    c = core()
+    w = c.put("k", b"v", 100)
+    assert w.delta == {"k": Register(w.ts, b"v")} and w.ts.node == "a"
+    assert c.get("k") == Register(w.ts, b"v")
+    w2 = c.delete("k", 100)
+    assert w2.ts > w.ts and c.get("k") == Register(w2.ts, None)
+    with pytest.raises(WrongTypeError) as e:
+        c.increment("k", 1, 100)  # a tombstoned register key stays a register
+    assert e.value.actual == "register" and e.value.key == "k"
+    w3 = c.increment("n", 5, 100)
+    assert w3.delta == {"n": Counter({"a": 5}, {})}
+    c.increment("n", -7, 100)
+    got = c.get("n")
+    assert isinstance(got, Counter) and got.value == -2
+    with pytest.raises(WrongTypeError) as e:
+        c.put("n", b"x", 100)
+    assert e.value.actual == "counter"
+    with pytest.raises(WrongTypeError):
+        c.delete("n", 100)
+    with pytest.raises(ValueOutOfRangeError):
+        c.increment("n", 2**63 + 5, 100)
+    got = c.get("n")
+    assert isinstance(got, Counter) and got.value == -2  # unchanged
+
+
+def test_restart_never_reissues_older_timestamps() -> None:
+    old = Timestamp(50_000, 3, "a")
+    c = core(state={"k": Register(old, b"x")})
+    assert c.put("k2", b"y", 10).ts > old  # physical clock far behind the persisted write
+
+
+# ---------------------------------------------------------------------------- anti-entropy
+
+AE = (AeRequest, AeResponse, AeItems)
+
+
+def _exchange(a: GossipCore, b: GossipCore) -> tuple[int, int]:
+    """One anti-entropy round a -> b, delivered reliably. Returns (bytes, messages)."""
+    a.start_anti_entropy(0, b.node_id)
+    queue: list[Message] = list(a.take_outputs().messages)
+    total = count = 0
+    while queue:
+        m = queue.pop(0)
+        assert isinstance(m, AE)
+        total += wire_size(m)
+        count += 1
+        dst = a if m.to == a.node_id else b
+        dst.step(m, 0)
+        queue += dst.take_outputs().messages
+    return total, count
+
+
+N_KEYS = 100_000
+
+
+@pytest.fixture(scope="module")
+def big_state() -> dict[str, Value]:
+    return {
+        f"key-{i:06d}": Register(Timestamp(1000 + i, 0, "a"), b"value-%d" % i)
+        for i in range(N_KEYS)
+    }
+
+
+def _ae_cost(base: dict[str, Value], d: int) -> int:
+    other = dict(base)
+    for i in random.Random(d).sample(range(N_KEYS), d):
+        other[f"key-{i:06d}"] = Register(Timestamp(10**7, i, "b"), b"new")
+    a = core("a", state=base)
+    b = core("b", state=other)
+    total = 0
+    for _ in range(20):
+        if a.digest() == b.digest():
+            break
+        total += _exchange(a, b)[0]
+    assert a.digest() == b.digest()
+    assert dict(a.state()) == dict(b.state()) == {**base, **other}
+    return total
+
+
+def test_anti_entropy_cost(big_state: dict[str, Value]) -> None:
+    a = core("a", state=big_state)
+    b = core("b", state=dict(big_state))
+    nbytes, nmsgs = _exchange(a, b)
+    assert nmsgs == 2 and nbytes <= 1024  # root hash + "in sync"
+    depth = a.config.merkle_depth
+    per_key = depth * 16 * 26 + 400  # 16 child (index, hash) pairs per level + leaf items
+    cost10 = _ae_cost(big_state, 10)
+    cost1000 = _ae_cost(big_state, 1000)
+    assert cost10 <= 10 * per_key + 1024
+    assert cost1000 <= 1000 * per_key + 1024
+    full = sum(wire_size(AeItems("a", "b", 0, (), ((k, v),), False)) for k, v in big_state.items())
+    print(f"anti-entropy bytes: identical={nbytes} d=10: {cost10} d=1000: {cost1000} full={full}")
+    assert cost1000 * 8 < full  # 1% of the keys differ: far less than shipping the state
+    assert cost10 * 30 < cost1000 < cost10 * 120  # ~linear in d (times log n), not in n
+
+
+# ---------------------------------------------------------------------------- membership
+
+
+class CountingSim(Sim):
+    """Sim that counts sent message types."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        self.sent: dict[str, int] = {}
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+
+    def _send(self, msg: Message) -> None:
+        name = type(msg).__name__
+        self.sent[name] = self.sent.get(name, 0) + 1
+        super()._send(msg)
+
+
+def _view(sim: Sim, observer: str, node: str) -> tuple[str, int]:
+    c = sim.cores[observer]
+    assert c is not None
+    m = c.member_states()[node]
+    return m.state, m.incarnation
+
+
+def test_crash_suspect_dead_then_rejoin() -> None:
+    sim = Sim(7, 3, max_skew_ms=0)
+    sim.advance(1000)
+    assert all(_view(sim, o, n) == (ALIVE, 0) for o in sim.nodes for n in sim.nodes if o != n)
+    sim.crash("n2")
+    seen: list[str] = []
+    for _ in range(200):
+        sim.advance(25)
+        st = _view(sim, "n0", "n2")[0]
+        if not seen or seen[-1] != st:
+            seen.append(st)
+        if st == DEAD and _view(sim, "n1", "n2")[0] == DEAD:
+            break
+    assert seen == [ALIVE, SUSPECT, DEAD]
+    sim.advance(3000)
+    assert _view(sim, "n0", "n2")[0] == DEAD  # no false revival while it is down
+    sim.restart("n2")
+    sim.advance(5000)  # dead members are still probed (at a low rate)
+    for o in ("n0", "n1"):
+        state, inc = _view(sim, o, "n2")
+        assert state == ALIVE and inc >= 1  # n2 refuted its death by bumping its incarnation
+    restarted = sim.cores["n2"]
+    assert restarted is not None and restarted.incarnation >= 1
+    assert all(_view(sim, "n2", n)[0] == ALIVE for n in ("n0", "n1"))
+
+
+def test_indirect_ping_keeps_member_alive() -> None:
+    sim = CountingSim(3, 3, max_skew_ms=0)
+    sim.advance(500)
+    sim.blocked = {frozenset(("n0", "n1"))}  # n0 and n1 only reach each other through n2
+    for _ in range(200):
+        sim.advance(25)
+        assert _view(sim, "n0", "n1")[0] == ALIVE
+        assert _view(sim, "n1", "n0")[0] == ALIVE
+    assert sim.sent.get("PingReq", 0) > 0
+    # without a relay the member is suspected and then declared dead
+    sim.blocked = {frozenset(("n0", "n1")), frozenset(("n2", "n1"))}
+    sim.advance(3000)
+    assert _view(sim, "n0", "n1")[0] == DEAD and _view(sim, "n2", "n1")[0] == DEAD
+
+
+def test_refute_suspicion_with_higher_incarnation() -> None:
+    c = core("a", ("a", "b", "c"))
+    c.step(Ping("b", "a", 9, 0, (Member("a", SUSPECT, 0),)), 0)
+    assert c.incarnation == 1
+    (ack,) = c.take_outputs().messages
+    assert isinstance(ack, Ack) and ack.seq == 9 and ack.node == "a" and ack.incarnation == 1
+    assert Member("a", ALIVE, 1) in ack.gossip_updates
+    # stale suspicion (older incarnation) is ignored
+    c.step(Ping("b", "a", 10, 0, (Member("a", DEAD, 0),)), 0)
+    assert c.incarnation == 1
+    # a suspicion of another member is overridden only by a higher incarnation
+    c.step(Ping("b", "a", 11, 0, (Member("c", SUSPECT, 0),)), 0)
+    assert c.member_states()["c"].state == SUSPECT
+    c.step(Ping("b", "a", 12, 0, (Member("c", ALIVE, 0),)), 0)
+    assert c.member_states()["c"].state == SUSPECT
+    c.step(Ping("b", "a", 13, 0, (Member("c", ALIVE, 1),)), 0)
+    assert c.member_states()["c"].state == ALIVE
+
+
+def test_ping_req_relays_ack() -> None:
+    c = core("b", ("a", "b", "c"))
+    c.step(PingReq("a", "b", 42, "c", ()), 0)
+    (ping,) = c.take_outputs().messages
+    assert isinstance(ping, Ping) and ping.to == "c"
+    c.step(Ack("c", "b", ping.seq, "c", 0, ()), 0)
+    (fwd,) = c.take_outputs().messages
+    assert isinstance(fwd, Ack) and fwd.to == "a" and fwd.seq == 42 and fwd.node == "c"
+
+
+# ---------------------------------------------------------------------------- tombstones
+
+
+def test_tombstone_gc_only_after_all_members_have_it() -> None:
+    cfg = GossipConfig(tombstone_min_age_ms=500, merkle_depth=2)
+    sim = Sim(11, 3, cfg, max_skew_ms=0)
+    sim.client_op("n0", "put", "k", value=b"v")
+    assert sim.wait_converged(5000) is not None
+    sim.crash("n2")
+    sim.client_op("n0", "delete", "k")
+    sim.advance(5000)
+    for n in ("n0", "n1"):
+        c = sim.cores[n]
+        assert c is not None and c.tombstone_count() == 1 and c.stats.tombstones_collected == 0
+        assert "k" in sim.durable[n]
+    sim.restart("n2")
+    assert sim.wait_converged(10_000) is not None
+    sim.advance(3000)
+    assert sim.wait_converged(10_000) is not None
+    for n in sim.nodes:
+        c = sim.cores[n]
+        assert c is not None and c.get("k") is None and c.tombstone_count() == 0
+        assert c.stats.tombstones_collected == 1 and c.stats.tombstones_force_collected == 0
+        assert "k" not in sim.durable[n]
+    assert not sim.check()
+
+
+def test_tombstone_grace_period_forces_gc() -> None:
+    cfg = GossipConfig(tombstone_min_age_ms=500, tombstone_grace_ms=2000, merkle_depth=2)
+    sim = Sim(12, 3, cfg, max_skew_ms=0)
+    sim.client_op("n0", "put", "k", value=b"v")
+    assert sim.wait_converged(5000) is not None
+    sim.crash("n2")
+    sim.client_op("n0", "delete", "k")
+    sim.advance(4000)
+    c = sim.cores["n0"]
+    assert c is not None and c.get("k") is None and c.stats.tombstones_force_collected == 1
+
+
+# ---------------------------------------------------------------------------- accounting
+
+
+def test_lww_overwrite_and_type_conflict_accounting() -> None:
+    sim = Sim(5, 2, max_skew_ms=0)
+    sim.blocked = {frozenset(("n0", "n1"))}
+    sim.client_op("n0", "put", "k", value=b"first")
+    sim.advance(50)
+    sim.client_op("n1", "put", "k", value=b"second")  # concurrent, larger HLC timestamp
+    sim.client_op("n0", "put", "t", value=b"reg")
+    sim.client_op("n1", "increment", "t", delta=3)
+    sim.advance(2000)
+    sim.heal()
+    assert sim.wait_converged(10_000) is not None
+    a, b = sim.cores["n0"], sim.cores["n1"]
+    assert a is not None and b is not None
+    got = a.get("k")
+    assert isinstance(got, Register) and got.value == b"second"
+    assert a.stats.lww_overwrites == 1 and b.stats.lww_overwrites == 0
+    t = a.get("t")
+    assert isinstance(t, Counter) and t.value == 3  # type conflict: the counter wins
+    assert a.stats.type_conflict_overwrites == 1 and b.stats.type_conflict_overwrites == 0
+    assert a.digest() == b.digest()
+
+
+def test_peer_too_far_behind_falls_back_to_anti_entropy() -> None:
+    cfg = GossipConfig(delta_log_max=4, merkle_depth=2)
+    sim = Sim(6, 3, cfg, max_skew_ms=0)
+    sim.advance(500)
+    sim.blocked = {frozenset(("n0", "n2")), frozenset(("n1", "n2"))}
+    for i in range(30):
+        sim.client_op("n0", "put", f"k{i}", value=b"%d" % i)
+        sim.advance(25)
+    sim.heal()
+    assert sim.wait_converged(10_000) is not None
+    c = sim.cores["n0"]
+    assert c is not None and c.stats.peers_fell_behind >= 1
+    assert not sim.check()
+    n2 = sim.cores["n2"]
+    assert n2 is not None and len(n2.state()) == 30
