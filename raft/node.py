@@ -73,7 +73,7 @@ from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import MAX_MESSAGE_BYTES, RequestId
 from raft.codec import from_pb, to_pb
 from raft.core import RaftConfig, RaftCore, Ready, Role
-from raft.messages import EntryKind, InstallSnapshot, Message, Snapshot, SnapshotMeta
+from raft.messages import EntryKind, HardState, InstallSnapshot, Message, Snapshot, SnapshotMeta
 from raft.statemachine import OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine
 from raft.storage import RaftStorage
 
@@ -329,6 +329,8 @@ class RaftBackend:
         self._stopping = False
         self._was_leader = False
         self._compacting = False
+        self._durable_hs = HardState(0, None, 0)
+        self._lazy_hs: HardState | None = None
 
     @property
     def core(self) -> RaftCore:
@@ -342,6 +344,7 @@ class RaftBackend:
     async def start(self, server: grpc.aio.Server) -> None:
         self.storage = RaftStorage(self.config.data_dir)
         hs, snap, entries = await self._disk_call(self.storage.load)
+        self._durable_hs = hs
         if snap is not None:
             self.sm.restore(snap.data)
         cfg = RaftConfig(
@@ -403,6 +406,8 @@ class RaftBackend:
         for link in self.links.values():
             await link.close()
         self._fail_all(errors.Unavailable("node is shutting down; not applied"))
+        if self.storage is not None and self._lazy_hs is not None:
+            await self._disk_call(self.storage.save, self._lazy_hs)
         self._disk.shutdown(wait=True)
         if self.storage is not None:
             self.storage.close()
@@ -464,10 +469,26 @@ class RaftBackend:
                     rf.set_exception(self._not_leader_reason())
 
     async def _process(self, rd: Ready) -> None:
-        if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+        hs = rd.hard_state
+        durable = self._durable_hs
+        if (
+            hs is not None
+            and not rd.entries
+            and rd.snapshot is None
+            and (hs.term, hs.vote) == (durable.term, durable.vote)
+        ):
+            # Only the commit index moved: it need not be durable before anything (a
+            # restarted node learns it again from the leader), so it rides along with
+            # the next write instead of costing an fsync on the commit path.
+            self._lazy_hs, hs = hs, None
+        elif hs is None and (rd.entries or rd.snapshot is not None):
+            hs = self._lazy_hs
+        if rd.snapshot is not None or rd.entries or hs is not None:
             assert self.storage is not None
-            await self._disk_call(self.storage.save, rd.hard_state, rd.entries, rd.snapshot)
+            await self._disk_call(self.storage.save, hs, rd.entries, rd.snapshot)
             self.counters["fsyncs"] += 1
+            if hs is not None:
+                self._durable_hs, self._lazy_hs = hs, None
         for m in rd.messages:
             link = self.links.get(m.to)
             if link is not None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,81 +12,131 @@ def ents(first: int, last: int, term: int) -> list[Entry]:
     return [Entry(term, i, EntryKind.COMMAND, f"e{i}".encode()) for i in range(first, last + 1)]
 
 
+def reopen(path: Path) -> tuple[HardState, Snapshot | None, list[Entry]]:
+    s = RaftStorage(path)
+    try:
+        return s.load()
+    finally:
+        s.close()
+
+
 def test_roundtrip_and_suffix_overwrite(tmp_path: Path) -> None:
     s = RaftStorage(tmp_path)
+    s.load()
     s.save(HardState(1, "n1", 0), ents(1, 5, 1))
     s.save(HardState(2, "n2", 3), ents(4, 6, 2))  # conflicting suffix from index 4
     s.close()
-    hs, snap, log = RaftStorage(tmp_path).load()
+    hs, snap, log = reopen(tmp_path)
     assert hs == HardState(2, "n2", 3)
     assert snap is None
     assert [(e.index, e.term) for e in log] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    assert log[3].data == b"e4"
+
+
+def test_truncation_to_a_shorter_log(tmp_path: Path) -> None:
+    s = RaftStorage(tmp_path)
+    s.load()
+    s.save(HardState(1, None, 0), ents(1, 5, 1))
+    s.save(HardState(2, None, 0), ents(2, 2, 2))
+    s.close()
+    assert [(e.index, e.term) for e in reopen(tmp_path)[2]] == [(1, 1), (2, 2)]
 
 
 def test_compaction_keeps_snapshot_and_tail(tmp_path: Path) -> None:
     s = RaftStorage(tmp_path)
+    s.load()
     s.save(HardState(1, None, 8), ents(1, 10, 1))
     s.compact(Snapshot(SnapshotMeta(8, 1), b"state@8"))
-    _hs, snap, log = s.load()
+    s.save(None, ents(11, 11, 1))
+    s.close()
+    hs, snap, log = reopen(tmp_path)
     assert snap == Snapshot(SnapshotMeta(8, 1), b"state@8")
-    assert [e.index for e in log] == [9, 10]
+    assert [e.index for e in log] == [9, 10, 11]
+    assert hs.commit == 8
 
 
-def test_received_snapshot_replaces_covered_entries(tmp_path: Path) -> None:
+def test_received_snapshot_replaces_the_log(tmp_path: Path) -> None:
     s = RaftStorage(tmp_path)
+    s.load()
     s.save(HardState(1, None, 0), ents(1, 3, 1))
     s.save(HardState(3, None, 20), snapshot=Snapshot(SnapshotMeta(20, 3), b"s"))
-    _hs, snap, log = s.load()
+    s.save(None, ents(21, 22, 3))
+    s.close()
+    hs, snap, log = reopen(tmp_path)
     assert snap is not None and snap.meta.index == 20
-    assert log == []
+    assert [e.index for e in log] == [21, 22]
 
 
-@pytest.mark.parametrize("column", ["data", "term"])
-def test_corrupt_entry_is_refused(tmp_path: Path, column: str) -> None:
+def test_crash_between_snapshot_and_log_rewrite(tmp_path: Path) -> None:
     s = RaftStorage(tmp_path)
+    s.load()
+    s.save(HardState(2, None, 3), ents(1, 3, 1) + ents(4, 6, 2))
+    s._write_snapshot(Snapshot(SnapshotMeta(5, 3), b"other history"))  # then "crash"
+    s.close()
+    _, snap, log = reopen(tmp_path)
+    assert snap is not None and log == []  # entry 5 had term 2, not 3: drop the tail too
+
+
+def test_torn_tail_is_dropped_not_applied(tmp_path: Path) -> None:
+    s = RaftStorage(tmp_path)
+    s.load()
     s.save(HardState(1, None, 2), ents(1, 3, 1))
     s.close()
-    db = sqlite3.connect(tmp_path / "raft.sqlite3")
-    value = "X'00'" if column == "data" else "7"
-    db.execute(f"UPDATE log SET {column} = {value} WHERE idx = 3")
-    db.commit()
-    db.close()
-    with pytest.raises(CorruptStorageError, match="entry 3 fails its checksum"):
-        RaftStorage(tmp_path).load()
-
-
-def test_corrupt_hard_state_is_refused(tmp_path: Path) -> None:
+    size = (tmp_path / "raft.log").stat().st_size
+    with open(tmp_path / "raft.log", "ab") as f:
+        f.write(b"\x00\x00\x01\x00\xde\xad")  # a torn record header + partial payload
+    hs, _, log = reopen(tmp_path)
+    assert [e.index for e in log] == [1, 2, 3] and hs.commit == 2
+    assert (tmp_path / "raft.log").stat().st_size == size  # truncated back
     s = RaftStorage(tmp_path)
-    s.save(HardState(4, "n2", 0))
+    s.load()
+    s.save(None, ents(4, 4, 1))  # appends cleanly after the torn tail is gone
     s.close()
-    db = sqlite3.connect(tmp_path / "raft.sqlite3")
-    db.execute("UPDATE hard_state SET vote = 'n3'")
-    db.commit()
-    db.close()
-    with pytest.raises(CorruptStorageError, match="hard state"):
-        RaftStorage(tmp_path).load()
+    assert [e.index for e in reopen(tmp_path)[2]] == [1, 2, 3, 4]
+
+
+def test_torn_last_record_with_bad_crc_is_dropped(tmp_path: Path) -> None:
+    s = RaftStorage(tmp_path)
+    s.load()
+    s.save(HardState(1, None, 0), ents(1, 2, 1))
+    s.save(None, ents(3, 3, 1))
+    s.close()
+    raw = bytearray((tmp_path / "raft.log").read_bytes())
+    raw[-1] ^= 0xFF  # the last record's payload was not fully written
+    (tmp_path / "raft.log").write_bytes(bytes(raw))
+    assert [e.index for e in reopen(tmp_path)[2]] == [1, 2]
+
+
+def test_corruption_in_the_middle_is_refused(tmp_path: Path) -> None:
+    s = RaftStorage(tmp_path)
+    s.load()
+    s.save(HardState(1, None, 3), ents(1, 3, 1))
+    s.save(None, ents(4, 6, 1))
+    s.close()
+    raw = bytearray((tmp_path / "raft.log").read_bytes())
+    raw[20] ^= 0x01  # inside entry 1's payload; valid records follow
+    (tmp_path / "raft.log").write_bytes(bytes(raw))
+    with pytest.raises(CorruptStorageError, match="corrupt"):
+        reopen(tmp_path)
+
+
+def test_corrupt_snapshot_is_refused(tmp_path: Path) -> None:
+    s = RaftStorage(tmp_path)
+    s.load()
+    s.save(HardState(1, None, 2), ents(1, 2, 1))
+    s.compact(Snapshot(SnapshotMeta(2, 1), b"state"))
+    s.close()
+    raw = bytearray((tmp_path / "snapshot.bin").read_bytes())
+    raw[-1] ^= 0x01
+    (tmp_path / "snapshot.bin").write_bytes(bytes(raw))
+    with pytest.raises(CorruptStorageError, match="snapshot"):
+        reopen(tmp_path)
 
 
 def test_commit_beyond_log_is_refused(tmp_path: Path) -> None:
     s = RaftStorage(tmp_path)
-    s.save(HardState(1, None, 0), ents(1, 2, 1))
+    s.load()
+    s.save(HardState(1, None, 5), ents(1, 2, 1))
     s.close()
-    db = sqlite3.connect(tmp_path / "raft.sqlite3")
-    db.execute("DELETE FROM log WHERE idx = 2")
-    db.commit()
-    db.close()
-    s = RaftStorage(tmp_path)
-    s.save(HardState(1, None, 1))
-    assert s.load()[0].commit == 1
-
-
-def test_gap_is_refused(tmp_path: Path) -> None:
-    s = RaftStorage(tmp_path)
-    s.save(HardState(1, None, 0), ents(1, 3, 1))
-    s.close()
-    db = sqlite3.connect(tmp_path / "raft.sqlite3")
-    db.execute("DELETE FROM log WHERE idx = 2")
-    db.commit()
-    db.close()
-    with pytest.raises(CorruptStorageError, match="gap"):
-        RaftStorage(tmp_path).load()
+    with pytest.raises(CorruptStorageError, match="beyond the last durable entry"):
+        reopen(tmp_path)
