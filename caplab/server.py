@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
 
 import grpc
@@ -126,5 +127,19 @@ async def serve(config: NodeConfig, grace_s: float = 5.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     await node.start()
+    watchdog = None
+    if os.environ.get("CAPLAB_EXIT_WITH_PARENT") == "1":
+        watchdog = asyncio.create_task(_exit_with_parent(stop_requested))
     await stop_requested.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     await node.stop()
+
+
+async def _exit_with_parent(stop: asyncio.Event, interval: float = 0.5) -> None:
+    """Stop when the process that started us is gone (a harness killed by SIGKILL)."""
+    parent = os.getppid()
+    while os.getppid() == parent:  # noqa: ASYNC110 - nothing to await: poll the kernel
+        await asyncio.sleep(interval)
+    log.warning("parent_exited", parent=parent)
+    stop.set()

@@ -4,8 +4,8 @@ Each node gets a free port, its own data directory and a log file. Nodes can be
 stopped (SIGTERM), killed (SIGKILL), paused (SIGSTOP), resumed (SIGCONT) and
 restarted with the same identity and data. No process outlives the cluster: every
 node runs in its own process group and `close()` kills what is left; an atexit
-hook covers interpreter exits, and the nodes ask the kernel to SIGKILL them if
-their parent dies (PR_SET_PDEATHSIG on Linux).
+hook covers interpreter exits, and nodes started with CAPLAB_EXIT_WITH_PARENT=1
+(as here) exit by themselves when their parent process dies.
 """
 
 from __future__ import annotations
@@ -53,16 +53,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def _preexec() -> None:
-    os.setpgid(0, 0)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 @dataclass
 class NodeProcess:
     node_id: str
@@ -96,7 +86,10 @@ class NodeProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=self.env,
-            preexec_fn=_preexec,
+            # Own process group (so signals reach the whole node), set up by Popen in C:
+            # running Python code between fork and exec (preexec_fn) in a process with
+            # gRPC threads can crash the child.
+            process_group=0,
         )
         _LIVE.add(self.proc)
         self.paused = False
@@ -176,6 +169,7 @@ class LocalCluster:
         self.nodes: dict[str, NodeProcess] = {}
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["CAPLAB_EXIT_WITH_PARENT"] = "1"
         for node_id, port in zip(ids, ports, strict=True):
             peers = []
             for other, other_port in zip(ids, ports, strict=True):

@@ -51,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, TypeAlias, cast
 
-Json: TypeAlias = None | bool | int | float | str | list["Json"] | dict[str, "Json"]
+Json: TypeAlias = bool | int | float | str | list["Json"] | dict[str, "Json"] | None
 EventType: TypeAlias = Literal["invoke", "ok", "fail", "info"]
 CompletionType: TypeAlias = Literal["ok", "fail", "info"]
 Process: TypeAlias = int | str
@@ -190,9 +190,7 @@ def event_from_json(
     if node is not None and not isinstance(node, str):
         raise _bad(path, line, f"node must be a string or null, got {json.dumps(node)}")
     if etype not in EVENT_TYPES:
-        raise _bad(
-            path, line, f"type must be one of invoke/ok/fail/info, got {json.dumps(etype)}"
-        )
+        raise _bad(path, line, f"type must be one of invoke/ok/fail/info, got {json.dumps(etype)}")
     if not isinstance(f, str) or not f:
         raise _bad(path, line, f"f must be a non-empty string, got {json.dumps(f)}")
     if key is not None and not isinstance(key, str):

@@ -3,12 +3,15 @@
 Theory of operation: every replica applies the same committed log entries in
 the same order, so this class must be deterministic: no clocks, no randomness,
 no iteration over unordered containers where order matters. A command carries
-(client_id, sequence); the session table remembers each client's last applied
-sequence and its result so that a retried command is applied at most once and
-answered with the original result (Raft thesis §6.3). The table is part of the
-snapshot, so deduplication survives compaction and restarts. Sessions are
-evicted deterministically (least recent last_index first, ties by client id)
-once there are more than `max_sessions`.
+(client_id, sequence); the session table remembers, per client, the results of
+its last `window` applied sequences, so that a retried command is applied at
+most once and answered with the original result (Raft thesis §6.3), even when
+the client has several requests in flight that arrive out of order. A sequence
+at or below the session's low-water mark (evicted from the window) is refused
+as too old (it may or may not have been applied; the client has long given up
+on it). The table is part of the snapshot, so deduplication survives
+compaction and restarts. Sessions are evicted deterministically (least recent
+last_index first, ties by client id) once there are more than `max_sessions`.
 
 The state digest is an XOR of SHA-256 hashes of (key, type, value), updated in
 O(1) per change: two replicas have equal digests iff their key/value states are
@@ -24,7 +27,15 @@ from caplab.raft.v1 import raft_pb2
 from caplab.validation import INT64_MAX, INT64_MIN
 
 OK, TYPE_CONFLICT, OVERFLOW, STALE = 0, 1, 2, 3
-DEFAULT_MAX_SESSIONS = 50_000
+DEFAULT_MAX_SESSIONS = 20_000
+DEFAULT_WINDOW = 128  # results remembered per client: its max requests in flight
+
+
+@dataclass(slots=True)
+class Session:
+    low: int  # sequences <= low are too old to deduplicate: refused
+    results: dict[int, raft_pb2.CommandResult]  # sequence -> result, newest `window` of them
+    last_index: int  # log index of the last command applied for this client
 
 
 @dataclass(slots=True)
@@ -48,11 +59,13 @@ def _key_hash(key: str, value: bytes | int) -> int:
 
 
 class KvStateMachine:
-    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+    def __init__(
+        self, max_sessions: int = DEFAULT_MAX_SESSIONS, window: int = DEFAULT_WINDOW
+    ) -> None:
         self.data: dict[str, Slot] = {}
-        # client_id -> (last applied sequence, its result, log index of that command)
-        self.sessions: dict[str, tuple[int, raft_pb2.CommandResult, int]] = {}
+        self.sessions: dict[str, Session] = {}
         self.max_sessions = max_sessions
+        self.window = window
         self._digest = 0
 
     # -- reads ---------------------------------------------------------------
@@ -84,22 +97,31 @@ class KvStateMachine:
     def apply(self, index: int, payload: bytes) -> raft_pb2.CommandResult:
         """Apply the command in the log entry at `index`; return its (possibly cached) result."""
         cmd = raft_pb2.Command.FromString(payload)
-        if cmd.client_id:
-            prev = self.sessions.get(cmd.client_id)
-            if prev is not None and cmd.sequence <= prev[0]:
-                if cmd.sequence == prev[0]:
-                    return prev[1]
+        session = self.sessions.get(cmd.client_id) if cmd.client_id else None
+        if session is not None:
+            cached = session.results.get(cmd.sequence)
+            if cached is not None:
+                return cached
+            if cmd.sequence <= session.low:
                 return raft_pb2.CommandResult(
                     status=STALE,
-                    message=f"request {cmd.client_id}/{cmd.sequence} is older than the last "
-                    f"applied request of this client ({prev[0]}); it was not applied again",
+                    message=f"request {cmd.client_id}/{cmd.sequence} is too old to tell whether "
+                    f"it was applied (this client has had more than {self.window} newer requests "
+                    "applied since); it was not applied now",
                 )
         result = self._execute(cmd, index)
         if cmd.client_id:
-            self.sessions[cmd.client_id] = (cmd.sequence, result, index)
-            if len(self.sessions) > self.max_sessions:
-                victim = min(self.sessions.items(), key=lambda kv: (kv[1][2], kv[0]))[0]
-                del self.sessions[victim]
+            if session is None:
+                session = self.sessions[cmd.client_id] = Session(0, {}, index)
+                if len(self.sessions) > self.max_sessions:
+                    victim = min(self.sessions.items(), key=lambda kv: (kv[1].last_index, kv[0]))
+                    del self.sessions[victim[0]]
+            session.results[cmd.sequence] = result
+            session.last_index = index
+            if len(session.results) > self.window:
+                oldest = min(session.results)
+                del session.results[oldest]
+                session.low = max(session.low, oldest)
         return result
 
     def _execute(self, cmd: raft_pb2.Command, index: int) -> raft_pb2.CommandResult:
@@ -148,8 +170,16 @@ class KvStateMachine:
                 v.counter = slot.value
             v.index = slot.index
         for client_id in sorted(self.sessions):
-            seq, result, last = self.sessions[client_id]
-            snap.sessions.add(client_id=client_id, sequence=seq, result=result, last_index=last)
+            sess = self.sessions[client_id]
+            snap.sessions.add(
+                client_id=client_id,
+                low=sess.low,
+                results=[
+                    raft_pb2.SessionResult(sequence=q, result=r)
+                    for q, r in sorted(sess.results.items())
+                ],
+                last_index=sess.last_index,
+            )
         return snap.SerializeToString(deterministic=True)
 
     def restore(self, data: bytes) -> None:
@@ -162,7 +192,9 @@ class KvStateMachine:
             value: bytes | int = v.register if v.WhichOneof("v") == "register" else v.counter
             self._set(key, value, v.index)
         for s in snap.sessions:
-            self.sessions[s.client_id] = (s.sequence, s.result, s.last_index)
+            self.sessions[s.client_id] = Session(
+                s.low, {r.sequence: r.result for r in s.results}, s.last_index
+            )
 
 
 def _conflict(key: str, holds: str, op: str) -> raft_pb2.CommandResult:

@@ -55,6 +55,7 @@ REGISTER_FUNCTIONS: frozenset[str] = frozenset({"read", "write", "cas", "delete"
 
 _READ, _WRITE, _CAS, _DELETE = 0, 1, 2, 3
 _CHECK_EVERY = 0x3FF  # check the clock every 1024 search steps
+_MEMO_BYTES = 400_000_000  # rough memory budget of one key's memo
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,14 @@ def _freeze(v: Json) -> Hashable:
     return v
 
 
+def _thaw(v: Hashable) -> Json:
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    raise TypeError(f"not a register value: {v!r}")
+
+
 def fmt_value(v: object) -> str:
     """A register value for humans: ``'v17'`` or ``absent``."""
     if v is None:
@@ -162,7 +171,7 @@ def describe(op: Operation) -> str:
     if op.f == "cas":
         e, n = _cas_args(op)
         return f"cas {fmt_value(e)}->{fmt_value(n)}"
-    return op.f
+    return f"a {op.f}"
 
 
 def check_register(ops: Sequence[Operation], timeout_s: float = 10.0) -> LinResult:
@@ -205,6 +214,10 @@ def _check_key(key: str, key_ops: list[Operation], deadline: float) -> KeyResult
             observed.add(_freeze(op.result))
         elif op.f == "cas":
             observed.add(_freeze(_cas_args(op)[0]))
+    impossible = _impossible_read(key_ops)
+    if impossible is not None:
+        cex = _counterexample(key, key_ops, impossible, (), None)
+        return KeyResult(key, False, len(key_ops), time.monotonic() - t0, cex)
     kept: list[Operation] = []
     for op in key_ops:
         if op.type == "info":
@@ -262,25 +275,48 @@ def _check_key(key: str, key_ops: list[Operation], deadline: float) -> KeyResult
         nxt[n_entries - 1] = tail
         prv[0] = head
     bit = [1 << i for i in range(n)]
+    # An info op is *dead* once every op comparing the state against its new value is
+    # linearized (or dead): from then on placing it can help nothing, so configurations that
+    # differ only in dead info ops are equivalent and their bits are masked out of the memo key.
+    obs = [0] * n
+    watchers: list[list[int]] = [[] for _ in range(n)]
+    comparing: dict[Hashable, list[int]] = {}
+    for j, op in enumerate(kept):
+        if (kind[j] == _READ and op.type == "ok") or kind[j] == _CAS:
+            comparing.setdefault(arg1[j], []).append(j)
+    for w, op in enumerate(kept):
+        if op.type == "info":
+            for j in comparing.get(arg1[w] if kind[w] != _CAS else arg2[w], ()):
+                if j != w:
+                    obs[w] |= bit[j]
+                    watchers[j].append(w)
+    dead = 0
+    # Memory budget for the memo (each entry holds an n-bit int): give up as "unknown".
+    max_cache = _MEMO_BYTES // (n // 8 + 120)
 
     remaining = sum(1 for op in kept if op.type == "ok")
     lin = 0
     state: Hashable = None
-    calls: list[tuple[int, Hashable]] = []
+    calls: list[tuple[int, Hashable, int]] = []
     cache: set[tuple[int, Hashable]] = set()
     best = -1
     best_prefix: list[int] = []
     best_state: Hashable = None
     steps = 0
     entry = nxt[head]
+    # Phase 0 scans only reads (forced moves, see below), phase 1 only the other operations.
+    phase = 0
     failed = False
     while remaining:
         steps += 1
-        if not steps & _CHECK_EVERY and time.monotonic() > deadline:
+        if not steps & _CHECK_EVERY and (time.monotonic() > deadline or len(cache) > max_cache):
             return KeyResult(key, "unknown", n, time.monotonic() - t0)
         if ent_call[entry]:
             i = ent_op[entry]
             k = kind[i]
+            if (k == _READ) != (phase == 0) or dead & bit[i]:
+                entry = nxt[entry]
+                continue
             if k == _READ:
                 ok = state == arg1[i]
                 new = state
@@ -295,12 +331,17 @@ def _check_key(key: str, key_ops: list[Operation], deadline: float) -> KeyResult
                 new = None
             if ok:
                 nlin = lin | bit[i]
-                ck = (nlin, new)
+                ndead = dead
+                for w in watchers[i]:
+                    if not obs[w] & ~(nlin | ndead):
+                        ndead |= bit[w]
+                ck = (nlin & ~ndead, new)
                 if ck not in cache:
                     cache.add(ck)
-                    calls.append((entry, state))
+                    calls.append((entry, state, dead))
                     state = new
                     lin = nlin
+                    dead = ndead
                     p, q = prv[entry], nxt[entry]
                     nxt[p] = q
                     prv[q] = p
@@ -311,19 +352,31 @@ def _check_key(key: str, key_ops: list[Operation], deadline: float) -> KeyResult
                         prv[q] = p
                         remaining -= 1
                     entry = nxt[head]
+                    phase = 0
                     continue
-            entry = nxt[entry]
-        else:
-            # A return entry (or the tail): its operation should have been linearized.
-            if entry != tail and entry > best:
-                best = entry
-                best_prefix = [ent_op[c] for c, _ in calls]
-                best_state = state
-            if not calls:
-                failed = True
-                break
-            entry, state = calls.pop()
-            lin ^= bit[ent_op[entry]]
+            if not (ok and k == _READ):
+                entry = nxt[entry]
+                continue
+            # A legal read candidate can always be linearized right now (it changes no
+            # state and every operation that must precede it is already placed), so if
+            # the configuration with it was already explored and failed, so does this one.
+        elif phase == 0:
+            # No legal read here: now try the operations that change the state.
+            phase = 1
+            entry = nxt[head]
+            continue
+        elif entry != tail and entry > best:
+            # A return entry whose operation should have been linearized by now.
+            best = entry
+            best_prefix = [c[0] for c in calls]
+            best_prefix = [ent_op[c] for c in best_prefix]
+            best_state = state
+        # Backtrack: undo the last linearized operation. Undoing a read means the
+        # configuration below it failed too (same argument as above): keep undoing.
+        while calls:
+            entry, state, dead = calls.pop()
+            i = ent_op[entry]
+            lin ^= bit[i]
             m = match[entry]
             if m >= 0:
                 nxt[prv[m]] = m
@@ -331,7 +384,13 @@ def _check_key(key: str, key_ops: list[Operation], deadline: float) -> KeyResult
                 remaining += 1
             nxt[prv[entry]] = entry
             prv[nxt[entry]] = entry
-            entry = nxt[entry]
+            if kind[i] != _READ:
+                break
+        else:
+            failed = True
+            break
+        entry = nxt[entry]
+        phase = 1  # the undone operation was chosen in phase 1: try the next candidate
     elapsed = time.monotonic() - t0
     if not failed:
         return KeyResult(key, True, n, elapsed)
@@ -339,6 +398,28 @@ def _check_key(key: str, key_ops: list[Operation], deadline: float) -> KeyResult
     prefix = tuple(kept[i] for i in best_prefix)
     cex = _counterexample(key, key_ops, stuck, prefix, best_state)
     return KeyResult(key, False, n, elapsed, cex)
+
+
+def _impossible_read(key_ops: list[Operation]) -> Operation | None:
+    """The earliest-returning ok read (or ok cas) expecting a value that no operation wrote
+    before it returned: a violation found without searching (its prefix is left empty)."""
+    first_write: dict[Hashable, float] = {}
+    for op in key_ops:
+        if op.f != "read":
+            v = _freeze(written_value(op))
+            first_write[v] = min(first_write.get(v, math.inf), op.invoke_time)
+    bad: Operation | None = None
+    for op in key_ops:
+        if op.type != "ok" or op.f not in ("read", "cas"):
+            continue
+        v = _freeze(op.result if op.f == "read" else _cas_args(op)[0])
+        if (
+            v is not None
+            and first_write.get(v, math.inf) > op.complete_time
+            and (bad is None or op.complete_time < bad.complete_time)
+        ):
+            bad = op
+    return bad
 
 
 def _overlaps(a: Operation, b: Operation) -> bool:
@@ -358,7 +439,7 @@ def _counterexample(
     if setter is not None:
         win[id(setter)] = setter
     window = tuple(sorted(win.values(), key=lambda o: (o.invoke_time, o.index)))
-    state_json: Json = list(state) if isinstance(state, tuple) else state  # type: ignore[arg-type]
+    state_json = _thaw(state)
     return Counterexample(
         key=key,
         op=stuck,

@@ -36,7 +36,20 @@ def test_retried_command_applies_once_and_returns_the_first_result() -> None:
     r3 = sm.apply(3, cmd("c", "cl", 2, incr=1))
     assert r3.counter == 6
     late = sm.apply(4, cmd("c", "cl", 1, incr=5))
-    assert late.status == STALE and sm.get("c") == 6
+    assert late.counter == 5 and sm.get("c") == 6  # still in the window: the cached result
+
+
+def test_out_of_order_requests_of_one_client_all_apply_once() -> None:
+    sm = KvStateMachine(window=4)
+    for i, seq in enumerate([3, 1, 2, 4]):
+        sm.apply(i + 1, cmd("c", "cl", seq, incr=1))
+    assert sm.get("c") == 4
+    for i, seq in enumerate([5, 6, 7, 8, 9]):
+        sm.apply(10 + i, cmd("c", "cl", seq, incr=1))
+    assert sm.get("c") == 9
+    assert sm.apply(20, cmd("c", "cl", 9, incr=1)).counter == 9  # duplicate: cached
+    old = sm.apply(21, cmd("c", "cl", 2, incr=1))  # evicted from the window
+    assert old.status == STALE and "too old" in old.message and sm.get("c") == 9
 
 
 def test_dedup_survives_snapshot_restore() -> None:

@@ -62,7 +62,7 @@ def test_received_snapshot_replaces_the_log(tmp_path: Path) -> None:
     s.save(HardState(3, None, 20), snapshot=Snapshot(SnapshotMeta(20, 3), b"s"))
     s.save(None, ents(21, 22, 3))
     s.close()
-    hs, snap, log = reopen(tmp_path)
+    _, snap, log = reopen(tmp_path)
     assert snap is not None and snap.meta.index == 20
     assert [e.index for e in log] == [21, 22]
 

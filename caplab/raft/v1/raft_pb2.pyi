@@ -546,29 +546,57 @@ class KvValue(_message.Message):
 Global___KvValue: _TypeAlias = KvValue  # noqa: Y015
 
 @_typing.final
-class Session(_message.Message):
+class SessionResult(_message.Message):
+    """A client's session: the results of its recently applied requests (a client may
+    have several in flight), and the low-water mark at or below which a request
+    is too old to be told apart from one already applied.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    CLIENT_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
-    LAST_INDEX_FIELD_NUMBER: _builtins.int
-    client_id: _builtins.str
     sequence: _builtins.int
-    last_index: _builtins.int
     @_builtins.property
     def result(self) -> Global___CommandResult: ...
     def __init__(
         self,
         *,
-        client_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
         result: Global___CommandResult | None = ...,
-        last_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "last_index", b"last_index", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionResult: _TypeAlias = SessionResult  # noqa: Y015
+
+@_typing.final
+class Session(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    LOW_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    LAST_INDEX_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    low: _builtins.int
+    last_index: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResult]: ...
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        low: _builtins.int = ...,
+        results: _abc.Iterable[Global___SessionResult] | None = ...,
+        last_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "last_index", b"last_index", "low", b"low", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
