@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,6 +72,7 @@ class KVClient:
         retries: int = 0,
         retry_budget_s: float | None = None,
         client_id: str | None = None,
+        max_inflight_mutations: int = 128,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
@@ -80,6 +82,9 @@ class KVClient:
         self.retry_budget_s = retry_budget_s if retry_budget_s is not None else timeout * 3
         self.client_id = client_id if client_id is not None else uuid.uuid4().hex
         self._seq = itertools.count(1)
+        # Stores remember the results of a client's last 128 mutations to deduplicate
+        # retries; keeping at most that many in flight keeps every retry recognisable.
+        self._window = asyncio.Semaphore(max_inflight_mutations)
         self._current = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -136,10 +141,11 @@ class KVClient:
 
     # -- KV -----------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> kv_pb2.PutResponse:
-        req = kv_pb2.PutRequest(key=key, value=value, request_id=self.next_request_id())
-        return await self._run(
-            lambda ep: self.kv(ep).Put(req, timeout=self.timeout), idempotent=True
-        )
+        async with self._window:
+            req = kv_pb2.PutRequest(key=key, value=value, request_id=self.next_request_id())
+            return await self._run(
+                lambda ep: self.kv(ep).Put(req, timeout=self.timeout), idempotent=True
+            )
 
     async def get(self, key: str, consistency: int = kv_pb2.CONSISTENCY_DEFAULT) -> GetResult:
         req = kv_pb2.GetRequest(key=key, consistency=consistency)  # type: ignore[arg-type]
@@ -152,30 +158,34 @@ class KVClient:
         return GetResult(resp.found, value, resp.header)
 
     async def delete(self, key: str) -> kv_pb2.DeleteResponse:
-        req = kv_pb2.DeleteRequest(key=key, request_id=self.next_request_id())
-        return await self._run(
-            lambda ep: self.kv(ep).Delete(req, timeout=self.timeout), idempotent=True
-        )
+        async with self._window:
+            req = kv_pb2.DeleteRequest(key=key, request_id=self.next_request_id())
+            return await self._run(
+                lambda ep: self.kv(ep).Delete(req, timeout=self.timeout), idempotent=True
+            )
 
     async def cas(
         self, key: str, expected: bytes | None, new: bytes
     ) -> kv_pb2.CompareAndSwapResponse:
-        req = kv_pb2.CompareAndSwapRequest(
-            key=key,
-            expected=expected or b"",
-            expected_absent=expected is None,
-            new_value=new,
-            request_id=self.next_request_id(),
-        )
-        return await self._run(
-            lambda ep: self.kv(ep).CompareAndSwap(req, timeout=self.timeout), idempotent=True
-        )
+        async with self._window:
+            req = kv_pb2.CompareAndSwapRequest(
+                key=key,
+                expected=expected or b"",
+                expected_absent=expected is None,
+                new_value=new,
+                request_id=self.next_request_id(),
+            )
+            return await self._run(
+                lambda ep: self.kv(ep).CompareAndSwap(req, timeout=self.timeout),
+                idempotent=True,
+            )
 
     async def increment(self, key: str, delta: int = 1) -> kv_pb2.IncrementResponse:
-        req = kv_pb2.IncrementRequest(key=key, delta=delta, request_id=self.next_request_id())
-        return await self._run(
-            lambda ep: self.kv(ep).Increment(req, timeout=self.timeout), idempotent=True
-        )
+        async with self._window:
+            req = kv_pb2.IncrementRequest(key=key, delta=delta, request_id=self.next_request_id())
+            return await self._run(
+                lambda ep: self.kv(ep).Increment(req, timeout=self.timeout), idempotent=True
+            )
 
     # -- Cluster / Admin ----------------------------------------------------
     async def status(self, endpoint: str | None = None) -> kv_pb2.StatusResponse:

@@ -690,7 +690,8 @@ class RaftBackend:
         if result.status == OVERFLOW:
             raise errors.OutOfRange(result.message)
         if result.status == STALE:
-            raise errors.FailedPrecondition(result.message)
+            # An earlier copy may have been applied (its result is forgotten): unknown.
+            raise errors.OutcomeUnknown(result.message)
         return result, self.core.applied_index
 
     @staticmethod

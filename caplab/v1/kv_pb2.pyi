@@ -250,7 +250,10 @@ Global___ResponseHeader: _TypeAlias = ResponseHeader  # noqa: Y015
 @_typing.final
 class RequestId(_message.Message):
     """Exactly-once identity of a mutation. Leave client_id empty to opt out
-    (then a retried write may be applied twice).
+    (then a retried write may be applied twice). Stores remember the results of
+    each client's last 128 applied mutations: a client may have up to 128
+    mutations in flight, in any order; a retry of a sequence older than that
+    window is answered UNKNOWN (it may have been applied long ago).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -260,7 +263,7 @@ class RequestId(_message.Message):
     client_id: _builtins.str
     """a stable id per client process (<= 128 bytes)"""
     sequence: _builtins.int
-    """strictly increasing per client_id; >= 1"""
+    """unique per client_id, increasing with each new mutation; >= 1"""
     def __init__(
         self,
         *,
