@@ -250,6 +250,7 @@ class GossipCore:
         *,
         state: State | None = None,
         now_ms: int = 0,
+        hlc_floor: Timestamp | None = None,
     ) -> None:
         if config.ping_interval_ms <= config.ping_timeout_ms:
             raise ValueError("ping_interval_ms must exceed ping_timeout_ms")
@@ -266,6 +267,10 @@ class GossipCore:
         if regs:
             # Never reissue a timestamp below one already persisted (restart after crash).
             self._hlc.observe(max(regs), now_ms)
+        if hlc_floor is not None:
+            # The persisted high-water mark covers timestamps that no register keeps
+            # (increments, overwritten writes): never reissue one after a restart.
+            self._hlc.observe(hlc_floor, now_ms)
         self.stats = Stats()
         # delta log: key -> seq of its latest change, in increasing seq order
         self._log: dict[str, int] = {}

@@ -1,0 +1,146 @@
+"""Conversion between the core's message dataclasses (gossip.messages) and caplab.gossip.v1."""
+
+from __future__ import annotations
+
+from caplab.gossip.v1 import gossip_pb2 as pb
+from gossip.crdt import Counter, Register, Value
+from gossip.hlc import Timestamp
+from gossip.messages import (
+    ALIVE,
+    DEAD,
+    SUSPECT,
+    Ack,
+    AeItems,
+    AeRequest,
+    AeResponse,
+    Deltas,
+    DeltasAck,
+    Entry,
+    Member,
+    Message,
+    Ping,
+    PingReq,
+)
+
+_STATE_TO_PB = {
+    ALIVE: pb.MEMBER_STATE_ALIVE,
+    SUSPECT: pb.MEMBER_STATE_SUSPECT,
+    DEAD: pb.MEMBER_STATE_DEAD,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+class CodecError(ValueError):
+    """A peer message that cannot be a valid core message (dropped by the receiver)."""
+
+
+def ts_to_pb(ts: Timestamp) -> pb.Timestamp:
+    return pb.Timestamp(wall_ms=ts.wall_ms, logical=ts.logical, node=ts.node)
+
+
+def ts_from_pb(t: pb.Timestamp) -> Timestamp:
+    return Timestamp(t.wall_ms, t.logical, t.node)
+
+
+def entry_to_pb(key: str, v: Value) -> pb.Entry:
+    if isinstance(v, Register):
+        reg = pb.Register(ts=ts_to_pb(v.ts), tombstone=v.value is None, value=v.value or b"")
+        return pb.Entry(key=key, register=reg)
+    return pb.Entry(key=key, counter=pb.Counter(p=dict(v.p), n=dict(v.n)))
+
+
+def entry_from_pb(e: pb.Entry) -> Entry:
+    kind = e.WhichOneof("value")
+    if kind == "register":
+        r = e.register
+        return e.key, Register(ts_from_pb(r.ts), None if r.tombstone else r.value)
+    if kind == "counter":
+        return e.key, Counter(dict(e.counter.p), dict(e.counter.n))
+    raise CodecError(f"entry {e.key!r} has no value")
+
+
+def _members_to_pb(ms: tuple[Member, ...]) -> list[pb.Member]:
+    return [
+        pb.Member(node=m.node, state=_STATE_TO_PB[m.state], incarnation=m.incarnation) for m in ms
+    ]
+
+
+def _members_from_pb(ms: object) -> tuple[Member, ...]:
+    out = []
+    for m in ms:  # type: ignore[attr-defined]
+        state = _STATE_FROM_PB.get(m.state)
+        if state is None:
+            raise CodecError(f"unknown member state {m.state}")
+        out.append(Member(m.node, state, m.incarnation))
+    return tuple(out)
+
+
+def to_pb(m: Message) -> pb.GossipMessage:
+    """The protobuf form of a core message."""
+    out = pb.GossipMessage(sender=m.frm, to=m.to)
+    if isinstance(m, Deltas):
+        out.deltas.seq = m.seq
+        out.deltas.entries.extend([entry_to_pb(k, v) for k, v in m.entries])
+    elif isinstance(m, DeltasAck):
+        out.deltas_ack.seq = m.seq
+    elif isinstance(m, AeRequest | AeResponse):
+        h = out.ae_request if isinstance(m, AeRequest) else out.ae_response
+        h.round, h.level = m.round, m.level
+        h.indices.extend(m.indices)
+        h.hashes.extend(m.hashes)
+    elif isinstance(m, AeItems):
+        it = out.ae_items
+        it.round, it.reply = m.round, m.reply
+        it.leaves.extend(m.leaves)
+        it.items.extend([entry_to_pb(k, v) for k, v in m.items])
+    elif isinstance(m, Ping):
+        out.ping.CopyFrom(
+            pb.Ping(
+                seq=m.seq,
+                incarnation=m.incarnation,
+                gossip_updates=_members_to_pb(m.gossip_updates),
+            )
+        )
+    elif isinstance(m, PingReq):
+        out.ping_req.CopyFrom(
+            pb.PingReq(seq=m.seq, target=m.target, gossip_updates=_members_to_pb(m.gossip_updates))
+        )
+    else:
+        out.ack.CopyFrom(
+            pb.Ack(
+                seq=m.seq,
+                node=m.node,
+                incarnation=m.incarnation,
+                gossip_updates=_members_to_pb(m.gossip_updates),
+            )
+        )
+    return out
+
+
+def from_pb(m: pb.GossipMessage) -> Message:
+    """The core message of a protobuf; ``CodecError`` if it is malformed."""
+    frm, to = m.sender, m.to
+    kind = m.WhichOneof("body")
+    if kind == "deltas":
+        d = m.deltas
+        return Deltas(frm, to, tuple(entry_from_pb(e) for e in d.entries), d.seq)
+    if kind == "deltas_ack":
+        return DeltasAck(frm, to, m.deltas_ack.seq)
+    if kind in ("ae_request", "ae_response"):
+        h = m.ae_request if kind == "ae_request" else m.ae_response
+        cls = AeRequest if kind == "ae_request" else AeResponse
+        return cls(frm, to, h.round, h.level, tuple(h.indices), tuple(h.hashes))
+    if kind == "ae_items":
+        it = m.ae_items
+        items = tuple(entry_from_pb(e) for e in it.items)
+        return AeItems(frm, to, it.round, tuple(it.leaves), items, it.reply)
+    if kind == "ping":
+        p = m.ping
+        return Ping(frm, to, p.seq, p.incarnation, _members_from_pb(p.gossip_updates))
+    if kind == "ping_req":
+        q = m.ping_req
+        return PingReq(frm, to, q.seq, q.target, _members_from_pb(q.gossip_updates))
+    if kind == "ack":
+        a = m.ack
+        return Ack(frm, to, a.seq, a.node, a.incarnation, _members_from_pb(a.gossip_updates))
+    raise CodecError("message without a body")

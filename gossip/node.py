@@ -1,0 +1,679 @@
+"""The gossip store's node: a thin asyncio/gRPC shell around the sans-IO GossipCore.
+
+Theory of operation
+-------------------
+The core is only ever called from the event loop: client writes (``put``/``delete``/
+``increment``), a *ticker* (``core.tick(clock.wall_ms())`` every ``tick_ms``; the
+physical clock includes the skew injected through Admin) and the peer servicer
+(``core.step`` for every incoming message). After each call the node moves the core's
+outputs into the *open batch*: the latest value of every key to persist (client writes,
+merged remote state, collected tombstones as removals), dedup entries, and the messages
+to send.
+
+One *flusher* task closes the open batch and commits it on a single disk thread (one
+SQLite transaction, one fsync) while the loop keeps serving; everything that arrives
+meanwhile forms the next batch (group commit). Only after a batch is durable does the
+flusher acknowledge its client writes and send its messages, so an ack to a client, a
+DeltasAck or an anti-entropy reply always covers durable data, and every message is sent
+after everything produced before it is durable.
+
+Reads answer from the local replica at once (AP): every response is ``stale_possible``.
+CompareAndSwap and LINEARIZABLE reads are refused with FAILED_PRECONDITION.
+
+Exactly-once: a per-node session table (as raft's): per client, the results of its last
+``dedup_window`` sequences and a low-water mark, persisted in the same transaction as the
+write (clients least recently used are evicted past ``dedup_max``). A retry with a
+remembered sequence gets the first answer (waiting for it if still being persisted), even
+when the client has several requests in flight that arrive out of order; a sequence at or
+below the low-water mark is refused as too old to tell.
+
+Peer messages travel as unary ``Send(Batch)`` calls with short deadlines (a few in flight
+per peer), so a cut link drops messages rather than blocking the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from caplab import errors
+from caplab.clock import SkewableClock
+from caplab.gossip.v1 import gossip_pb2 as pb
+from caplab.gossip.v1 import gossip_pb2_grpc as pb_grpc
+from caplab.logs import get_logger
+from caplab.store import (
+    CasResult,
+    Consistency,
+    DeleteResult,
+    Header,
+    Hlc,
+    IncrementResult,
+    NodeConfig,
+    ReadResult,
+)
+from caplab.v1 import kv_pb2
+from caplab.validation import MAX_MESSAGE_BYTES, RequestId
+from gossip.codec import CodecError, from_pb, to_pb
+from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError, WrongTypeError
+from gossip.crdt import Counter, Register, Value
+from gossip.hlc import Timestamp
+from gossip.messages import ALIVE, DEAD, SUSPECT, Deltas, DeltasAck, Message
+from gossip.storage import CommitBatch, DedupEntry, GossipStorage
+
+log = get_logger("gossip.node")
+T = TypeVar("T")
+
+PEER_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES * 16),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES * 16),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+]
+MEMBER_STATES = {
+    ALIVE: kv_pb2.MEMBER_STATE_ALIVE,
+    SUSPECT: kv_pb2.MEMBER_STATE_SUSPECT,
+    DEAD: kv_pb2.MEMBER_STATE_DEAD,
+}
+CAS_REFUSAL = (
+    "The gossip store is an AP (always-available) store: replicas accept writes "
+    "independently while partitioned, so there is no single up-to-date value to compare "
+    "against; compare-and-swap needs a CP store such as raft"
+)
+LINEARIZABLE_REFUSAL = (
+    "The gossip store is an AP (always-available) store: it answers every read from the "
+    "local replica, which may not have seen the latest writes yet, so it cannot offer "
+    "LINEARIZABLE reads; use LOCAL (or DEFAULT), or a CP store such as raft"
+)
+
+
+@dataclass(frozen=True)
+class GossipOptions:
+    """Tuning, from `caplab node --set NAME=VALUE` (all integers; durations in ms).
+
+    Names shared with ``gossip.core.GossipConfig`` are passed to the core.
+    """
+
+    tick_ms: int = 20  # core.tick period; must be <= ping_timeout_ms / 2
+    gossip_interval_ms: int = 100
+    fanout: int = 3
+    anti_entropy_interval_ms: int = 1000
+    ping_interval_ms: int = 200
+    ping_timeout_ms: int = 100
+    indirect_k: int = 3
+    suspicion_timeout_ms: int = 1000
+    dead_ping_every: int = 5
+    retransmit_mult: int = 3
+    max_piggyback: int = 8
+    tombstone_min_age_ms: int = 10_000
+    tombstone_grace_ms: int = 7 * 24 * 3600 * 1000
+    delta_log_max: int = 100_000  # keys
+    delta_batch_max: int = 2_000  # keys per Deltas message
+    # Flow control: a Deltas to a peer that has not acknowledged the previous one is not
+    # sent (the core re-sends its whole unacknowledged window every gossip interval)
+    # until this long after the previous one.
+    deltas_resend_ms: int = 1000
+    ae_max_nodes: int = 256
+    max_drift_ms: int = 60_000
+    peer_timeout_ms: int = 2000  # deadline of one Send call
+    peer_inflight: int = 4  # concurrent Send calls per peer
+    peer_queue: int = 4096  # messages queued per peer before the oldest are dropped
+    dedup_max: int = 100_000  # clients remembered by the exactly-once table
+    dedup_window: int = 128  # results remembered per client: its max requests in flight
+    max_pending: int = 20_000  # writes waiting for the disk before RESOURCE_EXHAUSTED
+
+    @classmethod
+    def parse(cls, options: dict[str, str]) -> GossipOptions:
+        fields = cls.__dataclass_fields__
+        values: dict[str, int] = {}
+        for name, text in options.items():
+            if name not in fields:
+                raise errors.InvalidArgument(
+                    f"unknown gossip option {name!r}; known: {', '.join(sorted(fields))}"
+                )
+            try:
+                values[name] = int(text)
+            except ValueError:
+                raise errors.InvalidArgument(
+                    f"gossip option {name} must be an integer, got {text!r}"
+                ) from None
+            if values[name] < 1:
+                raise errors.InvalidArgument(f"gossip option {name} must be >= 1")
+        opts = cls(**values)
+        if opts.ping_interval_ms <= opts.ping_timeout_ms:
+            raise errors.InvalidArgument(
+                "gossip option ping_interval_ms must exceed ping_timeout_ms"
+            )
+        return opts
+
+    def core_config(self) -> GossipConfig:
+        names = {f.name for f in dataclasses.fields(GossipConfig)}
+        return GossipConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What accumulated since the last group commit."""
+
+    commit: CommitBatch = field(default_factory=CommitBatch)
+    messages: list[Message] = field(default_factory=list)
+    writes: int = 0
+    done: asyncio.Future[None] | None = None  # resolved once durable (created on demand)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """The exactly-once table's entry of one client, possibly still being persisted."""
+
+    entry: DedupEntry
+    done: asyncio.Future[None] | None  # the write's batch commit (None: loaded from disk)
+
+
+@dataclass(slots=True)
+class _Session:
+    """One client's remembered results (sequence -> slot) and low-water mark."""
+
+    results: dict[int, _Slot] = field(default_factory=dict)
+    low: int = 0
+
+
+class PeerLink:
+    """Outbound messages to one peer: batched unary Send calls with deadlines."""
+
+    def __init__(self, node: GossipBackend, peer_id: str, address: str) -> None:
+        self.node = node
+        self.peer_id = peer_id
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+        self.stub = pb_grpc.GossipPeerStub(self.channel)
+        self.queue: deque[pb.GossipMessage] = deque()
+        self.wake = asyncio.Event()
+        self.inflight = asyncio.Semaphore(node.opts.peer_inflight)
+        self.timeout = node.opts.peer_timeout_ms / 1000
+        self.task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+
+    def send(self, m: Message) -> None:
+        if len(self.queue) >= self.node.opts.peer_queue:
+            self.queue.popleft()
+            self.node.counters["messages_dropped"] += 1
+        self.queue.append(to_pb(m))
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.queue:
+                await self.inflight.acquire()
+                batch = pb.Batch(messages=list(self.queue))
+                self.queue.clear()
+                t = asyncio.create_task(self._send_batch(batch))
+                self._batches.add(t)
+                t.add_done_callback(self._batches.discard)
+
+    async def _send_batch(self, batch: pb.Batch) -> None:
+        counters = self.node.counters
+        try:
+            await self.stub.Send(batch, timeout=self.timeout)
+            counters["messages_sent"] += len(batch.messages)
+            counters["wire_bytes_sent"] += batch.ByteSize()
+        except grpc.aio.AioRpcError:
+            counters["messages_dropped"] += len(batch.messages)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.inflight.release()
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        for t in list(self._batches):
+            t.cancel()
+        await self.channel.close()
+
+
+class GossipPeerServicer(pb_grpc.GossipPeerServicer):
+    def __init__(self, node: GossipBackend) -> None:
+        self.node = node
+
+    async def Send(
+        self, request: pb.Batch, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BatchAck:
+        node = self.node
+        core = node.core
+        now = node.clock.wall_ms()
+        for raw in request.messages:
+            try:
+                msg = from_pb(raw)
+            except CodecError as e:
+                node.counters["messages_malformed"] += 1
+                log.warning("malformed_peer_message", sender=raw.sender, error=str(e))
+                continue
+            core.step(msg, now)
+            if isinstance(msg, DeltasAck):
+                node.on_deltas_ack(msg.frm)
+        node.counters["messages_received"] += len(request.messages)
+        node.collect()
+        return pb.BatchAck()
+
+
+class GossipBackend:
+    """The AP store as the shared runtime sees it (caplab.store.StoreBackend)."""
+
+    kind: int = kv_pb2.STORE_KIND_GOSSIP
+
+    def __init__(self, config: NodeConfig, clock: SkewableClock) -> None:
+        self.config = config
+        self.clock = clock
+        self.id = config.node_id
+        self.peers = dict(config.peers)
+        self.opts = GossipOptions.parse(config.options)
+        self.storage: GossipStorage | None = None
+        self._core: GossipCore | None = None
+        self.links: dict[str, PeerLink] = {}
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "messages_sent",
+                "messages_received",
+                "messages_dropped",
+                "messages_malformed",
+                "wire_bytes_sent",
+                "fsyncs",
+                "writes_committed",
+                "dedup_hits",
+                "deltas_suppressed",
+            ),
+            0,
+        )
+        self._dedup: OrderedDict[str, _Session] = OrderedDict()
+        self._batch = _Batch()
+        self._flush_wake = asyncio.Event()
+        self._pending_writes = 0
+        self._deltas_unacked: dict[str, float] = {}  # peer -> when the last Deltas left
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ticker_task: asyncio.Task[None] | None = None
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gossip-disk-{self.id}")
+        self._stopping = False
+
+    @property
+    def core(self) -> GossipCore:
+        assert self._core is not None, "node not started"
+        return self._core
+
+    async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self, server: grpc.aio.Server) -> None:
+        self.storage = GossipStorage(self.config.data_dir)
+        loaded = await self._disk_call(self.storage.load)
+        for e in loaded.dedup:
+            sess = self._dedup.get(e.client_id)
+            if sess is None:
+                sess = self._dedup[e.client_id] = _Session()
+            sess.results[e.seq] = _Slot(e, None)
+            sess.low = max(sess.low, e.low)
+            self._dedup.move_to_end(e.client_id)
+        self._core = GossipCore(
+            self.id,
+            [self.id, *self.peers],
+            self.opts.core_config(),
+            random.Random(),
+            state=loaded.state,
+            now_ms=self.clock.wall_ms(),
+            hlc_floor=loaded.hlc,
+        )
+        log.info(
+            "gossip_restored",
+            keys=len(loaded.state),
+            dedup_entries=len(loaded.dedup),
+            hlc=str(loaded.hlc),
+        )
+        pb_grpc.add_GossipPeerServicer_to_server(GossipPeerServicer(self), server)
+        for peer_id, addr in self.peers.items():
+            link = PeerLink(self, peer_id, addr)
+            link.task = asyncio.create_task(link.run())
+            self.links[peer_id] = link
+        self._ticker_task = asyncio.create_task(self._ticker())
+        self._tasks = [self._ticker_task, asyncio.create_task(self._flusher())]
+
+    async def before_shutdown(self) -> None:
+        """Stop gossiping and refuse new writes; in-flight writes still complete."""
+        self._stopping = True
+        if self._ticker_task is not None:
+            self._ticker_task.cancel()
+
+    async def close(self) -> None:
+        self._stopping = True
+        deadline = time.monotonic() + 5.0
+        while (self._batch.commit or self._pending_writes) and time.monotonic() < deadline:
+            self._flush_wake.set()
+            await asyncio.sleep(0.01)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for link in self.links.values():
+            await link.close()
+        self._disk.shutdown(wait=True)
+        if self.storage is not None:
+            self.storage.close()
+        log.info("gossip_closed", fsyncs=self.counters["fsyncs"])
+
+    # -- the loop ----------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        interval = self.opts.tick_ms / 1000
+        next_at = time.monotonic()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            self.core.tick(self.clock.wall_ms())
+            self.collect()
+
+    def collect(self) -> None:
+        """Move the core's outputs into the open batch (persisted, then sent)."""
+        out = self.core.take_outputs()
+        if not (out.messages or out.to_persist or out.collected):
+            return
+        b = self._batch
+        kv = b.commit.kv
+        kv.update(out.to_persist)
+        for k, _ts in out.collected:
+            kv[k] = None
+        b.messages.extend(out.messages)
+        self._flush_wake.set()
+
+    async def _flusher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._flush_wake.wait()
+            self._flush_wake.clear()
+            while self._batch.commit or self._batch.messages:
+                b, self._batch = self._batch, _Batch()
+                if b.commit:
+                    b.commit.hlc = self.core.hlc_now
+                    assert self.storage is not None
+                    try:
+                        await loop.run_in_executor(self._disk, self.storage.commit, b.commit)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:
+                        log.exception("commit_failed")
+                        self._pending_writes -= b.writes
+                        if b.done is not None and not b.done.done():
+                            b.done.set_exception(
+                                errors.OutcomeUnknown(
+                                    f"the write could not be made durable ({e!r}); it is "
+                                    "applied in memory and may still spread (outcome unknown)"
+                                )
+                            )
+                        continue
+                    self.counters["fsyncs"] += 1
+                    self.counters["writes_committed"] += b.writes
+                self._pending_writes -= b.writes
+                if b.done is not None and not b.done.done():
+                    b.done.set_result(None)
+                self._send_all(b.messages)
+
+    def _send_all(self, messages: list[Message]) -> None:
+        now = time.monotonic()
+        resend = self.opts.deltas_resend_ms / 1000
+        for m in messages:
+            link = self.links.get(m.to)
+            if link is None:
+                continue
+            if isinstance(m, Deltas):
+                last = self._deltas_unacked.get(m.to)
+                if last is not None and now - last < resend:
+                    self.counters["deltas_suppressed"] += 1
+                    continue
+                self._deltas_unacked[m.to] = now
+            link.send(m)
+
+    def on_deltas_ack(self, peer: str) -> None:
+        """The peer acknowledged a Deltas: the next one may leave at once."""
+        self._deltas_unacked.pop(peer, None)
+
+    # -- writes ------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self._stopping:
+            raise errors.Unavailable("this node is shutting down; not applied (retry elsewhere)")
+        if self._pending_writes >= self.opts.max_pending:
+            raise errors.Overloaded(
+                f"{self.opts.max_pending} writes already waiting for the disk on node {self.id}; "
+                "not applied (retry with backoff)"
+            )
+
+    def _dedup_lookup(self, rid: RequestId | None, op: str) -> _Slot | None:
+        """The slot answering a retry of ``rid``, or None if it is a new request."""
+        if rid is None:
+            return None
+        sess = self._dedup.get(rid.client_id)
+        if sess is None:
+            return None
+        slot = sess.results.get(rid.sequence)
+        if slot is None:
+            if rid.sequence <= sess.low:
+                raise errors.FailedPrecondition(
+                    f"request {rid.client_id}/{rid.sequence} is too old to tell whether it was "
+                    f"applied on node {self.id} (this client has had more than "
+                    f"{self.opts.dedup_window} newer requests since); it was not applied now"
+                )
+            return None
+        if slot.entry.op != op:
+            raise errors.FailedPrecondition(
+                f"request sequence {rid.sequence} of client {rid.client_id!r} was already used "
+                f"for a {slot.entry.op}; not applied"
+            )
+        self.counters["dedup_hits"] += 1
+        self._dedup.move_to_end(rid.client_id)
+        return slot
+
+    async def _replay(self, slot: _Slot) -> DedupEntry:
+        if slot.done is not None:
+            await asyncio.shield(slot.done)
+        return slot.entry
+
+    def _enqueue_write(
+        self, key: str, rid: RequestId | None, op: str, ts: Timestamp, num: int
+    ) -> asyncio.Future[None]:
+        b = self._batch
+        b.commit.kv[key] = self.core.get(key)
+        b.writes += 1
+        self._pending_writes += 1
+        if b.done is None:
+            b.done = asyncio.get_running_loop().create_future()
+        if rid is not None:
+            cid, seq = rid.client_id, rid.sequence
+            sess = self._dedup.get(cid)
+            if sess is None:
+                sess = self._dedup[cid] = _Session()
+                b.commit.evict.discard(cid)
+            slot = sess.results[seq] = _Slot(DedupEntry(cid, seq, op, ts, num), b.done)
+            self._dedup.move_to_end(cid)
+            if len(sess.results) > self.opts.dedup_window:
+                oldest = min(sess.results)
+                del sess.results[oldest]
+                sess.low = max(sess.low, oldest)
+                b.commit.evict_seqs.add((cid, oldest))
+                b.commit.dedup.pop((cid, oldest), None)
+            # persisted with the low-water mark after trimming, so a restart keeps refusing
+            slot.entry = DedupEntry(cid, seq, op, ts, num, sess.low)
+            b.commit.dedup[(cid, seq)] = slot.entry
+            if len(self._dedup) > self.opts.dedup_max:
+                old, gone = self._dedup.popitem(last=False)
+                b.commit.evict.add(old)
+                for s in gone.results:
+                    b.commit.dedup.pop((old, s), None)
+        self._flush_wake.set()
+        return b.done
+
+    def _header(self, ts: Timestamp | None) -> Header:
+        return Header(
+            node_id=self.id,
+            hlc=None if ts is None else Hlc(ts.wall_ms, ts.logical, ts.node),
+            stale_possible=True,
+        )
+
+    @staticmethod
+    def _type_error(e: WrongTypeError) -> errors.FailedPrecondition:
+        return errors.FailedPrecondition(
+            f"key {e.key!r} holds a {e.actual}; {e.op} is not allowed on it (a key's type is "
+            "fixed by its first write until it is deleted); not applied"
+        )
+
+    async def put(
+        self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
+    ) -> Header:
+        slot = self._dedup_lookup(rid, "put")
+        if slot is not None:
+            return self._header((await self._replay(slot)).ts)
+        self._check_writable()
+        try:
+            w = self.core.put(key, value, self.clock.wall_ms())
+        except WrongTypeError as e:
+            raise self._type_error(e) from None
+        await asyncio.shield(self._enqueue_write(key, rid, "put", w.ts, 0))
+        return self._header(w.ts)
+
+    async def delete(self, key: str, rid: RequestId | None, timeout: float | None) -> DeleteResult:
+        slot = self._dedup_lookup(rid, "delete")
+        if slot is not None:
+            e = await self._replay(slot)
+            return DeleteResult(self._header(e.ts), bool(e.num))
+        self._check_writable()
+        cur = self.core.get(key)
+        existed = isinstance(cur, Register) and cur.value is not None
+        try:
+            w = self.core.delete(key, self.clock.wall_ms())
+        except WrongTypeError as e:
+            raise self._type_error(e) from None
+        await asyncio.shield(self._enqueue_write(key, rid, "delete", w.ts, int(existed)))
+        return DeleteResult(self._header(w.ts), existed)
+
+    async def increment(
+        self, key: str, delta: int, rid: RequestId | None, timeout: float | None
+    ) -> IncrementResult:
+        slot = self._dedup_lookup(rid, "increment")
+        if slot is not None:
+            e = await self._replay(slot)
+            return IncrementResult(self._header(e.ts), e.num)
+        self._check_writable()
+        try:
+            w = self.core.increment(key, delta, self.clock.wall_ms())
+        except WrongTypeError as e:
+            raise self._type_error(e) from None
+        except ValueOutOfRangeError:
+            cur = self.core.get(key)
+            now = cur.value if isinstance(cur, Counter) else 0
+            raise errors.OutOfRange(
+                f"incrementing counter {key!r} (now {now} on node {self.id}) by {delta} would "
+                "overflow a signed 64-bit integer; nothing was applied"
+            ) from None
+        v = self.core.get(key)
+        value = v.value if isinstance(v, Counter) else 0
+        await asyncio.shield(self._enqueue_write(key, rid, "increment", w.ts, value))
+        return IncrementResult(self._header(w.ts), value)
+
+    async def compare_and_swap(
+        self,
+        key: str,
+        expected: bytes | None,
+        new: bytes,
+        rid: RequestId | None,
+        timeout: float | None,
+    ) -> CasResult:
+        raise errors.FailedPrecondition(CAS_REFUSAL)
+
+    # -- reads -------------------------------------------------------------------------
+    async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
+        if consistency is Consistency.LINEARIZABLE:
+            raise errors.FailedPrecondition(LINEARIZABLE_REFUSAL)
+        v = self.core.get(key)
+        if isinstance(v, Register):
+            return ReadResult(self._header(v.ts), v.value)
+        if isinstance(v, Counter):
+            # A counter has no single write timestamp: the clock now bounds every increment.
+            return ReadResult(self._header(self.core.hlc_now), v.value)
+        return ReadResult(self._header(None), None)
+
+    # -- introspection -------------------------------------------------------------------
+    async def status(self) -> kv_pb2.StatusResponse:
+        core = self.core
+        hlc = core.hlc_now
+        state = core.state()
+        st = kv_pb2.StatusResponse(
+            node_id=self.id,
+            address=self.config.advertise or self.config.listen,
+            role="replica",
+            keys=len(state) - core.tombstone_count(),
+            state_digest=core.digest(),
+            hlc=kv_pb2.HlcTimestamp(wall_ms=hlc.wall_ms, logical=hlc.logical, node_id=hlc.node),
+        )
+        sync = core.last_sync_ms
+        for peer_id, info in sorted(core.member_states().items()):
+            st.members.add(
+                node_id=peer_id,
+                address=self.peers.get(peer_id, ""),
+                state=MEMBER_STATES.get(info.state, kv_pb2.MEMBER_STATE_UNSPECIFIED),
+                incarnation=info.incarnation,
+                last_sync_unix_ms=sync.get(peer_id, 0),
+            )
+        stats = core.stats
+        for f in dataclasses.fields(stats):
+            st.counters[f.name] = getattr(stats, f.name)
+        st.counters["anti_entropy_rounds"] = stats.ae_rounds_completed
+        st.counters["tombstones"] = core.tombstone_count()
+        st.counters["incarnation"] = core.incarnation
+        st.counters["pending_writes"] = self._pending_writes
+        st.counters["dedup_clients"] = len(self._dedup)
+        for k, v in self.counters.items():
+            st.counters[k] = v
+        return st
+
+    async def dump(self, start_after: str, limit: int) -> AsyncIterator[kv_pb2.DumpEntry]:
+        state = self.core.state()
+        keys = sorted(k for k in state if k > start_after)
+        if limit:
+            keys = keys[:limit]
+        for key in keys:
+            v: Value | None = state.get(key)
+            if isinstance(v, Register):
+                yield kv_pb2.DumpEntry(
+                    key=key,
+                    type=kv_pb2.VALUE_TYPE_REGISTER,
+                    value=v.value or b"",
+                    tombstone=v.value is None,
+                    hlc=kv_pb2.HlcTimestamp(
+                        wall_ms=v.ts.wall_ms, logical=v.ts.logical, node_id=v.ts.node
+                    ),
+                )
+            elif isinstance(v, Counter):
+                yield kv_pb2.DumpEntry(
+                    key=key,
+                    type=kv_pb2.VALUE_TYPE_COUNTER,
+                    counter=v.value,
+                    counter_increments=dict(v.p),
+                    counter_decrements=dict(v.n),
+                )
+
+
+def build_backend(config: NodeConfig, clock: SkewableClock) -> GossipBackend:
+    return GossipBackend(config, clock)

@@ -1,0 +1,346 @@
+"""Workloads: closed-loop clients that drive one cluster and record every operation.
+
+Theory of operation
+-------------------
+Each client is a closed loop (one operation at a time) pinned to one node; it talks to that
+node directly (never through the proxies) with its own :class:`~harness.client.KVClient`
+(no retries, the scenario's per-operation deadline). An optional target rate (ops/s for the
+whole store) spaces the operations of each client evenly; a client that falls behind does
+not burst to catch up.
+
+Every operation is recorded through a :class:`Recorder` (a :class:`~harness.history.HistoryWriter`
+whose times are relative to a shared ``t0``, so that histories of two stores run side by
+side share one time axis): ``invoke``, then ``ok``, ``fail`` (only when the error is
+*definite*: :attr:`caplab.errors.StoreError.definite`, or a CAS whose comparison failed) or
+``info`` (everything uncertain: deadline exceeded, connection lost mid-call, ...). After an
+``info`` the client continues under a new process id (Jepsen convention: the old process
+may still have an operation in flight). Operations carry the node and, when the nemesis has
+a partition in force, the node's side (``majority``/``minority``).
+
+Workloads:
+
+``register``  read / write / cas over ``keys`` registers ``r0..``; every written value is
+              unique (``"<process>-<n>"``), so every read traces back to one write. CAS
+              expects the value this client last saw. The AP store refuses CAS with
+              FAILED_PRECONDITION: a ``fail``.
+``counter``   increments by a random delta in 1..5 and reads of ``keys`` counters ``c0..``.
+``both``      each operation picks one of the two at random.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeAlias
+
+from caplab import errors
+from caplab.v1 import kv_pb2
+from harness.client import KVClient
+from harness.history import CompletionType, Event, HistoryWriter, Json, Process
+
+WORKLOADS = ("register", "counter", "both")
+_Outcome: TypeAlias = tuple[CompletionType, Json, str | None]  # completion type, value, error
+
+
+def register_keys(n: int) -> list[str]:
+    return [f"r{i}" for i in range(n)]
+
+
+def counter_keys(n: int) -> list[str]:
+    return [f"c{i}" for i in range(n)]
+
+
+class Recorder:
+    """A history writer on a shared time axis: event time = ``monotonic_ns() - t0_ns``."""
+
+    def __init__(self, path: str | Path, t0_ns: int) -> None:
+        self.t0_ns = t0_ns
+        self.writer = HistoryWriter(path)
+        self.path = Path(path)
+
+    def now(self) -> int:
+        return max(0, time.monotonic_ns() - self.t0_ns)
+
+    def invoke(
+        self,
+        process: Process,
+        f: str,
+        key: str | None,
+        value: Json = None,
+        *,
+        node: str | None = None,
+        side: str | None = None,
+    ) -> Event:
+        return self.writer.invoke(process, f, key, value, node=node, side=side, time=self.now())
+
+    def complete(
+        self,
+        type: CompletionType,
+        process: Process,
+        value: Json = None,
+        *,
+        error: str | None = None,
+    ) -> Event:
+        return self.writer.complete(type, process, value, error=error, time=self.now())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadConfig:
+    kind: str = "both"  # register | counter | both
+    keys: int = 3
+    clients_per_node: int = 2
+    rate: float = 0.0  # ops/s for the whole store; 0 = closed loop as fast as possible
+    op_timeout: float = 1.0
+    seed: int = 0
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, errors.StoreError):
+        text = f"{e.code.name}: {e.message}"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return text[:300]
+
+
+class Workload:
+    """Clients of one cluster. ``endpoints`` maps node id -> address (direct, no proxy);
+    ``side_of(node)`` gives the node's current partition side or None."""
+
+    def __init__(
+        self,
+        config: WorkloadConfig,
+        endpoints: Mapping[str, str],
+        recorder: Recorder,
+        side_of: Callable[[str], str | None] = lambda _n: None,
+        *,
+        client_prefix: str = "c",
+    ) -> None:
+        if config.kind not in WORKLOADS:
+            raise ValueError(f"unknown workload {config.kind!r}; allowed: {', '.join(WORKLOADS)}")
+        self.config = config
+        self.endpoints = dict(endpoints)
+        self.recorder = recorder
+        self.side_of = side_of
+        self.client_prefix = client_prefix
+        self.pins: list[str] = [
+            node for node in self.endpoints for _ in range(config.clients_per_node)
+        ]
+        self.counts: dict[str, int] = {"ok": 0, "fail": 0, "info": 0}
+
+    @property
+    def clients(self) -> int:
+        return len(self.pins)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run every client until ``stop`` is set (each finishes its operation in flight)."""
+        await asyncio.gather(*(self._client(i, node, stop) for i, node in enumerate(self.pins)))
+
+    async def _client(self, index: int, node: str, stop: asyncio.Event) -> None:
+        cfg = self.config
+        rng = random.Random(cfg.seed * 1_000_003 + index)
+        n_clients = self.clients
+        interval = n_clients / cfg.rate if cfg.rate > 0 else 0.0
+        state = _ClientState(process=index, rng=rng)
+        async with KVClient(
+            [self.endpoints[node]],
+            timeout=cfg.op_timeout,
+            retries=0,
+            client_id=f"{self.client_prefix}{index}-{cfg.seed}",
+        ) as client:
+            next_at = time.monotonic() + rng.uniform(0, interval)
+            while not stop.is_set():
+                if interval:
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        try:
+                            await asyncio.wait_for(stop.wait(), delay)
+                            break
+                        except TimeoutError:
+                            pass
+                    next_at = max(next_at + interval, time.monotonic())
+                kind = cfg.kind
+                if kind == "both":
+                    kind = "register" if rng.random() < 0.5 else "counter"
+                if kind == "register":
+                    outcome = await self._register_op(client, node, state)
+                else:
+                    outcome = await self._counter_op(client, node, state)
+                self.counts[outcome] += 1
+                if outcome == "info":
+                    state.process += n_clients  # the old process may still be in flight
+                if not interval:
+                    await asyncio.sleep(0)  # let other clients and the nemesis run
+
+    async def _do(
+        self,
+        state: _ClientState,
+        node: str,
+        f: str,
+        key: str,
+        value: Json,
+        call: Callable[[], Awaitable[_Outcome]],
+    ) -> CompletionType:
+        rec = self.recorder
+        pid = state.process
+        rec.invoke(pid, f, key, value, node=node, side=self.side_of(node))
+        try:
+            result = await asyncio.wait_for(call(), self.config.op_timeout + 2.0)
+            ctype, out, err = result
+        except errors.StoreError as e:
+            ctype, out, err = ("fail" if e.definite else "info"), None, _error_text(e)
+        except TimeoutError:
+            ctype, out, err = "info", None, "harness timeout (no answer after the deadline)"
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # anything unexpected: the outcome is unknown
+            ctype, out, err = "info", None, _error_text(e)
+        if ctype == "ok" and f in ("write", "cas", "incr"):
+            out = value
+        rec.complete(ctype, pid, out, error=err)
+        return ctype
+
+    async def _register_op(self, client: KVClient, node: str, st: _ClientState) -> CompletionType:
+        rng = st.rng
+        key = rng.choice(register_keys(self.config.keys))
+        r = rng.random()
+        if r < 0.5:
+
+            async def read() -> _Outcome:
+                g = await client.get(key)
+                v = g.value
+                text: str | None
+                if v is None:
+                    text = None
+                elif isinstance(v, bytes):
+                    text = v.decode("utf-8", "replace")
+                else:
+                    text = str(v)
+                st.last[key] = text
+                return "ok", text, None
+
+            return await self._do(st, node, "read", key, None, read)
+        st.n += 1
+        new = f"{st.process}-{st.n}"
+        if r < 0.8:
+
+            async def write() -> _Outcome:
+                await client.put(key, new.encode())
+                st.last[key] = new
+                return "ok", new, None
+
+            return await self._do(st, node, "write", key, new, write)
+        expected = st.last.get(key)
+
+        async def cas() -> _Outcome:
+            resp = await client.cas(
+                key, None if expected is None else expected.encode(), new.encode()
+            )
+            if resp.swapped:
+                st.last[key] = new
+                return "ok", [expected, new], None
+            current = resp.current.decode("utf-8", "replace") if resp.found else None
+            st.last[key] = current
+            return "fail", None, f"compare failed: current value {current!r}"
+
+        return await self._do(st, node, "cas", key, [expected, new], cas)
+
+    async def _counter_op(self, client: KVClient, node: str, st: _ClientState) -> CompletionType:
+        rng = st.rng
+        key = rng.choice(counter_keys(self.config.keys))
+        if rng.random() < 0.5:
+            delta = rng.randint(1, 5)
+
+            async def incr() -> _Outcome:
+                await client.increment(key, delta)
+                return "ok", delta, None
+
+            return await self._do(st, node, "incr", key, delta, incr)
+
+        async def read() -> _Outcome:
+            g = await client.get(key)
+            v = g.value if isinstance(g.value, int) else 0
+            return "ok", v, None
+
+        return await self._do(st, node, "read-counter", key, None, read)
+
+
+@dataclass(slots=True)
+class _ClientState:
+    process: int
+    rng: random.Random
+    n: int = 0
+    last: dict[str, str | None] = field(default_factory=dict)  # last value seen per key
+
+
+async def final_counter_reads(
+    endpoints: Mapping[str, str],
+    keys: Sequence[str],
+    recorder: Recorder,
+    *,
+    first_process: int,
+    timeout: float = 2.0,
+) -> dict[str, dict[str, int | None]]:
+    """Read every counter on every node with LOCAL consistency, recording each read in the
+    history (one process per node, starting at ``first_process``). Returns
+    node -> key -> value (None when the read failed)."""
+    out: dict[str, dict[str, int | None]] = {}
+    for i, (node, ep) in enumerate(endpoints.items()):
+        pid = first_process + i
+        out[node] = {}
+        async with KVClient([ep], timeout=timeout, retries=0) as client:
+            for key in keys:
+                recorder.invoke(pid, "read-counter", key, None, node=node)
+                try:
+                    g = await client.get(key, kv_pb2.CONSISTENCY_LOCAL)
+                    v = g.value if isinstance(g.value, int) else 0
+                    recorder.complete("ok", pid, v)
+                    out[node][key] = v
+                except errors.StoreError as e:
+                    recorder.complete(
+                        "fail" if e.definite else "info", pid, None, error=_error_text(e)
+                    )
+                    out[node][key] = None
+                    if not e.definite:
+                        pid += len(endpoints)
+    return out
+
+
+async def final_register_reads(
+    endpoints: Mapping[str, str],
+    keys: Sequence[str],
+    recorder: Recorder,
+    *,
+    first_process: int,
+    timeout: float = 2.0,
+) -> dict[str, dict[str, str | None]]:
+    """Read every register on every node with LOCAL consistency, recording each read in the
+    history as a ``read`` (one process per node from ``first_process``). Returns
+    node -> key -> value (None when absent; nodes/keys whose read failed are left out)."""
+    out: dict[str, dict[str, str | None]] = {}
+    for i, (node, ep) in enumerate(endpoints.items()):
+        pid = first_process + i
+        out[node] = {}
+        async with KVClient([ep], timeout=timeout, retries=0) as client:
+            for key in keys:
+                recorder.invoke(pid, "read", key, None, node=node)
+                try:
+                    g = await client.get(key, kv_pb2.CONSISTENCY_LOCAL)
+                except errors.StoreError as e:
+                    recorder.complete(
+                        "fail" if e.definite else "info", pid, None, error=_error_text(e)
+                    )
+                    if not e.definite:
+                        pid += len(endpoints)
+                    continue
+                v = g.value
+                text = v.decode("utf-8", "replace") if isinstance(v, bytes) else None
+                recorder.complete("ok", pid, text)
+                out[node][key] = text
+    return out

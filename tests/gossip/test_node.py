@@ -1,0 +1,80 @@
+"""GossipBackend in process (no peers): options, writes, exactly-once, refusals, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from caplab import errors
+from caplab.clock import SkewableClock
+from caplab.store import Consistency, NodeConfig
+from caplab.validation import RequestId
+from gossip.node import GossipBackend, GossipOptions, build_backend
+
+
+def test_options_parse_and_refuse_unknown() -> None:
+    o = GossipOptions.parse({"gossip_interval_ms": "50", "fanout": "2"})
+    cfg = o.core_config()
+    assert (cfg.gossip_interval_ms, cfg.fanout) == (50, 2)
+    with pytest.raises(errors.InvalidArgument, match="unknown gossip option 'fanuot'"):
+        GossipOptions.parse({"fanuot": "2"})
+    with pytest.raises(errors.InvalidArgument, match="integer"):
+        GossipOptions.parse({"fanout": "many"})
+    with pytest.raises(errors.InvalidArgument, match="ping_interval_ms"):
+        GossipOptions.parse({"ping_interval_ms": "100", "ping_timeout_ms": "100"})
+
+
+async def _backend(data: Path) -> GossipBackend:
+    b = build_backend(NodeConfig("gossip", "n1", "127.0.0.1:0", {}, str(data)), SkewableClock())
+    await b.start(grpc.aio.server())
+    return b
+
+
+async def test_writes_dedup_refusals_and_restart(tmp_path: Path) -> None:
+    b = await _backend(tmp_path)
+    h = await b.put("a", b"1", RequestId("c", 1), None)
+    assert h.stale_possible and h.hlc is not None and h.hlc.node_id == "n1"
+    r = await b.get("a", Consistency.DEFAULT, None)
+    assert r.value == b"1" and r.header.hlc == h.hlc
+    inc = await b.increment("ctr", 5, RequestId("c", 2), None)
+    again = await b.increment("ctr", 5, RequestId("c", 2), None)  # retried: applied once
+    assert inc.value == again.value == 5 and inc.header.hlc == again.header.hlc
+    await b.put("w", b"0", RequestId("c", 10), None)  # out of order: still in the window
+    assert (await b.increment("ctr", 1, RequestId("c", 9), None)).value == 6
+    for seq in range(11, 11 + b.opts.dedup_window):
+        await b.put("w", b"%d" % seq, RequestId("c", seq), None)
+    with pytest.raises(errors.FailedPrecondition, match="too old"):
+        await b.increment("ctr", 5, RequestId("c", 9), None)  # fell out of the window
+    with pytest.raises(errors.FailedPrecondition, match="counter"):
+        await b.put("ctr", b"x", None, None)
+    with pytest.raises(errors.OutOfRange):
+        await b.increment("ctr", 2**63 - 1, None, None)
+    with pytest.raises(errors.FailedPrecondition, match="available"):
+        await b.compare_and_swap("a", None, b"x", None, None)
+    with pytest.raises(errors.FailedPrecondition, match="available"):
+        await b.get("a", Consistency.LINEARIZABLE, None)
+    d = await b.delete("a", RequestId("c", 500), None)
+    assert d.existed
+    st = await b.status()
+    assert st.keys == 2 and st.counters["tombstones"] == 1 and st.counters["fsyncs"] >= 1
+    await b.before_shutdown()
+    await b.close()
+
+    b2 = await _backend(tmp_path)  # restart: state, dedup table and HLC survive
+    assert (await b2.get("ctr", Consistency.LOCAL, None)).value == 6
+    assert (await b2.get("a", Consistency.LOCAL, None)).value is None
+    replay = await b2.delete("a", RequestId("c", 500), None)
+    with pytest.raises(errors.FailedPrecondition, match="too old"):
+        await b2.increment("ctr", 5, RequestId("c", 9), None)  # the low-water mark survived
+    assert replay.existed and replay.header.hlc == d.header.hlc
+    assert d.header.hlc is not None
+    b2.clock.skew_ms = -3_600_000
+    h2 = await b2.put("b", b"2", None, None)
+    assert h2.hlc is not None
+    assert (h2.hlc.wall_ms, h2.hlc.logical) > (d.header.hlc.wall_ms, d.header.hlc.logical)
+    entries = [e async for e in b2.dump("", 0)]
+    assert [e.key for e in entries] == ["a", "b", "ctr", "w"]
+    assert entries[0].tombstone and dict(entries[2].counter_increments) == {"n1": 6}
+    await b2.close()
