@@ -18,8 +18,10 @@ Ready in this order and then call ``advance(rd)`` before asking for the next one
    then ``rd.entries`` (entries[0].index may be <= the durable last index: truncate the
    durable log from there, then append) and ``rd.hard_state`` (if set);
 2. only then send ``rd.messages`` (a vote grant or an AppendResp is a promise about durable
-   state; a leader counts its own not-yet-persisted entries towards commitment, which is
-   safe only because nothing derived from that count leaves the node before step 1);
+   state). Exception: ``Append`` messages (a leader's replication and heartbeats) promise
+   nothing about the sender's disk and may be sent *before* step 1, in parallel with the
+   leader's own fsync (etcd does the same): the leader counts its own entries towards
+   commitment only once they are durable, i.e. from ``advance(rd)`` on (``_stable``);
 3. restore the state machine from ``rd.snapshot`` if set, then apply
    ``rd.committed_entries`` in order (skip NOOP entries);
 4. answer ``rd.read_states`` (serve each read once ``applied_index >= state.index``) and
@@ -228,6 +230,10 @@ class RaftCore:
         # Ready bookkeeping.
         self._prev_hs = HardState(self._term, self._vote, self._commit)
         self._unstable_from = self.last_index + 1  #: first index not yet handed to a Ready.
+        #: highest index known durable on this node (entries from restart are; a Ready's
+        #: entries become so at advance). The leader's own vote in commitment counts only
+        #: up to here, so its Appends may leave before its own fsync.
+        self._stable = self.last_index
         self._pending_snapshot: Snapshot | None = None
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
@@ -460,10 +466,18 @@ class RaftCore:
         if rd is not self._outstanding:
             raise ValueError("advance() called with a Ready that is not outstanding")
         self._outstanding = None
+        if rd.entries:
+            last = rd.entries[-1]
+            # Still the same entry in memory => (log matching) the whole prefix is durable.
+            if self.log_term(last.index) == last.term:
+                self._stable = max(self._stable, last.index)
         if rd.snapshot is not None:
+            self._stable = max(self._stable, rd.snapshot.meta.index)
             self._applied = max(self._applied, rd.snapshot.meta.index)
         if rd.committed_entries:
             self._applied = max(self._applied, rd.committed_entries[-1].index)
+        if self._role is Role.LEADER and rd.entries:
+            self._maybe_commit()
 
     def _hard_state(self) -> HardState:
         hs = self._prev_hs
@@ -706,7 +720,7 @@ class RaftCore:
     def _maybe_commit(self) -> bool:
         """Advance commit by counting (current-term entries only); broadcast if advanced."""
         match = {p: pr.match for p, pr in self._prs.items()}
-        match[self.id] = self.last_index
+        match[self.id] = min(self.last_index, self._stable)
         ci = committed_index(match, self.voters)
         if ci <= self._commit or self.log_term(ci) != self._term:
             return False
@@ -862,6 +876,7 @@ class RaftCore:
                     )
                 del self._log[e.index - self._snap_index - 1 :]
                 self._unstable_from = min(self._unstable_from, e.index)
+                self._stable = min(self._stable, e.index - 1)
                 self._log.extend(ents[k:])
                 return
 
@@ -880,6 +895,7 @@ class RaftCore:
             self._pending_snapshot = m.snapshot
             self._commit = meta.index
             self._unstable_from = meta.index + 1
+            self._stable = min(self._stable, meta.index)
             self._applied = max(self._applied, meta.index)
         self._send(AppendResp(self.id, m.frm, self._term, False, meta.index, 0, 0, 0))
 

@@ -73,7 +73,15 @@ from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import MAX_MESSAGE_BYTES, RequestId
 from raft.codec import from_pb, to_pb
 from raft.core import RaftConfig, RaftCore, Ready, Role
-from raft.messages import EntryKind, HardState, InstallSnapshot, Message, Snapshot, SnapshotMeta
+from raft.messages import (
+    Append,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    Message,
+    Snapshot,
+    SnapshotMeta,
+)
 from raft.statemachine import OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine
 from raft.storage import RaftStorage
 
@@ -469,6 +477,11 @@ class RaftBackend:
                     rf.set_exception(self._not_leader_reason())
 
     async def _process(self, rd: Ready) -> None:
+        # A leader's Appends promise nothing about its own disk: they leave now, in
+        # parallel with its fsync (the core counts its own copy only once durable).
+        for early in rd.messages:
+            if isinstance(early, Append) and (link := self.links.get(early.to)) is not None:
+                link.send(early)
         hs = rd.hard_state
         durable = self._durable_hs
         if (
@@ -490,6 +503,8 @@ class RaftBackend:
             if hs is not None:
                 self._durable_hs, self._lazy_hs = hs, None
         for m in rd.messages:
+            if isinstance(m, Append):
+                continue
             link = self.links.get(m.to)
             if link is not None:
                 link.send(m)

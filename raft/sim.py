@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from harness.checker.linearizable import check_register
 from harness.history import Operation
 from raft.core import RaftConfig, RaftCore, Ready, Role
-from raft.messages import Entry, EntryKind, HardState, Message, Snapshot
+from raft.messages import Append, Entry, EntryKind, HardState, Message, Snapshot
 
 
 class InvariantViolation(AssertionError):
@@ -54,6 +54,12 @@ class SimConfig:
     clients: int = 4
     keys: int = 3
     compact_every: int = 25  #: compact when this many entries applied past the snapshot.
+    #: per-Ready probability (fault phase) of crashing after the early Appends left but
+    #: before the Ready was persisted (the shell sends Appends in parallel with its fsync).
+    crash_mid_ready: float = 0.005
+    #: a Ready's fsync takes up to this many ticks (0: synchronous); meanwhile the node keeps
+    #: receiving messages, and a crash loses the Ready.
+    disk_ticks: int = 0
     raft: RaftConfig = field(default_factory=lambda: RaftConfig(election_ticks=10))
 
 
@@ -93,6 +99,9 @@ class SimNode:
     ready_reads: list[tuple[int, _Op]] = field(default_factory=list)  #: (index, op)
     commit_seen: int = 0
     recorded_commit: int = 0
+    #: a Ready whose fsync is still running (asynchronous disk), and when it completes.
+    writing: Ready | None = None
+    write_done_at: int = 0
 
 
 class Simulator:
@@ -110,6 +119,7 @@ class Simulator:
         self.drop = self.cfg.drop
         self.dup = self.cfg.dup
         self.now = 0
+        self._faults = False
         self.clock = 0  # logical event counter for operation times
         self.net: list[tuple[int, int, Message]] = []
         self.seq = 0
@@ -152,6 +162,7 @@ class Simulator:
         if n.core is None:
             return
         n.core = None
+        n.writing = None
         for op in [*n.pending_puts.values(), *n.pending_reads.values()]:
             self._complete(op, "info", None)
         for _, op in n.ready_reads:
@@ -195,35 +206,69 @@ class Simulator:
     def _process(self, n: SimNode) -> None:
         core = n.core
         assert core is not None
+        if n.writing is not None:
+            if self.now < n.write_done_at:
+                return  # still fsyncing; the core keeps stepping messages meanwhile
+            done, n.writing = n.writing, None
+            self._finish(n, done)
         while (rd := core.ready()) is not None:
-            self._persist(n, rd)
+            # As the real shell: Appends leave before the fsync, everything else after.
             for m in rd.messages:
+                if isinstance(m, Append):
+                    self._send(m)
+            if self._faults and self.rng.random() < self.cfg.crash_mid_ready:
+                self.crash(n.id)
+                return
+            if self.cfg.disk_ticks and self.rng.random() < 0.5:
+                n.writing = rd
+                n.write_done_at = self.now + self.rng.randint(1, self.cfg.disk_ticks)
+                return
+            self._finish(n, rd)
+        self._after_ready(n)
+
+    def _finish(self, n: SimNode, rd: Ready) -> None:
+        """The rest of a Ready once its fsync completed: persist, send, apply, advance."""
+        core = n.core
+        assert core is not None
+        self._persist(n, rd)
+        for m in rd.messages:
+            if not isinstance(m, Append):
                 self._send(m)
-            if rd.snapshot is not None:
-                meta = rd.snapshot.meta
-                n.kv = dict(json.loads(rd.snapshot.data))
-                n.applied = meta.index
-                for idx in [i for i in n.pending_puts if i <= meta.index]:
-                    self._complete(n.pending_puts.pop(idx), "info", None)
-            for e in rd.committed_entries:
-                self._apply(n, e)
-            for rs in rd.read_states:
-                op = n.pending_reads.pop(rs.request_id, None)
-                if op is not None:
-                    n.ready_reads.append((rs.index, op))
-            for rid in rd.dropped_reads:
-                op = n.pending_reads.pop(rid, None)
-                if op is not None:
-                    self._complete(op, "fail", None)
-            core.advance(rd)
-            if n.ready_reads:
-                keep = []
-                for idx, op in n.ready_reads:
-                    if idx <= n.applied:
-                        self._complete(op, "ok", n.kv.get(op.key))
-                    else:
-                        keep.append((idx, op))
-                n.ready_reads = keep
+        if rd.snapshot is not None:
+            meta = rd.snapshot.meta
+            n.kv = dict(json.loads(rd.snapshot.data))
+            n.applied = meta.index
+            for idx in [i for i in n.pending_puts if i <= meta.index]:
+                self._complete(n.pending_puts.pop(idx), "info", None)
+        for e in rd.committed_entries:
+            self._apply(n, e)
+        for rs in rd.read_states:
+            op = n.pending_reads.pop(rs.request_id, None)
+            if op is not None:
+                n.ready_reads.append((rs.index, op))
+        for rid in rd.dropped_reads:
+            op = n.pending_reads.pop(rid, None)
+            if op is not None:
+                self._complete(op, "fail", None)
+        core.advance(rd)
+        if n.ready_reads:
+            keep = []
+            for idx, op in n.ready_reads:
+                if idx <= n.applied:
+                    self._complete(op, "ok", n.kv.get(op.key))
+                else:
+                    keep.append((idx, op))
+            n.ready_reads = keep
+
+    def _after_ready(self, n: SimNode) -> None:
+        core = n.core
+        assert core is not None
+        if n.pending_puts and core.role is not Role.LEADER:
+            # As the real shell: writes in flight when leadership is lost get "unknown"
+            # (a later leader may still commit them), so their clients move on.
+            for op in n.pending_puts.values():
+                self._complete(op, "info", None)
+            n.pending_puts.clear()
         # Compaction, as an application would do it.
         if n.applied - core.first_index + 1 >= self.cfg.compact_every:
             data = json.dumps(sorted(n.kv.items())).encode()
@@ -442,6 +487,7 @@ class Simulator:
     def step_tick(self, *, faults: bool, clients: bool) -> None:
         """Advance the whole cluster by one tick."""
         self.now += 1
+        self._faults = faults
         if faults and self.rng.random() < self.cfg.nemesis_rate:
             self._nemesis()
         self._deliver()
@@ -547,6 +593,7 @@ def run_seed(seed: int, *, soak: bool = False) -> Simulator:
         dup=r.choice([0.0, 0.05]),
         nemesis_rate=r.choice([0.02, 0.05, 0.1]),
         compact_every=r.choice([5, 20, 1000]),
+        disk_ticks=r.choice([0, 2, 4]),
         raft=rc,
     )
     cfg = replace(cfg)
