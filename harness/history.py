@@ -13,14 +13,18 @@ of the harness recorded them (Jepsen-shaped). Each line of the file is one JSON 
 ``type``       ``"invoke"`` | ``"ok"`` | ``"fail"`` | ``"info"``. ``fail`` means the operation
                definitely did not take effect; anything uncertain (timeout, connection lost
                after sending) is ``info``.
-``f``          the function: ``read``, ``write``, ``cas``, ``delete``, ``incr``,
-               ``read-counter``, ... and nemesis functions (``partition``, ``heal``, ``kill``,
-               ``restart``, ``pause``, ``resume``, ``clock-skew``).
+``f``          the function: ``read`` (at the store's default consistency), ``read-local``
+               (a LOCAL read: this node's state, possibly stale; not part of the
+               linearizability check, measured for staleness), ``write``, ``cas``,
+               ``delete``, ``incr``, ``read-counter``, ... and nemesis functions
+               (``partition``, ``heal``, ``kill``, ``restart``, ``pause``, ``resume``,
+               ``clock-skew``).
 ``key``        str or null.
 ``value``      JSON. ``write``: the written string (invoke and completion). ``cas``:
                ``[expected, new]`` where ``expected`` null means "key absent"; an ``ok`` cas
                means the swap happened (a compare that did not match is a ``fail``).
-               ``read``: null on the invoke, the value read on ``ok`` (null = absent).
+               ``read``/``read-local``: null on the invoke, the value read on ``ok`` (null =
+               absent).
                ``delete``: null. ``incr``: the integer delta. ``read-counter``: null on the
                invoke, the integer read on ``ok``. Nemesis events: free-form description.
 ``error``      str or null: why an operation failed or is indeterminate.
@@ -59,7 +63,7 @@ Process: TypeAlias = int | str
 NEMESIS = "nemesis"
 EVENT_TYPES: frozenset[str] = frozenset({"invoke", "ok", "fail", "info"})
 CLIENT_FUNCTIONS: frozenset[str] = frozenset(
-    {"read", "write", "cas", "delete", "incr", "read-counter"}
+    {"read", "read-local", "write", "cas", "delete", "incr", "read-counter"}
 )
 NEMESIS_FUNCTIONS: frozenset[str] = frozenset(
     {"partition", "heal", "kill", "restart", "pause", "resume", "clock-skew"}
@@ -156,7 +160,11 @@ def _check_value(f: str, etype: str, value: object) -> str | None:
         )
         if not ok:
             return f"cas value must be [expected-or-null, new], got {json.dumps(value)}"
-    if f == "read" and etype == "ok" and not (value is None or isinstance(value, str)):
+    if (
+        f in ("read", "read-local")
+        and etype == "ok"
+        and not (value is None or isinstance(value, str))
+    ):
         return f"read result must be a string or null, got {json.dumps(value)}"
     if f == "incr" and etype in ("invoke", "ok") and not _is_int(value):
         return f"incr value must be an integer delta, got {json.dumps(value)}"

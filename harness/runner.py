@@ -685,6 +685,8 @@ def run_checkers(
     out.update(_extra_checkers(store, ops, samples, window, final_reads))
     if store == "gossip":
         out.update(_staleness(ops, final_registers or {}))
+    else:
+        out["stale_local_reads"] = _stale_reads_figures(ops, ("read-local",))
     return out
 
 
@@ -883,6 +885,23 @@ def _extra_checkers(
     return out
 
 
+def _stale_reads_figures(ops: Sequence[Operation], read_fs: tuple[str, ...]) -> dict[str, Any]:
+    """Reads that returned a value older than a write completed before they began."""
+    from harness.checker.staleness import stale_reads
+
+    sr = stale_reads(ops, read_fs=read_fs)
+    return {
+        "valid": None,
+        "read_functions": list(read_fs),
+        "reads_checked": sr.reads_checked,
+        "stale": sr.stale_count,
+        "stale_fraction": round(sr.stale_count / sr.reads_checked, 4) if sr.reads_checked else None,
+        "per_key": dict(sr.per_key),
+        "max_lag_ms": sr.max_lag_ns / 1e6,
+        "unexplained": len(sr.unexplained),
+    }
+
+
 def _staleness(
     ops: Sequence[Operation], final_registers: Mapping[str, Mapping[str, str | None]]
 ) -> dict[str, dict[str, Any]]:
@@ -890,21 +909,10 @@ def _staleness(
     from collections import Counter
 
     from harness.checker.linearizable import describe
-    from harness.checker.staleness import lww_losers, stale_reads
+    from harness.checker.staleness import lww_losers
 
-    sr = stale_reads(ops)
     out: dict[str, dict[str, Any]] = {
-        "stale_reads": {
-            "valid": None,
-            "reads_checked": sr.reads_checked,
-            "stale": sr.stale_count,
-            "stale_fraction": round(sr.stale_count / sr.reads_checked, 4)
-            if sr.reads_checked
-            else None,
-            "per_key": dict(sr.per_key),
-            "max_lag_ms": sr.max_lag_ns / 1e6,
-            "unexplained": len(sr.unexplained),
-        }
+        "stale_reads": _stale_reads_figures(ops, ("read", "read-local"))
     }
     finals: dict[str, Json] = {}
     disagreements: list[str] = []
