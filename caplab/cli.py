@@ -326,7 +326,7 @@ def _registrars() -> list[Registrar]:
     # Later subcommands live with the code they drive.
     import importlib
 
-    for module_name in ("harness.cli", "harness.bench"):
+    for module_name in ("harness.cli", "harness.bench", "harness.demo"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
