@@ -150,6 +150,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print_summary(result.stores, out)
     print(f"results: {result.results_path}")
+    from harness.report import build_report
+
+    rep = build_report(out)
+    print(f"report: {rep.html_path}")
     if result.valid is False:
         _err("a checker found a violation (see results.json)")
         return EXIT_FAILED

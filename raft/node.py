@@ -336,6 +336,7 @@ class RaftBackend:
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-disk-{self.id}")
         self._stopping = False
         self._was_leader = False
+        self._view: tuple[Role, int, str | None] | None = None
         self._compacting = False
         self._durable_hs = HardState(0, None, 0)
         self._lazy_hs: HardState | None = None
@@ -563,6 +564,17 @@ class RaftBackend:
         return idx
 
     def _check_leadership(self) -> None:
+        core = self.core
+        view = (core.role, core.term, core.leader_id)
+        if view != self._view:
+            log.info(
+                "raft_role",
+                role=ROLE_NAMES[core.role],
+                term=core.term,
+                leader=core.leader_id,
+                commit=core.commit_index,
+            )
+            self._view = view
         is_leader = self.core.role is Role.LEADER
         if self._was_leader and not is_leader and (self._pending or self._reads):
             err = errors.OutcomeUnknown(
