@@ -16,12 +16,21 @@ them. ``Outputs.to_persist`` (remote state merged into the replica) and
 ``Outputs.messages``: a DeltasAck or an anti-entropy reply asserts the data is durable.
 
 Delta gossip. Every change (local or merged from a peer) appends its key to a delta log
-with a sequence number (a key appears once, at its latest sequence number). Every
-``gossip_interval_ms`` the node sends to ``fanout`` random live peers the current values
-of the keys logged after the peer's last ``DeltasAck`` (at most ``delta_batch_max`` keys
-per message). The log is pruned once every peer acked an entry and capped at
-``delta_log_max`` keys; a peer whose unacked entries were dropped is "behind" and gets the
-next anti-entropy round (which repairs everything).
+with a sequence number (a key appears once, at its latest sequence number). Per peer the
+node keeps ``acked``: the peer durably holds the current value of every key logged at or
+below it. Every ``gossip_interval_ms`` the node picks ``fanout`` random live peers and
+streams to each the current values of the keys logged after what it already sent
+(at most ``delta_batch_max`` keys per ``Deltas``, at most ``deltas_window`` unacknowledged
+``Deltas`` per peer, each continuing where the previous one ended); every ``DeltasAck``
+releases the next batch at once (ack-clocked, so a backlog streams at the speed of the
+peer rather than of the timer). A batch unacknowledged for ``deltas_resend_ms`` makes the
+node go back and re-send from ``acked``. A key is not sent to a peer known to hold its
+current value: the peer it was merged from, or any peer that sent us that same value
+(its Deltas or anti-entropy items are evidence it holds them). An anti-entropy round that
+finds the two roots equal acknowledges the whole log up to the round's start. The log is
+pruned once every peer acked an entry and capped at ``delta_log_max`` keys; a peer whose
+unacked entries were dropped is "behind" and gets the next anti-entropy round (which
+repairs everything).
 
 Anti-entropy. Every ``anti_entropy_interval_ms`` the node runs a push-pull round with one
 random live peer (a "behind" peer first): the two sides descend the Merkle tree (root,
@@ -66,6 +75,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -132,6 +142,12 @@ class GossipConfig:
     tombstone_grace_ms: int = 7 * 24 * 3600 * 1000  # forced GC: may resurrect (see module doc)
     delta_log_max: int = 10_000  # keys
     delta_batch_max: int = 1_000  # keys per Deltas message
+    # Flow control of delta gossip, per peer: at most this many unacknowledged Deltas
+    # (each continues where the previous one ended: pipelining) ...
+    deltas_window: int = 4
+    # ... and when the oldest is unacknowledged for this long, the window is re-sent from
+    # the peer's last acknowledged position (go-back-N).
+    deltas_resend_ms: int = 1000
     ae_max_nodes: int = 256  # differing tree nodes followed per level per round
     merkle_depth: int = 4
     max_drift_ms: int = 60_000
@@ -213,6 +229,37 @@ class _Relay:
 class _Round:
     peer: str
     start_ms: int
+    log_seq: int  # the initiator's delta-log sequence number when the round started
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A Deltas in flight: covers the sender's log range (start, end], end = Deltas.seq."""
+
+    start: int
+    # Tombstones it carries: the peer holds them once this exact batch is acknowledged.
+    tombs: tuple[tuple[str, Timestamp], ...]
+    sent_ms: int
+
+
+@dataclass(slots=True)
+class _Flow:
+    """Delta-gossip state towards one peer."""
+
+    # Invariant: the peer durably holds the current value of every key whose delta-log
+    # sequence number is <= acked (acknowledged, or known from the peer's own messages).
+    acked: int
+    sent: int  # batches were sent up to this sequence number (>= acked)
+    inflight: dict[int, _Batch] = field(default_factory=dict)  # end seq -> batch
+    # Batches given up on by a go-back: a late ack still counts, but they no longer
+    # occupy the window.
+    late: dict[int, _Batch] = field(default_factory=dict)
+    # Congestion control: batches allowed in flight (1 after a go-back, +1 per ack, at most
+    # ``deltas_window``) and the smoothed ack delay (the go-back timeout is at least 3x it).
+    cwnd: int = 1
+    srtt_ms: float = 0.0
+    # Acknowledged ranges (start, end] above ``acked`` not yet contiguous with it.
+    done: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -272,14 +319,18 @@ class GossipCore:
             # (increments, overwritten writes): never reissue one after a restart.
             self._hlc.observe(hlc_floor, now_ms)
         self.stats = Stats()
-        # delta log: key -> seq of its latest change, in increasing seq order
+        # Delta log. ``_log``: key -> seq of its latest change. ``_log_order``: (seq, key)
+        # in increasing seq order, with stale pairs (key re-logged since) skipped when read;
+        # live pairs start at ``_log_head``. Sequence numbers start at a random point so
+        # acks addressed to an earlier incarnation of this node never match new batches.
         self._log: dict[str, int] = {}
-        self._seq = 0
-        self._log_floor = 0  # entries with seq <= floor were dropped without every ack
-        self._acked: dict[str, int] = dict.fromkeys(self._peers, 0)
-        self._inflight: dict[str, dict[int, tuple[tuple[str, Timestamp], ...]]] = {
-            p: {} for p in self._peers
-        }
+        self._log_order: list[tuple[int, str]] = []
+        self._log_head = 0
+        self._seq = rng.getrandbits(60)
+        self._log_floor = self._seq  # entries with seq <= floor were dropped without every ack
+        # key (in the log) -> peers known to hold its current value (they sent it to us)
+        self._known: dict[str, set[str]] = {}
+        self._flow: dict[str, _Flow] = {p: _Flow(self._seq, self._seq) for p in self._peers}
         self._behind: set[str] = set()
         # tombstones: key -> members known to hold it (or a newer value)
         self._tomb: dict[str, set[str]] = {}
@@ -395,56 +446,155 @@ class GossipCore:
 
     # ------------------------------------------------------------------ delta log
 
-    def _log_key(self, key: str) -> None:
+    def _log_key(self, key: str, holder: str | None = None) -> None:
+        """Log a change of ``key``; ``holder``: a peer known to hold the new value."""
         self._seq += 1
         self._log.pop(key, None)
         self._log[key] = self._seq
+        self._log_order.append((self._seq, key))
+        if holder is None:
+            self._known.pop(key, None)
+        else:
+            self._known[key] = {holder}
         if len(self._log) > self.config.delta_log_max:
             k0 = next(iter(self._log))
             self._log_floor = max(self._log_floor, self._log.pop(k0))
+            self._known.pop(k0, None)
+        self._compact_log()
+
+    def _unlog(self, key: str) -> None:
+        if self._log.pop(key, None) is not None:
+            self._known.pop(key, None)
+            self._compact_log()
+
+    def _compact_log(self) -> None:
+        order = self._log_order
+        live = len(self._log)
+        if len(order) - self._log_head > 2 * live + 1024:
+            self._log_order = [(s, k) for s, k in order[self._log_head :] if self._log.get(k) == s]
+            self._log_head = 0
+        elif self._log_head > 1024 and self._log_head * 2 > len(order):
+            del order[: self._log_head]
+            self._log_head = 0
 
     def _prune_log(self) -> None:
         if not self._peers:
             self._log.clear()
+            self._known.clear()
+            self._log_order.clear()
+            self._log_head = 0
             return
-        low = min(self._acked.values())
+        low = min(f.acked for f in self._flow.values())
         while self._log:
             k0 = next(iter(self._log))
             if self._log[k0] > low:
                 break
             del self._log[k0]
+            self._known.pop(k0, None)
+        order, head = self._log_order, self._log_head
+        while head < len(order) and order[head][0] <= low:
+            head += 1
+        self._log_head = head
+        self._compact_log()
+
+    def _note_done(self, peer: str, start: int, end: int) -> None:
+        """The peer holds the current values of the keys logged in (start, end]."""
+        fl = self._flow[peer]
+        if end <= fl.acked:
+            return
+        fl.done.append((start, end))
+        if start > fl.acked:
+            return
+        fl.done.sort()
+        keep: list[tuple[int, int]] = []
+        for a, b in fl.done:
+            if a <= fl.acked:
+                fl.acked = max(fl.acked, b)
+            else:
+                keep.append((a, b))
+        fl.done = [(a, b) for a, b in keep if b > fl.acked]
+        fl.sent = max(fl.sent, fl.acked)
+        for e in [e for e in fl.inflight if e <= fl.acked]:
+            del fl.inflight[e]  # superseded: its range is covered
+        for e in [e for e in fl.late if e <= fl.acked]:
+            del fl.late[e]
+        self._prune_log()
 
     def _send_deltas(self, peer: str) -> None:
-        acked = self._acked[peer]
-        if acked < self._log_floor:
+        """Send ``peer`` the logged entries it lacks, pipelining up to ``deltas_window``."""
+        cfg = self.config
+        fl = self._flow[peer]
+        now = self._now
+        if fl.acked < self._log_floor:
             # entries this peer never acked were dropped: anti-entropy will repair it
-            self._acked[peer] = acked = self._log_floor
-            infl = self._inflight[peer]
-            for s in [s for s in infl if s <= acked]:
-                del infl[s]  # never acknowledged: do not count the peer as a holder
+            fl.acked = fl.sent = self._log_floor
+            fl.inflight.clear()  # never acknowledged: do not count the peer as a holder
+            fl.late.clear()
+            fl.done = [(a, b) for a, b in fl.done if b > fl.acked]
             if peer not in self._behind:
                 self._behind.add(peer)
                 self.stats.peers_fell_behind += 1
-        pending: list[tuple[str, int]] = []
-        for k, s in reversed(self._log.items()):
-            if s <= acked:
-                break
-            pending.append((k, s))
-        if not pending:
-            return
-        pending.reverse()
-        batch = pending[: self.config.delta_batch_max]
-        entries = tuple((k, self._state[k]) for k, _ in batch)
-        seq = batch[-1][1]
-        tombs = tuple((k, v.ts) for k, v in entries if isinstance(v, Register) and v.value is None)
-        if tombs:
-            infl = self._inflight[peer]
-            infl[seq] = tombs
-            if len(infl) > 64:
-                del infl[min(infl)]
-        self.stats.deltas_sent += 1
-        self.stats.delta_entries_sent += len(entries)
-        self._send(Deltas(self.node_id, peer, entries, seq))
+        if fl.inflight:
+            oldest = min(b.sent_ms for b in fl.inflight.values())
+            if now - oldest >= max(cfg.deltas_resend_ms, 3 * fl.srtt_ms):
+                fl.sent = fl.acked  # go back: re-send the unacknowledged window
+                fl.cwnd = 1
+                fl.late.update(fl.inflight)
+                fl.inflight.clear()
+                while len(fl.late) > 64:
+                    del fl.late[min(fl.late)]
+        order = self._log_order
+        while True:
+            start = max(fl.sent, fl.acked)
+            for lo, hi in sorted(fl.done):
+                if lo <= start < hi:
+                    start = hi
+            if start >= self._seq or len(fl.inflight) >= min(fl.cwnd, cfg.deltas_window):
+                return
+            i = max(bisect_right(order, (start, "\U0010ffff")), self._log_head)
+            known = self._known
+            state = self._state
+            log = self._log
+            entries: list[Entry] = []
+            tombs: list[tuple[str, Timestamp]] = []
+            end = start
+            scan_max = 8 * cfg.delta_batch_max
+            n = len(order)
+            scanned = 0
+            while i < n and len(entries) < cfg.delta_batch_max and scanned < scan_max:
+                sq, k = order[i]
+                i += 1
+                if log.get(k) != sq:
+                    continue  # stale: the key was re-logged later (or dropped)
+                scanned += 1
+                end = sq
+                holders = known.get(k)
+                if holders is not None and peer in holders:
+                    continue  # the peer sent us this value: it has it
+                v = state[k]
+                entries.append((k, v))
+                if isinstance(v, Register) and v.value is None:
+                    tombs.append((k, v.ts))
+            if i >= n:
+                end = self._seq  # everything logged so far is covered
+            if end <= start:
+                return
+            fl.sent = end
+            if not entries:
+                self._note_done(peer, start, end)
+                continue
+            old = fl.inflight.get(end) or fl.late.pop(end, None)
+            if old is not None:
+                # same end re-sent: an ack proves only what both copies carried
+                start = max(start, old.start)
+                had = set(old.tombs)
+                tombs = [t for t in tombs if t in had]
+            fl.inflight[end] = _Batch(start, tuple(tombs), now)
+            if len(fl.inflight) > 64:
+                del fl.inflight[min(fl.inflight)]
+            self.stats.deltas_sent += 1
+            self.stats.delta_entries_sent += len(entries)
+            self._send(Deltas(self.node_id, peer, tuple(entries), end))
 
     # ------------------------------------------------------------------ merging
 
@@ -466,13 +616,15 @@ class GossipCore:
             except ClockDriftError:
                 self.stats.clock_drift_rejections += 1
         res = apply_delta(self._state, accepted)
+        got = dict(accepted)
         for k, new in res.changed.items():
             self._merkle.update(k, new)
-            self._log_key(k)
+            # src holds exactly this value when it is what src sent (not a join of both)
+            self._log_key(k, src if got.get(k) == new else None)
             self._out.persist[k] = new
             self._collected.pop(k, None)
             if _is_tombstone(new):
-                self._tomb[k] = {self.node_id, src}
+                self._tomb[k] = {self.node_id, src}  # a register join is one of its inputs
             else:
                 self._tomb.pop(k, None)
         for k, old in res.overwritten:
@@ -487,10 +639,19 @@ class GossipCore:
         for _k, old in res.type_lost:
             if old.ts.node == self.node_id:
                 self.stats.type_conflict_overwrites += 1
+        tomb, state, known = self._tomb, self._state, self._known
         for k, v in accepted:
-            holders = self._tomb.get(k)
-            if holders is not None and self._state.get(k) == v:
-                holders.add(src)
+            if k in res.changed:
+                continue
+            if state.get(k) == v:  # src holds our current value
+                holders = tomb.get(k)
+                if holders is not None:
+                    holders.add(src)
+                kn = known.get(k)
+                if kn is not None:
+                    kn.add(src)
+                elif k in self._log:
+                    known[k] = {src}
 
     # ------------------------------------------------------------------ step / tick
 
@@ -544,17 +705,24 @@ class GossipCore:
 
     def _on_deltas_ack(self, msg: DeltasAck) -> None:
         p = msg.frm
-        if msg.seq > self._acked[p]:
-            self._acked[p] = msg.seq
-        infl = self._inflight[p]
-        for s in [s for s in infl if s <= msg.seq]:
-            for k, ts in infl.pop(s):
-                holders = self._tomb.get(k)
-                v = self._state.get(k)
-                if holders is not None and isinstance(v, Register) and v.ts == ts:
-                    holders.add(p)
         self.last_sync_ms[p] = self._now
-        self._prune_log()
+        fl = self._flow[p]
+        # Acks are matched to the exact batch (pipelined batches may be lost or reordered;
+        # an ack addressed to an earlier incarnation of this node matches nothing).
+        b = fl.inflight.pop(msg.seq, None) or fl.late.pop(msg.seq, None)
+        if b is None:
+            return
+        rtt = self._now - b.sent_ms
+        fl.srtt_ms = rtt if fl.srtt_ms == 0 else 0.8 * fl.srtt_ms + 0.2 * rtt
+        fl.cwnd = min(fl.cwnd + 1, self.config.deltas_window)
+        for k, ts in b.tombs:
+            holders = self._tomb.get(k)
+            v = self._state.get(k)
+            if holders is not None and isinstance(v, Register) and v.ts == ts:
+                holders.add(p)
+        self._note_done(p, b.start, msg.seq)
+        if self._members[p].state != DEAD:
+            self._send_deltas(p)  # ack-clocked: keep streaming a backlog
 
     # ------------------------------------------------------------------ anti-entropy
 
@@ -577,7 +745,7 @@ class GossipCore:
         elif peer not in self._members:
             raise ValueError(f"unknown peer {peer!r}")
         rnd = self._rng.getrandbits(62)
-        self._rounds[rnd] = _Round(peer, now)
+        self._rounds[rnd] = _Round(peer, now, self._seq)
         self.stats.ae_rounds_started += 1
         self._send(AeRequest(self.node_id, peer, rnd, 0, (0,), (self._merkle.root(),)))
 
@@ -595,6 +763,21 @@ class GossipCore:
     def _on_ae_hashes(self, msg: AeRequest | AeResponse) -> None:
         reply_cls = AeResponse if isinstance(msg, AeRequest) else AeRequest
         if not msg.indices:
+            r = self._rounds.get(msg.round)
+            if msg.level == 0 and r is not None and r.peer == msg.frm:
+                # The peer held exactly our state of the round's start: it has every entry
+                # logged until then, tombstones included (record that before the log is
+                # pruned: the log is what would otherwise carry them to it).
+                for k, holders in self._tomb.items():
+                    sq = self._log.get(k)
+                    if sq is None:
+                        # unchanged since, or changed and acked by every peer; unless the
+                        # log cap dropped entries logged after the round started
+                        if self._log_floor <= r.log_seq:
+                            holders.add(msg.frm)
+                    elif sq <= r.log_seq:
+                        holders.add(msg.frm)
+                self._note_done(msg.frm, 0, r.log_seq)
             self._round_done(msg.round, msg.frm)
             return
         depth = self._merkle.depth
@@ -610,6 +793,7 @@ class GossipCore:
             if msg.level == 0:
                 for holders in self._tomb.values():  # peer holds exactly what we hold
                     holders.add(msg.frm)
+                self._note_done(msg.frm, 0, self._seq)
             self._round_done(msg.round, msg.frm)
             self._send(reply_cls(self.node_id, msg.frm, msg.round, msg.level, (), ()))
             return
@@ -670,7 +854,7 @@ class GossipCore:
                 continue
             del self._state[k]
             del self._tomb[k]
-            self._log.pop(k, None)
+            self._unlog(k)
             self._merkle.update(k, None)
             self._collected[k] = _Collected(v.ts, now + 2 * cfg.tombstone_min_age_ms)
             self._out.collected.append((k, v.ts))

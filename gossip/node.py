@@ -25,7 +25,8 @@ Exactly-once: a per-node session table (as raft's): per client, the results of i
 write (clients least recently used are evicted past ``dedup_max``). A retry with a
 remembered sequence gets the first answer (waiting for it if still being persisted), even
 when the client has several requests in flight that arrive out of order; a sequence at or
-below the low-water mark is refused as too old to tell.
+below the low-water mark is answered OUTCOME UNKNOWN (``errors.OutcomeUnknown``): an
+earlier copy may have been applied, but its result is forgotten; the retry is not applied.
 
 Peer messages travel as unary ``Send(Batch)`` calls with short deadlines (a few in flight
 per peer), so a cut link drops messages rather than blocking the sender.
@@ -67,7 +68,7 @@ from gossip.codec import CodecError, from_pb, to_pb
 from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError, WrongTypeError
 from gossip.crdt import Counter, Register, Value
 from gossip.hlc import Timestamp
-from gossip.messages import ALIVE, DEAD, SUSPECT, Deltas, DeltasAck, Message
+from gossip.messages import ALIVE, DEAD, SUSPECT, Message
 from gossip.storage import CommitBatch, DedupEntry, GossipStorage
 
 log = get_logger("gossip.node")
@@ -124,9 +125,9 @@ class GossipOptions:
     tombstone_grace_ms: int = 7 * 24 * 3600 * 1000
     delta_log_max: int = 100_000  # keys
     delta_batch_max: int = 2_000  # keys per Deltas message
-    # Flow control: a Deltas to a peer that has not acknowledged the previous one is not
-    # sent (the core re-sends its whole unacknowledged window every gossip interval)
-    # until this long after the previous one.
+    # Delta flow control (in the core): unacknowledged Deltas per peer, and how long the
+    # oldest may stay unacknowledged before the window is re-sent.
+    deltas_window: int = 4
     deltas_resend_ms: int = 1000
     ae_max_nodes: int = 256
     max_drift_ms: int = 60_000
@@ -266,8 +267,6 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
                 log.warning("malformed_peer_message", sender=raw.sender, error=str(e))
                 continue
             core.step(msg, now)
-            if isinstance(msg, DeltasAck):
-                node.on_deltas_ack(msg.frm)
         node.counters["messages_received"] += len(request.messages)
         node.collect()
         return pb.BatchAck()
@@ -297,7 +296,6 @@ class GossipBackend:
                 "fsyncs",
                 "writes_committed",
                 "dedup_hits",
-                "deltas_suppressed",
             ),
             0,
         )
@@ -305,7 +303,6 @@ class GossipBackend:
         self._batch = _Batch()
         self._flush_wake = asyncio.Event()
         self._pending_writes = 0
-        self._deltas_unacked: dict[str, float] = {}  # peer -> when the last Deltas left
         self._tasks: list[asyncio.Task[None]] = []
         self._ticker_task: asyncio.Task[None] | None = None
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gossip-disk-{self.id}")
@@ -433,23 +430,10 @@ class GossipBackend:
                 self._send_all(b.messages)
 
     def _send_all(self, messages: list[Message]) -> None:
-        now = time.monotonic()
-        resend = self.opts.deltas_resend_ms / 1000
         for m in messages:
             link = self.links.get(m.to)
-            if link is None:
-                continue
-            if isinstance(m, Deltas):
-                last = self._deltas_unacked.get(m.to)
-                if last is not None and now - last < resend:
-                    self.counters["deltas_suppressed"] += 1
-                    continue
-                self._deltas_unacked[m.to] = now
-            link.send(m)
-
-    def on_deltas_ack(self, peer: str) -> None:
-        """The peer acknowledged a Deltas: the next one may leave at once."""
-        self._deltas_unacked.pop(peer, None)
+            if link is not None:
+                link.send(m)
 
     # -- writes ------------------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -471,10 +455,12 @@ class GossipBackend:
         slot = sess.results.get(rid.sequence)
         if slot is None:
             if rid.sequence <= sess.low:
-                raise errors.FailedPrecondition(
+                # An earlier copy may have been applied (its result is forgotten): unknown.
+                raise errors.OutcomeUnknown(
                     f"request {rid.client_id}/{rid.sequence} is too old to tell whether it was "
                     f"applied on node {self.id} (this client has had more than "
-                    f"{self.opts.dedup_window} newer requests since); it was not applied now"
+                    f"{self.opts.dedup_window} newer requests since); an earlier copy may have "
+                    "been applied, this retry was not (outcome unknown)"
                 )
             return None
         if slot.entry.op != op:

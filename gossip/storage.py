@@ -107,7 +107,7 @@ class DedupEntry:
     op: str  # "put" | "delete" | "increment"
     ts: Timestamp  # HLC timestamp of the write
     num: int  # increment: the counter after it; delete: 1 if the key existed; put: 0
-    low: int = 0  # the client's low-water mark: sequences <= low are refused as too old
+    low: int = 0  # the client's low-water mark: sequences <= low answer OUTCOME UNKNOWN
 
 
 @dataclass(slots=True)

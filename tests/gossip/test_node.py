@@ -45,8 +45,10 @@ async def test_writes_dedup_refusals_and_restart(tmp_path: Path) -> None:
     assert (await b.increment("ctr", 1, RequestId("c", 9), None)).value == 6
     for seq in range(11, 11 + b.opts.dedup_window):
         await b.put("w", b"%d" % seq, RequestId("c", seq), None)
-    with pytest.raises(errors.FailedPrecondition, match="too old"):
+    with pytest.raises(errors.OutcomeUnknown, match="too old") as unknown:
         await b.increment("ctr", 5, RequestId("c", 9), None)  # fell out of the window
+    assert unknown.value.code == grpc.StatusCode.UNKNOWN and not unknown.value.definite
+    assert (await b.get("ctr", Consistency.LOCAL, None)).value == 6  # the retry was not applied
     with pytest.raises(errors.FailedPrecondition, match="counter"):
         await b.put("ctr", b"x", None, None)
     with pytest.raises(errors.OutOfRange):
@@ -66,7 +68,7 @@ async def test_writes_dedup_refusals_and_restart(tmp_path: Path) -> None:
     assert (await b2.get("ctr", Consistency.LOCAL, None)).value == 6
     assert (await b2.get("a", Consistency.LOCAL, None)).value is None
     replay = await b2.delete("a", RequestId("c", 500), None)
-    with pytest.raises(errors.FailedPrecondition, match="too old"):
+    with pytest.raises(errors.OutcomeUnknown, match="too old"):
         await b2.increment("ctr", 5, RequestId("c", 9), None)  # the low-water mark survived
     assert replay.existed and replay.header.hlc == d.header.hlc
     assert d.header.hlc is not None
