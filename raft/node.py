@@ -45,7 +45,6 @@ import itertools
 import random
 import time
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ import grpc
 from caplab import errors
 from caplab.clock import SkewableClock
 from caplab.logs import get_logger
+from caplab.peer import BatchSender, peer_channel
 from caplab.raft.v1 import raft_pb2 as pb
 from caplab.raft.v1 import raft_pb2_grpc as pb_grpc
 from caplab.store import (
@@ -70,7 +70,7 @@ from caplab.store import (
     forwarded_by,
 )
 from caplab.v1 import kv_pb2, kv_pb2_grpc
-from caplab.validation import MAX_MESSAGE_BYTES, RequestId
+from caplab.validation import RequestId
 from raft.codec import from_pb, to_pb
 from raft.core import RaftConfig, RaftCore, Ready, Role
 from raft.messages import (
@@ -89,18 +89,6 @@ log = get_logger("raft.node")
 T = TypeVar("T")
 
 SNAPSHOT_CHUNK = 512 * 1024
-PEER_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES * 4),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES * 4),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 1000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.enable_retries", 0),
-]
 ROLE_NAMES = {
     Role.LEADER: "leader",
     Role.FOLLOWER: "follower",
@@ -153,57 +141,36 @@ class _Pending:
 
 
 class PeerLink:
-    """Outbound messages to one peer: batched unary Send calls with deadlines."""
+    """Everything this node sends to one peer: batched Raft messages, chunked snapshots,
+    and forwarded client requests (over the same channel)."""
 
     def __init__(self, node: RaftBackend, peer_id: str, address: str) -> None:
         self.node = node
         self.peer_id = peer_id
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+        self.channel = peer_channel(address)
         self.stub = pb_grpc.RaftPeerStub(self.channel)
         self.kv = kv_pb2_grpc.KVStub(self.channel)
-        self.queue: deque[pb.RaftMessage] = deque()
-        self.wake = asyncio.Event()
-        self.inflight = asyncio.Semaphore(node.opts.peer_inflight)
         self.snapshot_task: asyncio.Task[None] | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.timeout = max(0.2, node.opts.election_timeout_s)
-        self.dropped = 0
-        self._batches: set[asyncio.Task[None]] = set()
+        self.sender: BatchSender[pb.RaftMessage] = BatchSender(
+            self._send_batch,
+            timeout=max(0.2, node.opts.election_timeout_s),
+            inflight=node.opts.peer_inflight,
+            max_queue=node.opts.peer_queue,
+            counters=node.counters,
+        )
 
     def send(self, m: Message) -> None:
         if isinstance(m, InstallSnapshot):
             if self.snapshot_task is None or self.snapshot_task.done():
                 self.snapshot_task = asyncio.create_task(self._send_snapshot(m))
             return
-        if len(self.queue) >= self.node.opts.peer_queue:
-            self.queue.popleft()
-            self.dropped += 1
-        self.queue.append(to_pb(m))
-        self.wake.set()
+        self.sender.push(to_pb(m))
 
-    async def run(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.queue:
-                await self.inflight.acquire()
-                batch = pb.Batch(messages=list(self.queue))
-                self.queue.clear()
-                t = asyncio.create_task(self._send_batch(batch))
-                self._batches.add(t)
-                t.add_done_callback(self._batches.discard)
-
-    async def _send_batch(self, batch: pb.Batch) -> None:
-        try:
-            await self.stub.Send(batch, timeout=self.timeout)
-            self.node.counters["messages_sent"] += len(batch.messages)
-        except grpc.aio.AioRpcError:
-            self.node.counters["messages_dropped"] += len(batch.messages)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self.inflight.release()
+    async def _send_batch(self, messages: list[pb.RaftMessage], timeout: float) -> int:
+        batch = pb.Batch(messages=messages)
+        await self.stub.Send(batch, timeout=timeout)
+        return batch.ByteSize()
 
     async def _send_snapshot(self, m: InstallSnapshot) -> None:
         snap = m.snapshot
@@ -242,9 +209,9 @@ class PeerLink:
             log.info("snapshot_send_failed", peer=self.peer_id, code=e.code().name)
 
     async def close(self) -> None:
-        for t in (self.task, self.snapshot_task):
-            if t is not None:
-                t.cancel()
+        if self.snapshot_task is not None:
+            self.snapshot_task.cancel()
+        await self.sender.close()
         await self.channel.close()
 
 
@@ -381,7 +348,7 @@ class RaftBackend:
         pb_grpc.add_RaftPeerServicer_to_server(RaftPeerServicer(self), server)
         for peer_id, addr in self.peers.items():
             link = PeerLink(self, peer_id, addr)
-            link.task = asyncio.create_task(link.run())
+            link.sender.start()
             self.links[peer_id] = link
         self._tasks = [
             asyncio.create_task(self._ticker()),
