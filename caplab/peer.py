@@ -45,6 +45,8 @@ class BatchSender(Generic[M]):
     """Queue of one-way messages to one peer, shipped in batches.
 
     `send_batch(messages, timeout)` performs one call and returns the bytes it sent.
+    With `weight`, a call carries messages up to `max_weight` in total (at least one), so
+    a large backlog travels as several calls the peer can work on as they arrive.
     Counters updated: messages_sent, messages_dropped, wire_bytes_sent.
     """
 
@@ -56,8 +58,12 @@ class BatchSender(Generic[M]):
         inflight: int,
         max_queue: int,
         counters: MutableMapping[str, int],
+        weight: Callable[[M], int] | None = None,
+        max_weight: int = 0,
     ) -> None:
         self._send_batch = send_batch
+        self._weight = weight
+        self._max_weight = max_weight
         self.timeout = timeout
         self.max_queue = max_queue
         self.counters = counters
@@ -83,11 +89,22 @@ class BatchSender(Generic[M]):
             self._wake.clear()
             while self.queue:
                 await self._inflight.acquire()
-                batch = list(self.queue)
-                self.queue.clear()
+                batch = self._take()
                 call = asyncio.create_task(self._ship(batch))
                 self._calls.add(call)
                 call.add_done_callback(self._calls.discard)
+
+    def _take(self) -> list[M]:
+        if self._weight is None:
+            batch = list(self.queue)
+            self.queue.clear()
+            return batch
+        batch, total = [], 0
+        while self.queue and (not batch or total < self._max_weight):
+            m = self.queue.popleft()
+            batch.append(m)
+            total += self._weight(m)
+        return batch
 
     async def _ship(self, batch: list[M]) -> None:
         c = self.counters

@@ -33,11 +33,31 @@ unacked entries were dropped is "behind" and gets the next anti-entropy round (w
 repairs everything).
 
 Anti-entropy. Every ``anti_entropy_interval_ms`` the node runs a push-pull round with one
-random live peer (a "behind" peer first): the two sides descend the Merkle tree (root,
-then the 16 children of each differing node, alternating ``AeRequest``/``AeResponse``)
-and then swap the entries of the differing leaves (``AeItems``), so both end with the join.
-Identical replicas exchange one root hash. At most ``ae_max_nodes`` differing nodes are
-followed per level, bounding the cost of one round; later rounds finish the job.
+random live peer (a "behind" peer first, then a peer under repair, see below): the two
+sides descend the Merkle tree (root, then the 16 children of each differing node,
+alternating ``AeRequest``/``AeResponse``) and then swap the entries of the differing leaves
+(``AeItems``), so both end with the join. Bulk shortcut: once the differing nodes of a
+level hold at most ``ae_bulk_keys`` keys each (estimated from the local key count), the
+side that found them ships the items of those whole subtrees instead of descending
+further (``AeItems.leaves`` then names subtrees, see ``MerkleTree.cover_code``), in chunks
+of about ``ae_chunk_items`` so the peer merges, persists and answers (and forwards) each
+while the next is on its way. Identical replicas exchange one root hash. At most
+``ae_max_nodes`` differing nodes are followed per level, bounding the cost of one round;
+later rounds finish the job. The reply to an ``AeItems(reply=True)`` (sent once the peer
+persisted it) proves the peer holds what was shipped: those keys are skipped in the delta
+stream to it (not used for tombstone GC).
+
+Repair mode. A peer coming back from dead (its membership changes from dead, or a message
+arrives from it while dead) gets no delta stream: its backlog is repaired by anti-entropy
+instead, which costs each key about once instead of once per (sender, receiver) pair. One
+node starts a round with it at once (the smaller id of the pair, if no healthy member with
+a still smaller id exists, and only for the first peer coming back in two intervals: one
+bulk repair, whose result the two sides then spread by delta gossip); it repeats rounds
+back to back until one finds equal roots (the ack of the whole log up to the round's
+start, which ends repair mode on both sides), at most ``repair_max_rounds`` rounds or
+``repair_max_ms``, then delta streaming resumes. Other nodes leave a peer under repair to
+that node for two intervals; after that their timer picks it first (one repair round at a
+time).
 
 Membership (SWIM with incarnation-number suspicion, as in Lifeguard/memberlist). Every
 ``ping_interval_ms`` the node probes the next member of a shuffled round-robin: ``Ping``;
@@ -59,7 +79,8 @@ than that could resurrect data: the network delay bound assumed), or (b) it is o
 ``tombstone_grace_ms`` regardless. Rule (b) can resurrect a deleted value: a member that
 missed the tombstone for longer than the grace period (e.g. a long-dead node returning)
 still holds the old value and will spread it again. After collecting, the node remembers
-the tombstone in memory for ``2 * tombstone_min_age_ms`` and drops incoming entries it
+the tombstone in memory for ``max(2 * tombstone_min_age_ms, 4 * anti_entropy_interval_ms)``
+(slower peers may learn who holds it only by anti-entropy) and drops incoming entries it
 dominates (so slower peers do not re-insert it) while still acknowledging them.
 
 LWW accounting. ``stats.lww_overwrites`` counts, on the node that issued it, every own
@@ -148,7 +169,16 @@ class GossipConfig:
     # ... and when the oldest is unacknowledged for this long, the window is re-sent from
     # the peer's last acknowledged position (go-back-N).
     deltas_resend_ms: int = 1000
-    ae_max_nodes: int = 256  # differing tree nodes followed per level per round
+    ae_max_nodes: int = 4096  # differing tree nodes followed per level per round
+    # Bulk anti-entropy: instead of descending further, ship the items under the differing
+    # nodes once they hold at most this many keys each (estimated from the local key count).
+    ae_bulk_keys: int = 8
+    ae_chunk_items: int = 2_000  # items per AeItems(reply=True) message (about)
+    # Repair mode: a peer that comes back (suspect/dead -> alive) gets no delta stream; it is
+    # repaired by back-to-back anti-entropy rounds until one finds equal roots (the ack of
+    # the whole log), at most this many rounds or for this long.
+    repair_max_rounds: int = 4
+    repair_max_ms: int = 5000
     merkle_depth: int = 4
     max_drift_ms: int = 60_000
 
@@ -230,6 +260,7 @@ class _Round:
     peer: str
     start_ms: int
     log_seq: int  # the initiator's delta-log sequence number when the round started
+    waiting: int = 0  # AeItems(reply=True) chunks we sent whose reply has not come yet
 
 
 @dataclass(slots=True)
@@ -332,6 +363,13 @@ class GossipCore:
         self._known: dict[str, set[str]] = {}
         self._flow: dict[str, _Flow] = {p: _Flow(self._seq, self._seq) for p in self._peers}
         self._behind: set[str] = set()
+        # repair mode: peer -> [rounds completed, since_ms]; ``_ae_now``: start a round now
+        self._repair: dict[str, list[int]] = {}
+        self._ae_now: set[str] = set()
+        self._repair_started = now_ms - 10 * config.anti_entropy_interval_ms
+        # (peer, round) -> entries we sent in AeItems(reply=True): its reply (sent once they
+        # are durable) proves the peer holds them (bounded; oldest dropped)
+        self._shipped: dict[tuple[str, int, int], tuple[Entry, ...]] = {}
         # tombstones: key -> members known to hold it (or a newer value)
         self._tomb: dict[str, set[str]] = {}
         for k, v in self._state.items():
@@ -462,6 +500,27 @@ class GossipCore:
             self._known.pop(k0, None)
         self._compact_log()
 
+    def _log_many(self, keys: list[tuple[str, str | None]]) -> None:
+        """``_log_key`` for each (key, holder) pair."""
+        log, order, known = self._log, self._log_order, self._known
+        cap = self.config.delta_log_max
+        seq = self._seq
+        for key, holder in keys:
+            seq += 1
+            log.pop(key, None)
+            log[key] = seq
+            order.append((seq, key))
+            if holder is None:
+                known.pop(key, None)
+            else:
+                known[key] = {holder}
+            if len(log) > cap:
+                k0 = next(iter(log))
+                self._log_floor = max(self._log_floor, log.pop(k0))
+                known.pop(k0, None)
+        self._seq = seq
+        self._compact_log()
+
     def _unlog(self, key: str) -> None:
         if self._log.pop(key, None) is not None:
             self._known.pop(key, None)
@@ -525,6 +584,8 @@ class GossipCore:
         cfg = self.config
         fl = self._flow[peer]
         now = self._now
+        if peer in self._repair:
+            return  # anti-entropy repairs it (and acks the log when it finds equal roots)
         if fl.acked < self._log_floor:
             # entries this peer never acked were dropped: anti-entropy will repair it
             fl.acked = fl.sent = self._log_floor
@@ -616,17 +677,21 @@ class GossipCore:
             except ClockDriftError:
                 self.stats.clock_drift_rejections += 1
         res = apply_delta(self._state, accepted)
-        got = dict(accepted)
-        for k, new in res.changed.items():
-            self._merkle.update(k, new)
+        changed = res.changed
+        if changed:
+            got = dict(accepted)
+            self._merkle.update_many(changed.items())
             # src holds exactly this value when it is what src sent (not a join of both)
-            self._log_key(k, src if got.get(k) == new else None)
-            self._out.persist[k] = new
-            self._collected.pop(k, None)
-            if _is_tombstone(new):
-                self._tomb[k] = {self.node_id, src}  # a register join is one of its inputs
-            else:
-                self._tomb.pop(k, None)
+            self._log_many([(k, src if got.get(k) == new else None) for k, new in changed.items()])
+            self._out.persist.update(changed)
+            collected, tomb = self._collected, self._tomb
+            for k, new in changed.items():
+                if collected:
+                    collected.pop(k, None)
+                if isinstance(new, Register) and new.value is None:
+                    tomb[k] = {self.node_id, src}  # a register join is one of its inputs
+                elif tomb:
+                    tomb.pop(k, None)
         for k, old in res.overwritten:
             new = self._state[k]
             if (
@@ -661,6 +726,9 @@ class GossipCore:
         self.stats.bytes_received += wire_size(msg)
         if msg.to != self.node_id or msg.frm not in self._all or msg.frm == self.node_id:
             return
+        if self._members[msg.frm].state == DEAD:
+            # reachable again (before the membership says so): repair it from now on
+            self._enter_repair(msg.frm)
         if isinstance(msg, Deltas):
             self._on_deltas(msg)
         elif isinstance(msg, DeltasAck):
@@ -686,6 +754,19 @@ class GossipCore:
             live = self._live_peers()
             for p in self._rng.sample(live, min(cfg.fanout, len(live))):
                 self._send_deltas(p)
+        if self._repair:
+            for p in [
+                p for p, (_, since) in self._repair.items() if now - since > cfg.repair_max_ms
+            ]:
+                self._exit_repair(p)
+        # one repair round at a time: a later peer may be in sync by then (cheap round)
+        if self._ae_now and not self._repair_busy(now):
+            cand = sorted(self._ae_now)  # peers that were heard from: even if "dead"
+            self._ae_now.clear()
+            if cand:
+                p = self._rng.choice(cand)
+                self._ae_now.update(q for q in cand if q != p)
+                self._start_ae(now, p)
         if now >= self._next_ae:
             self._next_ae = now + cfg.anti_entropy_interval_ms
             self._start_ae(now)
@@ -738,7 +819,19 @@ class GossipCore:
             behind = [
                 p for p in self._peers if p in self._behind and self._members[p].state != DEAD
             ]
-            live = behind or self._live_peers()
+            # a peer under repair for less than two intervals is left to the node that
+            # started its repair at once (see _enter_repair); later it goes first
+            young = now - 2 * self._ae_timeout()
+            repair = [
+                p
+                for p, (_, since) in self._repair.items()
+                if since <= young and self._members[p].state != DEAD
+            ]
+            if repair and self._repair_busy(now):
+                repair = []
+            live = (
+                behind or sorted(repair) or [p for p in self._live_peers() if p not in self._repair]
+            )
             if not live:
                 return
             peer = self._rng.choice(live)
@@ -748,6 +841,11 @@ class GossipCore:
         self._rounds[rnd] = _Round(peer, now, self._seq)
         self.stats.ae_rounds_started += 1
         self._send(AeRequest(self.node_id, peer, rnd, 0, (0,), (self._merkle.root(),)))
+
+    def _repair_busy(self, now: int) -> bool:
+        """A repair round of ours is in flight (and not yet presumed lost)."""
+        fresh = now - 3 * self._ae_timeout()
+        return any(r.peer in self._repair and r.start_ms > fresh for r in self._rounds.values())
 
     def _ae_timeout(self) -> int:
         return self.config.anti_entropy_interval_ms
@@ -759,6 +857,43 @@ class GossipCore:
             self.stats.ae_rounds_completed += 1
             self.last_sync_ms[peer] = self._now
             self._behind.discard(peer)
+            rep = self._repair.get(peer)
+            if rep is not None:
+                rep[0] += 1
+                if rep[0] >= self.config.repair_max_rounds:
+                    self._exit_repair(peer)
+                else:
+                    self._ae_now.add(peer)  # until a round finds equal roots
+
+    def _enter_repair(self, peer: str) -> None:
+        """``peer`` came back: repair it by anti-entropy instead of streaming the backlog."""
+        if peer in self._repair:
+            return
+        first = not self._repair and self._now - self._repair_started >= 2 * self._ae_timeout()
+        self._repair[peer] = [0, self._now]
+        # One bulk repair at once, started by one node: the smaller id of the pair, unless
+        # a healthy peer with a still smaller id (likely in the same situation) will; and
+        # only towards the first peer coming back (within two intervals). The repaired
+        # state then reaches the others by delta gossip (on both sides), so their own
+        # repair rounds (at the anti-entropy timer a little later, which then prefers peers
+        # under repair) find little or nothing left to do.
+        me = self.node_id
+        if (
+            first
+            and me < peer
+            and not any(
+                q < me and q not in self._repair and self._members[q].state == ALIVE
+                for q in self._peers
+            )
+        ):
+            self._ae_now.add(peer)
+            self._repair_started = self._now
+
+    def _exit_repair(self, peer: str) -> None:
+        if self._repair.pop(peer, None) is not None:
+            self._ae_now.discard(peer)
+            if self._members[peer].state != DEAD:
+                self._send_deltas(peer)
 
     def _on_ae_hashes(self, msg: AeRequest | AeResponse) -> None:
         reply_cls = AeResponse if isinstance(msg, AeRequest) else AeRequest
@@ -778,7 +913,11 @@ class GossipCore:
                     elif sq <= r.log_seq:
                         holders.add(msg.frm)
                 self._note_done(msg.frm, 0, r.log_seq)
+                self._repair.pop(msg.frm, None)  # in sync at the round's start
+                self._ae_now.discard(msg.frm)
             self._round_done(msg.round, msg.frm)
+            if msg.level == 0 and msg.frm not in self._repair:
+                self._send_deltas(msg.frm)
             return
         depth = self._merkle.depth
         if not 0 <= msg.level <= depth or len(msg.indices) != len(msg.hashes):
@@ -794,13 +933,16 @@ class GossipCore:
                 for holders in self._tomb.values():  # peer holds exactly what we hold
                     holders.add(msg.frm)
                 self._note_done(msg.frm, 0, self._seq)
+                self._repair.pop(msg.frm, None)
+                self._ae_now.discard(msg.frm)
             self._round_done(msg.round, msg.frm)
             self._send(reply_cls(self.node_id, msg.frm, msg.round, msg.level, (), ()))
             return
-        if msg.level == depth:
-            items = tuple(self._leaf_entries(diff))
-            self.stats.ae_items_sent += len(items)
-            self._send(AeItems(self.node_id, msg.frm, msg.round, tuple(diff), items, True))
+        bulk = len(self._state) <= self.config.ae_bulk_keys * 16**msg.level
+        if msg.level == depth or bulk:
+            # at the leaves, or few keys under each differing node: ship the items (of whole
+            # subtrees) rather than descend further
+            self._ship(msg.frm, msg.round, msg.level, diff)
             return
         idx: list[int] = []
         hashes: list[bytes] = []
@@ -812,21 +954,82 @@ class GossipCore:
             reply_cls(self.node_id, msg.frm, msg.round, msg.level + 1, tuple(idx), tuple(hashes))
         )
 
+    def _ship(self, peer: str, rnd: int, level: int, nodes: list[int]) -> None:
+        """Send the items under ``nodes`` (of ``level``) as AeItems(reply=True), in chunks
+        of about ``ae_chunk_items`` (the receiver merges, persists and answers each while
+        the next is on its way, and forwards what it learnt sooner)."""
+        m = self._merkle
+        chunk_max = self.config.ae_chunk_items
+        cover: list[int] = []
+        items: list[Entry] = []
+        chunks: list[tuple[tuple[int, ...], tuple[Entry, ...]]] = []
+        for i in nodes:
+            code = m.cover_code(level, i)
+            cover.append(code)
+            items.extend(self._leaf_entries(m.cover_leaves((code,))))
+            if len(items) >= chunk_max:
+                chunks.append((tuple(cover), tuple(items)))
+                cover, items = [], []
+        if cover:
+            chunks.append((tuple(cover), tuple(items)))
+        r = self._rounds.get(rnd)
+        if r is not None and r.peer == peer:
+            r.waiting += len(chunks)
+        for cov, its in chunks:
+            self.stats.ae_items_sent += len(its)
+            self._shipped[(peer, rnd, cov[0])] = its
+            while len(self._shipped) > 64:
+                del self._shipped[next(iter(self._shipped))]
+            self._send(AeItems(self.node_id, peer, rnd, cov, its, True))
+
     def _leaf_entries(self, leaves: Iterable[int]) -> list[Entry]:
         out: list[Entry] = []
-        for leaf in leaves:
-            for k in sorted(self._merkle.leaf_keys(leaf)):
-                out.append((k, self._state[k]))
+        state = self._state
+        for keys in self._merkle.keys_of_leaves(leaves):
+            out.extend((k, state[k]) for k in sorted(keys))
         return out
 
     def _on_ae_items(self, msg: AeItems) -> None:
         self.stats.ae_items_received += len(msg.items)
         self._merge_remote(msg.items, msg.frm)
+        if not msg.reply and msg.leaves and self._collected:
+            # the peer still holds entries of tombstones we collected: tell it we "hold"
+            # them, as a request would have (so it can collect them too); a message with
+            # no ``leaves`` (such as this one) is never answered this way
+            tell: list[Entry] = []
+            for k, v in msg.items:
+                col = self._collected.get(k)
+                if (
+                    col is not None
+                    and k not in self._state
+                    and isinstance(v, Register)
+                    and v.ts <= col.ts
+                ):
+                    tell.append((k, Register(col.ts, None)))
+            if tell:
+                self._send(AeItems(self.node_id, msg.frm, msg.round, (), tuple(tell), False))
         if not msg.reply:
-            self._round_done(msg.round, msg.frm)
+            shipped = (
+                self._shipped.pop((msg.frm, msg.round, msg.leaves[0]), None) if msg.leaves else None
+            )
+            if shipped:
+                # the peer joined (and persisted) what we shipped: it holds those values
+                # (used to skip them in its delta stream, not for tombstone GC)
+                state, log, known = self._state, self._log, self._known
+                for k, v in shipped:
+                    if k in log and state.get(k) is v:
+                        kn = known.get(k)
+                        if kn is None:
+                            known[k] = {msg.frm}
+                        else:
+                            kn.add(msg.frm)
+            r = self._rounds.get(msg.round)
+            if r is not None and r.peer == msg.frm and msg.leaves:
+                r.waiting -= 1
+                if r.waiting <= 0:
+                    self._round_done(msg.round, msg.frm)
             return
-        limit = 16**self._merkle.depth
-        leaves = [i for i in msg.leaves if 0 <= i < limit]
+        leaves = self._merkle.cover_leaves(msg.leaves)
         got = dict(msg.items)
         back: list[Entry] = [(k, v) for k, v in self._leaf_entries(leaves) if got.get(k) != v]
         # tell the sender about tombstones we collected that dominate what it sent
@@ -836,7 +1039,7 @@ class GossipCore:
                 back.append((k, Register(col.ts, None)))
         self.stats.ae_items_sent += len(back)
         self._round_done(msg.round, msg.frm)
-        self._send(AeItems(self.node_id, msg.frm, msg.round, tuple(leaves), tuple(back), False))
+        self._send(AeItems(self.node_id, msg.frm, msg.round, msg.leaves, tuple(back), False))
 
     # ------------------------------------------------------------------ tombstone GC
 
@@ -845,6 +1048,9 @@ class GossipCore:
         for k in [k for k, c in self._collected.items() if c.expire_ms <= now]:
             del self._collected[k]
         clock = max(now, self._hlc.peek().wall_ms)
+        # long enough for slower peers to collect it too: they learn who holds it by
+        # anti-entropy at the latest (a few intervals)
+        memory = max(2 * cfg.tombstone_min_age_ms, 4 * cfg.anti_entropy_interval_ms)
         for k, holders in list(self._tomb.items()):
             v = self._state[k]
             assert isinstance(v, Register)
@@ -856,7 +1062,7 @@ class GossipCore:
             del self._tomb[k]
             self._unlog(k)
             self._merkle.update(k, None)
-            self._collected[k] = _Collected(v.ts, now + 2 * cfg.tombstone_min_age_ms)
+            self._collected[k] = _Collected(v.ts, now + memory)
             self._out.collected.append((k, v.ts))
             self.stats.tombstones_collected += 1
             if forced:
@@ -911,6 +1117,8 @@ class GossipCore:
             return
         if info.state != m.state:
             info.since_ms = self._now
+            if info.state == DEAD:
+                self._enter_repair(m.node)  # back from the dead (a suspect still got deltas)
         info.state, info.incarnation = m.state, i
         self._enqueue(m)
 

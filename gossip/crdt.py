@@ -26,6 +26,7 @@ equals applying the mutation to the full state: ``merge_state(s, m_delta(s)) == 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
@@ -190,6 +191,10 @@ def increment_delta(state: State, key: str, node: str, delta: int) -> dict[str, 
     return {key: Counter({node: p} if p else {}, {node: n - delta})}
 
 
+_REG_HEAD = struct.Struct(">cqQI")  # tag, wall_ms, logical, len(node)
+_REG_VAL = struct.Struct(">cI")  # present, len(value)
+
+
 def _enc_str(s: str) -> bytes:
     b = s.encode()
     return len(b).to_bytes(4, "big") + b
@@ -202,11 +207,11 @@ def encode_value(v: Value) -> bytes:
     """
     if isinstance(v, Register):
         ts = v.ts
-        head = b"R" + ts.wall_ms.to_bytes(8, "big", signed=True)
-        head += ts.logical.to_bytes(8, "big") + _enc_str(ts.node)
+        node = ts.node.encode()
+        head = _REG_HEAD.pack(b"R", ts.wall_ms, ts.logical, len(node)) + node
         if v.value is None:
             return head + b"\x00"
-        return head + b"\x01" + len(v.value).to_bytes(4, "big") + v.value
+        return head + _REG_VAL.pack(b"\x01", len(v.value)) + v.value
     parts = [b"C"]
     for m in (v.p, v.n):
         items = sorted((k, a) for k, a in m.items() if a != 0)

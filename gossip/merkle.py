@@ -21,7 +21,7 @@ plus the items of ``d`` leaves: O(d log n).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from gossip.crdt import Value, encode_value
 
@@ -93,9 +93,39 @@ class MerkleTree:
         self._dirty.add(leaf)
 
     def update_many(self, items: Iterable[tuple[str, Value | None]]) -> None:
-        """``update`` for each pair."""
-        for k, v in items:
-            self.update(k, v)
+        """``update`` for each pair (the bulk path: same result, less per-item overhead)."""
+        blake = hashlib.blake2b
+        enc = encode_value
+        items_ = self._items
+        leaves = self._leaves
+        leaf_keys = self._leaf_keys
+        dirty = self._dirty
+        n = len(leaves)
+        for key, value in items:
+            kb = key.encode()
+            leaf = int.from_bytes(blake(kb, digest_size=8).digest(), "big") % n
+            acc = leaves[leaf]
+            old = items_.pop(key, None)
+            if old is not None:
+                acc ^= old
+            if value is None:
+                keys = leaf_keys.get(leaf)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del leaf_keys[leaf]
+            else:
+                data = len(kb).to_bytes(4, "big") + kb + enc(value)
+                new = int.from_bytes(blake(data, digest_size=HASH_BYTES).digest(), "big")
+                items_[key] = new
+                acc ^= new
+                keys = leaf_keys.get(leaf)
+                if keys is None:
+                    leaf_keys[leaf] = {key}
+                else:
+                    keys.add(key)
+            leaves[leaf] = acc
+            dirty.add(leaf)
 
     def _flush(self) -> None:
         if not self._dirty:
@@ -139,6 +169,41 @@ class MerkleTree:
     def leaf_keys(self, index: int) -> frozenset[str]:
         """Keys stored in leaf bucket ``index``."""
         return frozenset(self._leaf_keys.get(index, ()))
+
+    def cover_code(self, level: int, index: int) -> int:
+        """Code of node ``(level, index)`` in an ``AeItems.leaves`` cover: a leaf is its own
+        index; the subtree of an internal node is ``leaf_count + (16**level - 1) // 15 +
+        index`` (internal nodes numbered level by level after the leaves)."""
+        if level == self.depth:
+            return index
+        first: int = (FANOUT**level - 1) // (FANOUT - 1)  # internal nodes above ``level``
+        return self.leaf_count + first + index
+
+    def cover_leaves(self, codes: Iterable[int]) -> list[int]:
+        """The leaves covered by ``cover_code`` codes (invalid codes are ignored)."""
+        out: list[int] = []
+        n = self.leaf_count
+        for c in codes:
+            if 0 <= c < n:
+                out.append(c)
+                continue
+            c -= n
+            for level in range(self.depth):
+                width = FANOUT**level
+                if 0 <= c < width:
+                    span = FANOUT ** (self.depth - level)
+                    out.extend(range(c * span, (c + 1) * span))
+                    break
+                c -= width
+        return out
+
+    def keys_of_leaves(self, leaves: Iterable[int]) -> Iterator[set[str]]:
+        """The (non-empty) key sets of the given leaves, in order; do not mutate them."""
+        get = self._leaf_keys.get
+        for leaf in leaves:
+            keys = get(leaf)
+            if keys:
+                yield keys
 
     def item(self, key: str) -> int | None:
         """Item hash of ``key`` or None if absent."""

@@ -99,7 +99,10 @@ class AeItems:
     frm: str
     to: str
     round: int
-    leaves: tuple[int, ...]  # leaf indices covered
+    # Covered parts of the key space: a leaf index (< 16**depth), or a whole subtree coded
+    # as ``MerkleTree.cover_code(level, index)`` (>= 16**depth; bulk anti-entropy).
+    # A reply (reply=False) echoes the request's ``leaves``.
+    leaves: tuple[int, ...]
     items: tuple[Entry, ...]  # all of the sender's entries in ``leaves`` (reply=True) or a subset
     reply: bool
 

@@ -39,7 +39,7 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +52,7 @@ from caplab.clock import SkewableClock
 from caplab.gossip.v1 import gossip_pb2 as pb
 from caplab.gossip.v1 import gossip_pb2_grpc as pb_grpc
 from caplab.logs import get_logger
+from caplab.peer import BatchSender, peer_channel
 from caplab.store import (
     CasResult,
     Consistency,
@@ -63,7 +64,7 @@ from caplab.store import (
     ReadResult,
 )
 from caplab.v1 import kv_pb2
-from caplab.validation import MAX_MESSAGE_BYTES, RequestId
+from caplab.validation import RequestId
 from gossip.codec import CodecError, from_pb, to_pb
 from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError, WrongTypeError
 from gossip.crdt import Counter, Register, Value
@@ -73,19 +74,8 @@ from gossip.storage import CommitBatch, DedupEntry, GossipStorage
 
 log = get_logger("gossip.node")
 T = TypeVar("T")
+BATCH_ENTRIES = 2_000  # CRDT entries per outgoing Send call (about)
 
-PEER_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES * 16),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES * 16),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 1000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.enable_retries", 0),
-]
 MEMBER_STATES = {
     ALIVE: kv_pb2.MEMBER_STATE_ALIVE,
     SUSPECT: kv_pb2.MEMBER_STATE_SUSPECT,
@@ -129,7 +119,11 @@ class GossipOptions:
     # oldest may stay unacknowledged before the window is re-sent.
     deltas_window: int = 4
     deltas_resend_ms: int = 1000
-    ae_max_nodes: int = 256
+    ae_max_nodes: int = 4096
+    ae_bulk_keys: int = 8  # ship items instead of descending when a node holds <= this many
+    ae_chunk_items: int = 2_000  # items per bulk anti-entropy message
+    repair_max_rounds: int = 4  # a returning peer: anti-entropy rounds before deltas resume
+    repair_max_ms: int = 5000
     max_drift_ms: int = 60_000
     peer_timeout_ms: int = 2000  # deadline of one Send call
     peer_inflight: int = 4  # concurrent Send calls per peer
@@ -197,55 +191,32 @@ class PeerLink:
     """Outbound messages to one peer: batched unary Send calls with deadlines."""
 
     def __init__(self, node: GossipBackend, peer_id: str, address: str) -> None:
-        self.node = node
         self.peer_id = peer_id
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+        self.channel = peer_channel(address)
         self.stub = pb_grpc.GossipPeerStub(self.channel)
-        self.queue: deque[pb.GossipMessage] = deque()
-        self.wake = asyncio.Event()
-        self.inflight = asyncio.Semaphore(node.opts.peer_inflight)
-        self.timeout = node.opts.peer_timeout_ms / 1000
-        self.task: asyncio.Task[None] | None = None
-        self._batches: set[asyncio.Task[None]] = set()
+        # about BATCH_ENTRIES entries per call, so the peer can work on the first part
+        # while the rest is on its way
+        self.sender: BatchSender[pb.GossipMessage] = BatchSender(
+            self._send_batch,
+            timeout=node.opts.peer_timeout_ms / 1000,
+            inflight=node.opts.peer_inflight,
+            max_queue=node.opts.peer_queue,
+            counters=node.counters,
+            weight=lambda m: len(m.deltas.entries) + len(m.ae_items.items),
+            max_weight=BATCH_ENTRIES,
+        )
 
     def send(self, m: Message) -> None:
-        if len(self.queue) >= self.node.opts.peer_queue:
-            self.queue.popleft()
-            self.node.counters["messages_dropped"] += 1
-        self.queue.append(to_pb(m))
-        self.wake.set()
+        self.sender.push(to_pb(m))
 
-    async def run(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.queue:
-                await self.inflight.acquire()
-                batch = pb.Batch(messages=list(self.queue))
-                self.queue.clear()
-                t = asyncio.create_task(self._send_batch(batch))
-                self._batches.add(t)
-                t.add_done_callback(self._batches.discard)
-
-    async def _send_batch(self, batch: pb.Batch) -> None:
-        counters = self.node.counters
-        try:
-            await self.stub.Send(batch, timeout=self.timeout)
-            counters["messages_sent"] += len(batch.messages)
-            counters["wire_bytes_sent"] += batch.ByteSize()
-        except grpc.aio.AioRpcError:
-            counters["messages_dropped"] += len(batch.messages)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self.inflight.release()
+    async def _send_batch(self, messages: list[pb.GossipMessage], timeout: float) -> int:
+        batch = pb.Batch(messages=messages)
+        await self.stub.Send(batch, timeout=timeout)
+        return batch.ByteSize()
 
     async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        for t in list(self._batches):
-            t.cancel()
+        await self.sender.close()
         await self.channel.close()
 
 
@@ -267,6 +238,12 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
                 log.warning("malformed_peer_message", sender=raw.sender, error=str(e))
                 continue
             core.step(msg, now)
+            if len(raw.deltas.entries) + len(raw.ae_items.items) >= BATCH_ENTRIES // 2:
+                # a big message: let the flusher start persisting (and then sending) its
+                # outputs while the next one is merged
+                node.collect()
+                await asyncio.sleep(0)
+                now = node.clock.wall_ms()
         node.counters["messages_received"] += len(request.messages)
         node.collect()
         return pb.BatchAck()
@@ -345,7 +322,7 @@ class GossipBackend:
         pb_grpc.add_GossipPeerServicer_to_server(GossipPeerServicer(self), server)
         for peer_id, addr in self.peers.items():
             link = PeerLink(self, peer_id, addr)
-            link.task = asyncio.create_task(link.run())
+            link.sender.start()
             self.links[peer_id] = link
         self._ticker_task = asyncio.create_task(self._ticker())
         self._tasks = [self._ticker_task, asyncio.create_task(self._flusher())]

@@ -312,3 +312,52 @@ def test_peer_too_far_behind_falls_back_to_anti_entropy() -> None:
     assert not sim.check()
     n2 = sim.cores["n2"]
     assert n2 is not None and len(n2.state()) == 30
+
+
+# ---------------------------------------------------------------------------- bulk repair
+
+
+def test_cover_codes_name_leaves_and_subtrees() -> None:
+    from gossip.merkle import MerkleTree
+
+    t = MerkleTree(3)
+    assert t.cover_code(3, 77) == 77 and t.cover_leaves([77]) == [77]
+    assert t.cover_leaves([t.cover_code(0, 0)]) == list(range(4096))
+    assert t.cover_leaves([t.cover_code(1, 5)]) == list(range(5 * 256, 6 * 256))
+    assert t.cover_leaves([t.cover_code(2, 17)]) == list(range(17 * 16, 18 * 16))
+    assert t.cover_leaves([-1, 4096 + 273, 10**9]) == []  # invalid codes are ignored
+
+
+def test_bulk_anti_entropy_repairs_many_keys_in_one_round() -> None:
+    ts = Timestamp(1000, 0, "a")
+    left = {f"k{i:05d}": Register(ts, b"L") for i in range(3000)}
+    right = {f"k{i:05d}": Register(Timestamp(2000, 0, "b"), b"R") for i in range(1500, 4500)}
+    a, b = core("a", state=left), core("b", state=right)
+    _, nmsgs = _exchange(a, b)
+    assert a.digest() == b.digest() and len(a.state()) == 4500
+    assert dict(a.state()) == {**left, **right}
+    # root + 3 levels of hashes, then the items in chunks and one reply per chunk
+    chunks = -(-3000 // a.config.ae_chunk_items)
+    assert nmsgs <= 4 + 2 * (chunks + 1)
+    assert a.stats.ae_items_sent + b.stats.ae_items_sent <= 3000 + 3000
+
+
+def test_peer_back_from_dead_is_repaired_by_anti_entropy_not_deltas() -> None:
+    sim = Sim(21, 3, max_skew_ms=0)
+    sim.advance(500)
+    sim.blocked = {frozenset(("n0", "n2")), frozenset(("n1", "n2"))}
+    for i in range(500):
+        sim.client_op("n0", "put", f"k{i}", value=b"v")
+    sim.advance(4000)  # n2 is declared dead; n1 got the keys by deltas
+    assert all(c is not None and c.member_states()["n2"].state == DEAD for c in sim.live()[:2])
+    before = {n: c.stats.delta_entries_sent for n, c in sim.cores.items() if c is not None}
+    items = sum(c.stats.ae_items_sent for c in sim.live())
+    sim.heal()
+    assert sim.wait_converged(5000) is not None
+    n2 = sim.cores["n2"]
+    assert n2 is not None and len(n2.state()) == 500
+    after = {n: c.stats.delta_entries_sent for n, c in sim.cores.items() if c is not None}
+    # without repair mode n0 and n1 would each stream the 500-key backlog to n2
+    assert sum(after[n] - before[n] for n in after) < 250
+    assert sum(c.stats.ae_items_sent for c in sim.live()) - items >= 500
+    assert not sim.check()

@@ -351,7 +351,11 @@ class AeItems(_message.Message):
     reply: _builtins.bool
     @_builtins.property
     def leaves(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """leaf indices covered"""
+        """What the items cover: a leaf index (< leaf count) or the code of a whole
+        subtree (leaf_count + number of internal nodes above its level + its index
+        in that level; see gossip/merkle.py cover_code). Bulk repair ships whole
+        differing subtrees at once instead of descending to their leaves.
+        """
 
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]:
