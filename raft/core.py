@@ -424,7 +424,7 @@ class RaftCore:
                 self._msgs
                 or self._read_states
                 or self._dropped_reads
-                or self._reads_wait_round
+                or (self._reads_wait_round and not self._read_rounds)
                 or self._pending_snapshot is not None
                 or self._unstable_from <= self.last_index
                 or self._commit > self._applied
@@ -436,7 +436,9 @@ class RaftCore:
         """Collect pending work, or None. Call ``advance(rd)`` before the next ``ready``."""
         if not self.has_ready():
             return None
-        if self._reads_wait_round:
+        if self._reads_wait_round and not self._read_rounds:
+            # One heartbeat round in flight at a time: reads arriving meanwhile share the
+            # next round, so a busy leader confirms many reads per round trip.
             self._start_read_round()
         hs = self._hard_state()
         off = self._snap_index + 1

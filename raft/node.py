@@ -105,7 +105,7 @@ class RaftOptions:
     heartbeat_ticks: int = 1  # 50 ms
     election_ticks: int = 6  # election timeout randomized in [300, 600) ms
     snapshot_entries: int = 10_000  # compact the log once it holds this many applied entries
-    max_inflight: int = 64  # unacknowledged Append messages per follower
+    max_inflight: int = 2  # unacknowledged Appends per follower (few, large batches: CPU-bound)
     max_entries_per_msg: int = 512
     max_pending: int = 20_000  # proposals + reads in flight before RESOURCE_EXHAUSTED
     peer_inflight: int = 4  # concurrent Send calls per peer
