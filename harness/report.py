@@ -307,10 +307,12 @@ def cell(
     fail_s: list[float] = []
     info_s: list[float] = []
     hung = 0
+    ok_local = 0  # LOCAL reads answered: available even without a quorum (possibly stale)
     ok_us: list[int] = []
     for op in ops:
         c = classify(op)
         counts[c] += 1
+        ok_local += c == "ok" and op.f == "read-local"
         if c == "ok" and not math.isinf(op.complete_time):
             ok_us.append(int((op.complete_time - op.invoke_time) / 1000))
         elif c == "fail":
@@ -323,6 +325,7 @@ def cell(
     total = counts["ok"] + counts["fail"] + counts["info"]
     return {
         **counts,
+        "ok_local_reads": ok_local,
         "total": total,
         "availability": round(counts["ok"] / total, 4) if total else None,
         "throughput_ok_per_s": round(counts["ok"] / span_s, 2) if span_s else None,
@@ -816,6 +819,8 @@ def _raft_sentence(s: Mapping[str, Any]) -> list[str]:
         dur = sum(e["duration_s"] for e in part)
         style = _refusal_style(minority)
         text = f"Raft refused {pct(refused)} of requests on the minority side for {secs(dur)}"
+        if minority["ok"] and minority["ok"] == minority.get("ok_local_reads"):
+            text += " (all but its LOCAL reads, answered from possibly stale state)"
         if style:
             text += f", {style}"
         if majority is not None:
