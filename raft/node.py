@@ -402,6 +402,8 @@ class RaftBackend:
         core = self.core
         while True:
             await self.wake.wait()
+            # Let every request that is already runnable join this batch first.
+            await asyncio.sleep(0)
             self.wake.clear()
             try:
                 self._hand_over_queued()
