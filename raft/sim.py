@@ -596,7 +596,18 @@ def run_seed(seed: int, *, soak: bool = False) -> Simulator:
         disk_ticks=r.choice([0, 2, 4]),
         raft=rc,
     )
-    cfg = replace(cfg)
+    # Raft's liveness needs broadcast time << election timeout (paper §5.6): a round trip
+    # (two message delays plus an fsync) must fit in half an election timeout, or elections
+    # can livelock by design. Safety is checked whatever the timing.
+    round_trip = 2 * cfg.max_delay + cfg.disk_ticks + cfg.raft.heartbeat_ticks
+    election = max(rc.election_ticks, 2 * round_trip)
+    cfg = replace(
+        cfg,
+        raft=replace(rc, election_ticks=election),
+        # progress after heal may take a few (randomized, possibly split) elections
+        heal_limit=max(cfg.heal_limit, 10 * election),
+        drain_ticks=max(cfg.drain_ticks, 4 * election),
+    )
     sim = Simulator(seed, cfg)
     sim.run()
     return sim
