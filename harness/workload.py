@@ -284,6 +284,41 @@ class _ClientState:
     last: dict[str, str | None] = field(default_factory=dict)  # last value seen per key
 
 
+async def _final_local_reads(
+    endpoints: Mapping[str, str],
+    keys: Sequence[str],
+    recorder: Recorder,
+    f: str,
+    decode: Callable[[bytes | int | None], Json],
+    *,
+    first_process: int,
+    timeout: float,
+) -> dict[str, dict[str, Json]]:
+    """LOCAL reads of ``keys`` on every node, each recorded in the history as ``f`` (one
+    process per node from ``first_process``). Returns node -> key -> decoded value for the
+    reads that succeeded."""
+    out: dict[str, dict[str, Json]] = {}
+    for i, (node, ep) in enumerate(endpoints.items()):
+        pid = first_process + i
+        out[node] = {}
+        async with KVClient([ep], timeout=timeout, retries=0) as client:
+            for key in keys:
+                recorder.invoke(pid, f, key, None, node=node)
+                try:
+                    g = await client.get(key, kv_pb2.CONSISTENCY_LOCAL)
+                except errors.StoreError as e:
+                    recorder.complete(
+                        "fail" if e.definite else "info", pid, None, error=_error_text(e)
+                    )
+                    if not e.definite:
+                        pid += len(endpoints)
+                    continue
+                value = decode(g.value)
+                recorder.complete("ok", pid, value)
+                out[node][key] = value
+    return out
+
+
 async def final_counter_reads(
     endpoints: Mapping[str, str],
     keys: Sequence[str],
@@ -295,26 +330,19 @@ async def final_counter_reads(
     """Read every counter on every node with LOCAL consistency, recording each read in the
     history (one process per node, starting at ``first_process``). Returns
     node -> key -> value (None when the read failed)."""
-    out: dict[str, dict[str, int | None]] = {}
-    for i, (node, ep) in enumerate(endpoints.items()):
-        pid = first_process + i
-        out[node] = {}
-        async with KVClient([ep], timeout=timeout, retries=0) as client:
-            for key in keys:
-                recorder.invoke(pid, "read-counter", key, None, node=node)
-                try:
-                    g = await client.get(key, kv_pb2.CONSISTENCY_LOCAL)
-                    v = g.value if isinstance(g.value, int) else 0
-                    recorder.complete("ok", pid, v)
-                    out[node][key] = v
-                except errors.StoreError as e:
-                    recorder.complete(
-                        "fail" if e.definite else "info", pid, None, error=_error_text(e)
-                    )
-                    out[node][key] = None
-                    if not e.definite:
-                        pid += len(endpoints)
-    return out
+    reads = await _final_local_reads(
+        endpoints,
+        keys,
+        recorder,
+        "read-counter",
+        lambda v: v if isinstance(v, int) else 0,
+        first_process=first_process,
+        timeout=timeout,
+    )
+    return {
+        node: {k: v if isinstance(v := got.get(k), int) else None for k in keys}
+        for node, got in reads.items()
+    }
 
 
 async def final_register_reads(
@@ -328,24 +356,16 @@ async def final_register_reads(
     """Read every register on every node with LOCAL consistency, recording each read in the
     history as a ``read`` (one process per node from ``first_process``). Returns
     node -> key -> value (None when absent; nodes/keys whose read failed are left out)."""
-    out: dict[str, dict[str, str | None]] = {}
-    for i, (node, ep) in enumerate(endpoints.items()):
-        pid = first_process + i
-        out[node] = {}
-        async with KVClient([ep], timeout=timeout, retries=0) as client:
-            for key in keys:
-                recorder.invoke(pid, "read", key, None, node=node)
-                try:
-                    g = await client.get(key, kv_pb2.CONSISTENCY_LOCAL)
-                except errors.StoreError as e:
-                    recorder.complete(
-                        "fail" if e.definite else "info", pid, None, error=_error_text(e)
-                    )
-                    if not e.definite:
-                        pid += len(endpoints)
-                    continue
-                v = g.value
-                text = v.decode("utf-8", "replace") if isinstance(v, bytes) else None
-                recorder.complete("ok", pid, text)
-                out[node][key] = text
-    return out
+    reads = await _final_local_reads(
+        endpoints,
+        keys,
+        recorder,
+        "read",
+        lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else None,
+        first_process=first_process,
+        timeout=timeout,
+    )
+    return {
+        node: {k: v if isinstance(v, str) else None for k, v in got.items()}
+        for node, got in reads.items()
+    }

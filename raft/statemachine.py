@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from caplab.errors import OutOfRange
 from caplab.raft.v1 import raft_pb2
-from caplab.validation import INT64_MAX, INT64_MIN
+from caplab.validation import check_counter_result
 
 OK, TYPE_CONFLICT, OVERFLOW, STALE = 0, 1, 2, 3
 DEFAULT_MAX_SESSIONS = 20_000
@@ -148,13 +149,10 @@ class KvStateMachine:
         if op == "increment":
             if isinstance(cur, bytes):
                 return _conflict(key, "register", "Increment")
-            new = (cur or 0) + cmd.increment
-            if not INT64_MIN <= new <= INT64_MAX:
-                return raft_pb2.CommandResult(
-                    status=OVERFLOW,
-                    message=f"incrementing counter {key!r} (now {cur or 0}) by {cmd.increment} "
-                    "would overflow a signed 64-bit integer; nothing was applied",
-                )
+            try:
+                new = check_counter_result(cur or 0, cmd.increment, key)
+            except OutOfRange as e:
+                return raft_pb2.CommandResult(status=OVERFLOW, message=e.message)
             self._set(key, new, index)
             return raft_pb2.CommandResult(status=OK, counter=new)
         raise ValueError(f"log entry {index} holds an unknown command {op!r}")
