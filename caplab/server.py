@@ -83,7 +83,10 @@ class NodeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         service_names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(service_names, self.server)
-        self.port = self.server.add_insecure_port(self.config.listen)
+        try:
+            self.port = self.server.add_insecure_port(self.config.listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
             raise Unavailable(f"cannot listen on {self.config.listen} (address in use?)")
         await self.backend.start(self.server)

@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,11 +40,40 @@ def _kill_all_at_exit() -> None:
 atexit.register(_kill_all_at_exit)
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports that were free a moment ago."""
-    socks = []
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(n):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_rng = random.Random()
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago.
+
+    They are picked *below* the kernel's ephemeral range, so that the source ports of
+    outgoing connections and listeners bound to port 0 (the harness's proxies) cannot take
+    them between now and the moment a node binds them.
+    """
+    lo, _ = _ephemeral_range()
+    candidates = range(10_000, lo) if lo > 11_000 else range(0)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(200 * n):
+            if len(socks) == n or not candidates:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, _rng.choice(candidates)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # fall back to whatever the kernel hands out
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)
