@@ -1,25 +1,37 @@
-"""Outbound peer messaging shared by both stores.
+"""Peer messaging shared by both stores.
 
-Both stores speak one-way messages between nodes (Raft's appends and votes,
-gossip's deltas and pings). A :class:`BatchSender` per peer queues them and
-ships everything queued as one unary `Send(Batch)` call with a short deadline,
-with a few calls in flight (pipelining). A cut link therefore costs dropped
-messages, never a stuck sender: both protocols tolerate loss. The queue is
-bounded; when it is full the oldest message is dropped.
+Both stores speak one-way messages between nodes (Raft's appends and votes, gossip's
+deltas, anti-entropy and pings). A :class:`StreamSender` per peer queues them and writes
+everything queued as one `Batch` on a single long-lived client stream (`Stream(stream
+Batch)`): one HTTP/2 stream carries every message to that peer, in order, so a message
+costs a frame write rather than a whole unary call (about a third of the CPU on each
+side, and half the latency). While one write is under way, new messages queue and leave
+together in the next one (batching under load, no waiting when idle).
+
+A cut link costs dropped messages, never a stuck sender: a write that has not gone out
+within `timeout` (flow control blocked by a black-holed link), or that fails, drops its
+batch and abandons the stream; the next batch opens a new one. Both protocols tolerate
+loss, duplication, delay and reordering. The queue is bounded; when it is full the oldest
+message is dropped.
+
+On the receiving side, :class:`InboundStreams` runs the handler for each incoming stream
+and ends them all at once when the node stops (`close`), so that a graceful server stop
+does not wait its whole grace period for peers' streams that never end by themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, Generic, TypeVar
 
 import grpc
 
 from caplab.validation import MAX_MESSAGE_BYTES
 
 M = TypeVar("M")
+B = TypeVar("B")
 
 # Channels between nodes: large messages (batches, snapshots, anti-entropy items), quick
 # reconnects after a heal or restart, keepalive pings to notice a cut link within ~2 s.
@@ -36,32 +48,37 @@ PEER_CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),
 ]
 
+# Errors of a stream write: the call ended (peer gone, cancelled), or was half-closed.
+_STREAM_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
 
 def peer_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
 
 
-class BatchSender(Generic[M]):
-    """Queue of one-way messages to one peer, shipped in batches.
+class StreamSender(Generic[M, B]):
+    """Queue of one-way messages to one peer, written in batches to one client stream.
 
-    `send_batch(messages, timeout)` performs one call and returns the bytes it sent.
-    With `weight`, a call carries messages up to `max_weight` in total (at least one), so
-    a large backlog travels as several calls the peer can work on as they arrive.
-    Counters updated: messages_sent, messages_dropped, wire_bytes_sent.
+    `open_stream()` starts a new `Stream` call; `make_batch(messages)` wraps queued messages
+    into one request. With `weight`, a batch carries messages up to `max_weight` in total
+    (at least one), so a large backlog travels as several requests the peer can work on as
+    they arrive. Counters updated: messages_sent, messages_dropped, wire_bytes_sent,
+    peer_streams_opened.
     """
 
     def __init__(
         self,
-        send_batch: Callable[[list[M], float], Awaitable[int]],
+        open_stream: Callable[[], grpc.aio.StreamUnaryCall[B, Any]],
+        make_batch: Callable[[list[M]], B],
         *,
         timeout: float,
-        inflight: int,
         max_queue: int,
         counters: MutableMapping[str, int],
         weight: Callable[[M], int] | None = None,
         max_weight: int = 0,
     ) -> None:
-        self._send_batch = send_batch
+        self._open_stream = open_stream
+        self._make_batch = make_batch
         self._weight = weight
         self._max_weight = max_weight
         self.timeout = timeout
@@ -69,30 +86,29 @@ class BatchSender(Generic[M]):
         self.counters = counters
         self.queue: deque[M] = deque()
         self._wake = asyncio.Event()
-        self._inflight = asyncio.Semaphore(inflight)
-        self._calls: set[asyncio.Task[None]] = set()
+        self._call: grpc.aio.StreamUnaryCall[B, Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def push(self, message: M) -> None:
         if len(self.queue) >= self.max_queue:
             self.queue.popleft()
-            self.counters["messages_dropped"] = self.counters.get("messages_dropped", 0) + 1
+            self._count("messages_dropped", 1)
         self.queue.append(message)
         self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
+    def _count(self, name: str, n: int) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self.queue:
-                await self._inflight.acquire()
                 batch = self._take()
-                call = asyncio.create_task(self._ship(batch))
-                self._calls.add(call)
-                call.add_done_callback(self._calls.discard)
+                await self._write(batch)
 
     def _take(self) -> list[M]:
         if self._weight is None:
@@ -106,21 +122,62 @@ class BatchSender(Generic[M]):
             total += self._weight(m)
         return batch
 
-    async def _ship(self, batch: list[M]) -> None:
-        c = self.counters
+    async def _write(self, batch: list[M]) -> None:
+        call = self._call
+        if call is None or call.done():
+            call = self._call = self._open_stream()
+            self._count("peer_streams_opened", 1)
+        request = self._make_batch(batch)
         try:
-            size = await self._send_batch(batch, self.timeout)
-            c["messages_sent"] = c.get("messages_sent", 0) + len(batch)
-            c["wire_bytes_sent"] = c.get("wire_bytes_sent", 0) + size
-        except grpc.aio.AioRpcError:
-            c["messages_dropped"] = c.get("messages_dropped", 0) + len(batch)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._inflight.release()
+            async with asyncio.timeout(self.timeout):
+                await call.write(request)
+        except (*_STREAM_ERRORS, TimeoutError):
+            # Whatever this stream still had in flight is lost with it; so is this batch.
+            self._count("messages_dropped", len(batch))
+            call.cancel()
+            self._call = None
+            return
+        self._count("messages_sent", len(batch))
+        self._count("wire_bytes_sent", request.ByteSize())  # type: ignore[attr-defined]
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._calls) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._call is not None:
+            self._call.cancel()
+
+
+class InboundStreams:
+    """The peer streams a node is receiving; `close()` ends them all (node stopping)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    async def serve(
+        self, requests: AsyncIterator[B], handle: Callable[[B], Awaitable[None] | None]
+    ) -> None:
+        """Feed every request of one incoming stream to `handle`, until the stream ends."""
+        if self.closed:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            async for request in requests:
+                pending = handle(request)
+                if pending is not None:
+                    await pending
+        except asyncio.CancelledError:
+            # Ended by close(): finish the call normally (a cancelled handler would keep
+            # the server's graceful stop waiting). Any other cancellation propagates.
+            if not self.closed:
+                raise
+        finally:
+            self._tasks.discard(task)
+
+    def close(self) -> None:
+        self.closed = True
+        for task in self._tasks:
+            task.cancel()

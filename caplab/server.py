@@ -111,6 +111,7 @@ class NodeServer:
             await asyncio.wait_for(self.backend.before_shutdown(), timeout=self.grace_s)
         except TimeoutError:
             log.warning("handover_timed_out")
+        self.backend.stop_peer_streams()
         await self.server.stop(self.grace_s)
         await self.backend.close()
         log.info("node_stopped")

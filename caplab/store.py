@@ -105,6 +105,10 @@ class StoreBackend(Protocol):
     async def before_shutdown(self) -> None:
         """Shutdown step 1, while still serving: hand over leadership (raft), stop gossiping."""
 
+    def stop_peer_streams(self) -> None:
+        """Shutdown step 2, as the server stops taking calls: end incoming peer streams
+        (they never end by themselves, so the server's grace period would wait for them)."""
+
     async def close(self) -> None:
         """Shutdown step 3, after in-flight requests finished: flush and close storage."""
 

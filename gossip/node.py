@@ -28,8 +28,8 @@ when the client has several requests in flight that arrive out of order; a seque
 below the low-water mark is answered OUTCOME UNKNOWN (``errors.OutcomeUnknown``): an
 earlier copy may have been applied, but its result is forgotten; the retry is not applied.
 
-Peer messages travel as unary ``Send(Batch)`` calls with short deadlines (a few in flight
-per peer), so a cut link drops messages rather than blocking the sender.
+Peer messages travel on one long-lived ``Stream`` per peer (caplab.peer); a cut link
+drops messages rather than blocking the sender.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from caplab.clock import SkewableClock
 from caplab.gossip.v1 import gossip_pb2 as pb
 from caplab.gossip.v1 import gossip_pb2_grpc as pb_grpc
 from caplab.logs import get_logger
-from caplab.peer import BatchSender, peer_channel
+from caplab.peer import InboundStreams, StreamSender, peer_channel
 from caplab.store import (
     CasResult,
     Consistency,
@@ -74,7 +74,7 @@ from gossip.storage import CommitBatch, DedupEntry, GossipStorage
 
 log = get_logger("gossip.node")
 T = TypeVar("T")
-BATCH_ENTRIES = 2_000  # CRDT entries per outgoing Send call (about)
+BATCH_ENTRIES = 2_000  # CRDT entries per outgoing Batch (about)
 
 MEMBER_STATES = {
     ALIVE: kv_pb2.MEMBER_STATE_ALIVE,
@@ -125,8 +125,7 @@ class GossipOptions:
     repair_max_rounds: int = 4  # a returning peer: anti-entropy rounds before deltas resume
     repair_max_ms: int = 5000
     max_drift_ms: int = 60_000
-    peer_timeout_ms: int = 2000  # deadline of one Send call
-    peer_inflight: int = 4  # concurrent Send calls per peer
+    peer_timeout_ms: int = 2000  # a write to a peer's stream stuck this long drops the stream
     peer_queue: int = 4096  # messages queued per peer before the oldest are dropped
     dedup_max: int = 100_000  # clients remembered by the exactly-once table
     dedup_window: int = 128  # results remembered per client: its max requests in flight
@@ -188,19 +187,19 @@ class _Session:
 
 
 class PeerLink:
-    """Outbound messages to one peer: batched unary Send calls with deadlines."""
+    """Outbound messages to one peer, batched on one long-lived stream."""
 
     def __init__(self, node: GossipBackend, peer_id: str, address: str) -> None:
         self.peer_id = peer_id
         self.address = address
         self.channel = peer_channel(address)
         self.stub = pb_grpc.GossipPeerStub(self.channel)
-        # about BATCH_ENTRIES entries per call, so the peer can work on the first part
+        # about BATCH_ENTRIES entries per batch, so the peer can work on the first part
         # while the rest is on its way
-        self.sender: BatchSender[pb.GossipMessage] = BatchSender(
-            self._send_batch,
+        self.sender: StreamSender[pb.GossipMessage, pb.Batch] = StreamSender(
+            self.stub.Stream,
+            lambda messages: pb.Batch(messages=messages),
             timeout=node.opts.peer_timeout_ms / 1000,
-            inflight=node.opts.peer_inflight,
             max_queue=node.opts.peer_queue,
             counters=node.counters,
             weight=lambda m: len(m.deltas.entries) + len(m.ae_items.items),
@@ -209,11 +208,6 @@ class PeerLink:
 
     def send(self, m: Message) -> None:
         self.sender.push(to_pb(m))
-
-    async def _send_batch(self, messages: list[pb.GossipMessage], timeout: float) -> int:
-        batch = pb.Batch(messages=messages)
-        await self.stub.Send(batch, timeout=timeout)
-        return batch.ByteSize()
 
     async def close(self) -> None:
         await self.sender.close()
@@ -224,9 +218,13 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
     def __init__(self, node: GossipBackend) -> None:
         self.node = node
 
-    async def Send(
-        self, request: pb.Batch, context: grpc.aio.ServicerContext[Any, Any]
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.Batch], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchAck:
+        await self.node.inbound.serve(request_iterator, self._deliver)
+        return pb.BatchAck()
+
+    async def _deliver(self, request: pb.Batch) -> None:
         node = self.node
         core = node.core
         now = node.clock.wall_ms()
@@ -246,7 +244,6 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
                 now = node.clock.wall_ms()
         node.counters["messages_received"] += len(request.messages)
         node.collect()
-        return pb.BatchAck()
 
 
 class GossipBackend:
@@ -263,6 +260,7 @@ class GossipBackend:
         self.storage: GossipStorage | None = None
         self._core: GossipCore | None = None
         self.links: dict[str, PeerLink] = {}
+        self.inbound = InboundStreams()
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "messages_sent",
@@ -332,6 +330,9 @@ class GossipBackend:
         self._stopping = True
         if self._ticker_task is not None:
             self._ticker_task.cancel()
+
+    def stop_peer_streams(self) -> None:
+        self.inbound.close()
 
     async def close(self) -> None:
         self._stopping = True

@@ -735,10 +735,12 @@ class RaftCore:
                     self._reads_wait_round.append(ReadState(rid, ci))
                 else:
                     self._read_states.append(ReadState(rid, ci))
+        # Followers learn the new commit index with the next Append or heartbeat (at most
+        # one heartbeat interval later): an empty Append just to announce it would double
+        # the messages per write when the load is light.
         for p in self._prs:
-            if self._send_append(p):
-                while self._send_append(p, send_if_empty=False):
-                    pass
+            while self._send_append(p, send_if_empty=False):
+                pass
         return True
 
     def _send_append(self, to: str, send_if_empty: bool = True) -> bool:

@@ -11,7 +11,7 @@ Ready and processes it in the order the core demands:
 1. persist snapshot/entries/hard state in one SQLite transaction (fsync), on a
    single storage thread so the event loop keeps serving while the disk works
    (requests arriving meanwhile form the next batch: group commit);
-2. send the messages (batched per peer, a few `Send` calls in flight each);
+2. send the messages (batched per peer on its stream);
 3. restore a received snapshot, apply committed entries to the KV state
    machine and resolve the futures of the proposals they answer;
 4. release linearizable reads whose ReadIndex point has been applied, fail
@@ -32,9 +32,9 @@ election timeout of silence and leaders step down after one without a quorum
 (check-quorum), a client on the minority side of a partition gets a definite
 refusal within about one election timeout.
 
-Peer messages travel as unary `Send(Batch)` calls with short deadlines, so a cut
-link drops messages instead of blocking a sender (Raft tolerates loss);
-snapshots travel chunked on `InstallSnapshot`.
+Peer messages travel on one long-lived `Stream` per peer (caplab.peer); a cut link
+drops messages instead of blocking a sender (Raft tolerates loss); snapshots travel
+chunked on `InstallSnapshot`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import grpc
 from caplab import errors
 from caplab.clock import SkewableClock
 from caplab.logs import get_logger
-from caplab.peer import BatchSender, peer_channel
+from caplab.peer import InboundStreams, StreamSender, peer_channel
 from caplab.raft.v1 import raft_pb2 as pb
 from caplab.raft.v1 import raft_pb2_grpc as pb_grpc
 from caplab.store import (
@@ -108,7 +108,6 @@ class RaftOptions:
     max_inflight: int = 2  # unacknowledged Appends per follower (few, large batches: CPU-bound)
     max_entries_per_msg: int = 512
     max_pending: int = 20_000  # proposals + reads in flight before RESOURCE_EXHAUSTED
-    peer_inflight: int = 4  # concurrent Send calls per peer
     peer_queue: int = 4096  # messages queued per peer before dropping
     forward_timeout_ms: int = 2000  # cap on a forwarded request's deadline
 
@@ -152,10 +151,10 @@ class PeerLink:
         self.stub = pb_grpc.RaftPeerStub(self.channel)
         self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.snapshot_task: asyncio.Task[None] | None = None
-        self.sender: BatchSender[pb.RaftMessage] = BatchSender(
-            self._send_batch,
+        self.sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
+            self.stub.Stream,
+            lambda messages: pb.Batch(messages=messages),
             timeout=max(0.2, node.opts.election_timeout_s),
-            inflight=node.opts.peer_inflight,
             max_queue=node.opts.peer_queue,
             counters=node.counters,
         )
@@ -166,11 +165,6 @@ class PeerLink:
                 self.snapshot_task = asyncio.create_task(self._send_snapshot(m))
             return
         self.sender.push(to_pb(m))
-
-    async def _send_batch(self, messages: list[pb.RaftMessage], timeout: float) -> int:
-        batch = pb.Batch(messages=messages)
-        await self.stub.Send(batch, timeout=timeout)
-        return batch.ByteSize()
 
     async def _send_snapshot(self, m: InstallSnapshot) -> None:
         snap = m.snapshot
@@ -219,17 +213,20 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
     def __init__(self, node: RaftBackend) -> None:
         self.node = node
 
-    async def Send(
-        self, request: pb.Batch, context: grpc.aio.ServicerContext[Any, Any]
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.Batch], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchAck:
+        await self.node.inbound.serve(request_iterator, self._deliver)
+        return pb.BatchAck()
+
+    def _deliver(self, batch: pb.Batch) -> None:
         node = self.node
-        for raw in request.messages:
+        for raw in batch.messages:
             if raw.to != node.id or raw.sender not in node.peers:
                 continue
             node.core.step(from_pb(raw))
-        node.counters["messages_received"] += len(request.messages)
+        node.counters["messages_received"] += len(batch.messages)
         node.wake.set()
-        return pb.BatchAck()
 
     async def InstallSnapshot(
         self,
@@ -278,6 +275,7 @@ class RaftBackend:
         self._core: RaftCore | None = None
         self.wake = asyncio.Event()
         self.links: dict[str, PeerLink] = {}
+        self.inbound = InboundStreams()
         self.counters: dict[str, int] = {
             k: 0
             for k in (
@@ -371,6 +369,9 @@ class RaftBackend:
         while time.monotonic() < deadline and core.leader_id in (self.id, None):  # noqa: ASYNC110
             await asyncio.sleep(self.opts.tick_ms / 1000)
         log.info("leader_transfer_done", leader=core.leader_id)
+
+    def stop_peer_streams(self) -> None:
+        self.inbound.close()
 
     async def close(self) -> None:
         self._stopping = True

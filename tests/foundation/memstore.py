@@ -55,6 +55,9 @@ class MemBackend:
     async def before_shutdown(self) -> None:
         pass
 
+    def stop_peer_streams(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

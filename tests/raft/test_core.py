@@ -378,6 +378,8 @@ def test_snapshot_catch_up_of_far_behind_follower() -> None:
     assert net.durable["n3"].snapshot == Snapshot(SnapshotMeta(61, n1.term), b"state@61")
     assert n1.propose(b"after") == 62
     net.flush()
+    assert n3.commit_index == 61  # commit is announced lazily, by the next heartbeat
+    net.tick(1)
     assert n3.commit_index == 62 and net.applied["n3"][-1].data == b"after"
 
 
@@ -454,6 +456,8 @@ def test_pipelining_respects_max_inflight_and_batches() -> None:
     apps = [m for m in net.sent[before:] if isinstance(m, Append) and m.to == "n2"]
     assert len(apps) == 2 and all(len(m.entries) == 3 for m in apps)
     net.flush()
+    assert n1.commit_index == 21
+    net.tick(1)  # the heartbeat announces the commit index
     assert all(c.commit_index == 21 for c in net.cores.values())
 
 

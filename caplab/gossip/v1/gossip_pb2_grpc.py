@@ -34,8 +34,8 @@ class GossipPeerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Send = channel.unary_unary(
-                '/caplab.gossip.v1.GossipPeer/Send',
+        self.Stream = channel.stream_unary(
+                '/caplab.gossip.v1.GossipPeer/Stream',
                 request_serializer=caplab_dot_gossip_dot_v1_dot_gossip__pb2.Batch.SerializeToString,
                 response_deserializer=caplab_dot_gossip_dot_v1_dot_gossip__pb2.BatchAck.FromString,
                 _registered_method=True)
@@ -44,8 +44,10 @@ class GossipPeerStub:
 class GossipPeerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Send(self, request, context):
-        """One-way delivery of a batch of messages (short deadline; loss is tolerated).
+    def Stream(self, request_iterator, context):
+        """One long-lived stream per sending peer carries all its messages to this node, in
+        order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+        messages dropped). BatchAck is returned when the stream ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -54,8 +56,8 @@ class GossipPeerServicer:
 
 def add_GossipPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Send': grpc.unary_unary_rpc_method_handler(
-                    servicer.Send,
+            'Stream': grpc.stream_unary_rpc_method_handler(
+                    servicer.Stream,
                     request_deserializer=caplab_dot_gossip_dot_v1_dot_gossip__pb2.Batch.FromString,
                     response_serializer=caplab_dot_gossip_dot_v1_dot_gossip__pb2.BatchAck.SerializeToString,
             ),
@@ -71,7 +73,7 @@ class GossipPeer:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Send(request,
+    def Stream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -81,10 +83,10 @@ class GossipPeer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
-            '/caplab.gossip.v1.GossipPeer/Send',
+            '/caplab.gossip.v1.GossipPeer/Stream',
             caplab_dot_gossip_dot_v1_dot_gossip__pb2.Batch.SerializeToString,
             caplab_dot_gossip_dot_v1_dot_gossip__pb2.BatchAck.FromString,
             options,

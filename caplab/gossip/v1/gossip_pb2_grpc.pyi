@@ -43,22 +43,31 @@ class GossipPeerStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GossipPeerAsyncStub: ...
-    Send: _grpc.UnaryUnaryMultiCallable[_gossip_pb2.Batch, _gossip_pb2.BatchAck]
-    """One-way delivery of a batch of messages (short deadline; loss is tolerated)."""
+    Stream: _grpc.StreamUnaryMultiCallable[_gossip_pb2.Batch, _gossip_pb2.BatchAck]
+    """One long-lived stream per sending peer carries all its messages to this node, in
+    order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+    messages dropped). BatchAck is returned when the stream ends.
+    """
 
 @_typing.type_check_only
 class GossipPeerAsyncStub(GossipPeerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Send: _aio.UnaryUnaryMultiCallable[_gossip_pb2.Batch, _gossip_pb2.BatchAck]  # type: ignore[assignment]
-    """One-way delivery of a batch of messages (short deadline; loss is tolerated)."""
+    Stream: _aio.StreamUnaryMultiCallable[_gossip_pb2.Batch, _gossip_pb2.BatchAck]  # type: ignore[assignment]
+    """One long-lived stream per sending peer carries all its messages to this node, in
+    order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+    messages dropped). BatchAck is returned when the stream ends.
+    """
 
 class GossipPeerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
-    def Send(
+    def Stream(
         self,
-        request: _gossip_pb2.Batch,
+        request_iterator: _MaybeAsyncIterator[_gossip_pb2.Batch],
         context: _ServicerContext,
     ) -> _typing.Union[_gossip_pb2.BatchAck, _abc.Awaitable[_gossip_pb2.BatchAck]]:
-        """One-way delivery of a batch of messages (short deadline; loss is tolerated)."""
+        """One long-lived stream per sending peer carries all its messages to this node, in
+        order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+        messages dropped). BatchAck is returned when the stream ends.
+        """
 
 def add_GossipPeerServicer_to_server(servicer: GossipPeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -34,8 +34,8 @@ class RaftPeerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Send = channel.unary_unary(
-                '/caplab.raft.v1.RaftPeer/Send',
+        self.Stream = channel.stream_unary(
+                '/caplab.raft.v1.RaftPeer/Stream',
                 request_serializer=caplab_dot_raft_dot_v1_dot_raft__pb2.Batch.SerializeToString,
                 response_deserializer=caplab_dot_raft_dot_v1_dot_raft__pb2.BatchAck.FromString,
                 _registered_method=True)
@@ -49,8 +49,11 @@ class RaftPeerStub:
 class RaftPeerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Send(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Stream(self, request_iterator, context):
+        """One long-lived stream per sending peer carries all its messages to this node, in
+        order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+        messages dropped). BatchAck is returned when the stream ends.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -64,8 +67,8 @@ class RaftPeerServicer:
 
 def add_RaftPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Send': grpc.unary_unary_rpc_method_handler(
-                    servicer.Send,
+            'Stream': grpc.stream_unary_rpc_method_handler(
+                    servicer.Stream,
                     request_deserializer=caplab_dot_raft_dot_v1_dot_raft__pb2.Batch.FromString,
                     response_serializer=caplab_dot_raft_dot_v1_dot_raft__pb2.BatchAck.SerializeToString,
             ),
@@ -86,7 +89,7 @@ class RaftPeer:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Send(request,
+    def Stream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -96,10 +99,10 @@ class RaftPeer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
-            '/caplab.raft.v1.RaftPeer/Send',
+            '/caplab.raft.v1.RaftPeer/Stream',
             caplab_dot_raft_dot_v1_dot_raft__pb2.Batch.SerializeToString,
             caplab_dot_raft_dot_v1_dot_raft__pb2.BatchAck.FromString,
             options,

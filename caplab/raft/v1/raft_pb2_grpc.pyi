@@ -42,22 +42,34 @@ class RaftPeerStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RaftPeerAsyncStub: ...
-    Send: _grpc.UnaryUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.BatchAck]
+    Stream: _grpc.StreamUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.BatchAck]
+    """One long-lived stream per sending peer carries all its messages to this node, in
+    order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+    messages dropped). BatchAck is returned when the stream ends.
+    """
     InstallSnapshot: _grpc.StreamUnaryMultiCallable[_raft_pb2.SnapshotChunk, _raft_pb2.SnapshotAck]
 
 @_typing.type_check_only
 class RaftPeerAsyncStub(RaftPeerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Send: _aio.UnaryUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.BatchAck]  # type: ignore[assignment]
+    Stream: _aio.StreamUnaryMultiCallable[_raft_pb2.Batch, _raft_pb2.BatchAck]  # type: ignore[assignment]
+    """One long-lived stream per sending peer carries all its messages to this node, in
+    order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+    messages dropped). BatchAck is returned when the stream ends.
+    """
     InstallSnapshot: _aio.StreamUnaryMultiCallable[_raft_pb2.SnapshotChunk, _raft_pb2.SnapshotAck]  # type: ignore[assignment]
 
 class RaftPeerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
-    def Send(
+    def Stream(
         self,
-        request: _raft_pb2.Batch,
+        request_iterator: _MaybeAsyncIterator[_raft_pb2.Batch],
         context: _ServicerContext,
-    ) -> _typing.Union[_raft_pb2.BatchAck, _abc.Awaitable[_raft_pb2.BatchAck]]: ...
+    ) -> _typing.Union[_raft_pb2.BatchAck, _abc.Awaitable[_raft_pb2.BatchAck]]:
+        """One long-lived stream per sending peer carries all its messages to this node, in
+        order, one Batch per write (loss is tolerated: a stuck stream is abandoned and its
+        messages dropped). BatchAck is returned when the stream ends.
+        """
 
     @_abc_1.abstractmethod
     def InstallSnapshot(
