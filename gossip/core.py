@@ -19,18 +19,19 @@ Delta gossip. Every change (local or merged from a peer) appends its key to a de
 with a sequence number (a key appears once, at its latest sequence number). Per peer the
 node keeps ``acked``: the peer durably holds the current value of every key logged at or
 below it. Every ``gossip_interval_ms`` the node picks ``fanout`` random live peers and
-streams to each the current values of the keys logged after what it already sent
-(at most ``delta_batch_max`` keys per ``Deltas``, at most ``deltas_window`` unacknowledged
-``Deltas`` per peer, each continuing where the previous one ended); every ``DeltasAck``
-releases the next batch at once (ack-clocked, so a backlog streams at the speed of the
-peer rather than of the timer). A batch unacknowledged for ``deltas_resend_ms`` makes the
-node go back and re-send from ``acked``. A key is not sent to a peer known to hold its
-current value: the peer it was merged from, or any peer that sent us that same value
-(its Deltas or anti-entropy items are evidence it holds them). An anti-entropy round that
-finds the two roots equal acknowledges the whole log up to the round's start. The log is
-pruned once every peer acked an entry and capped at ``delta_log_max`` keys; a peer whose
-unacked entries were dropped is "behind" and gets the next anti-entropy round (which
-repairs everything).
+streams to each the current values of the keys logged after what it already sent (at most
+``delta_batch_max`` keys per ``Deltas``, at most ``deltas_window`` unacknowledged
+``Deltas`` per peer, each continuing where the previous one ended); the ``DeltasAck`` of
+a batch that left more of the log behind releases the next batch at once (ack-clocked, so
+a backlog streams at the speed of the peer rather than of the timer), while a steady load
+travels once per interval, in few large batches. A batch unacknowledged for
+``deltas_resend_ms`` makes the node go back and re-send from ``acked``. A key is not sent
+to a peer known to hold its current value: the peer it was merged from, or any peer that
+sent us that same value (its Deltas or anti-entropy items are evidence it holds them). An
+anti-entropy round that finds the two roots equal acknowledges the whole log up to the
+round's start. The log is pruned once every peer acked an entry and capped at
+``delta_log_max`` keys; a peer whose unacked entries were dropped is "behind" and gets
+the next anti-entropy round (which repairs everything).
 
 Anti-entropy. Every ``anti_entropy_interval_ms`` the node runs a push-pull round with one
 random live peer (a "behind" peer first, then a peer under repair, see below): the two
@@ -271,6 +272,10 @@ class _Batch:
     # Tombstones it carries: the peer holds them once this exact batch is acknowledged.
     tombs: tuple[tuple[str, Timestamp], ...]
     sent_ms: int
+    # More of the log was left for the next batch: its ack sends that at once (a backlog
+    # streams ack-clocked); otherwise the next batch waits for the gossip timer, so that
+    # a steady load travels in few, large batches.
+    more: bool = False
 
 
 @dataclass(slots=True)
@@ -650,7 +655,7 @@ class GossipCore:
                 start = max(start, old.start)
                 had = set(old.tombs)
                 tombs = [t for t in tombs if t in had]
-            fl.inflight[end] = _Batch(start, tuple(tombs), now)
+            fl.inflight[end] = _Batch(start, tuple(tombs), now, i < n)
             if len(fl.inflight) > 64:
                 del fl.inflight[min(fl.inflight)]
             self.stats.deltas_sent += 1
@@ -659,7 +664,14 @@ class GossipCore:
 
     # ------------------------------------------------------------------ merging
 
-    def _merge_remote(self, entries: Iterable[Entry], src: str) -> None:
+    def _merge_remote(self, entries: Iterable[Entry], src: str, direct: bool = False) -> None:
+        """Join ``entries`` received from ``src`` (``direct``: in src's own delta stream).
+
+        A register value ``src`` itself wrote, received in its delta stream, is not
+        relayed: its writer streams it to every peer itself (and anti-entropy repairs
+        whatever a cut link kept from one), so relaying would only double the work of
+        every write. Everything else is relayed to peers not known to hold it, tombstones
+        included (their DeltasAcks tell who holds them, which tombstone GC waits for)."""
         now = self._now
         accepted: list[Entry] = []
         max_ts: Timestamp | None = None
@@ -683,6 +695,17 @@ class GossipCore:
             self._merkle.update_many(changed.items())
             # src holds exactly this value when it is what src sent (not a join of both)
             self._log_many([(k, src if got.get(k) == new else None) for k, new in changed.items()])
+            if direct:
+                everyone = self._peers
+                known = self._known
+                for k, new in changed.items():
+                    if (
+                        isinstance(new, Register)
+                        and new.value is not None  # tombstones spread: GC needs holders
+                        and new.ts.node == src
+                        and got.get(k) == new
+                    ):
+                        known[k] = set(everyone)
             self._out.persist.update(changed)
             collected, tomb = self._collected, self._tomb
             for k, new in changed.items():
@@ -780,7 +803,7 @@ class GossipCore:
     def _on_deltas(self, msg: Deltas) -> None:
         self.stats.deltas_received += 1
         self.stats.delta_entries_received += len(msg.entries)
-        self._merge_remote(msg.entries, msg.frm)
+        self._merge_remote(msg.entries, msg.frm, direct=True)
         self.last_sync_ms[msg.frm] = self._now
         self._send(DeltasAck(self.node_id, msg.frm, msg.seq))
 
@@ -802,7 +825,7 @@ class GossipCore:
             if holders is not None and isinstance(v, Register) and v.ts == ts:
                 holders.add(p)
         self._note_done(p, b.start, msg.seq)
-        if self._members[p].state != DEAD:
+        if b.more and self._members[p].state != DEAD:
             self._send_deltas(p)  # ack-clocked: keep streaming a backlog
 
     # ------------------------------------------------------------------ anti-entropy
