@@ -458,8 +458,10 @@ class RaftBackend:
         core = self.core
         while True:
             await self.wake.wait()
-            # Let every request that is already runnable join this batch first.
-            await asyncio.sleep(0)
+            # Let every client request that is already runnable join this batch first (a
+            # follower has none to wait for: it answers the leader at once).
+            if core.role is Role.LEADER:
+                await asyncio.sleep(0)
             self.wake.clear()
             try:
                 self._hand_over_queued()

@@ -1,0 +1,142 @@
+"""caplab.peer over real gRPC: one ordered stream per peer, loss instead of blocking,
+reconnection after the peer restarts, and a graceful stop that does not wait for streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from caplab.peer import InboundStreams, StreamSender, peer_channel
+from caplab.raft.v1 import raft_pb2 as pb
+from caplab.raft.v1 import raft_pb2_grpc as pb_grpc
+
+
+class _Receiver(pb_grpc.RaftPeerServicer):
+    def __init__(self) -> None:
+        self.inbound = InboundStreams()
+        self.got: list[int] = []
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.Batch], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BatchAck:
+        await self.inbound.serve(request_iterator, self._deliver)
+        return pb.BatchAck()
+
+    def _deliver(self, batch: pb.Batch) -> None:
+        self.got.extend(m.term for m in batch.messages)
+
+
+async def _serve(port: int = 0) -> tuple[grpc.aio.Server, _Receiver, int]:
+    server = grpc.aio.server()
+    rx = _Receiver()  # type: ignore[abstract]  # InstallSnapshot: UNIMPLEMENTED
+    pb_grpc.add_RaftPeerServicer_to_server(rx, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, rx, port
+
+
+async def _until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
+
+
+def _msg(i: int) -> pb.RaftMessage:
+    return pb.RaftMessage(sender="a", to="b", term=i)
+
+
+async def test_messages_arrive_in_order_on_one_stream_and_survive_a_restart() -> None:
+    server, rx, port = await _serve()
+    channel = peer_channel(f"127.0.0.1:{port}")
+    counters: dict[str, int] = {}
+    sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
+        pb_grpc.RaftPeerStub(channel).Stream,
+        lambda ms: pb.Batch(messages=ms),
+        timeout=0.5,
+        max_queue=10_000,
+        counters=counters,
+    )
+    sender.start()
+    try:
+        for i in range(1, 2001):
+            sender.push(_msg(i))
+            if i % 300 == 0:
+                await asyncio.sleep(0)
+        await _until(lambda: len(rx.got) == 2000)
+        assert rx.got == list(range(1, 2001))
+        assert counters["peer_streams_opened"] == 1  # every batch on the same stream
+        assert counters["messages_sent"] == 2000 and counters.get("messages_dropped", 0) == 0
+
+        # The peer goes away: messages are dropped, the sender does not block.
+        rx.inbound.close()
+        await server.stop(0)
+        for i in range(3):
+            sender.push(_msg(5000 + i))
+        await _until(lambda: counters.get("messages_dropped", 0) >= 1)
+
+        # It comes back on the same address: a new stream carries what is sent now.
+        server, rx, _ = await _serve(port)
+        await _until(lambda: channel.get_state(True) is grpc.ChannelConnectivity.READY)
+
+        async def deliver_after_restart() -> bool:
+            sender.push(_msg(9999))
+            await asyncio.sleep(0.05)
+            return 9999 in rx.got
+
+        deadline = time.monotonic() + 10
+        while not await deliver_after_restart():
+            assert time.monotonic() < deadline, "no delivery after the peer restarted"
+        assert counters["peer_streams_opened"] >= 2
+    finally:
+        await sender.close()
+        await channel.close()
+        rx.inbound.close()
+        await server.stop(0)
+
+
+async def test_closing_inbound_streams_lets_a_graceful_stop_finish_at_once() -> None:
+    server, rx, port = await _serve()
+    channel = peer_channel(f"127.0.0.1:{port}")
+    counters: dict[str, int] = {}
+    sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
+        pb_grpc.RaftPeerStub(channel).Stream,
+        lambda ms: pb.Batch(messages=ms),
+        timeout=0.5,
+        max_queue=100,
+        counters=counters,
+    )
+    sender.start()
+    try:
+        sender.push(_msg(1))
+        await _until(lambda: rx.got == [1])
+        t0 = time.monotonic()
+        rx.inbound.close()
+        await server.stop(5.0)  # grace: 5 s; the open stream must not hold it
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        await sender.close()
+        await channel.close()
+
+
+async def test_queue_is_bounded_and_drops_the_oldest() -> None:
+    counters: dict[str, int] = {}
+
+    def never_called() -> grpc.aio.StreamUnaryCall[pb.Batch, Any]:
+        raise AssertionError("not started: nothing is sent")
+
+    sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
+        never_called,
+        lambda ms: pb.Batch(messages=ms),
+        timeout=0.5,
+        max_queue=3,
+        counters=counters,
+    )
+    for i in range(5):
+        sender.push(_msg(i))
+    assert [m.term for m in sender.queue] == [2, 3, 4]
+    assert counters["messages_dropped"] == 2
