@@ -4,11 +4,12 @@ isort:skip_file
 Gossip peer protocol of caplab's AP store. It mirrors gossip/messages.py
 field by field (the sans-IO core's messages); gossip/codec.py converts.
 
-Transport: every message is one-way. A node batches all the messages it has
-for one peer into a `Send(Batch)` call with a short deadline; the answers
-(DeltasAck, AeResponse, Ack, ...) travel back as the peer's own `Send` calls.
-A cut link therefore costs dropped messages, never a blocked sender: the
-protocol tolerates loss, duplication, delay and reordering of any message.
+Transport: every message is one-way. A node keeps one long-lived `Stream` per
+peer and writes all the messages it has for that peer as one Batch; the answers
+(DeltasAck, AeResponse, Ack, ...) travel back on the peer's own stream. A write
+stuck for a deadline abandons the stream and drops its messages, so a cut link
+costs dropped messages, never a blocked sender: the protocol tolerates loss,
+duplication, delay and reordering of any message.
 
 Ordering contract (enforced by the sender's shell): a message is sent only
 after everything the sender persisted before producing it is durable, so a

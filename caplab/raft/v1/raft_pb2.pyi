@@ -4,12 +4,12 @@ isort:skip_file
 Raft peer protocol of caplab's CP store, and the formats of what a Raft node
 writes to disk (commands in log entries, state machine snapshots).
 
-Transport: one-way Raft messages (etcd style), batched: every `Send` carries
-all the messages the sender had for that peer, and a few `Send` calls may be
-in flight per peer (pipelining). The answers travel back as the peer's own
-`Send` calls. Every call has a short deadline, so a cut link costs dropped
-messages, never a stuck sender; Raft tolerates lost, duplicated and
-reordered messages. Snapshots travel separately, chunked, on the
+Transport: one-way Raft messages (etcd style), batched: one long-lived
+`Stream` per peer, each write a Batch of all the messages the sender had for
+that peer. The answers travel back on the peer's own stream. A write stuck
+for a deadline abandons the stream and drops its messages, so a cut link
+costs dropped messages, never a stuck sender; Raft tolerates lost,
+duplicated and reordered messages. Snapshots travel separately, chunked, on the
 client-streaming `InstallSnapshot`; the receiver checks the CRC and steps the
 reassembled snapshot into its Raft core as one message.
 """
