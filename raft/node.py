@@ -153,9 +153,8 @@ class _BatchGate:
     Every batch has a fixed cost (messages, an fsync) that under load exceeds the cost of
     the requests in it. So once requests arrive concurrently (the previous batch had
     several), a new batch gathers for up to `interval_us` after the previous one went,
-    unless `max_batch` are waiting, or nothing is in flight any more and as many are
-    waiting as went last time (in a closed loop: every client is back). A request with no
-    company goes at once, so light load sees no added latency."""
+    unless `max_batch` are waiting. A request with no company goes at once, so light
+    load sees no added latency."""
 
     def __init__(self, interval_us: int, max_batch: int, wake: asyncio.Event) -> None:
         self.interval = interval_us / 1e6
@@ -170,12 +169,11 @@ class _BatchGate:
         """A batch is being held; the timer will wake the driver."""
         return self.timer is not None
 
-    def open(self, queued: int, in_flight: int) -> bool:
+    def open(self, queued: int) -> bool:
         loop = asyncio.get_running_loop()
         now = loop.time()
         opens_at = self.last_at + self.interval
-        all_back = in_flight == 0 and queued >= self.last_size
-        if self.last_size > 1 and now < opens_at and queued < self.max_batch and not all_back:
+        if self.last_size > 1 and now < opens_at and queued < self.max_batch:
             if self.timer is None:
                 self.timer = loop.call_at(opens_at, self._fire)
             return False
@@ -485,7 +483,7 @@ class RaftBackend:
 
     def _hand_over_queued(self) -> None:
         core = self.core
-        if self._queued and self._write_gate.open(len(self._queued), len(self._pending)):
+        if self._queued and self._write_gate.open(len(self._queued)):
             queued, self._queued = self._queued, []
             live = [(d, f) for d, f in queued if not f.done()]
             idxs = core.propose_batch([d for d, _ in live]) if live else []
@@ -498,7 +496,7 @@ class RaftBackend:
                     self._pending[idx] = _Pending(core.term, f)
                 self.counters["proposals"] += len(idxs)
                 self.counters["batches"] += 1
-        if self._queued_reads and self._read_gate.open(len(self._queued_reads), len(self._reads)):
+        if self._queued_reads and self._read_gate.open(len(self._queued_reads)):
             reads, self._queued_reads = self._queued_reads, []
             for rid, rf in reads:
                 if rf.done():

@@ -1,6 +1,5 @@
 """raft.node._BatchGate: a lone request goes at once; concurrent requests are gathered for
-at most the interval (or until the batch is full, or every client of the last batch is
-back), and the driver is woken when the interval ends."""
+at most the interval (or until the batch is full), and the driver is woken when it ends."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from raft.node import _BatchGate
 async def test_lone_requests_never_wait() -> None:
     gate = _BatchGate(50_000, 64, asyncio.Event())
     for _ in range(5):
-        assert gate.open(1, 3)  # the previous batch had one request: no gathering
+        assert gate.open(1)  # the previous batch had one request: no gathering
     assert not gate.waiting
 
 
@@ -20,27 +19,19 @@ async def test_concurrent_requests_gather_until_the_interval_then_wake_the_drive
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     gate = _BatchGate(30_000, 64, wake)  # 30 ms
-    assert gate.open(5, 0)  # nothing before: goes at once
+    assert gate.open(5)  # nothing before: goes at once
     went_at = loop.time()
-    assert not gate.open(3, 5)  # the last batch had several and is in flight: gather
+    assert not gate.open(3)  # the last batch had several: gather
     assert gate.waiting
     await asyncio.wait_for(wake.wait(), timeout=5)
     assert loop.time() - went_at >= 0.029
     assert not gate.waiting
-    assert gate.open(3, 5)
+    assert gate.open(3)
 
 
 async def test_a_full_batch_goes_at_once() -> None:
     gate = _BatchGate(10_000_000, 8, asyncio.Event())
-    assert gate.open(8, 0)
-    assert not gate.open(7, 8)
-    assert gate.open(8, 8)
+    assert gate.open(8)
+    assert not gate.open(7)
+    assert gate.open(8)
     assert not gate.waiting  # the pending timer was cancelled
-
-
-async def test_goes_when_every_client_of_the_last_batch_is_back() -> None:
-    gate = _BatchGate(10_000_000, 64, asyncio.Event())
-    assert gate.open(4, 0)
-    assert not gate.open(3, 0)  # one client of the last batch is not back yet
-    assert not gate.open(4, 1)  # all back, but something is still in flight
-    assert gate.open(4, 0)
