@@ -9,9 +9,10 @@ store's default consistency: linearizable on raft, local on gossip) for
 client code in the same run: it is the ceiling for any Python gRPC server here,
 and the store's figures are reported as a fraction of it.
 
-Raft clients talk to the leader (found through Cluster.Status) so that the
-measurement is of replication, not forwarding; gossip clients are spread over
-all nodes.
+Raft writers talk to the leader (found through Cluster.Status, as a client that
+follows the leader hint would), so that the measurement is of replication, not
+forwarding; raft readers are spread over all nodes, which all serve linearizable
+reads (followers through ReadIndex). Gossip clients are spread over all nodes.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ async def _prefill(endpoints: list[str], value: bytes, concurrency: int) -> None
 
 async def _measure(
     target: str,
-    endpoints: list[str],
+    endpoints: dict[str, list[str]],  # op -> the nodes its clients talk to
     concurrencies: list[int],
     duration: float,
     warmup: float,
@@ -128,9 +129,9 @@ async def _measure(
     cells = []
     for op in ("write", "read"):
         if op == "read":
-            await _prefill(endpoints, value, max(concurrencies))
+            await _prefill(endpoints["write"], value, max(concurrencies))
         for conc in concurrencies:
-            ok, err, secs, h = await _drive(endpoints, op, conc, duration, warmup, value)
+            ok, err, secs, h = await _drive(endpoints[op], op, conc, duration, warmup, value)
             cell = Cell(
                 target,
                 op,
@@ -211,7 +212,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     raise
                 await asyncio.sleep(0.05)
         print("raw grpc.aio no-op server:", file=sys.stderr)
-        cells += await _measure("noop", [ep], conc, args.duration, args.warmup, value, True)
+        cells += await _measure(
+            "noop", {"write": [ep], "read": [ep]}, conc, args.duration, args.warmup, value, True
+        )
     finally:
         noop.terminate()
         noop.wait()
@@ -220,10 +223,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     with LocalCluster(args.store, args.nodes, root, extra_args=extra) as cluster:
         cluster.start()
         await cluster.wait_ready()
+        every = list(cluster.endpoints.values())
         if args.store == "raft":
-            endpoints = [await _leader_endpoint(cluster)]
+            endpoints = {"write": [await _leader_endpoint(cluster)], "read": every}
         else:
-            endpoints = list(cluster.endpoints.values())
+            endpoints = {"write": every, "read": every}
         print(f"{args.store}, {args.nodes} nodes:", file=sys.stderr)
         cells += await _measure(
             args.store, endpoints, conc, args.duration, args.warmup, value, True

@@ -11,6 +11,8 @@ from raft.messages import (
     Message,
     PreVote,
     PreVoteResp,
+    ReadIndex,
+    ReadIndexResp,
     TimeoutNow,
     Vote,
     VoteResp,
@@ -60,6 +62,10 @@ def to_pb(m: Message) -> pb.RaftMessage:
         out.vote_response.CopyFrom(pb.VoteResponse(reject=m.reject))
     elif isinstance(m, TimeoutNow):
         out.timeout_now.CopyFrom(pb.TimeoutNow())
+    elif isinstance(m, ReadIndex):
+        out.read_index.CopyFrom(pb.ReadIndex(ctx=m.ctx))
+    elif isinstance(m, ReadIndexResp):
+        out.read_index_response.CopyFrom(pb.ReadIndexResponse(ctx=m.ctx, index=m.index))
     else:
         raise TypeError(f"cannot encode {type(m).__name__} as a stream message")
     return out
@@ -93,4 +99,9 @@ def from_pb(m: pb.RaftMessage) -> Message:
         return VoteResp(frm, to, term, m.vote_response.reject)
     if body == "timeout_now":
         return TimeoutNow(frm, to, term)
+    if body == "read_index":
+        return ReadIndex(frm, to, term, m.read_index.ctx)
+    if body == "read_index_response":
+        r2 = m.read_index_response
+        return ReadIndexResp(frm, to, term, r2.ctx, r2.index)
     raise ValueError(f"raft message from {frm!r} has no known body ({body!r})")

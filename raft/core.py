@@ -53,6 +53,13 @@ ReadIndex (thesis §6.4): a read request records the commit index; it is release
 round (identified by ``Append.ctx``) started after the request was acknowledged by a majority
 at the leader's term. Pending reads are reported in ``dropped_reads`` when leadership is
 lost, so a deposed leader never releases a read state.
+
+Reads served by followers (thesis §6.4): on a follower, ``read_index`` queues the request;
+each ``ready()`` asks the leader for one read point for everything queued (``ReadIndex``),
+which the leader treats as one read of its own (same two conditions) and answers with
+``ReadIndexResp(index)``; the follower then releases the batch's read states with that
+index (serve once applied). A batch is dropped (``dropped_reads``) when the follower's
+term or leader changes, or when no answer came within an election timeout.
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ from raft.messages import (
     Message,
     PreVote,
     PreVoteResp,
+    ReadIndex,
+    ReadIndexResp,
     Snapshot,
     SnapshotMeta,
     TimeoutNow,
@@ -258,6 +267,15 @@ class RaftCore:
         self._read_rounds: deque[tuple[int, list[ReadState], set[str]]] = deque()
         self._ctx_seq = 0
         self._quorum_contact_ok = False  #: leader: majority heard in the last window.
+        #: leader: reads asked by followers: internal id (< 0) -> (follower, its batch ctx).
+        self._remote_reads: dict[int, tuple[str, int]] = {}
+        self._remote_seq = 0
+
+        # Follower reads: request ids for the next ReadIndex, and the batches asked of the
+        # current leader: ctx -> (request ids, ticks waited). Cleared on any term/leader change.
+        self._fread_queue: list[int] = []
+        self._fread_batches: dict[int, tuple[list[int], int]] = {}
+        self._fread_seq = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -348,6 +366,8 @@ class RaftCore:
         if self._role is Role.LEADER:
             self._tick_leader()
         else:
+            if self._fread_batches:
+                self._age_follower_reads()
             self._election_elapsed += 1
             if self._election_elapsed >= self._randomized_timeout:
                 self._election_elapsed = 0
@@ -372,7 +392,18 @@ class RaftCore:
         return list(range(start, start + len(ents)))
 
     def read_index(self, request_id: int) -> bool:
-        """Request a linearizable read point (leader only). See ``ReadState``."""
+        """Request a linearizable read point (``request_id`` >= 1). See ``ReadState``.
+
+        On the leader, and on a follower that knows its leader (which it then asks); False
+        elsewhere (no read point can be had: refuse the read)."""
+        if request_id < 1:
+            raise ValueError("read request ids must be >= 1")
+        if self._role is Role.FOLLOWER and self._leader is not None:
+            self._fread_queue.append(request_id)
+            return True
+        return self._read_index(request_id)
+
+    def _read_index(self, request_id: int) -> bool:
         if self._role is not Role.LEADER:
             return False
         if self.log_term(self._commit) != self._term:
@@ -425,6 +456,7 @@ class RaftCore:
                 or self._read_states
                 or self._dropped_reads
                 or (self._reads_wait_round and not self._read_rounds)
+                or self._fread_queue
                 or self._pending_snapshot is not None
                 or self._unstable_from <= self.last_index
                 or self._commit > self._applied
@@ -440,6 +472,10 @@ class RaftCore:
             # One heartbeat round in flight at a time: reads arriving meanwhile share the
             # next round, so a busy leader confirms many reads per round trip.
             self._start_read_round()
+        if self._fread_queue:
+            self._ask_read_index()
+        if self._read_states:
+            self._answer_remote_reads()
         hs = self._hard_state()
         off = self._snap_index + 1
         ents = tuple(self._log[self._unstable_from - off :])
@@ -453,7 +489,7 @@ class RaftCore:
             messages=tuple(self._msgs),
             committed_entries=committed,
             read_states=tuple(self._read_states),
-            dropped_reads=tuple(self._dropped_reads),
+            dropped_reads=tuple(r for r in self._dropped_reads if r > 0),
         )
         self._prev_hs = hs
         self._pending_snapshot = None
@@ -533,6 +569,10 @@ class RaftCore:
                     self._handle_snapshot(m)
             elif isinstance(m, TimeoutNow):
                 self._campaign(pre=False, transfer=True)
+            elif isinstance(m, ReadIndexResp) and m.frm == self._leader:
+                batch = self._fread_batches.pop(m.ctx, None)
+                if batch is not None:
+                    self._read_states.extend(ReadState(rid, m.index) for rid in batch[0])
         else:  # candidates
             if isinstance(m, Append | InstallSnapshot):
                 self._become_follower(m.term, m.frm)
@@ -584,6 +624,12 @@ class RaftCore:
         self._drop_reads()
 
     def _drop_reads(self) -> None:
+        self._dropped_reads.extend(self._fread_queue)
+        for ids, _ in self._fread_batches.values():
+            self._dropped_reads.extend(ids)
+        self._fread_queue = []
+        self._fread_batches = {}
+        self._remote_reads.clear()  # their internal ids are filtered out at ready()
         self._dropped_reads.extend(self._reads_wait_commit)
         self._dropped_reads.extend(r.request_id for r in self._reads_wait_round)
         for _, reads, _ in self._read_rounds:
@@ -692,6 +738,39 @@ class RaftCore:
                 idx, t = self._snap_index, self._snap_term
             self._send(Append(self.id, p, self._term, idx, t, (), min(commit, idx), ctx))
 
+    def _ask_read_index(self) -> None:
+        """Follower: one ReadIndex to the leader for every read queued since the last."""
+        ids, self._fread_queue = self._fread_queue, []
+        if self._role is not Role.FOLLOWER or self._leader is None:
+            self._dropped_reads.extend(ids)
+            return
+        self._fread_seq += 1
+        self._fread_batches[self._fread_seq] = (ids, 0)
+        self._send(ReadIndex(self.id, self._leader, self._term, self._fread_seq))
+
+    def _age_follower_reads(self) -> None:
+        """Follower: drop batches the leader did not answer within an election timeout."""
+        limit = self.cfg.election_ticks
+        for ctx, (ids, age) in list(self._fread_batches.items()):
+            if age + 1 >= limit:
+                del self._fread_batches[ctx]
+                self._dropped_reads.extend(ids)
+            else:
+                self._fread_batches[ctx] = (ids, age + 1)
+
+    def _answer_remote_reads(self) -> None:
+        """Leader: released read states of followers' batches become ReadIndexResps (and
+        never reach the shell, whose request ids are >= 1)."""
+        local: list[ReadState] = []
+        for rs in self._read_states:
+            if rs.request_id > 0:
+                local.append(rs)
+                continue
+            dest = self._remote_reads.pop(rs.request_id, None)
+            if dest is not None:
+                self._send(ReadIndexResp(self.id, dest[0], self._term, dest[1], rs.index))
+        self._read_states = local
+
     def _start_read_round(self) -> None:
         self._ctx_seq += 1
         ctx = self._ctx_seq
@@ -787,6 +866,13 @@ class RaftCore:
         return bool(ents)
 
     def _step_leader(self, m: Message) -> None:
+        if isinstance(m, ReadIndex):
+            if m.frm in self._prs and m.ctx > 0:
+                self._remote_seq += 1
+                rid = -self._remote_seq
+                self._remote_reads[rid] = (m.frm, m.ctx)
+                self._read_index(rid)
+            return
         if not isinstance(m, AppendResp):
             return
         pr = self._prs.get(m.frm)

@@ -164,6 +164,40 @@ class TimeoutNow:
     term: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReadIndex:
+    """Follower -> its leader: give me a linearizable read point for a batch of reads
+    (Raft thesis §6.4, reads served by followers). The leader treats it as one read of its
+    own: once it has committed an entry of its term and confirmed leadership with a
+    heartbeat round started after this arrived, it answers ``ReadIndexResp``."""
+
+    frm: str
+    to: str
+    term: int
+    ctx: int  #: the follower's batch id, echoed in the response; >= 1.
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexResp:
+    """Leader -> follower: the reads of batch ``ctx`` may be served once the follower
+    has applied ``index``. Only valid in ``term`` and from the follower's current leader."""
+
+    frm: str
+    to: str
+    term: int
+    ctx: int
+    index: int  #: the leader's commit index when the ReadIndex arrived.
+
+
 Message = Union[  # noqa: UP007 - a runtime alias usable in isinstance-free match statements
-    PreVote, PreVoteResp, Vote, VoteResp, Append, AppendResp, InstallSnapshot, TimeoutNow
+    PreVote,
+    PreVoteResp,
+    Vote,
+    VoteResp,
+    Append,
+    AppendResp,
+    InstallSnapshot,
+    TimeoutNow,
+    ReadIndex,
+    ReadIndexResp,
 ]

@@ -24,13 +24,15 @@ index gets committed with a different term was definitely overwritten
 (UNAVAILABLE, not applied); proposals still pending when this node stops being
 leader get UNKNOWN (a new leader may still commit them).
 
-Followers forward client requests to the leader (one hop: a forwarded request
-is never forwarded again). A node that knows no leader, or a leader that has
-not heard from a majority within an election timeout, refuses at once with
-UNAVAILABLE and the reason; since followers forget the leader after one
-election timeout of silence and leaders step down after one without a quorum
-(check-quorum), a client on the minority side of a partition gets a definite
-refusal within about one election timeout.
+Followers forward client writes to the leader (one hop: a forwarded request is never
+forwarded again) and serve linearizable reads themselves: they ask the leader for a
+read point (ReadIndex, batched like the leader's own reads) and answer from their
+own state machine once it has applied that point. A node that knows no leader, or a
+leader that has not heard from a majority within an election timeout, refuses at
+once with UNAVAILABLE and the reason; since followers forget the leader after one
+election timeout of silence and leaders step down after one without a quorum (check-
+quorum), a client on the minority side of a partition gets a definite refusal within
+about one election timeout.
 
 Peer messages travel on one long-lived `Stream` per peer (caplab.peer); a cut link
 drops messages instead of blocking a sender (Raft tolerates loss); snapshots travel
@@ -571,7 +573,10 @@ class RaftBackend:
             f = self._reads.pop(rid, None)
             if f is not None and not f.done():
                 f.set_exception(
-                    errors.Unavailable("leadership was lost before the read was confirmed; retry")
+                    errors.Unavailable(
+                        f"node {self.id}: no leader confirmed the read point (leadership "
+                        "changed, or the leader is unreachable); read not served, retry"
+                    )
                 )
         if self._apply_waiters:
             still = []
@@ -852,18 +857,19 @@ class RaftBackend:
     async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
         if consistency is Consistency.LOCAL:
             return ReadResult(self._header(self.core.applied_index, stale=True), self.sm.get(key))
-        leader = self._route(bool(forwarded_by.get()))
-        if leader is not None:
-            req = kv_pb2.GetRequest(key=key, consistency=kv_pb2.CONSISTENCY_LINEARIZABLE)
-            resp: kv_pb2.GetResponse = await self._forward(
-                leader, lambda s, t, md: s.Get(req, timeout=t, metadata=md), timeout
-            )
-            value: bytes | int | None = None
-            if resp.found:
-                value = resp.counter if resp.type == kv_pb2.VALUE_TYPE_COUNTER else resp.value
-            return ReadResult(self._fwd_header(resp.header), value)
+        # Linearizable reads are served here, on the leader or on a follower (which asks
+        # the leader for a read point, ReadIndex, and serves it from its own state machine
+        # once applied): no forwarding, and reads spread over every node.
+        core = self.core
+        if self._stopping or core.leader_id is None:
+            raise self._not_leader_reason()
+        if core.role is Role.LEADER:
+            if core.transferring_to is not None or not core.has_quorum_contact():
+                raise self._not_leader_reason()
+        elif core.role is not Role.FOLLOWER:
+            raise self._not_leader_reason()
         if len(self._reads) + len(self._queued_reads) >= self.opts.max_pending:
-            raise errors.Overloaded(f"too many reads in flight on leader {self.id}; retry")
+            raise errors.Overloaded(f"too many reads in flight on node {self.id}; retry")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         self._queued_reads.append((next(self._read_ids), fut))

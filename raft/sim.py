@@ -393,10 +393,15 @@ class Simulator:
             return None
         # Mostly the newest leader, but also any node that believes it leads (possibly a
         # deposed one behind a partition) and sometimes any node at all.
+        # Reads go to any node half of the time: followers serve them too (ReadIndex).
         ldr = self.leader()
         lds = [i for i in live if self.nodes[i].core.role is Role.LEADER]  # type: ignore[union-attr]
+        if write is None:
+            write = self.rng.random() < 0.5
         r = self.rng.random()
-        if ldr is not None and r < 0.6:
+        if not write and r < 0.5:
+            nid = self.rng.choice(live)
+        elif ldr is not None and r < 0.6:
             nid = ldr
         elif lds and r < 0.9:
             nid = self.rng.choice(lds)
@@ -406,8 +411,6 @@ class Simulator:
         core = n.core
         assert core is not None
         key = f"k{self.rng.randrange(self.cfg.keys)}"
-        if write is None:
-            write = self.rng.random() < 0.5
         self.clock += 1
         if write:
             self.next_value += 1

@@ -16,6 +16,8 @@ from raft.messages import (
     Message,
     PreVote,
     PreVoteResp,
+    ReadIndex,
+    ReadIndexResp,
     Snapshot,
     SnapshotMeta,
     TimeoutNow,
@@ -325,7 +327,61 @@ def test_read_index_needs_heartbeat_quorum() -> None:
     assert max(ctxs) > 0
     net.flush()
     assert net.reads["n1"] == [ReadState(7, n1.commit_index)]
-    assert not net.cores["n2"].read_index(8)  # followers refuse
+
+
+def test_follower_read_waits_for_the_leaders_heartbeat_round() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.tick(2)
+    n1, n2 = net.cores["n1"], net.cores["n2"]
+    assert n1.propose(b"x") is not None
+    net.flush()
+    for rid in (8, 9):  # two reads, one ReadIndex
+        assert n2.read_index(rid)
+    net.process("n2")
+    asks = [m for m in net.queue if isinstance(m, ReadIndex)]
+    assert len(asks) == 1 and asks[0].to == "n1"
+    # The leader answers only after a heartbeat round confirms its leadership.
+    net.flush(lambda m: isinstance(m, ReadIndex))
+    assert not any(isinstance(m, ReadIndexResp) for m in net.queue)
+    net.flush()
+    answers = [m for m in net.sent if isinstance(m, ReadIndexResp)]
+    assert len(answers) == 1 and answers[0].index == n1.commit_index
+    assert net.reads["n2"] == [ReadState(8, n1.commit_index), ReadState(9, n1.commit_index)]
+    assert net.reads["n1"] == []  # the leader's own reads are not mixed up with them
+
+
+def test_follower_read_is_dropped_when_the_leader_cannot_answer() -> None:
+    net = Net(3, RaftConfig(election_ticks=10, check_quorum=False, pre_vote=False))
+    net.elect("n1")
+    net.tick(2)
+    net.blocked |= {("n2", "n1"), ("n1", "n2")}  # n2 still believes in n1
+    n2 = net.cores["n2"]
+    assert n2.read_index(5)
+    net.tick(3)
+    assert net.dropped["n2"] == []
+    net.tick(net.cfg.election_ticks)
+    assert net.dropped["n2"] == [5] and net.reads["n2"] == []
+
+
+def test_follower_read_is_dropped_on_a_new_term() -> None:
+    net = Net(3)
+    net.elect("n1")
+    net.tick(2)
+    n3 = net.cores["n3"]
+    assert n3.read_index(4)
+    net.process("n3")
+    net.queue = [m for m in net.queue if not isinstance(m, ReadIndex)]  # lost
+    assert net.cores["n1"].transfer_leadership("n2")
+    net.flush()
+    assert net.leader() == "n2" and n3.term > 1
+    assert net.dropped["n3"] == [4] and net.reads["n3"] == []
+    assert not any(isinstance(m, ReadIndexResp) for m in net.sent)
+
+
+def test_follower_without_a_leader_refuses_reads() -> None:
+    net = Net(3)
+    assert not net.cores["n2"].read_index(1)  # no leader known yet
 
 
 def test_read_index_single_node_immediate() -> None:

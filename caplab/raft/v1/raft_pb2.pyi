@@ -239,6 +239,51 @@ class TimeoutNow(_message.Message):
 Global___TimeoutNow: _TypeAlias = TimeoutNow  # noqa: Y015
 
 @_typing.final
+class ReadIndex(_message.Message):
+    """Reads served by followers (Raft thesis §6.4): a follower asks its leader for a read
+    point for a batch of linearizable reads, and serves them once it has applied it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CTX_FIELD_NUMBER: _builtins.int
+    ctx: _builtins.int
+    def __init__(
+        self,
+        *,
+        ctx: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ctx", b"ctx"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadIndex: _TypeAlias = ReadIndex  # noqa: Y015
+
+@_typing.final
+class ReadIndexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CTX_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    ctx: _builtins.int
+    index: _builtins.int
+    def __init__(
+        self,
+        *,
+        ctx: _builtins.int = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ctx", b"ctx", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadIndexResponse: _TypeAlias = ReadIndexResponse  # noqa: Y015
+
+@_typing.final
 class RaftMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -252,6 +297,8 @@ class RaftMessage(_message.Message):
     APPEND_FIELD_NUMBER: _builtins.int
     APPEND_RESPONSE_FIELD_NUMBER: _builtins.int
     TIMEOUT_NOW_FIELD_NUMBER: _builtins.int
+    READ_INDEX_FIELD_NUMBER: _builtins.int
+    READ_INDEX_RESPONSE_FIELD_NUMBER: _builtins.int
     sender: _builtins.str
     to: _builtins.str
     term: _builtins.int
@@ -269,6 +316,10 @@ class RaftMessage(_message.Message):
     def append_response(self) -> Global___AppendResponse: ...
     @_builtins.property
     def timeout_now(self) -> Global___TimeoutNow: ...
+    @_builtins.property
+    def read_index(self) -> Global___ReadIndex: ...
+    @_builtins.property
+    def read_index_response(self) -> Global___ReadIndexResponse: ...
     def __init__(
         self,
         *,
@@ -282,12 +333,14 @@ class RaftMessage(_message.Message):
         append: Global___Append | None = ...,
         append_response: Global___AppendResponse | None = ...,
         timeout_now: Global___TimeoutNow | None = ...,
+        read_index: Global___ReadIndex | None = ...,
+        read_index_response: Global___ReadIndexResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "timeout_now", b"timeout_now", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "read_index", b"read_index", "read_index_response", b"read_index_response", "timeout_now", b"timeout_now", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "sender", b"sender", "term", b"term", "timeout_now", b"timeout_now", "to", b"to", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "read_index", b"read_index", "read_index_response", b"read_index_response", "sender", b"sender", "term", b"term", "timeout_now", b"timeout_now", "to", b"to", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["pre_vote", "pre_vote_response", "vote", "vote_response", "append", "append_response", "timeout_now"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["pre_vote", "pre_vote_response", "vote", "vote_response", "append", "append_response", "timeout_now", "read_index", "read_index_response"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
