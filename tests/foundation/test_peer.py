@@ -46,22 +46,30 @@ async def _until(cond: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def _msg(i: int) -> pb.RaftMessage:
-    return pb.RaftMessage(sender="a", to="b", term=i)
-
-
-async def test_messages_arrive_in_order_on_one_stream_and_survive_a_restart() -> None:
-    server, rx, port = await _serve()
+def _sender(
+    port: int, max_queue: int
+) -> tuple[grpc.aio.Channel, StreamSender[pb.RaftMessage, pb.Batch], dict[str, int]]:
+    """A started sender to 127.0.0.1:port, with its channel and counters."""
     channel = peer_channel(f"127.0.0.1:{port}")
     counters: dict[str, int] = {}
     sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
         pb_grpc.RaftPeerStub(channel).Stream,
         lambda ms: pb.Batch(messages=ms),
         timeout=0.5,
-        max_queue=10_000,
+        max_queue=max_queue,
         counters=counters,
     )
     sender.start()
+    return channel, sender, counters
+
+
+def _msg(i: int) -> pb.RaftMessage:
+    return pb.RaftMessage(sender="a", to="b", term=i)
+
+
+async def test_messages_arrive_in_order_on_one_stream_and_survive_a_restart() -> None:
+    server, rx, port = await _serve()
+    channel, sender, counters = _sender(port, max_queue=10_000)
     try:
         for i in range(1, 2001):
             sender.push(_msg(i))
@@ -101,16 +109,7 @@ async def test_messages_arrive_in_order_on_one_stream_and_survive_a_restart() ->
 
 async def test_closing_inbound_streams_lets_a_graceful_stop_finish_at_once() -> None:
     server, rx, port = await _serve()
-    channel = peer_channel(f"127.0.0.1:{port}")
-    counters: dict[str, int] = {}
-    sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
-        pb_grpc.RaftPeerStub(channel).Stream,
-        lambda ms: pb.Batch(messages=ms),
-        timeout=0.5,
-        max_queue=100,
-        counters=counters,
-    )
-    sender.start()
+    channel, sender, _ = _sender(port, max_queue=100)
     try:
         sender.push(_msg(1))
         await _until(lambda: rx.got == [1])
