@@ -117,41 +117,41 @@ async def _prefill(endpoints: list[str], value: bytes, concurrency: int) -> None
             )
 
 
-async def _measure(
-    target: str,
-    endpoints: dict[str, list[str]],  # op -> the nodes its clients talk to
-    concurrencies: list[int],
-    duration: float,
-    warmup: float,
-    value: bytes,
-    progress: bool,
-) -> list[Cell]:
-    cells = []
-    for op in ("write", "read"):
-        if op == "read":
-            await _prefill(endpoints["write"], value, max(concurrencies))
-        for conc in concurrencies:
-            ok, err, secs, h = await _drive(endpoints[op], op, conc, duration, warmup, value)
-            cell = Cell(
-                target,
-                op,
-                conc,
-                ok,
-                err,
-                secs,
-                ok / secs,
-                h.get_value_at_percentile(50) / 1000 if ok else float("nan"),
-                h.get_value_at_percentile(99) / 1000 if ok else float("nan"),
-            )
-            cells.append(cell)
-            if progress:
-                print(
-                    f"  {target:7s} {op:5s} c={conc:<3d} {cell.ops_per_s:9.0f} ops/s  "
-                    f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {err}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    return cells
+async def _cell(
+    target: str, endpoints: list[str], op: str, conc: int, args: argparse.Namespace, value: bytes
+) -> Cell:
+    ok, err, secs, h = await _drive(endpoints, op, conc, args.duration, args.warmup, value)
+    cell = Cell(
+        target,
+        op,
+        conc,
+        ok,
+        err,
+        secs,
+        ok / secs,
+        h.get_value_at_percentile(50) / 1000 if ok else float("nan"),
+        h.get_value_at_percentile(99) / 1000 if ok else float("nan"),
+    )
+    print(
+        f"  {target:7s} {op:5s} c={conc:<3d} {cell.ops_per_s:9.0f} ops/s  "
+        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {err}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return cell
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes (Linux /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 async def _leader_endpoint(cluster: LocalCluster, timeout: float = 30.0) -> str:
@@ -199,8 +199,11 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     noop = subprocess.Popen(
         [sys.executable, "-m", "harness.noop_server", "--listen", f"127.0.0.1:{port}"]
     )
+    ep = f"127.0.0.1:{port}"
+    root = Path(args.data_dir or tempfile.mkdtemp(prefix=f"caplab-bench-{args.store}-"))
+    extra = [f"--set={s}" for s in args.set]
+    idle_cpu = idle_wall = 0.0
     try:
-        ep = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -211,27 +214,34 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
-        print("raw grpc.aio no-op server:", file=sys.stderr)
-        cells += await _measure(
-            "noop", {"write": [ep], "read": [ep]}, conc, args.duration, args.warmup, value, True
-        )
+        with LocalCluster(args.store, args.nodes, root, extra_args=extra) as cluster:
+            cluster.start()
+            await cluster.wait_ready()
+            every = list(cluster.endpoints.values())
+            if args.store == "raft":
+                endpoints = {"write": [await _leader_endpoint(cluster)], "read": every}
+            else:
+                endpoints = {"write": every, "read": every}
+            pids = [n.proc.pid for n in cluster.nodes.values() if n.proc is not None]
+            # Each no-op cell runs right before the store's cell of the same op and
+            # concurrency, so a machine whose speed drifts during the run (shared VMs do)
+            # skews both alike. The idle cluster's own CPU during the no-op cells (timers,
+            # heartbeats) is measured and reported.
+            print(
+                f"raw grpc.aio no-op server vs {args.store}, {args.nodes} nodes:", file=sys.stderr
+            )
+            for op in ("write", "read"):
+                if op == "read":
+                    await _prefill(endpoints["write"], value, max(conc))
+                for n in conc:
+                    cpu0, wall0 = _cpu_seconds(pids), time.monotonic()
+                    cells.append(await _cell("noop", [ep], op, n, args, value))
+                    idle_cpu += _cpu_seconds(pids) - cpu0
+                    idle_wall += time.monotonic() - wall0
+                    cells.append(await _cell(args.store, endpoints[op], op, n, args, value))
     finally:
         noop.terminate()
         noop.wait()
-    root = Path(args.data_dir or tempfile.mkdtemp(prefix=f"caplab-bench-{args.store}-"))
-    extra = [f"--set={s}" for s in args.set]
-    with LocalCluster(args.store, args.nodes, root, extra_args=extra) as cluster:
-        cluster.start()
-        await cluster.wait_ready()
-        every = list(cluster.endpoints.values())
-        if args.store == "raft":
-            endpoints = {"write": [await _leader_endpoint(cluster)], "read": every}
-        else:
-            endpoints = {"write": every, "read": every}
-        print(f"{args.store}, {args.nodes} nodes:", file=sys.stderr)
-        cells += await _measure(
-            args.store, endpoints, conc, args.duration, args.warmup, value, True
-        )
     by = {(c.target, c.op, c.concurrency): c for c in cells}
     ratios = {}
     for c in cells:
@@ -247,6 +257,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "value_size": args.value_size,
         "duration_s": args.duration,
         "machine": _machine(),
+        # CPU the idle cluster used while the no-op server was measured (one core = 1.0)
+        "cluster_idle_cpu_during_noop": idle_cpu / idle_wall if idle_wall else 0.0,
         "cells": [asdict(c) for c in cells],
         "fraction_of_noop": ratios,
     }
