@@ -799,7 +799,8 @@ class RaftCore:
                     pass
 
     def _maybe_commit(self) -> bool:
-        """Advance commit by counting (current-term entries only); broadcast if advanced."""
+        """Advance commit by counting (current-term entries only); if advanced, send
+        followers their pending entries (the new commit index rides along)."""
         match = {p: pr.match for p, pr in self._prs.items()}
         match[self.id] = min(self.last_index, self._stable)
         ci = committed_index(match, self.voters)

@@ -857,17 +857,10 @@ class RaftBackend:
     async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
         if consistency is Consistency.LOCAL:
             return ReadResult(self._header(self.core.applied_index, stale=True), self.sm.get(key))
-        # Linearizable reads are served here, on the leader or on a follower (which asks
-        # the leader for a read point, ReadIndex, and serves it from its own state machine
-        # once applied): no forwarding, and reads spread over every node.
-        core = self.core
-        if self._stopping or core.leader_id is None:
-            raise self._not_leader_reason()
-        if core.role is Role.LEADER:
-            if core.transferring_to is not None or not core.has_quorum_contact():
-                raise self._not_leader_reason()
-        elif core.role is not Role.FOLLOWER:
-            raise self._not_leader_reason()
+        # Linearizable reads are served here, on the leader or on a follower that knows
+        # it (which asks it for a read point, ReadIndex, and serves it from its own state
+        # machine once applied): no forwarding, and reads spread over every node.
+        self._route(forwarded=False)
         if len(self._reads) + len(self._queued_reads) >= self.opts.max_pending:
             raise errors.Overloaded(f"too many reads in flight on node {self.id}; retry")
         loop = asyncio.get_running_loop()

@@ -7,10 +7,8 @@ differ.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +19,7 @@ from caplab import errors
 from caplab.v1 import kv_pb2
 from harness.client import KVClient
 from harness.cluster import LocalCluster
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -33,14 +32,6 @@ def _available(store: str) -> bool:
     except ImportError:
         return False
     return hasattr(module, "build_backend")
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=STORES)
@@ -91,7 +82,7 @@ async def test_every_node_eventually_sees_a_write(cluster: LocalCluster, client:
                 r = await one.get("conf/spread", kv_pb2.CONSISTENCY_LOCAL)
                 return r.value == b"x"
 
-            await eventually(seen)
+            await eventually(seen, 10.0)
 
 
 async def test_delete(client: KVClient) -> None:
@@ -189,7 +180,7 @@ async def test_status_and_digest_agree_after_quiescence(
             digests.add(st.state_digest)
         return len(digests) == 1
 
-    await eventually(one_digest)
+    await eventually(one_digest, 10.0)
 
 
 async def test_dump_lists_keys(client: KVClient) -> None:
@@ -202,7 +193,7 @@ async def test_dump_lists_keys(client: KVClient) -> None:
         assert keys == sorted(keys)
         return any(e.key == "conf/dump" and e.value == b"d" for e in entries)
 
-    await eventually(dumped)
+    await eventually(dumped, 10.0)
 
 
 async def test_admin_clock_skew(cluster: LocalCluster, client: KVClient) -> None:

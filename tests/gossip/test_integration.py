@@ -7,9 +7,8 @@ survive; the node catches up), and clock skew (the HLC keeps causal order).
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from caplab.v1 import kv_pb2
 from harness.client import KVClient
 from harness.cluster import LocalCluster, free_ports
 from harness.proxy import LinkMode, ProxyNet
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -54,14 +54,6 @@ class Net:
 
     async def converged(self, nodes: Iterable[str] = NODES) -> bool:
         return len(set((await self.digests(nodes)).values())) == 1
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -111,7 +103,7 @@ async def test_partition_both_sides_write_then_converge(healed: Net) -> None:
                 return False
         return True
 
-    await eventually(everyone_has_del)
+    await eventually(everyone_has_del, 20.0)
     net.partition(["n1"], ["n2", "n3"])
     # Both sides accept writes (AP).
     await c1.put("p/a", b"from-n1")
@@ -122,14 +114,14 @@ async def test_partition_both_sides_write_then_converge(healed: Net) -> None:
     await c3.increment("p/ctr", -1)
     assert (await c1.get("p/ctr")).value == 13
     # The majority side converges internally but not with n1 ...
-    await eventually(lambda: net.converged(["n2", "n3"]))
+    await eventually(lambda: net.converged(["n2", "n3"]), 20.0)
     d = await net.digests()
     assert d["n1"] != d["n2"]
     assert not (await c2.get("p/a")).found
     assert (await c2.get("p/del")).value == b"old"
     # ... and everyone converges after the heal.
     net.proxies.heal()
-    await eventually(net.converged)
+    await eventually(net.converged, 20.0)
     for c in (c1, c2, c3):
         assert (await c.get("p/a")).value == b"from-n1"
         assert (await c.get("p/b")).value == b"from-n2"
@@ -180,7 +172,7 @@ async def test_sigkill_keeps_acknowledged_writes_and_catches_up(healed: Net) -> 
     assert (after.header.hlc.wall_ms, after.header.hlc.logical) > last_hlc
     # After the heal it catches up (and the others get its writes).
     net.proxies.heal()
-    await eventually(net.converged)
+    await eventually(net.converged, 20.0)
     assert (await c3.get("k/while-down")).value == b"x"
     assert (await net.clients["n1"].get("k/99")).value == b"v99"
 
@@ -195,12 +187,12 @@ async def test_clock_skew_keeps_causal_order(healed: Net) -> None:
         async def n2_read_first() -> bool:
             return (await c2.get("skew/k")).value == b"first"
 
-        await eventually(n2_read_first)
+        await eventually(n2_read_first, 20.0)
         w2 = await c2.put("skew/k", b"second")  # causally after "first" ...
         assert time.time() * 1000 - 5000 < w1.header.hlc.wall_ms + 1000  # n2's clock is behind
         h1, h2 = w1.header.hlc, w2.header.hlc
         assert (h2.wall_ms, h2.logical) > (h1.wall_ms, h1.logical)  # ... so it wins (HLC)
-        await eventually(net.converged)
+        await eventually(net.converged, 20.0)
         for n in NODES:
             assert (await net.clients[n].get("skew/k")).value == b"second"
         assert (await c2.status()).clock_skew_ms == -5000

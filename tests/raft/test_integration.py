@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from caplab.v1 import kv_pb2
 from harness.client import KVClient
 from harness.cluster import LocalCluster, free_ports
 from harness.proxy import ProxyNet
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +64,6 @@ class Net:
         side = {n: i for i, g in enumerate(groups) for n in g}
         blocked = [(a, b) for a in side for b in side if a != b and side[a] != side[b]]
         self.proxies.apply(blocked)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 async def start_net(tmp_path: Path, n: int, extra: list[str] | None = None) -> Net:
@@ -175,7 +168,7 @@ async def test_majority_writes_minority_refuses_fast(
                         return False
                     return r.value == b"v"
 
-            await eventually(caught_up)
+            await eventually(caught_up, 15.0)
         async with KVClient(list(net.eps.values()), retries=10) as c:
             assert not (await c.get("min/x")).found
     finally:
