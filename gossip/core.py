@@ -30,8 +30,9 @@ to a peer known to hold its current value: the peer it was merged from, or any p
 sent us that same value (its Deltas or anti-entropy items are evidence it holds them). An
 anti-entropy round that finds the two roots equal acknowledges the whole log up to the
 round's start. The log is pruned once every peer acked an entry and capped at
-``delta_log_max`` keys; a peer whose unacked entries were dropped is "behind" and gets
-the next anti-entropy round (which repairs everything).
+``delta_log_max`` keys; a peer whose unacked entries were dropped is "behind": it gets
+anti-entropy rounds (which repair everything) at once and then once per round timeout
+until one completes.
 
 Anti-entropy. Every ``anti_entropy_interval_ms`` the node runs a push-pull round with one
 random live peer (a "behind" peer first, then a peer under repair, see below): the two
@@ -52,13 +53,14 @@ Repair mode. A peer coming back from dead (its membership changes from dead, or 
 arrives from it while dead) gets no delta stream: its backlog is repaired by anti-entropy
 instead, which costs each key about once instead of once per (sender, receiver) pair. One
 node starts a round with it at once (the smaller id of the pair, if no healthy member with
-a still smaller id exists, and only for the first peer coming back in two intervals: one
+a still smaller id exists, and only for the first peer coming back in two round timeouts: one
 bulk repair, whose result the two sides then spread by delta gossip); it repeats rounds
 back to back until one finds equal roots (the ack of the whole log up to the round's
 start, which ends repair mode on both sides), at most ``repair_max_rounds`` rounds or
 ``repair_max_ms``, then delta streaming resumes. Other nodes leave a peer under repair to
-that node for two intervals; after that their timer picks it first (one repair round at a
-time).
+that node for two round timeouts; after that their timer picks it first (one repair round
+at a time). A round unanswered for ``ae_round_timeout_ms`` (at most the interval) is
+presumed lost.
 
 Membership (SWIM with incarnation-number suspicion, as in Lifeguard/memberlist). Every
 ``ping_interval_ms`` the node probes the next member of a shuffled round-robin: ``Ping``;
@@ -170,6 +172,9 @@ class GossipConfig:
     # ... and when the oldest is unacknowledged for this long, the window is re-sent from
     # the peer's last acknowledged position (go-back-N).
     deltas_resend_ms: int = 1000
+    # How long an anti-entropy round may take before it is presumed lost (the repair-mode
+    # windows below count in these too); never more than the interval.
+    ae_round_timeout_ms: int = 1000
     ae_max_nodes: int = 4096  # differing tree nodes followed per level per round
     # Bulk anti-entropy: instead of descending further, ship the items under the differing
     # nodes once they hold at most this many keys each (estimated from the local key count).
@@ -368,6 +373,7 @@ class GossipCore:
         self._known: dict[str, set[str]] = {}
         self._flow: dict[str, _Flow] = {p: _Flow(self._seq, self._seq) for p in self._peers}
         self._behind: set[str] = set()
+        self._behind_retry = now_ms  # next time a behind peer may get a round of its own
         # repair mode: peer -> [rounds completed, since_ms]; ``_ae_now``: start a round now
         self._repair: dict[str, list[int]] = {}
         self._ae_now: set[str] = set()
@@ -794,6 +800,14 @@ class GossipCore:
             self._next_ae = now + cfg.anti_entropy_interval_ms
             self._start_ae(now)
             self._gc_tombstones(now)
+        elif self._behind and now >= self._behind_retry:
+            # a peer that fell behind is repaired now, not at the next periodic round
+            self._behind_retry = now + self._ae_timeout()
+            cand = sorted(p for p in self._behind if self._members[p].state != DEAD)
+            busy = {r.peer for r in self._rounds.values() if now - r.start_ms < self._ae_timeout()}
+            cand = [p for p in cand if p not in busy]
+            if cand:
+                self._start_ae(now, self._rng.choice(cand))
 
     def _live_peers(self) -> list[str]:
         return [p for p in self._peers if self._members[p].state != DEAD]
@@ -842,7 +856,7 @@ class GossipCore:
             behind = [
                 p for p in self._peers if p in self._behind and self._members[p].state != DEAD
             ]
-            # a peer under repair for less than two intervals is left to the node that
+            # a peer under repair for less than two round timeouts is left to the node that
             # started its repair at once (see _enter_repair); later it goes first
             young = now - 2 * self._ae_timeout()
             repair = [
@@ -871,7 +885,7 @@ class GossipCore:
         return any(r.peer in self._repair and r.start_ms > fresh for r in self._rounds.values())
 
     def _ae_timeout(self) -> int:
-        return self.config.anti_entropy_interval_ms
+        return min(self.config.anti_entropy_interval_ms, self.config.ae_round_timeout_ms)
 
     def _round_done(self, rnd: int, peer: str) -> None:
         r = self._rounds.get(rnd)
@@ -896,7 +910,7 @@ class GossipCore:
         self._repair[peer] = [0, self._now]
         # One bulk repair at once, started by one node: the smaller id of the pair, unless
         # a healthy peer with a still smaller id (likely in the same situation) will; and
-        # only towards the first peer coming back (within two intervals). The repaired
+        # only towards the first peer coming back (within two round timeouts). The repaired
         # state then reaches the others by delta gossip (on both sides), so their own
         # repair rounds (at the anti-entropy timer a little later, which then prefers peers
         # under repair) find little or nothing left to do.

@@ -103,7 +103,12 @@ class GossipOptions:
     tick_ms: int = 20  # core.tick period; must be <= ping_timeout_ms / 2
     gossip_interval_ms: int = 100
     fanout: int = 3
-    anti_entropy_interval_ms: int = 1000
+    # The periodic anti-entropy round is a backstop: delta gossip carries every write, and
+    # a peer that comes back or falls behind gets rounds at once (repair mode). Under a
+    # steady write load a round mostly races gossip for keys still in flight; at 1 s it
+    # cost 5-10% of the write throughput at concurrency 64, at 5 s about 1-2%.
+    anti_entropy_interval_ms: int = 5000
+    ae_round_timeout_ms: int = 1000
     ping_interval_ms: int = 200
     ping_timeout_ms: int = 100
     indirect_k: int = 3

@@ -361,3 +361,43 @@ def test_peer_back_from_dead_is_repaired_by_anti_entropy_not_deltas() -> None:
     assert sum(after[n] - before[n] for n in after) < 250
     assert sum(c.stats.ae_items_sent for c in sim.live()) - items >= 500
     assert not sim.check()
+
+
+# ------------------------------------------------------- anti-entropy timing, periodic off
+
+
+NO_PERIODIC_AE = GossipConfig(anti_entropy_interval_ms=10**9)
+
+
+def test_peer_fallen_behind_is_repaired_without_waiting_for_the_timer() -> None:
+    cfg = GossipConfig(anti_entropy_interval_ms=10**9, delta_log_max=4, merkle_depth=2)
+    sim = Sim(6, 3, cfg, max_skew_ms=0)
+    sim.advance(500)
+    sim.blocked = {frozenset(("n0", "n2")), frozenset(("n1", "n2"))}
+    for i in range(30):
+        sim.client_op("n0", "put", f"k{i}", value=b"%d" % i)
+        sim.advance(25)
+    sim.heal()
+    assert sim.wait_converged(3000) is not None
+    assert not sim.check()
+
+
+def _isolate_and_return(sim: Sim, node: str, keys: range) -> int | None:
+    others = [n for n in sim.cores if n != node]
+    sim.blocked = {frozenset((node, o)) for o in others}
+    for i in keys:
+        sim.client_op(others[0], "put", f"k{i}", value=b"v")
+    sim.advance(4000)  # declared dead by the others
+    sim.heal()
+    return sim.wait_converged(3000)
+
+
+def test_repair_windows_count_in_round_timeouts_not_in_the_interval() -> None:
+    # Two peers come back one after the other, 4 s apart. Each gets its bulk repair at
+    # once: the "one repair at a time" window is two round timeouts (2 s), not two
+    # anti-entropy intervals (here: never again).
+    sim = Sim(3, 3, NO_PERIODIC_AE, max_skew_ms=0)
+    sim.advance(500)
+    assert _isolate_and_return(sim, "n2", range(300)) is not None
+    assert _isolate_and_return(sim, "n1", range(300, 600)) is not None
+    assert not sim.check()
