@@ -47,7 +47,7 @@ import itertools
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -280,14 +280,19 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
         await self.node.inbound.serve(request_iterator, self._deliver)
         return pb.BatchAck()
 
-    def _deliver(self, batch: pb.Batch) -> None:
+    def _deliver(self, batch: pb.Batch) -> Awaitable[None] | None:
         node = self.node
         for raw in batch.messages:
             if raw.to != node.id or raw.sender not in node.peers:
                 continue
             node.core.step(from_pb(raw))
         node.counters["messages_received"] += len(batch.messages)
-        node.wake.set()
+        answered = node.answer_now()
+        node.wake.set()  # (after the answer's sender was woken: it goes first)
+        if answered:
+            # yield once: the answer's stream write goes before this stream reads on
+            return asyncio.sleep(0)
+        return None
 
     async def InstallSnapshot(
         self,
@@ -354,6 +359,7 @@ class RaftBackend:
             )
         }
         self._queued: list[tuple[bytes, asyncio.Future[pb.CommandResult]]] = []
+        self._handoff: Ready | None = None  # taken by answer_now(), for the driver
         self._pending: dict[int, _Pending] = {}
         self._queued_reads: list[tuple[int, asyncio.Future[int]]] = []
         self._read_gate = _BatchGate(self.opts.read_batch_us, self.opts.read_batch_max, self.wake)
@@ -476,11 +482,11 @@ class RaftBackend:
             self.wake.clear()
             try:
                 self._hand_over_queued()
-                rd = core.ready()
+                rd, self._handoff = self._handoff or core.ready(), None
                 if rd is not None:
                     await self._process(rd)
                     core.advance(rd)
-                    await self._maybe_compact()
+                await self._maybe_compact()
                 self._check_leadership()
             except asyncio.CancelledError:
                 raise
@@ -489,6 +495,7 @@ class RaftBackend:
                 raise
             if (
                 core.has_ready()
+                or self._handoff is not None
                 or (self._queued and not self._write_gate.waiting)
                 or (self._queued_reads and not self._read_gate.waiting)
             ):
@@ -527,6 +534,20 @@ class RaftBackend:
             if isinstance(early, Append) and (link := self.links.get(early.to)) is not None:
                 link.send(early)
                 sent_early = True
+        hs = self._hard_state_to_save(rd)
+        if rd.snapshot is not None or rd.entries or hs is not None:
+            assert self.storage is not None
+            if self._inline_ok(rd):
+                if sent_early:
+                    await asyncio.sleep(0)  # let the Appends leave before the disk blocks
+                self.storage.save(hs, rd.entries)
+                self.counters["fsyncs_inline"] += 1
+            else:
+                await self._disk_call(self.storage.save, hs, rd.entries, rd.snapshot)
+            self._saved(hs)
+        self._after_persist(rd)
+
+    def _hard_state_to_save(self, rd: Ready) -> HardState | None:
         hs = rd.hard_state
         durable = self._durable_hs
         if (
@@ -538,27 +559,57 @@ class RaftBackend:
             # Only the commit index moved: it need not be durable before anything (a
             # restarted node learns it again from the leader), so it rides along with
             # the next write instead of costing an fsync on the commit path.
-            self._lazy_hs, hs = hs, None
-        elif hs is None and (rd.entries or rd.snapshot is not None):
-            hs = self._lazy_hs
-        if rd.snapshot is not None or rd.entries or hs is not None:
-            assert self.storage is not None
-            lone = self.opts.inline_sync_max
-            if (
-                rd.snapshot is None
-                and len(rd.entries) <= lone
-                and len(self._pending) <= lone
-                and not self._queued
-            ):
-                if sent_early:
-                    await asyncio.sleep(0)  # let the Appends leave before the disk blocks
+            self._lazy_hs = hs
+            return None
+        if hs is None and (rd.entries or rd.snapshot is not None):
+            return self._lazy_hs
+        return hs
+
+    def _inline_ok(self, rd: Ready) -> bool:
+        lone = self.opts.inline_sync_max
+        return (
+            rd.snapshot is None
+            and len(rd.entries) <= lone
+            and len(self._pending) <= lone
+            and not self._queued
+        )
+
+    def _saved(self, hs: HardState | None) -> None:
+        self.counters["fsyncs"] += 1
+        if hs is not None:
+            self._durable_hs, self._lazy_hs = hs, None
+
+    def answer_now(self) -> bool:
+        """Follower fast path, called right after incoming messages were stepped: if the
+        resulting Ready can be made durable on the loop thread (a lone Append), process it
+        to the end now, sparing the answer to the leader a hop through the driver task.
+        Anything else is left to the driver. Returns whether it answered."""
+        core = self.core
+        if core.role is not Role.FOLLOWER or self._handoff is not None:
+            return False
+        rd = core.ready()  # None while the driver is processing one (it is outstanding)
+        if rd is None:
+            return False
+        if any(isinstance(m, Append) for m in rd.messages) or not self._inline_ok(rd):
+            self._handoff = rd
+            return False
+        try:
+            hs = self._hard_state_to_save(rd)
+            if rd.entries or hs is not None:
+                assert self.storage is not None
                 self.storage.save(hs, rd.entries)
                 self.counters["fsyncs_inline"] += 1
-            else:
-                await self._disk_call(self.storage.save, hs, rd.entries, rd.snapshot)
-            self.counters["fsyncs"] += 1
-            if hs is not None:
-                self._durable_hs, self._lazy_hs = hs, None
+                self._saved(hs)
+            self._after_persist(rd)
+            core.advance(rd)
+            self._check_leadership()
+        except Exception:
+            # as in the driver: nothing more is acknowledged (the Ready stays outstanding)
+            log.exception("driver_failed")
+            raise
+        return True
+
+    def _after_persist(self, rd: Ready) -> None:
         for m in rd.messages:
             if isinstance(m, Append):
                 continue
