@@ -580,22 +580,29 @@ class RaftBackend:
             self._durable_hs, self._lazy_hs = hs, None
 
     def answer_now(self) -> bool:
-        """Follower fast path, called right after incoming messages were stepped: if the
-        resulting Ready can be made durable on the loop thread (a lone Append), process it
-        to the end now, sparing the answer to the leader a hop through the driver task.
-        Anything else is left to the driver. Returns whether it answered."""
+        """Fast path, called right after incoming messages were stepped: process the
+        resulting Ready to the end now if it needs no disk thread, sparing a hop through
+        the driver task. On a follower that includes a lone Append (fsynced on the loop
+        thread); on a leader, acknowledgements that commit entries (applied and answered
+        at once) and heartbeat answers that confirm reads. Anything else is handed to the
+        driver. Returns whether it processed a Ready."""
         core = self.core
-        if core.role is not Role.FOLLOWER or self._handoff is not None:
+        if self._handoff is not None or core.role not in (Role.FOLLOWER, Role.LEADER):
             return False
         rd = core.ready()  # None while the driver is processing one (it is outstanding)
         if rd is None:
             return False
-        if any(isinstance(m, Append) for m in rd.messages) or not self._inline_ok(rd):
+        hs = self._hard_state_to_save(rd)
+        persist = bool(rd.entries) or hs is not None or rd.snapshot is not None
+        # (a leader's entries must go to its followers before its own disk blocks)
+        if persist and (core.role is Role.LEADER or not self._inline_ok(rd)):
             self._handoff = rd
             return False
         try:
-            hs = self._hard_state_to_save(rd)
-            if rd.entries or hs is not None:
+            for m in rd.messages:
+                if isinstance(m, Append) and (link := self.links.get(m.to)) is not None:
+                    link.send(m)  # heartbeats, or entries already durable here
+            if persist:
                 assert self.storage is not None
                 self.storage.save(hs, rd.entries)
                 self.counters["fsyncs_inline"] += 1
