@@ -565,14 +565,12 @@ class RaftBackend:
             return self._lazy_hs
         return hs
 
+    def _lone(self) -> bool:
+        """Few writes in flight and none waiting (see RaftOptions.inline_sync_max)."""
+        return len(self._pending) <= self.opts.inline_sync_max and not self._queued
+
     def _inline_ok(self, rd: Ready) -> bool:
-        lone = self.opts.inline_sync_max
-        return (
-            rd.snapshot is None
-            and len(rd.entries) <= lone
-            and len(self._pending) <= lone
-            and not self._queued
-        )
+        return rd.snapshot is None and len(rd.entries) <= self.opts.inline_sync_max and self._lone()
 
     def _saved(self, hs: HardState | None) -> None:
         self.counters["fsyncs"] += 1
@@ -585,9 +583,13 @@ class RaftBackend:
         the driver task. On a follower that includes a lone Append (fsynced on the loop
         thread); on a leader, acknowledgements that commit entries (applied and answered
         at once) and heartbeat answers that confirm reads. Anything else is handed to the
-        driver. Returns whether it processed a Ready."""
+        driver, and so is everything on a leader under load. Returns whether it processed
+        a Ready."""
         core = self.core
         if self._handoff is not None or core.role not in (Role.FOLLOWER, Role.LEADER):
+            return False
+        if core.role is Role.LEADER and not self._lone():
+            # under load the driver gathers many acknowledgements into one Ready: cheaper
             return False
         rd = core.ready()  # None while the driver is processing one (it is outstanding)
         if rd is None:
