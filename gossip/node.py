@@ -12,7 +12,9 @@ to send.
 
 One *flusher* task closes the open batch and commits it on a single disk thread (one
 SQLite transaction, one fsync) while the loop keeps serving; everything that arrives
-meanwhile forms the next batch (group commit). Only after a batch is durable does the
+meanwhile forms the next batch (group commit). Under load (the previous batch carried
+several client writes) a batch is taken at most every ``commit_gap_us``, so that commits
+stay few and large; a lone write is committed at once. Only after a batch is durable does the
 flusher acknowledge its client writes and send its messages, so an ack to a client, a
 DeltasAck or an anti-entropy reply always covers durable data, and every message is sent
 after everything produced before it is durable.
@@ -93,6 +95,9 @@ LINEARIZABLE_REFUSAL = (
 )
 
 
+_MAY_BE_ZERO = frozenset({"commit_gap_us"})
+
+
 @dataclass(frozen=True)
 class GossipOptions:
     """Tuning, from `caplab node --set NAME=VALUE` (all integers; durations in ms).
@@ -135,6 +140,11 @@ class GossipOptions:
     dedup_max: int = 100_000  # clients remembered by the exactly-once table
     dedup_window: int = 128  # results remembered per client: its max requests in flight
     max_pending: int = 20_000  # writes waiting for the disk before RESOURCE_EXHAUSTED
+    # Group commit under load: once a commit carried several client writes (concurrent
+    # clients), the next one starts at most this often (0: at once). Fewer, larger commits
+    # cost less fsync, disk-thread and message overhead per write: at concurrency 64 this
+    # measured +15-25% writes/s; a lone write never waits.
+    commit_gap_us: int = 10_000
 
     @classmethod
     def parse(cls, options: dict[str, str]) -> GossipOptions:
@@ -151,8 +161,9 @@ class GossipOptions:
                 raise errors.InvalidArgument(
                     f"gossip option {name} must be an integer, got {text!r}"
                 ) from None
-            if values[name] < 1:
-                raise errors.InvalidArgument(f"gossip option {name} must be >= 1")
+            low = 0 if name in _MAY_BE_ZERO else 1
+            if values[name] < low:
+                raise errors.InvalidArgument(f"gossip option {name} must be >= {low}")
         opts = cls(**values)
         if opts.ping_interval_ms <= opts.ping_timeout_ms:
             raise errors.InvalidArgument(
@@ -382,11 +393,16 @@ class GossipBackend:
 
     async def _flusher(self) -> None:
         loop = asyncio.get_running_loop()
+        gap = self.opts.commit_gap_us / 1e6
+        last_at, last_writes = 0.0, 0  # when the previous batch was taken; its writes
         while True:
             await self._flush_wake.wait()
             self._flush_wake.clear()
             while self._batch.commit or self._batch.messages:
+                if last_writes > 1 and (wait := last_at + gap - loop.time()) > 0:
+                    await asyncio.sleep(wait)  # concurrent writers: let the batch grow
                 b, self._batch = self._batch, _Batch()
+                last_at, last_writes = loop.time(), b.writes
                 if b.commit:
                     b.commit.hlc = self.core.hlc_now
                     assert self.storage is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -24,12 +25,42 @@ def test_options_parse_and_refuse_unknown() -> None:
         GossipOptions.parse({"fanout": "many"})
     with pytest.raises(errors.InvalidArgument, match="ping_interval_ms"):
         GossipOptions.parse({"ping_interval_ms": "100", "ping_timeout_ms": "100"})
+    assert GossipOptions.parse({"commit_gap_us": "0"}).commit_gap_us == 0
+    with pytest.raises(errors.InvalidArgument, match="fanout must be >= 1"):
+        GossipOptions.parse({"fanout": "0"})
 
 
-async def _backend(data: Path) -> GossipBackend:
-    b = build_backend(NodeConfig("gossip", "n1", "127.0.0.1:0", {}, str(data)), SkewableClock())
+async def _backend(data: Path, **options: str) -> GossipBackend:
+    config = NodeConfig("gossip", "n1", "127.0.0.1:0", {}, str(data), options=options)
+    b = build_backend(config, SkewableClock())
     await b.start(grpc.aio.server())
     return b
+
+
+async def test_group_commit_gathers_concurrent_writes_but_never_delays_a_lone_one(
+    tmp_path: Path,
+) -> None:
+    b = await _backend(tmp_path, commit_gap_us="2000000")
+
+    async def fsyncs() -> int:
+        return (await b.status()).counters["fsyncs"]
+
+    base = await fsyncs()
+    for i in range(3):  # lone writes, one after the other: no gap between their commits
+        await asyncio.wait_for(b.put(f"lone{i}", b"v", None, None), timeout=1.0)
+    assert await fsyncs() == base + 3
+    await asyncio.gather(*(b.put(f"a{i}", b"v", None, None) for i in range(5)))
+    assert await fsyncs() == base + 4  # concurrent writers: one commit
+    # The next batch waits for the gap: writes arriving meanwhile join it.
+    wave_b = [asyncio.create_task(b.put(f"b{i}", b"v", None, None)) for i in range(5)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    wave_c = [asyncio.create_task(b.put(f"c{i}", b"v", None, None)) for i in range(5)]
+    await asyncio.gather(*wave_b, *wave_c)
+    assert await fsyncs() == base + 5
+    assert (await b.get("c4", Consistency.DEFAULT, None)).value == b"v"
+    await b.before_shutdown()
+    await b.close()
 
 
 async def test_writes_dedup_refusals_and_restart(tmp_path: Path) -> None:
