@@ -476,8 +476,11 @@ class RaftBackend:
         while True:
             await self.wake.wait()
             # Let every client request that is already runnable join this batch first (a
-            # follower has none to wait for: it answers the leader at once).
-            if core.role is Role.LEADER:
+            # follower has none to wait for: it answers the leader at once; nor has a
+            # leader with one write and nothing else in flight: it goes at once).
+            if core.role is Role.LEADER and (
+                self._pending or self._queued_reads or len(self._queued) != 1
+            ):
                 await asyncio.sleep(0)
             self.wake.clear()
             try:
