@@ -287,12 +287,9 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
                 continue
             node.core.step(from_pb(raw))
         node.counters["messages_received"] += len(batch.messages)
-        answered = node.answer_now()
+        rest = node.answer_now()
         node.wake.set()  # (after the answer's sender was woken: it goes first)
-        if answered:
-            # yield once: the answer's stream write goes before this stream reads on
-            return asyncio.sleep(0)
-        return None
+        return rest
 
     async def InstallSnapshot(
         self,
@@ -580,29 +577,31 @@ class RaftBackend:
         if hs is not None:
             self._durable_hs, self._lazy_hs = hs, None
 
-    def answer_now(self) -> bool:
+    def answer_now(self) -> Awaitable[None] | None:
         """Fast path, called right after incoming messages were stepped: process the
         resulting Ready to the end now if it needs no disk thread, sparing a hop through
         the driver task. On a follower that includes a lone Append (fsynced on the loop
         thread); on a leader, acknowledgements that commit entries (applied and answered
         at once) and heartbeat answers that confirm reads. Anything else is handed to the
-        driver, and so is everything on a leader under load. Returns whether it processed
-        a Ready."""
+        driver, and so is everything on a leader under load. Returns None if it left the
+        Ready to the driver, else what the caller (the stream reader) must await before
+        reading on: a follower's answer leaves first, then it applies committed entries.
+        """
         core = self.core
         if self._handoff is not None or core.role not in (Role.FOLLOWER, Role.LEADER):
-            return False
+            return None
         if core.role is Role.LEADER and not self._lone():
             # under load the driver gathers many acknowledgements into one Ready: cheaper
-            return False
+            return None
         rd = core.ready()  # None while the driver is processing one (it is outstanding)
         if rd is None:
-            return False
+            return None
         hs = self._hard_state_to_save(rd)
         persist = bool(rd.entries) or hs is not None or rd.snapshot is not None
         # (a leader's entries must go to its followers before its own disk blocks)
         if persist and (core.role is Role.LEADER or not self._inline_ok(rd)):
             self._handoff = rd
-            return False
+            return None
         try:
             for m in rd.messages:
                 if isinstance(m, Append) and (link := self.links.get(m.to)) is not None:
@@ -612,6 +611,9 @@ class RaftBackend:
                 self.storage.save(hs, rd.entries)
                 self.counters["fsyncs_inline"] += 1
                 self._saved(hs)
+            if core.role is Role.FOLLOWER and rd.committed_entries:
+                self._send_after_persist(rd)
+                return self._apply_later(rd)
             self._after_persist(rd)
             core.advance(rd)
             self._check_leadership()
@@ -619,15 +621,31 @@ class RaftBackend:
             # as in the driver: nothing more is acknowledged (the Ready stays outstanding)
             log.exception("driver_failed")
             raise
-        return True
+        return asyncio.sleep(0)  # the answer leaves before the reader reads on
 
-    def _after_persist(self, rd: Ready) -> None:
+    async def _apply_later(self, rd: Ready) -> None:
+        await asyncio.sleep(0)  # the answer leaves first (the Ready stays outstanding)
+        try:
+            self._after_persist(rd, send=False)
+            self.core.advance(rd)
+            self._check_leadership()
+        except Exception:
+            log.exception("driver_failed")
+            raise
+        if self.core.has_ready():
+            self.wake.set()
+
+    def _send_after_persist(self, rd: Ready) -> None:
         for m in rd.messages:
             if isinstance(m, Append):
                 continue
             link = self.links.get(m.to)
             if link is not None:
                 link.send(m)
+
+    def _after_persist(self, rd: Ready, send: bool = True) -> None:
+        if send:
+            self._send_after_persist(rd)
         if rd.snapshot is not None:
             self.sm.restore(rd.snapshot.data)
             for idx in [i for i in self._pending if i <= rd.snapshot.meta.index]:
