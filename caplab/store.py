@@ -9,7 +9,7 @@ messages, except Status, which they fill directly.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,6 +17,7 @@ from typing import Protocol
 
 import grpc
 
+from caplab import errors
 from caplab.clock import SkewableClock
 from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
@@ -91,6 +92,32 @@ class NodeConfig:
     # Store-specific tuning (flags like --heartbeat-ms), parsed by the store.
     options: dict[str, str] = field(default_factory=dict)
     advertise: str = ""  # address others and clients should use; defaults to listen
+
+
+def parse_int_options(
+    store: str,
+    known: Collection[str],
+    options: Mapping[str, str],
+    may_be_zero: Collection[str] = (),
+) -> dict[str, int]:
+    """A store's `--set NAME=VALUE` tuning: known names, integer values, >= 1 (or >= 0
+    for the names in `may_be_zero`); anything else is INVALID_ARGUMENT saying why."""
+    values: dict[str, int] = {}
+    for name, text in options.items():
+        if name not in known:
+            raise errors.InvalidArgument(
+                f"unknown {store} option {name!r}; known: {', '.join(sorted(known))}"
+            )
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise errors.InvalidArgument(
+                f"{store} option {name} must be an integer, got {text!r}"
+            ) from None
+        low = 0 if name in may_be_zero else 1
+        if values[name] < low:
+            raise errors.InvalidArgument(f"{store} option {name} must be >= {low}")
+    return values
 
 
 class StoreBackend(Protocol):

@@ -803,9 +803,8 @@ class GossipCore:
         elif self._behind and now >= self._behind_retry:
             # a peer that fell behind is repaired now, not at the next periodic round
             self._behind_retry = now + self._ae_timeout()
-            cand = sorted(p for p in self._behind if self._members[p].state != DEAD)
             busy = {r.peer for r in self._rounds.values() if now - r.start_ms < self._ae_timeout()}
-            cand = [p for p in cand if p not in busy]
+            cand = sorted(p for p in self._behind - busy if self._members[p].state != DEAD)
             if cand:
                 self._start_ae(now, self._rng.choice(cand))
 

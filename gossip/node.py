@@ -64,6 +64,7 @@ from caplab.store import (
     IncrementResult,
     NodeConfig,
     ReadResult,
+    parse_int_options,
 )
 from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
@@ -148,22 +149,7 @@ class GossipOptions:
 
     @classmethod
     def parse(cls, options: dict[str, str]) -> GossipOptions:
-        fields = cls.__dataclass_fields__
-        values: dict[str, int] = {}
-        for name, text in options.items():
-            if name not in fields:
-                raise errors.InvalidArgument(
-                    f"unknown gossip option {name!r}; known: {', '.join(sorted(fields))}"
-                )
-            try:
-                values[name] = int(text)
-            except ValueError:
-                raise errors.InvalidArgument(
-                    f"gossip option {name} must be an integer, got {text!r}"
-                ) from None
-            low = 0 if name in _MAY_BE_ZERO else 1
-            if values[name] < low:
-                raise errors.InvalidArgument(f"gossip option {name} must be >= {low}")
+        values = parse_int_options("gossip", cls.__dataclass_fields__, options, _MAY_BE_ZERO)
         opts = cls(**values)
         if opts.ping_interval_ms <= opts.ping_timeout_ms:
             raise errors.InvalidArgument(

@@ -47,7 +47,7 @@ import itertools
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -70,6 +70,7 @@ from caplab.store import (
     NodeConfig,
     ReadResult,
     forwarded_by,
+    parse_int_options,
 )
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import RequestId
@@ -102,6 +103,16 @@ ROLE_NAMES = {
 _MAY_BE_ZERO = frozenset({"inline_sync_max"})
 
 
+@contextlib.contextmanager
+def _logged(event: str) -> Iterator[None]:
+    """Log an exception escaping the block (with its traceback), then let it go on."""
+    try:
+        yield
+    except Exception:
+        log.exception(event)
+        raise
+
+
 @dataclass(frozen=True)
 class RaftOptions:
     """Tuning, from `caplab node --set NAME=VALUE` (defaults suit a local demo)."""
@@ -132,20 +143,7 @@ class RaftOptions:
 
     @classmethod
     def parse(cls, options: dict[str, str]) -> RaftOptions:
-        fields = cls.__dataclass_fields__
-        values: dict[str, int] = {}
-        for name, text in options.items():
-            if name not in fields:
-                raise errors.InvalidArgument(
-                    f"unknown raft option {name!r}; known: {', '.join(sorted(fields))}"
-                )
-            try:
-                values[name] = int(text)
-            except ValueError:
-                raise errors.InvalidArgument(f"raft option {name} must be an integer") from None
-            low = 0 if name in _MAY_BE_ZERO else 1
-            if values[name] < low:
-                raise errors.InvalidArgument(f"raft option {name} must be >= {low}")
+        values = parse_int_options("raft", cls.__dataclass_fields__, options, _MAY_BE_ZERO)
         return cls(**values)
 
     @property
@@ -480,7 +478,7 @@ class RaftBackend:
             ):
                 await asyncio.sleep(0)
             self.wake.clear()
-            try:
+            with _logged("driver_failed"):
                 self._hand_over_queued()
                 rd, self._handoff = self._handoff or core.ready(), None
                 if rd is not None:
@@ -488,11 +486,6 @@ class RaftBackend:
                     core.advance(rd)
                 await self._maybe_compact()
                 self._check_leadership()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("driver_failed")
-                raise
             if (
                 core.has_ready()
                 or self._handoff is not None
@@ -529,25 +522,31 @@ class RaftBackend:
     async def _process(self, rd: Ready) -> None:
         # A leader's Appends promise nothing about its own disk: they leave now, in
         # parallel with its fsync (the core counts its own copy only once durable).
-        sent_early = False
-        for early in rd.messages:
-            if isinstance(early, Append) and (link := self.links.get(early.to)) is not None:
-                link.send(early)
-                sent_early = True
+        sent_early = self._send_appends(rd)
         hs = self._hard_state_to_save(rd)
         if rd.snapshot is not None or rd.entries or hs is not None:
-            assert self.storage is not None
             if self._inline_ok(rd):
                 if sent_early:
                     await asyncio.sleep(0)  # let the Appends leave before the disk blocks
-                self.storage.save(hs, rd.entries)
-                self.counters["fsyncs_inline"] += 1
+                self._save_inline(hs, rd)
             else:
+                assert self.storage is not None
                 await self._disk_call(self.storage.save, hs, rd.entries, rd.snapshot)
-            self._saved(hs)
+                self._saved(hs)
         self._after_persist(rd)
 
+    def _send_appends(self, rd: Ready) -> bool:
+        """Send the Ready's Appends (and say whether there were any)."""
+        sent = False
+        for m in rd.messages:
+            if isinstance(m, Append) and (link := self.links.get(m.to)) is not None:
+                link.send(m)
+                sent = True
+        return sent
+
     def _hard_state_to_save(self, rd: Ready) -> HardState | None:
+        """The hard state `rd` must persist; a commit-only change is parked in `_lazy_hs`
+        instead (idempotent: asking twice for one Ready gives the same answer)."""
         hs = rd.hard_state
         durable = self._durable_hs
         if (
@@ -572,10 +571,22 @@ class RaftBackend:
     def _inline_ok(self, rd: Ready) -> bool:
         return rd.snapshot is None and len(rd.entries) <= self.opts.inline_sync_max and self._lone()
 
+    def _save_inline(self, hs: HardState | None, rd: Ready) -> None:
+        assert self.storage is not None
+        self.storage.save(hs, rd.entries)
+        self.counters["fsyncs_inline"] += 1
+        self._saved(hs)
+
     def _saved(self, hs: HardState | None) -> None:
         self.counters["fsyncs"] += 1
         if hs is not None:
             self._durable_hs, self._lazy_hs = hs, None
+
+    def _finish(self, rd: Ready, send: bool = True) -> None:
+        with _logged("driver_failed"):
+            self._after_persist(rd, send=send)
+            self.core.advance(rd)
+            self._check_leadership()
 
     def answer_now(self) -> Awaitable[None] | None:
         """Fast path, called right after incoming messages were stepped: process the
@@ -602,36 +613,21 @@ class RaftBackend:
         if persist and (core.role is Role.LEADER or not self._inline_ok(rd)):
             self._handoff = rd
             return None
-        try:
-            for m in rd.messages:
-                if isinstance(m, Append) and (link := self.links.get(m.to)) is not None:
-                    link.send(m)  # heartbeats, or entries already durable here
+        # As in the driver, a failure leaves the Ready outstanding: nothing more is
+        # acknowledged.
+        with _logged("driver_failed"):
+            self._send_appends(rd)  # heartbeats, or entries already durable here
             if persist:
-                assert self.storage is not None
-                self.storage.save(hs, rd.entries)
-                self.counters["fsyncs_inline"] += 1
-                self._saved(hs)
+                self._save_inline(hs, rd)
             if core.role is Role.FOLLOWER and rd.committed_entries:
                 self._send_after_persist(rd)
                 return self._apply_later(rd)
-            self._after_persist(rd)
-            core.advance(rd)
-            self._check_leadership()
-        except Exception:
-            # as in the driver: nothing more is acknowledged (the Ready stays outstanding)
-            log.exception("driver_failed")
-            raise
+        self._finish(rd)
         return asyncio.sleep(0)  # the answer leaves before the reader reads on
 
     async def _apply_later(self, rd: Ready) -> None:
         await asyncio.sleep(0)  # the answer leaves first (the Ready stays outstanding)
-        try:
-            self._after_persist(rd, send=False)
-            self.core.advance(rd)
-            self._check_leadership()
-        except Exception:
-            log.exception("driver_failed")
-            raise
+        self._finish(rd, send=False)
         if self.core.has_ready():
             self.wake.set()
 

@@ -53,8 +53,8 @@ async def test_group_commit_gathers_concurrent_writes_but_never_delays_a_lone_on
     assert await fsyncs() == base + 4  # concurrent writers: one commit
     # The next batch waits for the gap: writes arriving meanwhile join it.
     wave_b = [asyncio.create_task(b.put(f"b{i}", b"v", None, None)) for i in range(5)]
-    for _ in range(5):
-        await asyncio.sleep(0)
+    for _ in range(5):  # loop turns: wave b reaches the flusher (which, with no gap,
+        await asyncio.sleep(0)  # would commit it alone) before wave c is even created
     wave_c = [asyncio.create_task(b.put(f"c{i}", b"v", None, None)) for i in range(5)]
     await asyncio.gather(*wave_b, *wave_c)
     assert await fsyncs() == base + 5
