@@ -9,10 +9,15 @@ side, and half the latency). While one write is under way, new messages queue an
 together in the next one (batching under load, no waiting when idle).
 
 A cut link costs dropped messages, never a stuck sender: a write that has not gone out
-within `timeout` (flow control blocked by a black-holed link), or that fails, drops its
-batch and abandons the stream; the next batch opens a new one. Both protocols tolerate
-loss, duplication, delay and reordering. The queue is bounded; when it is full the oldest
-message is dropped.
+within `timeout` (flow control blocked by a black-holed link or a paused peer), or that
+fails, drops its batch and abandons the stream; the next batch opens a new one. Both
+protocols tolerate loss, duplication, delay and reordering. The queue is bounded; when it
+is full the oldest message is dropped.
+
+The timeout is kept by one watchdog timer per sender, checking every `timeout / 4` (so a
+stalled write ends after 1 to 1.25 timeouts). A timer per write (`asyncio.timeout`) cost
+about 0.1 ms per Raft write at concurrency 1 (alternating measurements in one cluster):
+two stream writes lie on that path, the Append and its answer.
 
 On the receiving side, :class:`InboundStreams` runs the handler for each incoming stream
 and ends them all at once when the node stops (`close`), so that a graceful server stop
@@ -88,6 +93,9 @@ class StreamSender(Generic[M, B]):
         self._wake = asyncio.Event()
         self._call: grpc.aio.StreamUnaryCall[B, Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        # loop time at which the write under way on `_call` began; None between writes
+        self._writing_since: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def push(self, message: M) -> None:
         if len(self.queue) >= self.max_queue:
@@ -98,6 +106,16 @@ class StreamSender(Generic[M, B]):
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+        self._watch()
+
+    def _watch(self) -> None:
+        """End the stream of a write under way for `timeout` or more (its `write` then
+        raises CancelledError in `_write`), and check again in `timeout / 4`."""
+        loop = asyncio.get_running_loop()
+        since = self._writing_since
+        if since is not None and self._call is not None and loop.time() - since >= self.timeout:
+            self._call.cancel()
+        self._watchdog = loop.call_later(self.timeout / 4, self._watch)
 
     def _count(self, name: str, n: int) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -128,19 +146,26 @@ class StreamSender(Generic[M, B]):
             call = self._call = self._open_stream()
             self._count("peer_streams_opened", 1)
         request = self._make_batch(batch)
+        self._writing_since = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(self.timeout):
-                await call.write(request)
-        except (*_STREAM_ERRORS, TimeoutError):
+            await call.write(request)
+        except (*_STREAM_ERRORS, asyncio.CancelledError) as e:
+            task = asyncio.current_task()
+            if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # the sender is closing (else the watchdog ended a stalled write)
             # Whatever this stream still had in flight is lost with it; so is this batch.
             self._count("messages_dropped", len(batch))
             call.cancel()
             self._call = None
             return
+        finally:
+            self._writing_since = None
         self._count("messages_sent", len(batch))
         self._count("wire_bytes_sent", request.ByteSize())  # type: ignore[attr-defined]
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

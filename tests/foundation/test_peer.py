@@ -118,6 +118,61 @@ async def test_closing_inbound_streams_lets_a_graceful_stop_finish_at_once() -> 
         await channel.close()
 
 
+class _Stalled(pb_grpc.RaftPeerServicer):
+    """A peer that accepts streams but never reads them (a paused process, say)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.streams = 0
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.Batch], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BatchAck:
+        self.streams += 1
+        await self.release.wait()
+        return pb.BatchAck()
+
+
+async def test_a_write_stalled_by_flow_control_is_abandoned_after_the_timeout() -> None:
+    # (a large receive limit: the write must block on flow control, not fail on size)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 30)])
+    peer = _Stalled()  # type: ignore[abstract]  # InstallSnapshot: UNIMPLEMENTED
+    pb_grpc.add_RaftPeerServicer_to_server(peer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # (a short queue keeps each batch within the channel's message size limit)
+    channel, sender, counters = _sender(port, max_queue=2)
+    big = pb.RaftMessage(
+        sender="a",
+        to="b",
+        term=1,
+        append=pb.Append(entries=[pb.Entry(term=1, index=1, data=b"x" * 1_000_000)]),
+    )
+    try:
+        # Unread megabytes fill the stream's flow-control window until a write blocks.
+        def blocked() -> bool:
+            since = sender._writing_since
+            if since is not None and time.monotonic() - since > 0.2:
+                return True
+            if not sender.queue:
+                sender.push(big)
+            return False
+
+        await eventually(blocked, 10.0, 0.001)
+        assert counters.get("messages_dropped", 0) == 0
+        # The stalled write is abandoned (its batch dropped) after the 0.5 s timeout.
+        await eventually(lambda: counters.get("messages_dropped", 0) >= 1, 2.0, 0.01)
+        assert not sender._task.done()  # type: ignore[union-attr]  # the sender lives on
+        # The next batch opens a new stream instead of queueing behind the dead one.
+        sender.push(_msg(7))
+        await eventually(lambda: counters["peer_streams_opened"] >= 2, 10.0, 0.01)
+    finally:
+        peer.release.set()
+        await sender.close()
+        await channel.close()
+        await server.stop(0)
+
+
 async def test_queue_is_bounded_and_drops_the_oldest() -> None:
     counters: dict[str, int] = {}
 
