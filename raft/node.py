@@ -370,6 +370,9 @@ class RaftBackend:
         self._was_leader = False
         self._view: tuple[Role, int, str | None] | None = None
         self._compacting = False
+        # storage calls under way on the disk thread: while any is (a compaction, say),
+        # saves go there too, behind it, instead of inline (see `_inline_ok`)
+        self._disk_busy = 0
         self._durable_hs = HardState(0, None, 0)
         self._lazy_hs: HardState | None = None
 
@@ -379,7 +382,11 @@ class RaftBackend:
         return self._core
 
     async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+        self._disk_busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+        finally:
+            self._disk_busy -= 1
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, server: grpc.aio.Server) -> None:
@@ -569,7 +576,12 @@ class RaftBackend:
         return len(self._pending) <= self.opts.inline_sync_max and not self._queued
 
     def _inline_ok(self, rd: Ready) -> bool:
-        return rd.snapshot is None and len(rd.entries) <= self.opts.inline_sync_max and self._lone()
+        return (
+            rd.snapshot is None
+            and len(rd.entries) <= self.opts.inline_sync_max
+            and self._lone()
+            and not self._disk_busy  # the storage lock would block the loop meanwhile
+        )
 
     def _save_inline(self, hs: HardState | None, rd: Ready) -> None:
         assert self.storage is not None

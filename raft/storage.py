@@ -28,12 +28,19 @@ log with the entries after it. After a crash between the two steps, load()
 drops log entries covered by the snapshot, and also the entries after it when
 the log disagrees with the snapshot at its index (they belonged to another
 history), which is exactly what the core does when it installs a snapshot.
+
+One operation at a time: every public method holds one lock. The node calls
+`save` from two threads (its disk thread, and its event loop for a lone write)
+while `compact` runs on the disk thread; unserialized, a save landing in the
+old log file between compaction's reading it and replacing it would be lost
+with the old file (and a save could write to a closed descriptor).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,6 +100,7 @@ class RaftStorage:
         self._fd: int | None = None
         self._hs = HardState(0, None, 0)
         self._loaded = False
+        self._lock = threading.RLock()  # see "One operation at a time" above
 
     # -- loading ---------------------------------------------------------------------
     def _read_snapshot(self) -> Snapshot | None:
@@ -170,6 +178,10 @@ class RaftStorage:
 
     def load(self) -> tuple[HardState, Snapshot | None, list[Entry]]:
         """Everything durable, verified; raises CorruptStorageError on corruption."""
+        with self._lock:
+            return self._load()
+
+    def _load(self) -> tuple[HardState, Snapshot | None, list[Entry]]:
         snap = self._read_snapshot()
         hs, entries, valid = self._replay()
         if snap is not None:
@@ -209,8 +221,14 @@ class RaftStorage:
         snapshot: Snapshot | None = None,
     ) -> None:
         """Persist durably (returns after fdatasync). A snapshot replaces the whole log."""
+        with self._lock:
+            self._save(hard_state, entries, snapshot)
+
+    def _save(
+        self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None
+    ) -> None:
         if not self._loaded:
-            self.load()
+            self._load()
         if snapshot is not None:
             self._write_snapshot(snapshot)
             hs = hard_state or self._hs
@@ -256,12 +274,14 @@ class RaftStorage:
 
     def compact(self, snapshot: Snapshot) -> None:
         """Store a locally taken snapshot and drop the log entries it covers (durably)."""
-        self._write_snapshot(snapshot)
-        hs, entries, _ = self._replay()
-        keep = [e for e in entries if e.index > snapshot.meta.index]
-        self._rewrite_log(self._hs if self._loaded else hs, keep)
+        with self._lock:
+            self._write_snapshot(snapshot)
+            hs, entries, _ = self._replay()
+            keep = [e for e in entries if e.index > snapshot.meta.index]
+            self._rewrite_log(self._hs if self._loaded else hs, keep)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

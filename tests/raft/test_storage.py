@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,32 @@ def test_commit_beyond_log_is_refused(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(CorruptStorageError, match="beyond the last durable entry"):
         reopen(tmp_path)
+
+
+def test_a_save_during_compaction_is_not_lost(tmp_path: Path) -> None:
+    """The node saves from two threads (disk thread, event loop) while compaction runs on
+    the disk thread: a save must never land in the old log between compaction reading it
+    and replacing it."""
+    s = RaftStorage(tmp_path)
+    s.load()
+    s.save(HardState(1, None, 8), ents(1, 10, 1))
+    read_log = s._replay
+    saver: threading.Thread | None = None
+
+    def replay_then_save_from_another_thread() -> tuple[HardState, list[Entry], int]:
+        nonlocal saver
+        out = read_log()  # compaction has read the log it is about to replace
+        saver = threading.Thread(target=s.save, args=(None, ents(11, 11, 1)))
+        saver.start()
+        saver.join(timeout=0.2)  # unserialized, the save completes here, into the old log
+        return out
+
+    s._replay = replay_then_save_from_another_thread  # type: ignore[method-assign]
+    s.compact(Snapshot(SnapshotMeta(8, 1), b"state@8"))
+    assert saver is not None
+    saver.join(timeout=10)
+    assert not saver.is_alive()
+    s.close()
+    _, snap, log = reopen(tmp_path)
+    assert snap is not None and snap.meta.index == 8
+    assert [e.index for e in log] == [9, 10, 11]  # entry 11 survived the compaction
