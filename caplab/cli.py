@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from caplab import __version__, errors
+from caplab import loop as caplab_loop
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -101,7 +102,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         enable_admin=args.enable_admin,
         options=dict(args.options),
     )
-    asyncio.run(serve(config, grace_s=args.grace))
+    caplab_loop.run(serve(config, grace_s=args.grace))
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from caplab import loop as caplab_loop
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 
 _PUT = kv_pb2.PutResponse(header=kv_pb2.ResponseHeader(node_id="noop"))
@@ -51,7 +52,7 @@ async def serve(listen: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--listen", required=True)
-    asyncio.run(serve(p.parse_args().listen))
+    caplab_loop.run(serve(p.parse_args().listen))
 
 
 if __name__ == "__main__":
