@@ -100,7 +100,7 @@ class RaftStorage:
         self._fd: int | None = None
         self._hs = HardState(0, None, 0)
         self._loaded = False
-        self._lock = threading.RLock()  # see "One operation at a time" above
+        self._lock = threading.Lock()  # see "One operation at a time" above
 
     # -- loading ---------------------------------------------------------------------
     def _read_snapshot(self) -> Snapshot | None:

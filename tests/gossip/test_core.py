@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -375,8 +376,7 @@ NO_PERIODIC_AE = GossipConfig(anti_entropy_interval_ms=10**9)
 
 
 def test_peer_fallen_behind_is_repaired_without_waiting_for_the_timer() -> None:
-    cfg = GossipConfig(anti_entropy_interval_ms=10**9, delta_log_max=4, merkle_depth=2)
-    sim = _leave_n2_behind(cfg)
+    sim = _leave_n2_behind(dataclasses.replace(NO_PERIODIC_AE, delta_log_max=4, merkle_depth=2))
     assert sim.wait_converged(3000) is not None
     c = sim.cores["n0"]
     assert c is not None and c.stats.peers_fell_behind >= 1

@@ -13,6 +13,7 @@ from caplab.clock import SkewableClock
 from caplab.store import Consistency, NodeConfig
 from caplab.validation import RequestId
 from gossip.node import GossipBackend, GossipOptions, build_backend
+from tests.polling import eventually
 
 
 def test_options_parse_and_refuse_unknown() -> None:
@@ -53,8 +54,11 @@ async def test_group_commit_gathers_concurrent_writes_but_never_delays_a_lone_on
     assert await fsyncs() == base + 4  # concurrent writers: one commit
     # The next batch waits for the gap: writes arriving meanwhile join it.
     wave_b = [asyncio.create_task(b.put(f"b{i}", b"v", None, None)) for i in range(5)]
-    for _ in range(5):  # loop turns: wave b reaches the flusher (which, with no gap,
-        await asyncio.sleep(0)  # would commit it alone) before wave c is even created
+
+    async def wave_b_waits_for_its_commit() -> bool:  # (with no gap it would be alone)
+        return (await b.status()).counters["pending_writes"] == 5
+
+    await eventually(wave_b_waits_for_its_commit, 5.0, 0.001)  # before wave c exists
     wave_c = [asyncio.create_task(b.put(f"c{i}", b"v", None, None)) for i in range(5)]
     await asyncio.gather(*wave_b, *wave_c)
     assert await fsyncs() == base + 5
