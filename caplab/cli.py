@@ -102,8 +102,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         enable_admin=args.enable_admin,
         options=dict(args.options),
     )
-    caplab_loop.run(serve(config, grace_s=args.grace))
-    return EXIT_OK
+    return caplab_loop.run(serve(config, grace_s=args.grace))
 
 
 # -- cluster --------------------------------------------------------------------

@@ -7,7 +7,8 @@ statuses with a `caplab-outcome` trailer; the client turns statuses back into
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -100,6 +101,17 @@ class OutcomeUnknown(StoreError):
     def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Redirect(Exception):
+    """Not an answer: this node cannot serve the request, another node (the Raft leader)
+    can. The servicer passes the original request to ``forward(method, request,
+    timeout)``, which returns that node's response or raises a StoreError. Forwarding thus
+    lives in one place instead of being re-encoded per RPC."""
+
+    def __init__(self, forward: Callable[[str, Any, float | None], Awaitable[Any]]) -> None:
+        super().__init__("redirect")
+        self.forward = forward
 
 
 class TransportError(StoreError):

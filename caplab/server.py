@@ -4,6 +4,12 @@ Serves KV, Cluster, gRPC health checking and reflection, the store's peer
 services, and Admin only with --enable-admin. On SIGTERM/SIGINT: mark the node
 NOT_SERVING, let the store hand over (raft leader transfer), stop accepting and
 finish in-flight requests within the grace period, then flush storage.
+
+Health follows the store: a backend with `health() -> (serving, reason)` is polled every
+`HEALTH_POLL_S` and the gRPC health status (service "") set to SERVING or NOT_SERVING on
+change, with a log line saying why. A backend with `failed_event` (an asyncio.Event) and
+`failed` (the reason) that sets it has failed for good: `serve` stops the node and
+returns exit status 1, so a supervisor restarts it from its durable state (fail-stop).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import MAX_MESSAGE_BYTES
 
 log = get_logger("caplab.server")
+
+HEALTH_POLL_S = 0.1
+EXIT_FAILED = 1
 
 STORES = {"raft": "raft.node", "gossip": "gossip.node"}
 
@@ -66,6 +75,8 @@ class NodeServer:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()
         self._stopped = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
+        self.serving: bool | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -92,6 +103,9 @@ class NodeServer:
         await self.backend.start(self.server)
         await self.server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
+        if hasattr(self.backend, "health"):
+            self._health_task = asyncio.create_task(self._watch_health())
         log.info(
             "node_started",
             store=self.config.store,
@@ -105,6 +119,8 @@ class NodeServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._health_task is not None:
+            self._health_task.cancel()
         log.info("node_stopping", grace_s=self.grace_s)
         await self._health.enter_graceful_shutdown()
         try:
@@ -116,12 +132,27 @@ class NodeServer:
         await self.backend.close()
         log.info("node_stopped")
 
+    async def _watch_health(self) -> None:
+        check = self.backend.health  # type: ignore[attr-defined]
+        while not self._stopped.is_set():
+            serving, reason = check()
+            if serving != self.serving:
+                self.serving = serving
+                status = health_pb2.HealthCheckResponse
+                await self._health.set("", status.SERVING if serving else status.NOT_SERVING)
+                if serving:
+                    log.info("health_serving")
+                else:
+                    log.warning("health_not_serving", reason=reason)
+            await asyncio.sleep(HEALTH_POLL_S)
+
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
 
-async def serve(config: NodeConfig, grace_s: float = 5.0) -> None:
-    """Run one node in the foreground until SIGTERM/SIGINT."""
+async def serve(config: NodeConfig, grace_s: float = 5.0) -> int:
+    """Run one node in the foreground until SIGTERM/SIGINT (exit status 0) or until its
+    store fails for good (exit status 1, the reason logged)."""
     factory = load_backend_factory(config.store)
     clock = SkewableClock()
     backend = factory(config, clock)
@@ -134,10 +165,21 @@ async def serve(config: NodeConfig, grace_s: float = 5.0) -> None:
     watchdog = None
     if os.environ.get("CAPLAB_EXIT_WITH_PARENT") == "1":
         watchdog = asyncio.create_task(_exit_with_parent(stop_requested))
-    await stop_requested.wait()
+    waits = [asyncio.ensure_future(stop_requested.wait())]
+    failed_event: asyncio.Event | None = getattr(backend, "failed_event", None)
+    if failed_event is not None:
+        waits.append(asyncio.ensure_future(failed_event.wait()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
     if watchdog is not None:
         watchdog.cancel()
+    failed = getattr(backend, "failed", None)
+    if failed is not None:
+        log.critical("node_exiting", reason=failed, exit_status=EXIT_FAILED)
+        node.grace_s = min(node.grace_s, 1.0)
     await node.stop()
+    return EXIT_FAILED if failed is not None else 0
 
 
 async def _exit_with_parent(stop: asyncio.Event, interval: float = 0.5) -> None:

@@ -52,13 +52,24 @@ def _timeout(context: grpc.aio.ServicerContext[object, object]) -> float | None:
 
 
 async def _call(
-    context: grpc.aio.ServicerContext[object, object], fn: Callable[[], Awaitable[T]]
+    context: grpc.aio.ServicerContext[object, object],
+    fn: Callable[[], Awaitable[T]],
+    method: str = "",
+    request: object = None,
 ) -> T:
+    """Run `fn` and map its outcome to a gRPC status. A backend that raises Redirect gets
+    the original request forwarded (`method` of the KV service) to the node it names."""
     for key, value in context.invocation_metadata() or ():
         if key == FORWARDED_BY_KEY:
             forwarded_by.set(value if isinstance(value, str) else value.decode())
     try:
-        return await fn()
+        try:
+            return await fn()
+        except errors.Redirect as r:
+            if not method:
+                raise errors.Unavailable("this node cannot serve the request") from None
+            result: T = await r.forward(method, request, _timeout(context))
+            return result
     except errors.StoreError as e:
         await context.abort(e.code, e.message, trailing_metadata=((errors.OUTCOME_KEY, e.outcome),))
         raise AssertionError("unreachable") from None
@@ -90,7 +101,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             h = await self.b.put(key, value, _rid(request.request_id), _timeout(context))
             return kv_pb2.PutResponse(header=header_pb(h, self.b.kind))
 
-        return await _call(context, run)
+        return await _call(context, run, "Put", request)
 
     async def Get(
         self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -121,7 +132,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             r = await self.b.delete(key, _rid(request.request_id), _timeout(context))
             return kv_pb2.DeleteResponse(header=header_pb(r.header, self.b.kind), existed=r.existed)
 
-        return await _call(context, run)
+        return await _call(context, run, "Delete", request)
 
     async def CompareAndSwap(
         self, request: kv_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -149,7 +160,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                 current=r.current or b"",
             )
 
-        return await _call(context, run)
+        return await _call(context, run, "CompareAndSwap", request)
 
     async def Increment(
         self, request: kv_pb2.IncrementRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -160,7 +171,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             r = await self.b.increment(key, delta, _rid(request.request_id), _timeout(context))
             return kv_pb2.IncrementResponse(header=header_pb(r.header, self.b.kind), value=r.value)
 
-        return await _call(context, run)
+        return await _call(context, run, "Increment", request)
 
 
 class ClusterServicer(kv_pb2_grpc.ClusterServicer):

@@ -67,7 +67,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from raft.messages import (
@@ -88,7 +88,8 @@ from raft.messages import (
     Vote,
     VoteResp,
 )
-from raft.quorum import VoteResult, committed_index, vote_result
+from raft.progress import Progress, PState
+from raft.quorum import VoteResult, committed_index, majority, vote_result
 
 __all__ = [
     "RaftConfig",
@@ -148,51 +149,9 @@ class Ready:
     committed_entries: tuple[Entry, ...]  #: apply in order after persisting.
     read_states: tuple[ReadState, ...]  #: released reads.
     dropped_reads: tuple[int, ...]  #: read request ids to fail (leadership lost).
-
-
-class _PState(Enum):
-    PROBE = 0
-    REPLICATE = 1
-    SNAPSHOT = 2
-
-
-@dataclass(slots=True)
-class _Progress:
-    """Leader's view of one follower (etcd tracker.Progress)."""
-
-    match: int
-    next: int
-    state: _PState = _PState.PROBE
-    probe_sent: bool = False  #: PROBE: an Append is in flight, wait for its answer.
-    inflight: deque[int] = field(default_factory=deque)  #: last index of each in-flight msg.
-    pending_snapshot: int = 0  #: SNAPSHOT: index of the snapshot sent.
-    recent_active: bool = False  #: heard from it in the current check-quorum window.
-    stall: int = 0  #: ticks spent behind without progress.
-
-    def become_probe(self) -> None:
-        if self.state is _PState.SNAPSHOT:
-            self.next = max(self.match + 1, self.pending_snapshot + 1)
-        else:
-            self.next = self.match + 1
-        self.state = _PState.PROBE
-        self.probe_sent = False
-        self.inflight.clear()
-        self.pending_snapshot = 0
-        self.stall = 0
-
-    def become_replicate(self) -> None:
-        self.state = _PState.REPLICATE
-        self.next = self.match + 1
-        self.probe_sent = False
-        self.inflight.clear()
-        self.pending_snapshot = 0
-
-    def become_snapshot(self, index: int) -> None:
-        self.state = _PState.SNAPSHOT
-        self.pending_snapshot = index
-        self.probe_sent = False
-        self.inflight.clear()
-        self.stall = 0
+    #: this node started without durable state and has now caught up (see ``recovering``):
+    #: persist that (after this Ready's entries) before sending this Ready's messages.
+    recovered: bool = False
 
 
 class RaftCore:
@@ -208,9 +167,18 @@ class RaftCore:
         hard_state: HardState,
         snapshot: Snapshot | None,
         entries: Sequence[Entry],
+        recovering: bool = False,
     ) -> None:
         """Start (or restart) from durable state: the last persisted HardState, the last
-        persisted snapshot (if any) and the persisted log entries after it (dense)."""
+        persisted snapshot (if any) and the persisted log entries after it (dense).
+
+        ``recovering``: this node started without durable state (a new cluster, or a disk
+        that was wiped or replaced) and has not yet caught up with a leader since. Until it
+        has, it may have forgotten votes it cast and entries it acknowledged, so it grants
+        (pre-)votes only to candidates whose log is empty too (a new cluster's first
+        election) and never to one with history; it leaves this state once it holds an
+        entry of a leader's current term that the leader says is committed (then, by
+        leader completeness, it holds every entry committed before that term)."""
         self.id = node_id
         self.voters: tuple[str, ...] = tuple(dict.fromkeys(voters))
         if node_id not in self.voters:
@@ -235,6 +203,8 @@ class RaftCore:
         self._applied = self._snap_index
         self._role = Role.FOLLOWER
         self._leader: str | None = None
+        self._recovering = recovering
+        self._recovered = False  #: left ``recovering``; not yet reported in a Ready.
 
         # Ready bookkeeping.
         self._prev_hs = HardState(self._term, self._vote, self._commit)
@@ -259,7 +229,7 @@ class RaftCore:
         self._votes: dict[str, bool] = {}
 
         # Leader state.
-        self._prs: dict[str, _Progress] = {}
+        self._prs: dict[str, Progress] = {}
         self._transferee: str | None = None
         self._transfer_elapsed = 0
         self._reads_wait_commit: list[int] = []  #: read ids waiting for a current-term commit.
@@ -300,6 +270,11 @@ class RaftCore:
         if self._role is Role.FOLLOWER and self._election_elapsed >= self.cfg.election_ticks:
             return None
         return self._leader
+
+    @property
+    def recovering(self) -> bool:
+        """Started without durable state and not caught up yet (see ``__init__``)."""
+        return self._recovering
 
     @property
     def commit_index(self) -> int:
@@ -458,6 +433,7 @@ class RaftCore:
                 or (self._reads_wait_round and not self._read_rounds)
                 or self._fread_queue
                 or self._pending_snapshot is not None
+                or self._recovered
                 or self._unstable_from <= self.last_index
                 or self._commit > self._applied
                 or self._hard_state() != self._prev_hs
@@ -490,7 +466,9 @@ class RaftCore:
             committed_entries=committed,
             read_states=tuple(self._read_states),
             dropped_reads=tuple(r for r in self._dropped_reads if r > 0),
+            recovered=self._recovered,
         )
+        self._recovered = False
         self._prev_hs = hs
         self._pending_snapshot = None
         self._msgs = []
@@ -593,6 +571,8 @@ class RaftCore:
         up_to_date = m.last_term > last_term or (
             m.last_term == last_term and m.last_index >= self.last_index
         )
+        if self._recovering and m.last_index > 0:
+            can_vote = False  # it may have voted otherwise before it lost its state
         if can_vote and up_to_date:
             if pre:
                 self._send(PreVoteResp(self.id, m.frm, m.term, False))
@@ -686,14 +666,14 @@ class RaftCore:
         self._role = Role.LEADER
         self._leader = self.id
         nxt = self.last_index + 1
-        self._prs = {p: _Progress(match=0, next=nxt) for p in self.peers}
+        self._prs = {p: Progress(match=0, next=nxt) for p in self.peers}
         self._quorum_contact_ok = True
         self._append_local([Entry(self._term, nxt, EntryKind.NOOP, b"")])
 
     # ------------------------------------------------------------------ leader
     def _count_recent_active(self) -> bool:
         n = 1 + sum(1 for pr in self._prs.values() if pr.recent_active)
-        return n >= len(self.voters) // 2 + 1
+        return n >= majority(len(self.voters))
 
     def _tick_leader(self) -> None:
         cfg = self.cfg
@@ -719,7 +699,7 @@ class RaftCore:
                 pr.stall = 0
                 continue
             pr.stall += 1
-            limit = cfg.election_ticks if pr.state is _PState.SNAPSHOT else stall_limit
+            limit = cfg.election_ticks if pr.state is PState.SNAPSHOT else stall_limit
             if pr.stall >= limit:
                 pr.become_probe()
                 self._send_append(p)
@@ -783,7 +763,7 @@ class RaftCore:
         for c, _, acks in self._read_rounds:
             if c == ctx:
                 acks.add(frm)
-                if len(acks) >= len(self.voters) // 2 + 1:
+                if len(acks) >= majority(len(self.voters)):
                     acked_upto = c
                 break
         if acked_upto:
@@ -825,11 +805,11 @@ class RaftCore:
 
     def _send_append(self, to: str, send_if_empty: bool = True) -> bool:
         pr = self._prs[to]
-        if pr.state is _PState.SNAPSHOT:
+        if pr.state is PState.SNAPSHOT:
             return False
-        if pr.state is _PState.PROBE and pr.probe_sent:
+        if pr.state is PState.PROBE and pr.probe_sent:
             return False
-        if pr.state is _PState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
+        if pr.state is PState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
             return False
         prev = pr.next - 1
         prev_term = self.log_term(prev)
@@ -858,7 +838,7 @@ class RaftCore:
             return False
         ents = tuple(self._log[lo:hi])
         self._send(Append(self.id, to, self._term, prev, prev_term, ents, self._commit, 0))
-        if pr.state is _PState.REPLICATE:
+        if pr.state is PState.REPLICATE:
             if ents:
                 pr.next = ents[-1].index + 1
                 pr.inflight.append(ents[-1].index)
@@ -886,11 +866,17 @@ class RaftCore:
             next_probe = m.hint_index
             if m.hint_term > 0:
                 next_probe = self._find_conflict_by_term(m.hint_index, m.hint_term)
-            if pr.state is _PState.REPLICATE:
+            if m.index == pr.match > 0 and m.hint_index < pr.match:
+                # Refused at the very index it had acknowledged, and its log ends before
+                # it: the follower lost its disk. Stop counting it there; catch it up.
+                pr.forget_match(min(m.index, next_probe + 1))
+                self._send_append(m.frm)
+                return
+            if pr.state is PState.REPLICATE:
                 if m.index <= pr.match:
                     return  # stale
                 pr.become_probe()
-            elif pr.state is _PState.PROBE:
+            elif pr.state is PState.PROBE:
                 if pr.next - 1 != m.index:
                     return  # stale
                 pr.next = max(min(m.index, next_probe + 1), pr.match + 1)
@@ -905,10 +891,10 @@ class RaftCore:
             pr.stall = 0
             if pr.next <= m.index:
                 pr.next = m.index + 1
-        if updated or (pr.state is _PState.PROBE and m.index == pr.next - 1):
-            if pr.state is _PState.PROBE:
+        if updated or (pr.state is PState.PROBE and m.index == pr.next - 1):
+            if pr.state is PState.PROBE:
                 pr.become_replicate()
-            elif pr.state is _PState.SNAPSHOT:
+            elif pr.state is PState.SNAPSHOT:
                 if pr.match >= pr.pending_snapshot or pr.match + 1 >= self.first_index:
                     pr.become_probe()
                     pr.become_replicate()
@@ -921,7 +907,7 @@ class RaftCore:
                     pass
             if m.frm == self._transferee and pr.match == self.last_index:
                 self._send(TimeoutNow(self.id, m.frm, self._term))
-        elif pr.state is _PState.PROBE and pr.match < self.last_index:
+        elif pr.state is PState.PROBE and pr.match < self.last_index:
             # Heartbeat answer while probing: the probe may have been lost; retry.
             pr.probe_sent = False
             self._send_append(m.frm)
@@ -947,6 +933,9 @@ class RaftCore:
             c = min(m.commit, last_new)
             if c > self._commit:
                 self._commit = c
+            if self._recovering and c >= 1 and self.log_term(c) == m.term:
+                self._recovering = False
+                self._recovered = True
             self._send(AppendResp(self.id, m.frm, self._term, False, last_new, 0, 0, m.ctx))
             return
         hint = self._find_conflict_by_term(m.prev_index, m.prev_term)
@@ -987,7 +976,9 @@ class RaftCore:
             self._commit = meta.index
             self._unstable_from = meta.index + 1
             self._stable = min(self._stable, meta.index)
-            self._applied = max(self._applied, meta.index)
+            # (``applied`` moves to the snapshot index only at ``advance``, once the shell
+            # has restored its state machine from it: a read released for an index the
+            # snapshot covers must not be served from the old state before that.)
         self._send(AppendResp(self.id, m.frm, self._term, False, meta.index, 0, 0, 0))
 
     # ------------------------------------------------------------------ misc

@@ -2,52 +2,41 @@
 
 Theory of operation
 -------------------
-One *driver* task owns the core's Ready loop. Client requests never touch the
-log directly: proposals and read requests are queued, and on each iteration the
-driver hands every queued proposal to the core at once (`propose_batch`: one
-log append and one Append per follower for the whole batch), then takes the
-Ready and processes it in the order the core demands:
+Three kinds of entry point feed the core, and each is a few lines: client requests
+(queued, then handed to the core as one batch by the driver: group commit), peer messages
+(`RaftPeerServicer`: step them, then try the fast path), and the ticker. Everything the
+core then wants done goes through one `ReadyPipeline` (raft.pipeline: persist, send,
+apply, answer, advance, in the order the core's contract states), run by:
 
-1. persist snapshot/entries/hard state in one SQLite transaction (fsync), on a
-   single storage thread so the event loop keeps serving while the disk works
-   (requests arriving meanwhile form the next batch: group commit);
-2. send the messages (batched per peer on its stream);
-3. restore a received snapshot, apply committed entries to the KV state
-   machine and resolve the futures of the proposals they answer;
-4. release linearizable reads whose ReadIndex point has been applied, fail
-   dropped ones;
-5. `advance()`, then compact the log when it grew past the threshold.
+* the *driver* task, which takes each Ready, persists it inline or on the single disk
+  thread (`SyncPolicy`), finishes it, and compacts the log when it grew; and
+* the *fast path* (`answer_now`), right after peer messages were stepped, for a Ready
+  that needs no disk thread: a follower answers a lone Append in the turn it arrives
+  (its apply follows in a loop callback, after the answer left), a leader applies and
+  answers an acknowledgement that commits a write at once. It runs the same pipeline
+  calls; a Ready it cannot finish is handed to the driver as it stands.
 
-A client write is therefore acknowledged only after its entry is committed
-(durable on a majority, including the leader) and applied. A proposal whose
-index gets committed with a different term was definitely overwritten
-(UNAVAILABLE, not applied); proposals still pending when this node stops being
-leader get UNKNOWN (a new leader may still commit them).
+A client write is acknowledged only after its entry is committed (durable on a majority,
+including the leader) and applied. Followers forward writes to the leader (the backend
+raises `Redirect`, the servicer forwards the original request; never twice) and serve
+linearizable reads themselves through ReadIndex (thesis §6.4). A node that knows no
+leader, or a leader without a majority within an election timeout, refuses at once.
 
-Followers forward client writes to the leader (one hop: a forwarded request is never
-forwarded again) and serve linearizable reads themselves: they ask the leader for a
-read point (ReadIndex, batched like the leader's own reads) and answer from their
-own state machine once it has applied that point. A node that knows no leader, or a
-leader that has not heard from a majority within an election timeout, refuses at
-once with UNAVAILABLE and the reason; since followers forget the leader after one
-election timeout of silence and leaders step down after one without a quorum (check-
-quorum), a client on the minority side of a partition gets a definite refusal within
-about one election timeout.
-
-Peer messages travel on one long-lived `Stream` per peer (caplab.peer); a cut link
-drops messages instead of blocking a sender (Raft tolerates loss); snapshots travel
-chunked on `InstallSnapshot`.
+Failure: a full disk (RetryableStorageError) makes the node refuse writes and reads
+with the reason, fail what was in flight as outcome unknown, report NOT_SERVING, and
+retry the same save until space returns. Anything else that kills the driver, the
+ticker or the pipeline (a failing fsync, a bug) is fatal: the node logs the reason and
+stops (`failed` is set; the server exits non-zero). Never a zombie.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -74,19 +63,13 @@ from caplab.store import (
 )
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import RequestId
+from raft.batching import BatchGate
 from raft.codec import from_pb, to_pb
 from raft.core import RaftConfig, RaftCore, Ready, Role
-from raft.messages import (
-    Append,
-    EntryKind,
-    HardState,
-    InstallSnapshot,
-    Message,
-    Snapshot,
-    SnapshotMeta,
-)
+from raft.messages import Append, InstallSnapshot, Message, Snapshot, SnapshotMeta
+from raft.pipeline import ReadyPipeline, Save, SyncPolicy
 from raft.statemachine import OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine
-from raft.storage import RaftStorage
+from raft.storage import RaftStorage, RetryableStorageError
 
 log = get_logger("raft.node")
 T = TypeVar("T")
@@ -101,16 +84,6 @@ ROLE_NAMES = {
 
 
 _MAY_BE_ZERO = frozenset({"inline_sync_max"})
-
-
-@contextlib.contextmanager
-def _logged(event: str) -> Iterator[None]:
-    """Log an exception escaping the block (with its traceback), then let it go on."""
-    try:
-        yield
-    except Exception:
-        log.exception(event)
-        raise
 
 
 @dataclass(frozen=True)
@@ -149,53 +122,6 @@ class RaftOptions:
     @property
     def election_timeout_s(self) -> float:
         return self.election_ticks * self.tick_ms / 1000
-
-
-@dataclass
-class _Pending:
-    term: int
-    future: asyncio.Future[pb.CommandResult]
-
-
-class _BatchGate:
-    """When queued requests may go to the core as one batch (see RaftOptions *_batch_us).
-
-    Every batch has a fixed cost (messages, an fsync) that under load exceeds the cost of
-    the requests in it. So once requests arrive concurrently (the previous batch had
-    several), a new batch gathers for up to `interval_us` after the previous one went,
-    unless `max_batch` are waiting. A request with no company goes at once, so light
-    load sees no added latency."""
-
-    def __init__(self, interval_us: int, max_batch: int, wake: asyncio.Event) -> None:
-        self.interval = interval_us / 1e6
-        self.max_batch = max_batch
-        self.wake = wake
-        self.last_at = 0.0  # loop time the previous batch went
-        self.last_size = 0  # requests in it
-        self.timer: asyncio.TimerHandle | None = None
-
-    @property
-    def waiting(self) -> bool:
-        """A batch is being held; the timer will wake the driver."""
-        return self.timer is not None
-
-    def open(self, queued: int) -> bool:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        opens_at = self.last_at + self.interval
-        if self.last_size > 1 and now < opens_at and queued < self.max_batch:
-            if self.timer is None:
-                self.timer = loop.call_at(opens_at, self._fire)
-            return False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.last_at, self.last_size = now, queued
-        return True
-
-    def _fire(self) -> None:
-        self.timer = None
-        self.wake.set()
 
 
 class PeerLink:
@@ -280,14 +206,9 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
 
     def _deliver(self, batch: pb.Batch) -> Awaitable[None] | None:
         node = self.node
-        for raw in batch.messages:
-            if raw.to != node.id or raw.sender not in node.peers:
-                continue
-            node.core.step(from_pb(raw))
         node.counters["messages_received"] += len(batch.messages)
-        rest = node.answer_now()
-        node.wake.set()  # (after the answer's sender was woken: it goes first)
-        return rest
+        msgs = [from_pb(m) for m in batch.messages if m.to == node.id and m.sender in node.peers]
+        return node.receive(msgs)
 
     async def InstallSnapshot(
         self,
@@ -314,14 +235,14 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
         if first.to != self.node.id or first.sender not in self.node.peers:
             return pb.SnapshotAck(accepted=False, reason="snapshot not addressed to this node")
         snap = Snapshot(SnapshotMeta(first.index, first.snapshot_term), data)
-        self.node.core.step(InstallSnapshot(first.sender, first.to, first.term, snap))
+        self.node.receive([InstallSnapshot(first.sender, first.to, first.term, snap)])
         self.node.counters["snapshots_received"] += 1
-        self.node.wake.set()
         return pb.SnapshotAck(accepted=True)
 
 
 class RaftBackend:
-    """The CP store as the shared runtime sees it (caplab.store.StoreBackend)."""
+    """The CP store as the shared runtime sees it (caplab.store.StoreBackend), and the
+    pipeline's Sink: tokens are futures, resolved on the event loop."""
 
     kind: int = kv_pb2.STORE_KIND_RAFT
 
@@ -331,9 +252,11 @@ class RaftBackend:
         self.id = config.node_id
         self.peers = dict(config.peers)
         self.opts = RaftOptions.parse(config.options)
+        self.policy = SyncPolicy(inline_max=self.opts.inline_sync_max)
         self.sm = KvStateMachine()
         self.storage: RaftStorage | None = None
         self._core: RaftCore | None = None
+        self._pipe: ReadyPipeline[asyncio.Future[Any]] | None = None
         self.wake = asyncio.Event()
         self.links: dict[str, PeerLink] = {}
         self.inbound = InboundStreams()
@@ -351,48 +274,61 @@ class RaftBackend:
                 "forwarded",
                 "fsyncs",
                 "fsyncs_inline",
+                "disk_errors",
             )
         }
-        self._queued: list[tuple[bytes, asyncio.Future[pb.CommandResult]]] = []
-        self._handoff: Ready | None = None  # taken by answer_now(), for the driver
-        self._pending: dict[int, _Pending] = {}
-        self._queued_reads: list[tuple[int, asyncio.Future[int]]] = []
-        self._read_gate = _BatchGate(self.opts.read_batch_us, self.opts.read_batch_max, self.wake)
-        self._write_gate = _BatchGate(
-            self.opts.write_batch_us, self.opts.write_batch_max, self.wake
-        )
-        self._reads: dict[int, asyncio.Future[int]] = {}
-        self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._read_ids = itertools.count(1)
+        self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._queued_reads: list[asyncio.Future[Any]] = []
+        self._read_gate = BatchGate(self.opts.read_batch_us, self.opts.read_batch_max, self.wake)
+        self._write_gate = BatchGate(self.opts.write_batch_us, self.opts.write_batch_max, self.wake)
+        # a Ready the fast path began but could not finish, for the driver
+        self._handoff: tuple[Ready, Save | None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-disk-{self.id}")
+        self._disk_busy = 0  # storage calls under way on the disk thread
         self._stopping = False
-        self._was_leader = False
         self._view: tuple[Role, int, str | None] | None = None
-        self._compacting = False
-        # storage calls under way on the disk thread: while any is (a compaction, say),
-        # saves go there too, behind it, instead of inline (see `_inline_ok`)
-        self._disk_busy = 0
-        self._durable_hs = HardState(0, None, 0)
-        self._lazy_hs: HardState | None = None
+        self._no_leader_since: float | None = None
+        #: why the disk refuses writes (full), while it does; cleared once a save succeeds
+        self.disk_error: str | None = None
+        #: why the node stopped working (fatal); the server exits non-zero on it
+        self.failed: str | None = None
+        self.failed_event = asyncio.Event()
 
     @property
     def core(self) -> RaftCore:
         assert self._core is not None, "node not started"
         return self._core
 
-    async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
-        self._disk_busy += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
-        finally:
-            self._disk_busy -= 1
+    @property
+    def pipe(self) -> ReadyPipeline[asyncio.Future[Any]]:
+        assert self._pipe is not None, "node not started"
+        return self._pipe
+
+    # -- Sink: the pipeline's answers ------------------------------------------------
+    def proposal_done(
+        self, token: asyncio.Future[Any], result: pb.CommandResult, index: int
+    ) -> None:
+        if not token.done():
+            token.set_result((result, index))
+
+    def proposal_failed(self, token: asyncio.Future[Any], definite: bool, reason: str) -> None:
+        if not token.done():
+            msg = f"node {self.id}: {reason}"
+            token.set_exception(errors.Unavailable(msg) if definite else errors.OutcomeUnknown(msg))
+
+    def read_ready(self, token: asyncio.Future[Any], index: int) -> None:
+        if not token.done():
+            token.set_result(index)
+
+    def read_failed(self, token: asyncio.Future[Any], reason: str) -> None:
+        if not token.done():
+            token.set_exception(errors.Unavailable(f"node {self.id}: {reason}"))
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, server: grpc.aio.Server) -> None:
         self.storage = RaftStorage(self.config.data_dir)
         hs, snap, entries = await self._disk_call(self.storage.load)
-        self._durable_hs = hs
         if snap is not None:
             self.sm.restore(snap.data)
         cfg = RaftConfig(
@@ -409,6 +345,16 @@ class RaftBackend:
             hard_state=hs,
             snapshot=snap,
             entries=entries,
+            recovering=self.storage.recovering,
+        )
+        self._pipe = ReadyPipeline(
+            self._core,
+            self.storage,
+            self.sm,
+            self._send,
+            self,
+            durable_hs=hs,
+            snapshot_entries=self.opts.snapshot_entries,
         )
         log.info(
             "raft_restored",
@@ -416,6 +362,7 @@ class RaftBackend:
             commit=hs.commit,
             snapshot_index=snap.meta.index if snap else 0,
             entries=len(entries),
+            recovering=self.storage.recovering,
         )
         pb_grpc.add_RaftPeerServicer_to_server(RaftPeerServicer(self), server)
         for peer_id, addr in self.peers.items():
@@ -423,15 +370,56 @@ class RaftBackend:
             link.sender.start()
             self.links[peer_id] = link
         self._tasks = [
-            asyncio.create_task(self._ticker()),
-            asyncio.create_task(self._driver()),
+            self._watched(self._ticker(), "ticker"),
+            self._watched(self._driver(), "driver"),
         ]
+
+    def _watched(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        """A task whose failure is fatal (fail-stop: never a zombie)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self._stopping:
+                return
+            exc = t.exception()
+            self.fail(f"the {name} task ended: {exc!r}" if exc else f"the {name} task ended")
+
+        task.add_done_callback(done)
+        return task
+
+    def fail(self, reason: str) -> None:
+        """Fatal: this node cannot go on. Log why, answer everything in flight, and let the
+        server stop the process (it exits non-zero)."""
+        if self.failed is not None:
+            return
+        self.failed = reason
+        log.critical("node_failed", reason=reason)
+        self._stopping = True
+        if self._pipe is not None:
+            self.pipe.fail_all(f"node {self.id} failed ({reason})")
+        self._refuse_queued(errors.Unavailable(f"node {self.id} failed ({reason}); not applied"))
+        self.failed_event.set()
+
+    def health(self) -> tuple[bool, str]:
+        """(serving, why not): NOT_SERVING while this node cannot make progress."""
+        if self.failed is not None:
+            return False, f"failed: {self.failed}"
+        if self.disk_error is not None:
+            return False, f"disk: {self.disk_error}"
+        now = time.monotonic()
+        if self.core.has_quorum_contact():
+            self._no_leader_since = None
+        elif self._no_leader_since is None:
+            self._no_leader_since = now
+        elif now - self._no_leader_since > self.opts.election_timeout_s:
+            return False, "no leader with a majority for longer than an election timeout"
+        return True, ""
 
     async def before_shutdown(self) -> None:
         """Hand leadership to the most up-to-date follower so a restart costs no election."""
         self._stopping = True
         core = self.core
-        if core.role is not Role.LEADER or not self.peers:
+        if core.role is not Role.LEADER or not self.peers or self.failed is not None:
             return
         progress = core.progress()
         target = max(progress, key=lambda p: (progress[p], p))
@@ -452,18 +440,30 @@ class RaftBackend:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         for link in self.links.values():
             await link.close()
-        self._fail_all(errors.Unavailable("node is shutting down; not applied"))
-        if self.storage is not None and self._lazy_hs is not None:
-            await self._disk_call(self.storage.save, self._lazy_hs)
+        if self._pipe is not None:
+            self.pipe.fail_all(f"node {self.id} shut down")
+        self._refuse_queued(errors.Unavailable("node is shutting down; not applied"))
+        lazy = self._pipe.lazy_hs if self._pipe is not None else None
+        if self.storage is not None and lazy is not None and self.failed is None:
+            with contextlib.suppress(Exception):
+                await self._disk_call(self.storage.save, lazy)
         self._disk.shutdown(wait=True)
         if self.storage is not None:
-            self.storage.close()
+            with contextlib.suppress(Exception):
+                self.storage.close()
 
-    # -- the loop ----------------------------------------------------------------------
+    def _refuse_queued(self, err: errors.StoreError) -> None:
+        queued, self._queued = self._queued, []
+        reads, self._queued_reads = self._queued_reads, []
+        for f in [*(f for _, f in queued), *reads]:
+            if not f.done():
+                f.set_exception(err)
+
+    # -- entry points: ticks, peer messages ------------------------------------------
     async def _ticker(self) -> None:
         interval = self.opts.tick_ms / 1000
         next_at = time.monotonic()
@@ -473,6 +473,20 @@ class RaftBackend:
             self.core.tick()
             self.wake.set()
 
+    def receive(self, msgs: list[Message]) -> Awaitable[None] | None:
+        """Step peer messages, then answer at once if the fast path can (see answer_now)."""
+        for m in msgs:
+            self.core.step(m)
+        rest = self.answer_now()
+        self.wake.set()  # (after the answer's sender was woken: it goes first)
+        return rest
+
+    def _send(self, m: Message) -> None:
+        link = self.links.get(m.to)
+        if link is not None:
+            link.send(m)
+
+    # -- the driver --------------------------------------------------------------------
     async def _driver(self) -> None:
         core = self.core
         while True:
@@ -481,18 +495,18 @@ class RaftBackend:
             # follower has none to wait for: it answers the leader at once; nor has a
             # leader with one write and nothing else in flight: it goes at once).
             if core.role is Role.LEADER and (
-                self._pending or self._queued_reads or len(self._queued) != 1
+                self.pipe.in_flight or self._queued_reads or len(self._queued) != 1
             ):
                 await asyncio.sleep(0)
             self.wake.clear()
-            with _logged("driver_failed"):
-                self._hand_over_queued()
-                rd, self._handoff = self._handoff or core.ready(), None
-                if rd is not None:
-                    await self._process(rd)
-                    core.advance(rd)
-                await self._maybe_compact()
-                self._check_leadership()
+            self._hand_over_queued()
+            if self._handoff is not None:
+                (rd, save), self._handoff = self._handoff, None
+                await self._run(rd, save, begun=True)
+            elif (rd2 := core.ready()) is not None:
+                await self._run(rd2, None, begun=False)
+            await self._maybe_compact()
+            self._log_role()
             if (
                 core.has_ready()
                 or self._handoff is not None
@@ -501,217 +515,88 @@ class RaftBackend:
             ):
                 self.wake.set()
 
+    async def _run(self, rd: Ready, save: Save | None, *, begun: bool) -> None:
+        """One Ready through the pipeline: begin, persist (inline or on the disk thread,
+        retried while the disk is full), finish."""
+        pipe = self.pipe
+        if not begun:
+            save = pipe.begin(rd)
+        if save is not None:
+            inline = self.policy.inline(
+                save,
+                in_flight=pipe.in_flight,
+                queued=len(self._queued),
+                disk_busy=bool(self._disk_busy),
+            )
+            if inline and not begun and any(isinstance(m, Append) for m in rd.messages):
+                await asyncio.sleep(0)  # let the Appends leave before the disk blocks
+            await self._persist(save, inline)
+        pipe.finish(rd, save)
+
+    async def _persist(self, save: Save, inline: bool) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if inline:
+                    self.pipe.persist(save)
+                    self.counters["fsyncs_inline"] += 1
+                else:
+                    await self._disk_call(self.pipe.persist, save)
+                self.counters["fsyncs"] += 1
+                if self.disk_error is not None:
+                    log.warning("disk_writable_again", after=self.disk_error)
+                    self.disk_error = None
+                return
+            except RetryableStorageError as e:
+                self.counters["disk_errors"] += 1
+                if self.disk_error is None:
+                    self.disk_error = str(e)
+                    log.error("disk_write_failed", reason=str(e), retry="until it succeeds")
+                    self.pipe.fail_all(f"node {self.id} cannot write to its disk ({e})")
+                    self._refuse_queued(self._refusal())
+                inline = False
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+
+    async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
+        self._disk_busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+        finally:
+            self._disk_busy -= 1
+
     def _hand_over_queued(self) -> None:
-        core = self.core
+        pipe = self.pipe
         if self._queued and self._write_gate.open(len(self._queued)):
             queued, self._queued = self._queued, []
             live = [(d, f) for d, f in queued if not f.done()]
-            idxs = core.propose_batch([d for d, _ in live]) if live else []
-            if idxs is None:
-                reason = self._not_leader_reason()
+            if live and not pipe.propose([d for d, _ in live], [f for _, f in live]):
+                reason = self._refusal()
                 for _, f in live:
                     f.set_exception(reason)
-            else:
-                for idx, (_, f) in zip(idxs, live, strict=True):
-                    self._pending[idx] = _Pending(core.term, f)
-                self.counters["proposals"] += len(idxs)
+            elif live:
+                self.counters["proposals"] += len(live)
                 self.counters["batches"] += 1
         if self._queued_reads and self._read_gate.open(len(self._queued_reads)):
             reads, self._queued_reads = self._queued_reads, []
-            for rid, rf in reads:
-                if rf.done():
-                    continue
-                if core.read_index(rid):
-                    self._reads[rid] = rf
-                else:
-                    rf.set_exception(self._not_leader_reason())
+            for rf in reads:
+                if not rf.done() and not pipe.read(rf):
+                    rf.set_exception(self._refusal())
 
-    async def _process(self, rd: Ready) -> None:
-        # A leader's Appends promise nothing about its own disk: they leave now, in
-        # parallel with its fsync (the core counts its own copy only once durable).
-        sent_early = self._send_appends(rd)
-        hs = self._hard_state_to_save(rd)
-        if rd.snapshot is not None or rd.entries or hs is not None:
-            if self._inline_ok(rd):
-                if sent_early:
-                    await asyncio.sleep(0)  # let the Appends leave before the disk blocks
-                self._save_inline(hs, rd)
-            else:
-                assert self.storage is not None
-                await self._disk_call(self.storage.save, hs, rd.entries, rd.snapshot)
-                self._saved(hs)
-        self._after_persist(rd)
-
-    def _send_appends(self, rd: Ready) -> bool:
-        """Send the Ready's Appends (and say whether there were any)."""
-        sent = False
-        for m in rd.messages:
-            if isinstance(m, Append) and (link := self.links.get(m.to)) is not None:
-                link.send(m)
-                sent = True
-        return sent
-
-    def _hard_state_to_save(self, rd: Ready) -> HardState | None:
-        """The hard state `rd` must persist; a commit-only change is parked in `_lazy_hs`
-        instead (idempotent: asking twice for one Ready gives the same answer)."""
-        hs = rd.hard_state
-        durable = self._durable_hs
-        if (
-            hs is not None
-            and not rd.entries
-            and rd.snapshot is None
-            and (hs.term, hs.vote) == (durable.term, durable.vote)
-        ):
-            # Only the commit index moved: it need not be durable before anything (a
-            # restarted node learns it again from the leader), so it rides along with
-            # the next write instead of costing an fsync on the commit path.
-            self._lazy_hs = hs
-            return None
-        if hs is None and (rd.entries or rd.snapshot is not None):
-            return self._lazy_hs
-        return hs
-
-    def _lone(self) -> bool:
-        """Few writes in flight and none waiting (see RaftOptions.inline_sync_max)."""
-        return len(self._pending) <= self.opts.inline_sync_max and not self._queued
-
-    def _inline_ok(self, rd: Ready) -> bool:
-        return (
-            rd.snapshot is None
-            and len(rd.entries) <= self.opts.inline_sync_max
-            and self._lone()
-            and not self._disk_busy  # the storage lock would block the loop meanwhile
-        )
-
-    def _save_inline(self, hs: HardState | None, rd: Ready) -> None:
+    async def _maybe_compact(self) -> None:
+        snap = self.pipe.compaction_due()
+        if snap is None:
+            return
         assert self.storage is not None
-        self.storage.save(hs, rd.entries)
-        self.counters["fsyncs_inline"] += 1
-        self._saved(hs)
+        try:
+            await self._disk_call(self.storage.compact, snap)
+        except RetryableStorageError as e:
+            log.warning("compaction_failed", reason=str(e), retry="when the log grows again")
+            return
+        self.pipe.compacted(snap)
+        log.info("log_compacted", index=snap.meta.index, snapshot_bytes=len(snap.data))
 
-    def _saved(self, hs: HardState | None) -> None:
-        self.counters["fsyncs"] += 1
-        if hs is not None:
-            self._durable_hs, self._lazy_hs = hs, None
-
-    def _finish(self, rd: Ready, send: bool = True) -> None:
-        with _logged("driver_failed"):
-            self._after_persist(rd, send=send)
-            self.core.advance(rd)
-            self._check_leadership()
-
-    def answer_now(self) -> Awaitable[None] | None:
-        """Fast path, called right after incoming messages were stepped: process the
-        resulting Ready to the end now if it needs no disk thread, sparing a hop through
-        the driver task. On a follower that includes a lone Append (fsynced on the loop
-        thread); on a leader, acknowledgements that commit entries (applied and answered
-        at once) and heartbeat answers that confirm reads. Anything else is handed to the
-        driver, and so is everything on a leader under load. Returns None if it left the
-        Ready to the driver, else what the caller (the stream reader) must await before
-        reading on: a follower's answer leaves first, then it applies committed entries.
-        """
-        core = self.core
-        if self._handoff is not None or core.role not in (Role.FOLLOWER, Role.LEADER):
-            return None
-        if core.role is Role.LEADER and not self._lone():
-            # under load the driver gathers many acknowledgements into one Ready: cheaper
-            return None
-        rd = core.ready()  # None while the driver is processing one (it is outstanding)
-        if rd is None:
-            return None
-        hs = self._hard_state_to_save(rd)
-        persist = bool(rd.entries) or hs is not None or rd.snapshot is not None
-        # (a leader's entries must go to its followers before its own disk blocks)
-        if persist and (core.role is Role.LEADER or not self._inline_ok(rd)):
-            self._handoff = rd
-            return None
-        # As in the driver, a failure leaves the Ready outstanding: nothing more is
-        # acknowledged.
-        with _logged("driver_failed"):
-            self._send_appends(rd)  # heartbeats, or entries already durable here
-            if persist:
-                self._save_inline(hs, rd)
-            if core.role is Role.FOLLOWER and rd.committed_entries:
-                self._send_after_persist(rd)
-                return self._apply_later(rd)
-        self._finish(rd)
-        return asyncio.sleep(0)  # the answer leaves before the reader reads on
-
-    async def _apply_later(self, rd: Ready) -> None:
-        await asyncio.sleep(0)  # the answer leaves first (the Ready stays outstanding)
-        self._finish(rd, send=False)
-        if self.core.has_ready():
-            self.wake.set()
-
-    def _send_after_persist(self, rd: Ready) -> None:
-        for m in rd.messages:
-            if isinstance(m, Append):
-                continue
-            link = self.links.get(m.to)
-            if link is not None:
-                link.send(m)
-
-    def _after_persist(self, rd: Ready, send: bool = True) -> None:
-        if send:
-            self._send_after_persist(rd)
-        if rd.snapshot is not None:
-            self.sm.restore(rd.snapshot.data)
-            for idx in [i for i in self._pending if i <= rd.snapshot.meta.index]:
-                p = self._pending.pop(idx)
-                if not p.future.done():
-                    p.future.set_exception(
-                        errors.OutcomeUnknown(
-                            "this node installed a snapshot past the write; its outcome is unknown"
-                        )
-                    )
-        for e in rd.committed_entries:
-            result = self.sm.apply(e.index, e.data) if e.kind is EntryKind.COMMAND else None
-            pend = self._pending.pop(e.index, None)
-            if pend is None or pend.future.done():
-                continue
-            if pend.term != e.term:
-                pend.future.set_exception(
-                    errors.Unavailable(
-                        "the write was overwritten by a new leader before it committed; "
-                        "not applied (retry)"
-                    )
-                )
-            elif result is not None:
-                pend.future.set_result(result)
-        applied = self.applied_index(rd)
-        for rs in rd.read_states:
-            f = self._reads.pop(rs.request_id, None)
-            if f is not None and not f.done():
-                f.set_result(rs.index)
-        for rid in rd.dropped_reads:
-            f = self._reads.pop(rid, None)
-            if f is not None and not f.done():
-                f.set_exception(
-                    errors.Unavailable(
-                        f"node {self.id}: no leader confirmed the read point (leadership "
-                        "changed, or the leader is unreachable); read not served, retry"
-                    )
-                )
-        if self._apply_waiters:
-            still = []
-            for idx, w in self._apply_waiters:
-                if idx <= applied:
-                    if not w.done():
-                        w.set_result(None)
-                else:
-                    still.append((idx, w))
-            self._apply_waiters = still
-
-    def applied_index(self, rd: Ready | None = None) -> int:
-        idx = self.core.applied_index
-        if rd is not None:
-            if rd.committed_entries:
-                idx = max(idx, rd.committed_entries[-1].index)
-            if rd.snapshot is not None:
-                idx = max(idx, rd.snapshot.meta.index)
-        return idx
-
-    def _check_leadership(self) -> None:
+    def _log_role(self) -> None:
         core = self.core
         view = (core.role, core.term, core.leader_id)
         if view != self._view:
@@ -721,58 +606,67 @@ class RaftBackend:
                 term=core.term,
                 leader=core.leader_id,
                 commit=core.commit_index,
+                recovering=core.recovering,
             )
             self._view = view
-        is_leader = self.core.role is Role.LEADER
-        if self._was_leader and not is_leader and (self._pending or self._reads):
-            err = errors.OutcomeUnknown(
-                "this node lost leadership while the write was in flight; a new leader may "
-                "still commit it (outcome unknown)"
-            )
-            for p in self._pending.values():
-                if not p.future.done():
-                    p.future.set_exception(err)
-            for f in self._reads.values():
-                if not f.done():
-                    f.set_exception(errors.Unavailable("leadership lost; read not served; retry"))
-            self._pending.clear()
-            self._reads.clear()
-        self._was_leader = is_leader
 
-    async def _maybe_compact(self) -> None:
+    # -- the fast path -----------------------------------------------------------------
+    def answer_now(self) -> Awaitable[None] | None:
+        """Fast path, right after incoming messages were stepped: process the resulting
+        Ready now if it needs no disk thread, sparing a hop through the driver task. On a
+        follower that includes a lone Append (fsynced on the loop thread); on a leader,
+        acknowledgements that commit entries (applied and answered at once) and heartbeat
+        answers that confirm reads. Anything else goes to the driver, and so does
+        everything on a leader under load. Returns what the caller (the stream reader)
+        should await before reading on (the answer leaves first), or None."""
         core = self.core
-        applied = core.applied_index
-        if self._compacting or applied - core.first_index < self.opts.snapshot_entries:
-            return
-        term = core.log_term(applied)
-        if term is None:
-            return
-        self._compacting = True
-        try:
-            snap = Snapshot(SnapshotMeta(applied, term), self.sm.snapshot())
-            assert self.storage is not None
-            await self._disk_call(self.storage.compact, snap)
-            core.compact(applied, snap.data)
-            log.info("log_compacted", index=applied, snapshot_bytes=len(snap.data))
-        finally:
-            self._compacting = False
+        if (
+            self._handoff is not None
+            or self.disk_error is not None
+            or self._stopping
+            or core.role not in (Role.FOLLOWER, Role.LEADER)
+        ):
+            return None
+        pipe = self.pipe
+        leader = core.role is Role.LEADER
+        if leader and (pipe.in_flight > self.opts.inline_sync_max or self._queued):
+            return None  # under load the driver gathers acknowledgements into one Ready
+        rd = core.ready()  # None while the driver is processing one (it is outstanding)
+        if rd is None:
+            return None
+        save = pipe.begin(rd)
+        if save is not None and (
+            leader
+            or not self.policy.inline(save, in_flight=0, queued=0, disk_busy=bool(self._disk_busy))
+        ):
+            self._handoff = (rd, save)  # (a leader's own fsync must not hold up its Appends)
+            return None
+        if save is not None:
+            try:
+                self.pipe.persist(save)
+            except RetryableStorageError:
+                self._handoff = (rd, save)  # the driver retries it
+                return None
+            self.counters["fsyncs"] += 1
+            self.counters["fsyncs_inline"] += 1
+        if not leader and rd.committed_entries:
+            # Answer first; apply in a loop callback once the answer left: a callback, not
+            # the reader task, so that cancelling the reader cannot strand the Ready.
+            pipe.send_promises(rd)
+            asyncio.get_running_loop().call_soon(self._finish_later, rd, save)
+            return asyncio.sleep(0)
+        pipe.finish(rd, save)
+        return asyncio.sleep(0)  # the answer leaves before the reader reads on
 
-    def _fail_all(self, err: errors.StoreError) -> None:
-        for _, f in self._queued:
-            if not f.done():
-                f.set_exception(err)
-        for p in self._pending.values():
-            if not p.future.done():
-                p.future.set_exception(
-                    errors.OutcomeUnknown("node shut down with the write in flight")
-                )
-        for rf in [*self._reads.values(), *(f for _, f in self._queued_reads)]:
-            if not rf.done():
-                rf.set_exception(err)
-        self._queued.clear()
-        self._pending.clear()
-        self._reads.clear()
-        self._queued_reads.clear()
+    def _finish_later(self, rd: Ready, save: Save | None) -> None:
+        try:
+            self.pipe.finish(rd, save, send=False)
+        except Exception as e:
+            log.exception("pipeline_failed")
+            self.fail(f"applying committed entries failed: {e!r}")
+            return
+        if self.core.has_ready():
+            self.wake.set()
 
     # -- leadership and forwarding -----------------------------------------------------
     def _leader_address(self, leader: str | None) -> str | None:
@@ -782,11 +676,19 @@ class RaftBackend:
             return self.config.advertise or self.config.listen
         return self.peers.get(leader)
 
-    def _not_leader_reason(self) -> errors.Unavailable:
+    def _refusal(self) -> errors.Unavailable:
+        """Why this node cannot serve a write or a linearizable read now (not applied)."""
         core = self.core
         leader = core.leader_id
+        if self.failed is not None:
+            return errors.Unavailable(f"node {self.id} failed ({self.failed}); not applied")
         if self._stopping:
             return errors.Unavailable("this node is shutting down; not applied (retry elsewhere)")
+        if self.disk_error is not None:
+            return errors.Unavailable(
+                f"node {self.id} cannot write to its disk ({self.disk_error}); not applied "
+                "(retry elsewhere)"
+            )
         if leader is None:
             return errors.Unavailable(
                 f"no leader: node {self.id} ({ROLE_NAMES[core.role]}, term {core.term}) cannot "
@@ -810,56 +712,60 @@ class RaftBackend:
             leader_address=self._leader_address(leader),
         )
 
-    def _route(self, forwarded: bool) -> str | None:
-        """None: serve here as leader. Else the peer id to forward to. Raises if neither."""
+    def _can_serve(self) -> bool:
+        return self.failed is None and not self._stopping and self.disk_error is None
+
+    def _route_write(self) -> None:
+        """Return if this node (the leader) takes the write; raise Redirect to the leader,
+        or the reason for refusing."""
         core = self.core
-        if self._stopping:
-            raise self._not_leader_reason()
+        if not self._can_serve():
+            raise self._refusal()
         if core.role is Role.LEADER:
             if core.transferring_to is not None or not core.has_quorum_contact():
-                raise self._not_leader_reason()
-            return None
+                raise self._refusal()
+            return
         leader = core.leader_id
-        if leader is None or forwarded or leader not in self.links:
-            raise self._not_leader_reason()
-        return leader
+        if leader is None or forwarded_by.get() or leader not in self.links:
+            raise self._refusal()
+        raise errors.Redirect(
+            lambda method, request, timeout: self._forward(leader, method, request, timeout)
+        )
 
-    async def _forward(
-        self,
-        leader: str,
-        call: Callable[[kv_pb2_grpc.KVStub, float, tuple[tuple[str, str], ...]], Any],
-        timeout: float | None,
-    ) -> Any:
+    async def _forward(self, leader: str, method: str, request: Any, timeout: float | None) -> Any:
         self.counters["forwarded"] += 1
         cap = self.opts.forward_timeout_ms / 1000
         t = cap if timeout is None else max(0.01, min(timeout, cap))
+        rpc = getattr(self.links[leader].kv, method)
         try:
-            return await call(self.links[leader].kv, t, ((FORWARDED_BY_KEY, self.id),))
+            resp = await rpc(request, timeout=t, metadata=((FORWARDED_BY_KEY, self.id),))
         except grpc.aio.AioRpcError as e:
             err = errors.classify(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()))
             err.message = f"forwarded to leader {leader}: {err.message}"
             raise err from None
+        resp.header.forwarded_by = self.id
+        return resp
 
-    def _header(self, index: int, stale: bool = False, forwarded_by: str = "") -> Header:
-        return Header(
-            node_id=self.id,
-            term=self.core.term,
-            index=index,
-            stale_possible=stale,
-            forwarded_by=forwarded_by,
-        )
+    def _header(self, index: int, stale: bool = False) -> Header:
+        return Header(node_id=self.id, term=self.core.term, index=index, stale_possible=stale)
 
-    # -- proposals ---------------------------------------------------------------------
-    async def _propose(self, cmd: pb.Command) -> tuple[pb.CommandResult, int]:
-        if len(self._pending) + len(self._queued) >= self.opts.max_pending:
+    # -- client requests ---------------------------------------------------------------
+    async def _propose(
+        self, key: str, rid: RequestId | None, **op: Any
+    ) -> tuple[pb.CommandResult, Header]:
+        self._route_write()
+        if self.pipe.in_flight + len(self._queued) >= self.opts.max_pending:
             raise errors.Overloaded(
                 f"{self.opts.max_pending} requests already in flight on leader {self.id}; "
                 "not applied (retry with backoff)"
             )
-        fut: asyncio.Future[pb.CommandResult] = asyncio.get_running_loop().create_future()
+        cmd = pb.Command(key=key, **op)
+        if rid is not None:
+            cmd.client_id, cmd.sequence = rid.client_id, rid.sequence
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((cmd.SerializeToString(), fut))
         self.wake.set()
-        result = await fut
+        result, index = await fut
         if result.status == TYPE_CONFLICT:
             raise errors.FailedPrecondition(result.message)
         if result.status == OVERFLOW:
@@ -867,59 +773,16 @@ class RaftBackend:
         if result.status == STALE:
             # An earlier copy may have been applied (its result is forgotten): unknown.
             raise errors.OutcomeUnknown(result.message)
-        return result, self.core.applied_index
-
-    @staticmethod
-    def _command(key: str, rid: RequestId | None) -> pb.Command:
-        c = pb.Command(key=key)
-        if rid is not None:
-            c.client_id, c.sequence = rid.client_id, rid.sequence
-        return c
-
-    @staticmethod
-    def _rid_pb(rid: RequestId | None) -> kv_pb2.RequestId | None:
-        return (
-            None
-            if rid is None
-            else kv_pb2.RequestId(client_id=rid.client_id, sequence=rid.sequence)
-        )
-
-    def _fwd_header(self, h: kv_pb2.ResponseHeader) -> Header:
-        return Header(
-            node_id=h.node_id,
-            term=h.term,
-            index=h.index,
-            stale_possible=h.stale_possible,
-            forwarded_by=self.id,
-        )
+        return result, self._header(index)
 
     async def put(
         self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
     ) -> Header:
-        leader = self._route(bool(forwarded_by.get()))
-        if leader is not None:
-            req = kv_pb2.PutRequest(key=key, value=value, request_id=self._rid_pb(rid))
-            resp: kv_pb2.PutResponse = await self._forward(
-                leader, lambda s, t, md: s.Put(req, timeout=t, metadata=md), timeout
-            )
-            return self._fwd_header(resp.header)
-        cmd = self._command(key, rid)
-        cmd.put = value
-        _, index = await self._propose(cmd)
-        return self._header(index)
+        return (await self._propose(key, rid, put=value))[1]
 
     async def delete(self, key: str, rid: RequestId | None, timeout: float | None) -> DeleteResult:
-        leader = self._route(bool(forwarded_by.get()))
-        if leader is not None:
-            req = kv_pb2.DeleteRequest(key=key, request_id=self._rid_pb(rid))
-            resp: kv_pb2.DeleteResponse = await self._forward(
-                leader, lambda s, t, md: s.Delete(req, timeout=t, metadata=md), timeout
-            )
-            return DeleteResult(self._fwd_header(resp.header), resp.existed)
-        cmd = self._command(key, rid)
-        cmd.delete = True
-        result, index = await self._propose(cmd)
-        return DeleteResult(self._header(index), result.flag)
+        result, header = await self._propose(key, rid, delete=True)
+        return DeleteResult(header, result.flag)
 
     async def compare_and_swap(
         self,
@@ -929,64 +792,36 @@ class RaftBackend:
         rid: RequestId | None,
         timeout: float | None,
     ) -> CasResult:
-        leader = self._route(bool(forwarded_by.get()))
-        if leader is not None:
-            req = kv_pb2.CompareAndSwapRequest(
-                key=key,
-                expected=expected or b"",
-                expected_absent=expected is None,
-                new_value=new,
-                request_id=self._rid_pb(rid),
-            )
-            resp: kv_pb2.CompareAndSwapResponse = await self._forward(
-                leader, lambda s, t, md: s.CompareAndSwap(req, timeout=t, metadata=md), timeout
-            )
-            return CasResult(
-                self._fwd_header(resp.header), resp.swapped, resp.current if resp.found else None
-            )
-        cmd = self._command(key, rid)
-        cmd.cas.CopyFrom(
-            pb.CompareAndSwap(
-                expected=expected or b"", expected_absent=expected is None, new_value=new
-            )
+        cas = pb.CompareAndSwap(
+            expected=expected or b"", expected_absent=expected is None, new_value=new
         )
-        result, index = await self._propose(cmd)
-        return CasResult(self._header(index), result.flag, result.current if result.found else None)
+        result, header = await self._propose(key, rid, cas=cas)
+        return CasResult(header, result.flag, result.current if result.found else None)
 
     async def increment(
         self, key: str, delta: int, rid: RequestId | None, timeout: float | None
     ) -> IncrementResult:
-        leader = self._route(bool(forwarded_by.get()))
-        if leader is not None:
-            req = kv_pb2.IncrementRequest(key=key, delta=delta, request_id=self._rid_pb(rid))
-            resp: kv_pb2.IncrementResponse = await self._forward(
-                leader, lambda s, t, md: s.Increment(req, timeout=t, metadata=md), timeout
-            )
-            return IncrementResult(self._fwd_header(resp.header), resp.value)
-        cmd = self._command(key, rid)
-        cmd.increment = delta
-        result, index = await self._propose(cmd)
-        return IncrementResult(self._header(index), result.counter)
+        result, header = await self._propose(key, rid, increment=delta)
+        return IncrementResult(header, result.counter)
 
     async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
         if consistency is Consistency.LOCAL:
-            return ReadResult(self._header(self.core.applied_index, stale=True), self.sm.get(key))
+            return ReadResult(self._header(self.pipe.applied, stale=True), self.sm.get(key))
         # Linearizable reads are served here, on the leader or on a follower that knows
-        # it (which asks it for a read point, ReadIndex, and serves it from its own state
-        # machine once applied): no forwarding, and reads spread over every node.
-        self._route(forwarded=False)
-        if len(self._reads) + len(self._queued_reads) >= self.opts.max_pending:
+        # it (which asks it for a read point, ReadIndex): no forwarding, and reads spread
+        # over every node. The pipeline answers once this state machine reached the point.
+        core = self.core
+        if not self._can_serve() or not core.has_quorum_contact():
+            raise self._refusal()
+        if core.role is Role.LEADER and core.transferring_to is not None:
+            raise self._refusal()
+        if len(self.pipe.reads) + len(self._queued_reads) >= self.opts.max_pending:
             raise errors.Overloaded(f"too many reads in flight on node {self.id}; retry")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
-        self._queued_reads.append((next(self._read_ids), fut))
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued_reads.append(fut)
         self.counters["reads"] += 1
         self.wake.set()
         index = await fut
-        if self.core.applied_index < index:
-            w: asyncio.Future[None] = loop.create_future()
-            self._apply_waiters.append((index, w))
-            await w
         return ReadResult(self._header(index), self.sm.get(key))
 
     # -- introspection -------------------------------------------------------------------
@@ -1001,7 +836,7 @@ class RaftBackend:
             leader_id=leader or "",
             leader_address=self._leader_address(leader) or "",
             commit_index=core.commit_index,
-            applied_index=core.applied_index,
+            applied_index=self.pipe.applied,
             first_index=core.first_index,
             keys=len(self.sm),
             state_digest=self.sm.digest(),
@@ -1016,7 +851,7 @@ class RaftBackend:
             )
         for k, v in self.counters.items():
             st.counters[k] = v
-        st.counters["pending_proposals"] = len(self._pending)
+        st.counters["pending_proposals"] = self.pipe.in_flight
         return st
 
     async def dump(self, start_after: str, limit: int) -> AsyncIterator[kv_pb2.DumpEntry]:

@@ -1,37 +1,51 @@
-"""Deterministic in-process simulator for ``RaftCore`` clusters.
+"""Deterministic simulator of Raft clusters that runs the production shell code.
 
 Theory of operation
 -------------------
-N ``RaftCore`` nodes live in one process and share one seeded ``random.Random``; time is a
-virtual tick counter. Each tick: the nemesis may change faults, messages due this tick are
-delivered (or dropped if their directed link is not in ``allowed``), every live node ticks,
-clients invoke operations, and then every live node's ``Ready`` is processed exactly as the
-real shell must: persist (into ``Durable``), send (into the network, with random drop,
-duplication and delay, hence reordering), restore/apply, serve reads, ``advance``.
+N nodes live in one process and share one seeded ``random.Random``; time is a virtual tick
+counter. Each node is what the real node is minus asyncio and gRPC: a ``RaftCore``, the
+production ``ReadyPipeline`` (raft.pipeline), ``RaftStorage`` (raft.storage) on a simulated
+disk (raft.disk.SimDisk) and the real ``KvStateMachine``. Each tick: the nemesis may change
+faults, due messages are delivered, every running node ticks, clients invoke operations,
+and every node runs its Readies through the pipeline exactly as the shell does: begin
+(Appends leave), persist (at once, or after a few ticks of disk latency while the core
+keeps stepping messages), finish.
 
-A crash discards the core and everything not persisted; a restart builds a new core from the
-node's ``Durable`` state only. Clients drive a key/value register state machine (``put`` of
-unique values, ``get``) through ``propose`` and ``read_index``; every operation is recorded as a
-``harness.history.Operation`` with logical invoke/complete times (a global event counter).
+Faults: partitions (halves, isolated leader, bridge, ring, one-way), message loss,
+duplication and delay (hence reordering), link stalls (a stalled stream delays its
+messages, or drops them all once the stall outlasts the sender's timeout, as
+caplab.peer does), event-loop stalls (the node does nothing, then fires its missed ticks
+at once), crashes at any point of a save or compaction (the disk keeps only what was
+fsynced, with torn tails), full disks (the save is retried until space returns, what was
+in flight is answered "unknown" as the shell does), failing fsyncs (fatal: the node stops
+and restarts from its disk), and lost disks (a node restarts blank and must catch up
+before it votes).
 
-Invariants are checked as the run goes and raise ``InvariantViolation`` with a message:
-election safety, log matching, leader completeness, state machine safety, monotonic commit
-(in memory and durable). At the end the client history is checked for linearizability with
-``harness.checker.linearizable.check_register``.
+Invariants are checked as the run goes and raise ``InvariantViolation``: election safety,
+log matching, leader completeness, state machine safety, monotonic commit, and durability
+(a restarted node has every entry it had made durable up to its durable commit index, and
+never a lower term or another vote in the same term). Client operations are recorded
+with logical invoke/complete times; reads record the value the pipeline actually served.
+The history (``Simulator.history()``) is checked for linearizability by the tests: this
+module imports nothing from the harness.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import random
 from dataclasses import dataclass, field, replace
 
-from harness.checker.linearizable import check_register
-from harness.history import Operation
+from caplab.raft.v1 import raft_pb2 as pb
 from raft.core import RaftConfig, RaftCore, Ready, Role
-from raft.messages import Append, Entry, EntryKind, HardState, Message, Snapshot
+from raft.disk import SimCrash, SimDisk
+from raft.messages import Entry, HardState, Message
+from raft.pipeline import ReadyPipeline, Save
+from raft.statemachine import KvStateMachine
+from raft.storage import FatalStorageError, RaftStorage, RetryableStorageError
+
+DATA_DIR = "/data"
 
 
 class InvariantViolation(AssertionError):
@@ -53,27 +67,21 @@ class SimConfig:
     op_rate: float = 0.5  #: per-tick probability a free client invokes an operation.
     clients: int = 4
     keys: int = 3
-    compact_every: int = 25  #: compact when this many entries applied past the snapshot.
-    #: per-Ready probability (fault phase) of crashing after the early Appends left but
-    #: before the Ready was persisted (the shell sends Appends in parallel with its fsync).
-    crash_mid_ready: float = 0.005
-    #: a Ready's fsync takes up to this many ticks (0: synchronous); meanwhile the node keeps
-    #: receiving messages, and a crash loses the Ready.
+    compact_every: int = 25  #: snapshot_entries: compact when this many entries applied.
+    #: per-save probability (fault phase) of crashing at a random write of the save
+    crash_mid_save: float = 0.005
+    #: a save takes up to this many ticks (0: at once); meanwhile the node keeps
+    #: receiving messages, and a crash loses it.
     disk_ticks: int = 0
+    sender_timeout: int = 3  #: a link stalled longer than this drops what it held.
+    wipes: bool = True  #: the nemesis may wipe a node's disk (needs pre-vote + check-quorum)
     raft: RaftConfig = field(default_factory=lambda: RaftConfig(election_ticks=10))
 
 
 @dataclass(slots=True)
-class Durable:
-    """What a node has fsynced: it survives crashes, nothing else does."""
+class SimOp:
+    """One client operation, as recorded (logical times; ``complete`` inf while open)."""
 
-    hs: HardState = field(default_factory=lambda: HardState(0, None, 0))
-    snapshot: Snapshot | None = None
-    entries: list[Entry] = field(default_factory=list)  #: dense, after the snapshot.
-
-
-@dataclass(slots=True)
-class _Op:
     process: int
     node: str
     f: str  # "write" | "read"
@@ -81,27 +89,60 @@ class _Op:
     value: str | None
     invoke: int
     result: str | None = None
-    type: str = "pending"
+    type: str = "pending"  # -> "ok" | "fail" | "info"
     complete: float = math.inf
 
 
 @dataclass(slots=True)
+class DurableModel:
+    """What a node acknowledged as durable (completed saves): checked at restart."""
+
+    hs: HardState = field(default_factory=lambda: HardState(0, None, 0))
+    terms: dict[int, int] = field(default_factory=dict)  #: index -> term, dense suffix
+    snap_index: int = 0
+
+
+class _Sink:
+    """The pipeline's answers for one simulated node: complete client operations."""
+
+    def __init__(self, sim: Simulator, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def proposal_done(self, token: SimOp, result: pb.CommandResult, index: int) -> None:
+        self.sim._complete(token, "ok", None)
+
+    def proposal_failed(self, token: SimOp, definite: bool, reason: str) -> None:
+        self.sim._complete(token, "fail" if definite else "info", None)
+
+    def read_ready(self, token: SimOp, index: int) -> None:
+        value = self.node.sm.get(token.key)
+        assert value is None or isinstance(value, bytes)
+        self.sim._complete(token, "ok", None if value is None else value.decode())
+
+    def read_failed(self, token: SimOp, reason: str) -> None:
+        self.sim._complete(token, "fail", None)
+
+
+@dataclass(slots=True)
 class SimNode:
-    """A simulated node: durable state plus (when up) a core and its state machine."""
+    """A simulated node: its disk, and while it runs, its core and pipeline."""
 
     id: str
-    durable: Durable = field(default_factory=Durable)
+    disk: SimDisk
     core: RaftCore | None = None
-    kv: dict[str, str] = field(default_factory=dict)
-    applied: int = 0
-    pending_puts: dict[int, _Op] = field(default_factory=dict)  #: log index -> op
-    pending_reads: dict[int, _Op] = field(default_factory=dict)  #: request id -> op
-    ready_reads: list[tuple[int, _Op]] = field(default_factory=list)  #: (index, op)
+    storage: RaftStorage | None = None
+    pipe: ReadyPipeline[SimOp] | None = None
+    sm: KvStateMachine = field(default_factory=KvStateMachine)
+    model: DurableModel = field(default_factory=DurableModel)
     commit_seen: int = 0
-    recorded_commit: int = 0
-    #: a Ready whose fsync is still running (asynchronous disk), and when it completes.
-    writing: Ready | None = None
+    #: a Ready whose save is under way, and when the disk completes it
+    writing: tuple[Ready, Save | None] | None = None
     write_done_at: int = 0
+    retrying: bool = False  #: the disk refused the save in ``writing``: retry each tick
+    stalled_until: int = 0  #: event-loop stall: does nothing until then
+    down_until: int = 0  #: a wiped node stays down until then
+    wiped: bool = False  #: restarted blank and not yet caught up
 
 
 class Simulator:
@@ -112,10 +153,11 @@ class Simulator:
         self.cfg = cfg or SimConfig()
         self.rng = random.Random(seed)
         self.ids = [f"n{i + 1}" for i in range(self.cfg.n_nodes)]
-        self.nodes = {i: SimNode(i) for i in self.ids}
+        self.nodes = {i: SimNode(i, SimDisk(random.Random(self.rng.getrandbits(64)))) for i in self.ids}
         self.link_list = [(a, b) for a in self.ids for b in self.ids if a != b]
         self.all_links = frozenset(self.link_list)
         self.allowed: frozenset[tuple[str, str]] = self.all_links
+        self.stalled_links: dict[tuple[str, str], int] = {}  # link -> stalled until
         self.drop = self.cfg.drop
         self.dup = self.cfg.dup
         self.now = 0
@@ -123,58 +165,98 @@ class Simulator:
         self.clock = 0  # logical event counter for operation times
         self.net: list[tuple[int, int, Message]] = []
         self.seq = 0
-        self.ops: list[_Op] = []
-        self.busy: dict[int, _Op] = {}
+        self.ops: list[SimOp] = []
+        self.busy: dict[int, SimOp] = {}
         self.next_value = 0
-        self.next_rid = 0
+        self.next_seq: dict[int, int] = {}
         self.leaders: dict[int, str] = {}  # term -> leader (election safety)
         self.completeness_checked: set[int] = set()
         self.entry_at: dict[tuple[int, int], Entry] = {}  # (index, term) -> entry
         self.applied_at: dict[int, Entry] = {}  # index -> entry applied (SM safety)
         self.committed_term: dict[int, int] = {}  # index -> term of committed entry
         self.max_committed = 0
+        self.counts: dict[str, int] = {}
         self.log: list[str] = []
         for i in self.ids:
             self._start(i)
 
     # ------------------------------------------------------------------ lifecycle
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
     def _start(self, nid: str) -> None:
         n = self.nodes[nid]
-        d = n.durable
+        storage = RaftStorage(DATA_DIR, disk=n.disk)
+        hs, snap, entries = storage.load()
+        self._check_restart(n, hs, snap.meta.index if snap else 0, entries)
+        n.sm = KvStateMachine()
+        if snap is not None:
+            n.sm.restore(snap.data)
         n.core = RaftCore(
             nid,
             self.ids,
             self.cfg.raft,
             random.Random(self.rng.getrandbits(64)),
-            hard_state=d.hs,
-            snapshot=d.snapshot,
-            entries=list(d.entries),
+            hard_state=hs,
+            snapshot=snap,
+            entries=entries,
+            recovering=storage.recovering,
         )
-        n.kv = dict(json.loads(d.snapshot.data)) if d.snapshot else {}
-        n.applied = d.snapshot.meta.index if d.snapshot else 0
+        n.storage = storage
+        n.pipe = ReadyPipeline(
+            n.core,
+            storage,
+            n.sm,
+            self._send,
+            _Sink(self, n),
+            durable_hs=hs,
+            snapshot_entries=self.cfg.compact_every,
+        )
         n.commit_seen = n.core.commit_index
-        if n.core.commit_index < n.recorded_commit:
-            raise self._fail(f"{nid} restarted with commit {n.core.commit_index} < durable")
+        n.writing, n.retrying, n.stalled_until = None, False, 0
 
-    def crash(self, nid: str) -> None:
-        """Crash ``nid``: unpersisted state is lost; its clients' operations become info."""
+    def _check_restart(
+        self, n: SimNode, hs: HardState, snap_index: int, entries: list[Entry]
+    ) -> None:
+        """Durability: what completed saves made durable survived the crash."""
+        m = n.model
+        if hs.term < m.hs.term or hs.commit < m.hs.commit:
+            raise self._fail(f"{n.id} restarted with hard state {hs} older than durable {m.hs}")
+        if hs.term == m.hs.term and m.hs.vote is not None and hs.vote != m.hs.vote:
+            raise self._fail(f"{n.id} restarted with vote {hs.vote}, durable {m.hs.vote}")
+        loaded = {e.index: e.term for e in entries}
+        for i in range(max(snap_index, m.snap_index) + 1, m.hs.commit + 1):
+            if m.terms.get(i) is not None and loaded.get(i) != m.terms[i]:
+                raise self._fail(
+                    f"{n.id} restarted without durable committed entry {i} (term "
+                    f"{m.terms[i]}; loaded {loaded.get(i)}, snapshot {snap_index})"
+                )
+
+    def crash(self, nid: str, *, wipe: bool = False) -> None:
+        """Crash ``nid``: its disk keeps only what was fsynced (torn tails possible); its
+        clients' operations become info. ``wipe``: the disk is lost altogether."""
         n = self.nodes[nid]
         if n.core is None:
             return
-        n.core = None
+        n.core = n.pipe = n.storage = None
         n.writing = None
-        for op in [*n.pending_puts.values(), *n.pending_reads.values()]:
+        for op in [o for o in self.busy.values() if o.node == nid]:
             self._complete(op, "info", None)
-        for _, op in n.ready_reads:
-            self._complete(op, "info", None)
-        n.pending_puts.clear()
-        n.pending_reads.clear()
-        n.ready_reads.clear()
-        self.log.append(f"t={self.now} crash {nid}")
+        if wipe:
+            n.disk = SimDisk(random.Random(self.rng.getrandbits(64)))
+            n.model = DurableModel()
+            n.down_until = self.now + 2 * self.cfg.raft.election_ticks
+            n.wiped = True
+            self._count("wipes")
+        else:
+            n.disk = n.disk.crash()
+        self.log.append(f"t={self.now} crash {nid}{' (disk wiped)' if wipe else ''}")
+        self._count("crashes")
 
     def restart(self, nid: str) -> None:
-        """Restart a crashed node from its durable state."""
-        if self.nodes[nid].core is None:
+        """Restart a crashed node from its disk."""
+        n = self.nodes[nid]
+        if n.core is None and self.now >= n.down_until:
             self._start(nid)
             self.log.append(f"t={self.now} restart {nid}")
 
@@ -186,125 +268,141 @@ class Simulator:
     def _send(self, m: Message) -> None:
         if self.drop and self.rng.random() < self.drop:
             return
+        link = (m.frm, m.to)
+        stalled = self.stalled_links.get(link, 0)
+        if stalled > self.now + self.cfg.sender_timeout:
+            return  # the stalled stream is abandoned by its watchdog: lost
         copies = 2 if self.dup and self.rng.random() < self.dup else 1
         for _ in range(copies):
             self.seq += 1
-            at = self.now + self.rng.randint(1, self.cfg.max_delay)
+            at = max(self.now + self.rng.randint(1, self.cfg.max_delay), stalled)
             heapq.heappush(self.net, (at, self.seq, m))
 
     def _deliver(self) -> None:
         net = self.net
+        later = []
         while net and net[0][0] <= self.now:
-            _, _, m = heapq.heappop(net)
+            item = heapq.heappop(net)
+            m = item[2]
             if (m.frm, m.to) not in self.allowed:
                 continue
-            core = self.nodes[m.to].core
-            if core is not None:
-                core.step(m)
+            n = self.nodes[m.to]
+            if n.core is None:
+                continue
+            if n.stalled_until > self.now:
+                later.append((n.stalled_until, item[1], m))
+                continue
+            n.core.step(m)
+        for it in later:
+            heapq.heappush(net, it)
 
     # ------------------------------------------------------------------ ready processing
     def _process(self, n: SimNode) -> None:
-        core = n.core
-        assert core is not None
+        """Run the node's Readies through the production pipeline, as the driver does."""
+        core, pipe = n.core, n.pipe
+        assert core is not None and pipe is not None
         if n.writing is not None:
             if self.now < n.write_done_at:
                 return  # still fsyncing; the core keeps stepping messages meanwhile
-            done, n.writing = n.writing, None
-            self._finish(n, done)
-        while (rd := core.ready()) is not None:
-            # As the real shell: Appends leave before the fsync, everything else after.
-            for m in rd.messages:
-                if isinstance(m, Append):
-                    self._send(m)
-            if self._faults and self.rng.random() < self.cfg.crash_mid_ready:
-                self.crash(n.id)
+            rd, save = n.writing
+            if not self._persist(n, save):
                 return
-            if self.cfg.disk_ticks and self.rng.random() < 0.5:
-                n.writing = rd
+            n.writing = None
+            pipe.finish(rd, save)
+        while n.core is not None and (rd := core.ready()) is not None:
+            save = pipe.begin(rd)
+            if save is not None and self.cfg.disk_ticks and self.rng.random() < 0.5:
+                n.writing = (rd, save)
                 n.write_done_at = self.now + self.rng.randint(1, self.cfg.disk_ticks)
                 return
-            self._finish(n, rd)
-        self._after_ready(n)
+            if not self._persist(n, save):
+                if n.core is not None:
+                    n.writing = (rd, save)
+                return
+            pipe.finish(rd, save)
+        if n.core is not None:
+            self._compact(n)
+            self._after_ready(n)
 
-    def _finish(self, n: SimNode, rd: Ready) -> None:
-        """The rest of a Ready once its fsync completed: persist, send, apply, advance."""
-        core = n.core
-        assert core is not None
-        self._persist(n, rd)
-        for m in rd.messages:
-            if not isinstance(m, Append):
-                self._send(m)
-        if rd.snapshot is not None:
-            meta = rd.snapshot.meta
-            n.kv = dict(json.loads(rd.snapshot.data))
-            n.applied = meta.index
-            for idx in [i for i in n.pending_puts if i <= meta.index]:
-                self._complete(n.pending_puts.pop(idx), "info", None)
-        for e in rd.committed_entries:
-            self._apply(n, e)
-        for rs in rd.read_states:
-            op = n.pending_reads.pop(rs.request_id, None)
-            if op is not None:
-                n.ready_reads.append((rs.index, op))
-        for rid in rd.dropped_reads:
-            op = n.pending_reads.pop(rid, None)
-            if op is not None:
-                self._complete(op, "fail", None)
-        core.advance(rd)
-        if n.ready_reads:
-            keep = []
-            for idx, op in n.ready_reads:
-                if idx <= n.applied:
-                    self._complete(op, "ok", n.kv.get(op.key))
-                else:
-                    keep.append((idx, op))
-            n.ready_reads = keep
+    def _persist(self, n: SimNode, save: Save | None) -> bool:
+        """The save, with the faults of a real disk; False if it did not complete (the
+        node crashed, or the disk is full: retried next tick)."""
+        if save is None:
+            return True
+        pipe = n.pipe
+        assert pipe is not None
+        if self._faults and self.rng.random() < self.cfg.crash_mid_save:
+            n.disk.crash_after(self.rng.randrange(4))
+        try:
+            pipe.persist(save)
+        except SimCrash:
+            self.crash(n.id)
+            return False
+        except RetryableStorageError:
+            if not n.retrying:
+                n.retrying = True
+                self._count("disk_full")
+                pipe.fail_all("disk full")
+            n.write_done_at = self.now + 1
+            return False
+        except FatalStorageError:
+            self._count("fatal_disk")
+            self.crash(n.id)
+            return False
+        n.disk.crash_after(None)
+        n.retrying = False
+        self._record_durable(n, save)
+        return True
 
-    def _after_ready(self, n: SimNode) -> None:
-        core = n.core
-        assert core is not None
-        if n.pending_puts and core.role is not Role.LEADER:
-            # As the real shell: writes in flight when leadership is lost get "unknown"
-            # (a later leader may still commit them), so their clients move on.
-            for op in n.pending_puts.values():
-                self._complete(op, "info", None)
-            n.pending_puts.clear()
-        # Compaction, as an application would do it.
-        if n.applied - core.first_index + 1 >= self.cfg.compact_every:
-            data = json.dumps(sorted(n.kv.items())).encode()
-            core.compact(n.applied, data)
-            snap = core.snapshot
-            assert snap is not None
-            d = n.durable
-            d.snapshot = snap
-            d.entries = [e for e in d.entries if e.index > snap.meta.index]
-        self._check_node(n)
+    def _compact(self, n: SimNode) -> None:
+        pipe, storage = n.pipe, n.storage
+        assert pipe is not None and storage is not None
+        snap = pipe.compaction_due()
+        if snap is None:
+            return
+        if self._faults and self.rng.random() < self.cfg.crash_mid_save * 4:
+            n.disk.crash_after(self.rng.randrange(6))
+        try:
+            storage.compact(snap)
+        except SimCrash:
+            self.crash(n.id)
+            return
+        except RetryableStorageError:
+            return
+        except FatalStorageError:
+            self.crash(n.id)
+            return
+        n.disk.crash_after(None)
+        pipe.compacted(snap)
+        m = n.model
+        m.snap_index = max(m.snap_index, snap.meta.index)
+        self._count("compactions")
 
-    def _persist(self, n: SimNode, rd: Ready) -> None:
-        d = n.durable
-        if rd.snapshot is not None:
-            d.snapshot = rd.snapshot
-            d.entries = []
-        if rd.entries:
-            first = rd.entries[0].index
-            base = d.snapshot.meta.index if d.snapshot else 0
-            if first - base - 1 > len(d.entries) or first <= base:
-                raise self._fail(f"{n.id}: Ready entries start at {first}, durable base {base}")
-            del d.entries[first - base - 1 :]
-            d.entries.extend(rd.entries)
-            for e in rd.entries:
+    def _record_durable(self, n: SimNode, save: Save) -> None:
+        """Track what completed saves made durable (checked at restart), and check the
+        persisted state: terms and commit never go back, one vote per term, log matching."""
+        m = n.model
+        if save.snapshot is not None:
+            meta = save.snapshot.meta
+            m.terms = {}
+            m.snap_index = meta.index
+        if save.entries:
+            first = save.entries[0].index
+            for i in [i for i in m.terms if i >= first]:
+                del m.terms[i]
+            for e in save.entries:
+                m.terms[e.index] = e.term
                 prev = self.entry_at.setdefault((e.index, e.term), e)
                 if prev != e:
                     raise self._fail(f"log matching: {n.id} has {e} but another log has {prev}")
-        if rd.hard_state is not None:
-            hs = rd.hard_state
-            old = d.hs
+        hs = save.hard_state
+        if hs is not None:
+            old = m.hs
             if hs.term < old.term or hs.commit < old.commit:
                 raise self._fail(f"{n.id}: durable hard state went backwards {old} -> {hs}")
             if hs.term == old.term and old.vote is not None and hs.vote != old.vote:
                 raise self._fail(f"{n.id}: changed its vote in term {hs.term}: {old} -> {hs}")
-            d.hs = hs
-            n.recorded_commit = hs.commit
+            m.hs = hs
             core = n.core
             assert core is not None
             for i in range(max(self.max_committed, core.first_index - 1) + 1, hs.commit + 1):
@@ -314,29 +412,25 @@ class Simulator:
                 self.committed_term[i] = t
                 self.max_committed = i
 
-    def _apply(self, n: SimNode, e: Entry) -> None:
-        if e.index != n.applied + 1:
-            raise self._fail(f"{n.id}: applied {e.index} after {n.applied}")
-        prev = self.applied_at.setdefault(e.index, e)
-        if prev != e:
-            raise self._fail(f"state machine safety: {n.id} applied {e} but another {prev}")
-        n.applied = e.index
-        op = n.pending_puts.pop(e.index, None)
-        if e.kind is EntryKind.COMMAND:
-            op_id, key, value = e.data.decode().split(":", 2)
-            n.kv[key] = value
-            if op is not None:
-                mine = op_id == str(id_of(op))
-                self._complete(op, "ok" if mine else "fail", None)
-        elif op is not None:
-            self._complete(op, "fail", None)
-
-    def _check_node(self, n: SimNode) -> None:
+    def _after_ready(self, n: SimNode) -> None:
         core = n.core
         assert core is not None
+        if n.wiped and not core.recovering:
+            n.wiped = False
+            self.log.append(f"t={self.now} {n.id} caught up after its disk was wiped")
+            self._count("recovered")
+        self._check_node(n)
+
+    def _check_node(self, n: SimNode) -> None:
+        core, pipe = n.core, n.pipe
+        assert core is not None and pipe is not None
         if core.commit_index < n.commit_seen:
             raise self._fail(f"{n.id}: commit went back {n.commit_seen} -> {core.commit_index}")
         n.commit_seen = core.commit_index
+        if core.applied_index != pipe.applied and n.writing is None:
+            raise self._fail(
+                f"{n.id}: core applied {core.applied_index}, state machine {pipe.applied}"
+            )
         if core.role is Role.LEADER:
             other = self.leaders.setdefault(core.term, n.id)
             if other != n.id:
@@ -352,6 +446,12 @@ class Simulator:
                             f"(committed term {self.committed_term.get(i)})"
                         )
 
+    def check_applied(self, n: SimNode, e: Entry) -> None:
+        """State machine safety: every node applies the same entry at an index."""
+        prev = self.applied_at.setdefault(e.index, e)
+        if prev != e:
+            raise self._fail(f"state machine safety: {n.id} applied {e} but another {prev}")
+
     def check_log_matching(self) -> None:
         """Pairwise: if two logs agree on (index, term) they agree on every earlier entry."""
         cores = [(i, n.core) for i, n in self.nodes.items() if n.core is not None]
@@ -365,9 +465,11 @@ class Simulator:
                     i -= 1
                 if i >= lo and ca.log_slice(lo, i + 1) != cb.log_slice(lo, i + 1):
                     raise self._fail(f"log matching: {ia} and {ib} agree at {i} but differ below")
+                for e in ca.log_slice(lo, min(ca.commit_index, cb.commit_index) + 1):
+                    self.check_applied(self.nodes[ia], e)
 
     # ------------------------------------------------------------------ clients
-    def _complete(self, op: _Op, typ: str, result: str | None) -> None:
+    def _complete(self, op: SimOp, typ: str, result: str | None) -> None:
         if op.type != "pending":
             return
         self.clock += 1
@@ -387,8 +489,8 @@ class Simulator:
                 best = (c.term, i)
         return best[1] if best else None
 
-    def _invoke(self, process: int, write: bool | None = None) -> _Op | None:
-        live = [i for i, n in self.nodes.items() if n.core is not None]
+    def _invoke(self, process: int, write: bool | None = None) -> SimOp | None:
+        live = [i for i, n in self.nodes.items() if n.core is not None and not n.retrying]
         if not live:
             return None
         # Mostly the newest leader, but also any node that believes it leads (possibly a
@@ -401,36 +503,32 @@ class Simulator:
         r = self.rng.random()
         if not write and r < 0.5:
             nid = self.rng.choice(live)
-        elif ldr is not None and r < 0.6:
+        elif ldr is not None and ldr in live and r < 0.6:
             nid = ldr
         elif lds and r < 0.9:
             nid = self.rng.choice(lds)
         else:
             nid = self.rng.choice(live)
         n = self.nodes[nid]
-        core = n.core
-        assert core is not None
+        pipe = n.pipe
+        assert pipe is not None
         key = f"k{self.rng.randrange(self.cfg.keys)}"
         self.clock += 1
         if write:
             self.next_value += 1
-            op = _Op(process, nid, "write", key, f"v{self.next_value}", self.clock)
+            op = SimOp(process, nid, "write", key, f"v{self.next_value}", self.clock)
         else:
-            op = _Op(process, nid, "read", key, None, self.clock)
+            op = SimOp(process, nid, "read", key, None, self.clock)
         self.ops.append(op)
         self.busy[process] = op
         if write:
-            idx = core.propose(f"{id_of(op)}:{key}:{op.value}".encode())
-            if idx is None:
+            seq = self.next_seq[process] = self.next_seq.get(process, 0) + 1
+            cmd = pb.Command(key=key, put=(op.value or "").encode())
+            cmd.client_id, cmd.sequence = f"p{process}", seq
+            if not pipe.propose([cmd.SerializeToString()], [op]):
                 self._complete(op, "fail", None)
-            else:
-                n.pending_puts[idx] = op
-        else:
-            self.next_rid += 1
-            if core.read_index(self.next_rid):
-                n.pending_reads[self.next_rid] = op
-            else:
-                self._complete(op, "fail", None)
+        elif not pipe.read(op):
+            self._complete(op, "fail", None)
         return op
 
     # ------------------------------------------------------------------ nemesis
@@ -467,21 +565,58 @@ class Simulator:
         )
         self.log.append(f"t={self.now} partition {shape} {[sorted(g) for g in groups]}")
 
+    def _may_wipe(self) -> bool:
+        rc = self.cfg.raft
+        # Safe only while a majority keeps its disk, and with the leader lease (check-
+        # quorum) ending stale leaders before a wiped node is back (see README).
+        return (
+            self.cfg.wipes
+            and rc.pre_vote
+            and rc.check_quorum
+            and self.cfg.n_nodes >= 3
+            and all(n.core is not None and not n.core.recovering for n in self.nodes.values())
+        )
+
     def _nemesis(self) -> None:
         r = self.rng.random()
-        if r < 0.35:
+        up = [i for i, n in self.nodes.items() if n.core is not None]
+        down = [i for i, n in self.nodes.items() if n.core is None]
+        if r < 0.3:
             self._partition()
-        elif r < 0.55:
+        elif r < 0.45:
             self.allowed = self.all_links
             self.log.append(f"t={self.now} heal")
-        elif r < 0.75:
-            up = [i for i, n in self.nodes.items() if n.core is not None]
+        elif r < 0.6:
             if up:
                 self.crash(self.rng.choice(up))
-        elif r < 0.9:
-            down = [i for i, n in self.nodes.items() if n.core is None]
+        elif r < 0.63:
+            if up and self._may_wipe():
+                self.crash(self.rng.choice(up), wipe=True)
+        elif r < 0.75:
             if down:
                 self.restart(self.rng.choice(down))
+        elif r < 0.8:
+            if up:
+                nid = self.rng.choice(up)
+                self.nodes[nid].stalled_until = self.now + self.rng.randint(1, 8)
+                self.log.append(f"t={self.now} loop stall {nid}")
+                self._count("loop_stalls")
+        elif r < 0.85:
+            link = self.rng.choice(self.link_list)
+            self.stalled_links[link] = self.now + self.rng.randint(1, 8)
+            self.log.append(f"t={self.now} stream stall {link}")
+            self._count("stream_stalls")
+        elif r < 0.9:
+            if up:
+                nid = self.rng.choice(up)
+                disk = self.nodes[nid].disk
+                disk.full = not disk.full
+                self.log.append(f"t={self.now} disk {'full' if disk.full else 'freed'} {nid}")
+        elif r < 0.92:
+            if up:
+                nid = self.rng.choice(up)
+                self.nodes[nid].disk.fail_next("fsync", 5)
+                self.log.append(f"t={self.now} fsync EIO armed {nid}")
         else:
             self.drop = self.rng.choice([0.0, self.cfg.drop, 0.3])
             self.log.append(f"t={self.now} drop={self.drop}")
@@ -495,8 +630,14 @@ class Simulator:
             self._nemesis()
         self._deliver()
         for n in self.nodes.values():
-            if n.core is not None:
-                n.core.tick()
+            if n.core is None:
+                continue
+            if n.stalled_until > self.now:
+                continue
+            if n.stalled_until == self.now:  # the loop wakes up: missed ticks fire at once
+                for _ in range(self.rng.randint(1, 8)):
+                    n.core.tick()
+            n.core.tick()
         if clients:
             for p in range(self.cfg.clients):
                 if p not in self.busy and self.rng.random() < self.cfg.op_rate:
@@ -504,14 +645,20 @@ class Simulator:
         order = list(self.nodes.values())
         self.rng.shuffle(order)
         for n in order:
-            if n.core is not None:
+            if n.core is not None and n.stalled_until <= self.now:
                 self._process(n)
 
     def heal(self) -> None:
-        """Stop all faults: full connectivity, no loss or duplication, every node up."""
+        """Stop all faults: full connectivity, no loss, no stalls, disks fine, every node up."""
         self.allowed = self.all_links
         self.drop = 0.0
         self.dup = 0.0
+        self.stalled_links.clear()
+        for n in self.nodes.values():
+            n.disk.full = False
+            n.disk.fail_next(None, 0)
+            n.stalled_until = 0
+            n.down_until = 0
         for i in self.ids:
             self.restart(i)
         self.log.append(f"t={self.now} heal-all")
@@ -539,45 +686,32 @@ class Simulator:
         for _ in range(cfg.drain_ticks):
             self.step_tick(faults=False, clients=False)
         self.check_log_matching()
-        self.check_linearizable()
+        self.check_replicas_agree()
 
-    def history(self) -> list[Operation]:
-        """The client operations as harness Operations (pending ones are info)."""
-        out = []
-        for op in self.ops:
-            typ = op.type if op.type != "pending" else "info"
-            out.append(
-                Operation(
-                    process=op.process,
-                    node=op.node,
-                    f=op.f,
-                    key=op.key,
-                    value=op.value,
-                    result=op.result,
-                    type=typ,  # type: ignore[arg-type]
-                    invoke_time=op.invoke,
-                    complete_time=op.complete if typ == "ok" else math.inf,
+    def check_replicas_agree(self) -> None:
+        """Replicas that applied the same index hold the same state machine state."""
+        seen: dict[int, tuple[str, bytes]] = {}
+        for n in self.nodes.values():
+            if n.pipe is None:
+                continue
+            digest = n.sm.digest()
+            other = seen.setdefault(n.pipe.applied, (n.id, digest))
+            if other[1] != digest:
+                raise self._fail(
+                    f"state machine safety: {n.id} and {other[0]} applied up to "
+                    f"{n.pipe.applied} but hold different states"
                 )
-            )
-        return out
 
-    def check_linearizable(self) -> None:
-        """Raise unless the recorded client history is linearizable."""
-        res = check_register(self.history(), timeout_s=20.0)
-        if res.valid is not True:
-            cex = res.counterexample
-            raise self._fail(
-                f"history not linearizable ({res.valid}): {cex.reason if cex else res}"
-            )
+    def history(self) -> list[SimOp]:
+        """The client operations (pending ones become info)."""
+        return [
+            replace(op, type="info", complete=math.inf) if op.type == "pending" else op
+            for op in self.ops
+        ]
 
 
-def id_of(op: _Op) -> int:
-    """Stable id of an operation (its invoke time is unique)."""
-    return op.invoke
-
-
-def run_seed(seed: int, *, soak: bool = False) -> Simulator:
-    """Run one randomized scenario derived from ``seed``; raises on any violation."""
+def sim_config(seed: int, *, soak: bool = False) -> SimConfig:
+    """The randomized configuration of one seed's run."""
     r = random.Random(seed ^ 0x5EED)
     n = r.choice([3, 3, 5])
     rc = RaftConfig(
@@ -604,13 +738,18 @@ def run_seed(seed: int, *, soak: bool = False) -> Simulator:
     # can livelock by design. Safety is checked whatever the timing.
     round_trip = 2 * cfg.max_delay + cfg.disk_ticks + cfg.raft.heartbeat_ticks
     election = max(rc.election_ticks, 2 * round_trip)
-    cfg = replace(
+    return replace(
         cfg,
         raft=replace(rc, election_ticks=election),
         # progress after heal may take a few (randomized, possibly split) elections
         heal_limit=max(cfg.heal_limit, 10 * election),
         drain_ticks=max(cfg.drain_ticks, 4 * election),
     )
-    sim = Simulator(seed, cfg)
+
+
+def run_seed(seed: int, *, soak: bool = False) -> Simulator:
+    """Run one randomized scenario derived from ``seed``; raises on any violation."""
+    sim = Simulator(seed, sim_config(seed, soak=soak))
     sim.run()
     return sim
+

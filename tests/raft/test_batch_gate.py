@@ -1,15 +1,15 @@
-"""raft.node._BatchGate: a lone request goes at once; concurrent requests are gathered for
+"""raft.batching.BatchGate: a lone request goes at once; concurrent requests are gathered for
 at most the interval (or until the batch is full), and the driver is woken when it ends."""
 
 from __future__ import annotations
 
 import asyncio
 
-from raft.node import _BatchGate
+from raft.batching import BatchGate
 
 
 async def test_lone_requests_never_wait() -> None:
-    gate = _BatchGate(50_000, 64, asyncio.Event())
+    gate = BatchGate(50_000, 64, asyncio.Event())
     for _ in range(5):
         assert gate.open(1)  # the previous batch had one request: no gathering
     assert not gate.waiting
@@ -18,7 +18,7 @@ async def test_lone_requests_never_wait() -> None:
 async def test_concurrent_requests_gather_until_the_interval_then_wake_the_driver() -> None:
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
-    gate = _BatchGate(30_000, 64, wake)  # 30 ms
+    gate = BatchGate(30_000, 64, wake)  # 30 ms
     assert gate.open(5)  # nothing before: goes at once
     went_at = loop.time()
     assert not gate.open(3)  # the last batch had several: gather
@@ -30,7 +30,7 @@ async def test_concurrent_requests_gather_until_the_interval_then_wake_the_drive
 
 
 async def test_a_full_batch_goes_at_once() -> None:
-    gate = _BatchGate(10_000_000, 8, asyncio.Event())
+    gate = BatchGate(10_000_000, 8, asyncio.Event())
     assert gate.open(8)
     assert not gate.open(7)
     assert gate.open(8)

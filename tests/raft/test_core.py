@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from raft.core import RaftConfig, RaftCore, ReadState, Role
 from raft.messages import (
@@ -24,7 +25,16 @@ from raft.messages import (
     Vote,
     VoteResp,
 )
-from raft.sim import Durable
+
+
+@dataclass(slots=True)
+class Durable:
+    """What a node has fsynced."""
+
+    hs: HardState = field(default_factory=lambda: HardState(0, None, 0))
+    snapshot: Snapshot | None = None
+    entries: list[Entry] = field(default_factory=list)
+
 
 CFG = RaftConfig(election_ticks=10, heartbeat_ticks=1)
 
@@ -527,3 +537,95 @@ def test_stale_leader_learns_new_term_from_append_response() -> None:
     net.process("n2")
     resp = [m for m in net.queue if isinstance(m, AppendResp) and m.to == "n1"]
     assert resp and resp[-1].term == c.term
+
+
+def wipe(net: Net, nid: str) -> RaftCore:
+    """Replace ``nid`` by a node that lost its disk (restarts blank, recovering)."""
+    net.durable[nid] = Durable()
+    net.queue = [m for m in net.queue if m.to != nid and m.frm != nid]
+    core = RaftCore(
+        nid,
+        net.ids,
+        net.cfg,
+        random.Random(99),
+        hard_state=HardState(0, None, 0),
+        snapshot=None,
+        entries=[],
+        recovering=True,
+    )
+    net.cores[nid] = core
+    return core
+
+
+def test_leader_catches_up_a_follower_that_lost_its_disk() -> None:
+    """Issue 12.5: the leader kept its old match index for a wiped follower and ignored
+    its rejections at or below it, so the follower never caught up."""
+    net = Net(3)
+    net.elect("n1")
+    n1 = net.cores["n1"]
+    for i in range(5):
+        n1.propose(b"v%d" % i)
+        net.flush()
+    assert n1.progress()["n3"] == 6
+    n3 = wipe(net, "n3")
+    net.tick(3)
+    assert n1.progress()["n3"] == 6 == n3.last_index
+    assert [e.data for e in net.durable["n3"].entries][1:] == [b"v%d" % i for i in range(5)]
+    assert not n3.recovering  # it holds the leader's committed entries of its term
+
+
+def test_a_recovering_node_votes_only_for_an_empty_log() -> None:
+    """Issue 12.5: a wiped node forgot what it acknowledged; its vote must not elect a
+    candidate that lacks a committed write."""
+    net = Net(3)
+    net.elect("n1")
+    net.isolate("n2")  # n2 lags: it misses the write
+    n1 = net.cores["n1"]
+    n1.propose(b"acked")
+    net.flush()
+    assert n1.commit_index == 2  # committed on n1 and n3
+    n3 = wipe(net, "n3")
+    net.isolate("n1")  # the only other copy is now out of reach
+    net.blocked -= {("n2", "n3"), ("n3", "n2")}
+    n2 = net.cores["n2"]
+    for _ in range(6 * net.cfg.election_ticks):
+        n2.tick()
+        net.flush()
+    assert n2.role is not Role.LEADER and n3.role is not Role.LEADER
+    assert n3.recovering
+    # An empty-log candidate (a new cluster's first election) still gets its vote.
+    fresh = RaftCore(
+        "n1",
+        net.ids,
+        CFG,
+        random.Random(1),
+        hard_state=HardState(0, None, 0),
+        snapshot=None,
+        entries=[],
+        recovering=True,
+    )
+    fresh.step(Vote("n2", "n1", 1, 0, 0, False))
+    rd = fresh.ready()
+    assert rd is not None and any(isinstance(m, VoteResp) and not m.reject for m in rd.messages)
+
+
+def test_snapshot_install_moves_applied_only_at_advance() -> None:
+    """Issue 12.3: the core reported the snapshot index as applied as soon as the snapshot
+    was stepped, before the shell restored its state machine from it."""
+    c = RaftCore(
+        "n2",
+        ["n1", "n2", "n3"],
+        CFG,
+        random.Random(1),
+        hard_state=HardState(1, None, 0),
+        snapshot=None,
+        entries=[],
+    )
+    snap = Snapshot(SnapshotMeta(10, 1), b"state@10")
+    c.step(InstallSnapshot("n1", "n2", 1, snap))
+    assert c.applied_index == 0
+    rd = c.ready()
+    assert rd is not None and rd.snapshot == snap
+    assert c.applied_index == 0
+    c.advance(rd)
+    assert c.applied_index == 10 == c.commit_index
