@@ -53,13 +53,13 @@ def to_pb(m: Message) -> pb.RaftMessage:
     elif isinstance(m, PreVote):
         out.pre_vote.CopyFrom(pb.PreVote(last_index=m.last_index, last_term=m.last_term))
     elif isinstance(m, PreVoteResp):
-        out.pre_vote_response.CopyFrom(pb.PreVoteResponse(reject=m.reject))
+        out.pre_vote_response.CopyFrom(pb.PreVoteResponse(reject=m.reject, blank=m.blank))
     elif isinstance(m, Vote):
         out.vote.CopyFrom(
             pb.Vote(last_index=m.last_index, last_term=m.last_term, transfer=m.transfer)
         )
     elif isinstance(m, VoteResp):
-        out.vote_response.CopyFrom(pb.VoteResponse(reject=m.reject))
+        out.vote_response.CopyFrom(pb.VoteResponse(reject=m.reject, blank=m.blank))
     elif isinstance(m, TimeoutNow):
         out.timeout_now.CopyFrom(pb.TimeoutNow())
     elif isinstance(m, ReadIndex):
@@ -92,11 +92,13 @@ def from_pb(m: pb.RaftMessage) -> Message:
     if body == "pre_vote":
         return PreVote(frm, to, term, m.pre_vote.last_index, m.pre_vote.last_term)
     if body == "pre_vote_response":
-        return PreVoteResp(frm, to, term, m.pre_vote_response.reject)
+        r3 = m.pre_vote_response
+        return PreVoteResp(frm, to, term, r3.reject, r3.blank)
     if body == "vote":
         return Vote(frm, to, term, m.vote.last_index, m.vote.last_term, m.vote.transfer)
     if body == "vote_response":
-        return VoteResp(frm, to, term, m.vote_response.reject)
+        r4 = m.vote_response
+        return VoteResp(frm, to, term, r4.reject, r4.blank)
     if body == "timeout_now":
         return TimeoutNow(frm, to, term)
     if body == "read_index":

@@ -227,6 +227,7 @@ class RaftCore:
 
         # Candidate state.
         self._votes: dict[str, bool] = {}
+        self._blank_votes: set[str] = set()  #: rejected only for being blank (recovering)
 
         # Leader state.
         self._prs: dict[str, Progress] = {}
@@ -346,7 +347,8 @@ class RaftCore:
             self._election_elapsed += 1
             if self._election_elapsed >= self._randomized_timeout:
                 self._election_elapsed = 0
-                self._campaign(pre=self.cfg.pre_vote, transfer=False)
+                # (a recovering node always asks first: it must not bump terms in vain)
+                self._campaign(pre=self.cfg.pre_vote or self._recovering, transfer=False)
 
     def propose(self, data: bytes) -> int | None:
         """Append a COMMAND entry if leader (and not transferring); returns its index."""
@@ -516,7 +518,7 @@ class RaftCore:
                 )
                 if in_lease and not transfer:
                     return  # leader lease: ignore disruptive (pre-)candidates
-            if isinstance(m, PreVote) or (isinstance(m, PreVoteResp) and not m.reject):
+            if isinstance(m, PreVote) or (isinstance(m, PreVoteResp) and (not m.reject or m.blank)):
                 pass  # pre-vote traffic never changes terms
             elif isinstance(m, Append | InstallSnapshot):
                 self._become_follower(m.term, m.frm)
@@ -558,7 +560,7 @@ class RaftCore:
             elif (isinstance(m, PreVoteResp) and role is Role.PRE_CANDIDATE) or (
                 isinstance(m, VoteResp) and role is Role.CANDIDATE
             ):
-                self._poll(m.frm, not m.reject)
+                self._poll(m.frm, not m.reject, m.blank)
 
     def _handle_vote_request(self, m: PreVote | Vote) -> None:
         pre = isinstance(m, PreVote)
@@ -571,8 +573,17 @@ class RaftCore:
         up_to_date = m.last_term > last_term or (
             m.last_term == last_term and m.last_index >= self.last_index
         )
-        if self._recovering and m.last_index > 0:
-            can_vote = False  # it may have voted otherwise before it lost its state
+        if self._recovering and m.last_index > 0 and can_vote and up_to_date:
+            # It may have voted otherwise before it lost its state: no grant. But say so,
+            # recording the vote (it counts as a grant only if a majority is blank: a new
+            # cluster, see ``_poll``).
+            if not pre:
+                self._election_elapsed = 0
+                self._vote = m.frm
+                self._send(VoteResp(self.id, m.frm, self._term, True, True))
+            else:
+                self._send(PreVoteResp(self.id, m.frm, m.term, True, True))  # (echoes, as a grant)
+            return
         if can_vote and up_to_date:
             if pre:
                 self._send(PreVoteResp(self.id, m.frm, m.term, False))
@@ -636,6 +647,7 @@ class RaftCore:
             self._vote = self.id
             term = self._term
         self._votes = {self.id: True}
+        self._blank_votes = set()
         if vote_result(self._votes, self.voters) is VoteResult.WON:
             self._on_won(pre)
             return
@@ -647,9 +659,19 @@ class RaftCore:
             else:
                 self._send(Vote(self.id, p, term, li, lt, transfer))
 
-    def _poll(self, frm: str, granted: bool) -> None:
+    def _poll(self, frm: str, granted: bool, blank: bool = False) -> None:
         self._votes.setdefault(frm, granted)
-        res = vote_result(self._votes, self.voters)
+        votes = self._votes
+        if blank:
+            self._blank_votes.add(frm)
+        if self._blank_votes:
+            if self._recovering and len(self._blank_votes) + 1 >= majority(len(self.voters)):
+                # A majority started without durable state, itself included: a new
+                # cluster (a majority that lost its disks is beyond what Raft recovers).
+                votes = {**votes, **dict.fromkeys(self._blank_votes, True)}
+            else:  # not a refusal yet: more blank answers may make a majority
+                votes = {k: v for k, v in votes.items() if k not in self._blank_votes}
+        res = vote_result(votes, self.voters)
         if res is VoteResult.WON:
             self._on_won(self._role is Role.PRE_CANDIDATE)
         elif res is VoteResult.LOST:
@@ -788,6 +810,10 @@ class RaftCore:
             return False
         first_in_term = self.log_term(self._commit) != self._term
         self._commit = ci
+        if self._recovering:
+            # Elected with an empty log (a new cluster): it now holds everything committed.
+            self._recovering = False
+            self._recovered = True
         if first_in_term and self._reads_wait_commit:
             ids, self._reads_wait_commit = self._reads_wait_commit, []
             for rid in ids:

@@ -80,6 +80,10 @@ class PreVoteResp:
     to: str
     term: int
     reject: bool  #: False: the sender would vote for the pre-candidate.
+    #: rejected only because the sender is recovering (started without durable state);
+    #: a recovering candidate that gets these from a majority (itself included) is in a
+    #: new cluster and counts them as grants (see RaftCore ``recovering``).
+    blank: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,9 @@ class VoteResp:
     to: str
     term: int
     reject: bool  #: False: vote granted for ``term``.
+    #: as in PreVoteResp; the sender recorded its vote for the candidate all the same (so
+    #: that it is counted at most once per term), durably before this message.
+    blank: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -477,7 +477,12 @@ class RaftBackend:
         """Step peer messages, then answer at once if the fast path can (see answer_now)."""
         for m in msgs:
             self.core.step(m)
-        rest = self.answer_now()
+        try:
+            rest = self.answer_now()
+        except Exception as e:
+            log.exception("fast_path_failed")
+            self.fail(f"the fast path failed: {e!r}")
+            rest = None
         self.wake.set()  # (after the answer's sender was woken: it goes first)
         return rest
 

@@ -153,7 +153,9 @@ class Simulator:
         self.cfg = cfg or SimConfig()
         self.rng = random.Random(seed)
         self.ids = [f"n{i + 1}" for i in range(self.cfg.n_nodes)]
-        self.nodes = {i: SimNode(i, SimDisk(random.Random(self.rng.getrandbits(64)))) for i in self.ids}
+        self.nodes = {
+            i: SimNode(i, SimDisk(random.Random(self.rng.getrandbits(64)))) for i in self.ids
+        }
         self.link_list = [(a, b) for a in self.ids for b in self.ids if a != b]
         self.all_links = frozenset(self.link_list)
         self.allowed: frozenset[tuple[str, str]] = self.all_links
@@ -304,11 +306,11 @@ class Simulator:
         if n.writing is not None:
             if self.now < n.write_done_at:
                 return  # still fsyncing; the core keeps stepping messages meanwhile
-            rd, save = n.writing
-            if not self._persist(n, save):
+            rd0, save0 = n.writing
+            if not self._persist(n, save0):
                 return
             n.writing = None
-            pipe.finish(rd, save)
+            pipe.finish(rd0, save0)
         while n.core is not None and (rd := core.ready()) is not None:
             save = pipe.begin(rd)
             if save is not None and self.cfg.disk_ticks and self.rng.random() < 0.5:
@@ -322,6 +324,7 @@ class Simulator:
             pipe.finish(rd, save)
         if n.core is not None:
             self._compact(n)
+        if n.core is not None:
             self._after_ready(n)
 
     def _persist(self, n: SimNode, save: Save | None) -> bool:
@@ -349,7 +352,7 @@ class Simulator:
             self._count("fatal_disk")
             self.crash(n.id)
             return False
-        n.disk.crash_after(None)
+        _disarm(n.disk)
         n.retrying = False
         self._record_durable(n, save)
         return True
@@ -372,7 +375,7 @@ class Simulator:
         except FatalStorageError:
             self.crash(n.id)
             return
-        n.disk.crash_after(None)
+        _disarm(n.disk)
         pipe.compacted(snap)
         m = n.model
         m.snap_index = max(m.snap_index, snap.meta.index)
@@ -656,7 +659,7 @@ class Simulator:
         self.stalled_links.clear()
         for n in self.nodes.values():
             n.disk.full = False
-            n.disk.fail_next(None, 0)
+            _disarm(n.disk, faults=True)
             n.stalled_until = 0
             n.down_until = 0
         for i in self.ids:
@@ -710,6 +713,12 @@ class Simulator:
         ]
 
 
+def _disarm(disk: SimDisk, *, faults: bool = False) -> None:
+    """Cancel an armed crash point that did not strike (and with ``faults``, queued
+    I/O errors)."""
+    disk.disarm(faults=faults)
+
+
 def sim_config(seed: int, *, soak: bool = False) -> SimConfig:
     """The randomized configuration of one seed's run."""
     r = random.Random(seed ^ 0x5EED)
@@ -742,7 +751,7 @@ def sim_config(seed: int, *, soak: bool = False) -> SimConfig:
         cfg,
         raft=replace(rc, election_ticks=election),
         # progress after heal may take a few (randomized, possibly split) elections
-        heal_limit=max(cfg.heal_limit, 10 * election),
+        heal_limit=max(cfg.heal_limit, 20 * election),
         drain_ticks=max(cfg.drain_ticks, 4 * election),
     )
 
@@ -752,4 +761,3 @@ def run_seed(seed: int, *, soak: bool = False) -> Simulator:
     sim = Simulator(seed, sim_config(seed, soak=soak))
     sim.run()
     return sim
-

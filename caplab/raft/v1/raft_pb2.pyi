@@ -90,15 +90,19 @@ class PreVoteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REJECT_FIELD_NUMBER: _builtins.int
+    BLANK_FIELD_NUMBER: _builtins.int
     reject: _builtins.bool
+    blank: _builtins.bool
+    """rejected only because the voter started without durable state"""
     def __init__(
         self,
         *,
         reject: _builtins.bool = ...,
+        blank: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reject", b"reject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blank", b"blank", "reject", b"reject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -138,15 +142,19 @@ class VoteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REJECT_FIELD_NUMBER: _builtins.int
+    BLANK_FIELD_NUMBER: _builtins.int
     reject: _builtins.bool
+    blank: _builtins.bool
+    """as in PreVoteResponse; the voter recorded its vote for the sender"""
     def __init__(
         self,
         *,
         reject: _builtins.bool = ...,
+        blank: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reject", b"reject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blank", b"blank", "reject", b"reject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
