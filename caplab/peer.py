@@ -17,7 +17,11 @@ is full the oldest message is dropped.
 The timeout is kept by one watchdog timer per sender, checking every `timeout / 4` (so a
 stalled write ends after 1 to 1.25 timeouts). A timer per write (`asyncio.timeout`) cost
 about 0.1 ms per Raft write at concurrency 1 (alternating measurements in one cluster):
-two stream writes lie on that path, the Append and its answer.
+two stream writes lie on that path, the Append and its answer. The watchdog cancels both
+the stream and the writer task's await, so a write always ends within that bound however
+grpc behaves: grpc.aio's `write` waits, without end, for the call's headers to go out, which
+never happens if the call is cancelled before grpc's own task for it sent them (issue 12:
+a stall of the loop right after a stream opened left a sender stuck for good).
 
 On the receiving side, :class:`InboundStreams` runs the handler for each incoming stream
 and ends them all at once when the node stops (`close`), so that a graceful server stop
@@ -29,7 +33,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
@@ -37,6 +41,7 @@ from caplab.validation import MAX_MESSAGE_BYTES
 
 M = TypeVar("M")
 B = TypeVar("B")
+B_contra = TypeVar("B_contra", contravariant=True)
 
 # Channels between nodes: large messages (batches, snapshots, anti-entropy items), quick
 # reconnects after a heal or restart, keepalive pings to notice a cut link within ~2 s.
@@ -61,6 +66,16 @@ def peer_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
 
 
+class PeerStream(Protocol[B_contra]):
+    """What a sender uses of a client stream (`grpc.aio.StreamUnaryCall` has all of it)."""
+
+    async def write(self, request: B_contra) -> None: ...
+
+    def cancel(self) -> bool: ...
+
+    def done(self) -> bool: ...
+
+
 class StreamSender(Generic[M, B]):
     """Queue of one-way messages to one peer, written in batches to one client stream.
 
@@ -73,7 +88,7 @@ class StreamSender(Generic[M, B]):
 
     def __init__(
         self,
-        open_stream: Callable[[], grpc.aio.StreamUnaryCall[B, Any]],
+        open_stream: Callable[[], PeerStream[B]],
         make_batch: Callable[[list[M]], B],
         *,
         timeout: float,
@@ -91,11 +106,13 @@ class StreamSender(Generic[M, B]):
         self.counters = counters
         self.queue: deque[M] = deque()
         self._wake = asyncio.Event()
-        self._call: grpc.aio.StreamUnaryCall[B, Any] | None = None
+        self._call: PeerStream[B] | None = None
         self._task: asyncio.Task[None] | None = None
         # loop time at which the write under way on `_call` began; None between writes
         self._writing_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        # the watchdog has cancelled `_task` to end the write under way (not yet taken back)
+        self._abandoning = False
 
     def push(self, message: M) -> None:
         if len(self.queue) >= self.max_queue:
@@ -109,12 +126,20 @@ class StreamSender(Generic[M, B]):
         self._watch()
 
     def _watch(self) -> None:
-        """End the stream of a write under way for `timeout` or more (its `write` then
-        raises CancelledError in `_write`), and check again in `timeout / 4`."""
+        """Abandon a write under way for `timeout` or more, and check again in `timeout / 4`.
+
+        Cancelling the call alone does not always end its `write` (see the module
+        docstring), so the writer task is cancelled too: its `write` raises CancelledError
+        in `_write`, which tells this cancellation from `close()`'s by `_abandoning`.
+        """
         loop = asyncio.get_running_loop()
         since = self._writing_since
-        if since is not None and self._call is not None and loop.time() - since >= self.timeout:
-            self._call.cancel()
+        if since is not None and not self._abandoning and loop.time() - since >= self.timeout:
+            if self._call is not None:
+                self._call.cancel()
+            if self._task is not None and not self._task.done():
+                self._abandoning = True
+                self._task.cancel()
         self._watchdog = loop.call_later(self.timeout / 4, self._watch)
 
     def _count(self, name: str, n: int) -> None:
@@ -149,10 +174,9 @@ class StreamSender(Generic[M, B]):
         self._writing_since = asyncio.get_running_loop().time()
         try:
             await call.write(request)
-        except (*_STREAM_ERRORS, asyncio.CancelledError) as e:
-            task = asyncio.current_task()
-            if isinstance(e, asyncio.CancelledError) and task is not None and task.cancelling():
-                raise  # the sender is closing (else the watchdog ended a stalled write)
+        except (*_STREAM_ERRORS, asyncio.CancelledError):
+            if self._still_cancelled():
+                raise  # the sender is closing (else the write failed or was abandoned)
             # Whatever this stream still had in flight is lost with it; so is this batch.
             self._count("messages_dropped", len(batch))
             call.cancel()
@@ -160,8 +184,22 @@ class StreamSender(Generic[M, B]):
             return
         finally:
             self._writing_since = None
+        if self._abandoning:  # (grpc swallowed the watchdog's cancellation)
+            self._still_cancelled()
         self._count("messages_sent", len(batch))
         self._count("wire_bytes_sent", request.ByteSize())  # type: ignore[attr-defined]
+
+    def _still_cancelled(self) -> bool:
+        """Take back the watchdog's cancellation of the writer task, if any (its write is
+        over). True if the task is still being cancelled: by `close()` (or whoever else
+        cancels the sender), not by the watchdog."""
+        task = self._task
+        if task is None:
+            return False
+        if self._abandoning:
+            self._abandoning = False
+            task.uncancel()
+        return task.cancelling() > 0
 
     async def close(self) -> None:
         if self._watchdog is not None:

@@ -1,14 +1,18 @@
 """caplab.peer over real gRPC: one ordered stream per peer, loss instead of blocking,
-reconnection after the peer restarts, and a graceful stop that does not wait for streams."""
+reconnection after the peer restarts or after a write that could not end by itself (a
+stall of the loop right after a stream opened, a call cancelled under a write), and a
+graceful stop that does not wait for streams."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
+import pytest
 
 from caplab.peer import InboundStreams, StreamSender, peer_channel
 from caplab.raft.v1 import raft_pb2 as pb
@@ -41,13 +45,24 @@ async def _serve(port: int = 0) -> tuple[grpc.aio.Server, _Receiver, int]:
 
 
 def _sender(
-    port: int, max_queue: int
+    port: int,
+    max_queue: int,
+    opened: list[grpc.aio.StreamUnaryCall[pb.Batch, pb.BatchAck]] | None = None,
 ) -> tuple[grpc.aio.Channel, StreamSender[pb.RaftMessage, pb.Batch], dict[str, int]]:
-    """A started sender to 127.0.0.1:port, with its channel and counters."""
+    """A started sender to 127.0.0.1:port, with its channel and counters (and every stream
+    it opens appended to `opened`, if given)."""
     channel = peer_channel(f"127.0.0.1:{port}")
     counters: dict[str, int] = {}
+    stream = pb_grpc.RaftPeerStub(channel).Stream
+
+    def open_stream() -> grpc.aio.StreamUnaryCall[pb.Batch, pb.BatchAck]:
+        call = stream()
+        if opened is not None:
+            opened.append(call)
+        return call
+
     sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
-        pb_grpc.RaftPeerStub(channel).Stream,
+        open_stream,
         lambda ms: pb.Batch(messages=ms),
         timeout=0.5,
         max_queue=max_queue,
@@ -190,3 +205,95 @@ async def test_queue_is_bounded_and_drops_the_oldest() -> None:
         sender.push(_msg(i))
     assert [m.term for m in sender.queue] == [2, 3, 4]
     assert counters["messages_dropped"] == 2
+
+
+# The loops a node may run on (caplab.loop): asyncio's own, and uvloop where installed.
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _run_on(loop_name: str, scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    else:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())
+
+
+async def _delivered_after_trouble(
+    sender: StreamSender[pb.RaftMessage, pb.Batch], rx: _Receiver, term: int
+) -> None:
+    """Wait until a message `term` gets through (pushed again while the queue is empty: one
+    written on a stream that then dies is lost)."""
+
+    def delivered() -> bool:
+        if term in rx.got:
+            return True
+        if not sender.queue:
+            sender.push(_msg(term))
+        return False
+
+    await eventually(delivered, 5.0, 0.01)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_loop_stall_right_after_a_stream_opens_does_not_wedge_the_sender(
+    loop_name: str,
+) -> None:
+    # Issue 12: the watchdog cancelled the call of a write stalled since its stream opened,
+    # before grpc's own task for the call had sent its headers; `call.write()` then waited
+    # forever for them, and the peer got nothing more until the node restarted.
+    async def scenario() -> None:
+        server, rx, port = await _serve()
+        channel, sender, counters = _sender(port, max_queue=100)
+        try:
+            sender.push(_msg(1))
+            await asyncio.sleep(0)  # the sender opens a stream and starts writing on it...
+            assert counters.get("peer_streams_opened") == 1 and sender.queue == deque()
+            # ...and the loop stalls (CPU starvation, a blocking fsync): on purpose
+            time.sleep(3 * sender.timeout)  # noqa: ASYNC251
+            await _delivered_after_trouble(sender, rx, 2)
+            assert counters["peer_streams_opened"] >= 2
+            assert counters["messages_dropped"] >= 1  # the batch stalled with its stream
+            assert rx.got[-1] == 2
+        finally:
+            await sender.close()
+            await channel.close()
+            rx.inbound.close()
+            await server.stop(0)
+
+    _run_on(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("when", ["right_after_open", "on_a_working_stream"])
+def test_a_write_whose_call_is_cancelled_under_it_ends_and_the_sender_reconnects(
+    loop_name: str, when: str
+) -> None:
+    # Something else ends the call while a write is under way on it (grpc's own cleanup, a
+    # channel closing). Right after the stream opened, this is the same trap as above,
+    # without any stall: the write must still end, and the next batch go on a new stream.
+    async def scenario() -> None:
+        server, rx, port = await _serve()
+        opened: list[grpc.aio.StreamUnaryCall[pb.Batch, pb.BatchAck]] = []
+        channel, sender, counters = _sender(port, max_queue=100, opened=opened)
+        try:
+            if when == "on_a_working_stream":
+                sender.push(_msg(1))
+                await eventually(lambda: rx.got == [1], 10.0, 0.01)
+            sender.push(_msg(2))
+            await asyncio.sleep(0)  # the sender starts writing...
+            assert sender.queue == deque()
+            assert len(opened) == 1
+            opened[0].cancel()  # ...and its call is cancelled under the write
+            await _delivered_after_trouble(sender, rx, 3)
+            assert counters["peer_streams_opened"] >= 2 and len(opened) >= 2
+            assert rx.got[-1] == 3
+        finally:
+            await sender.close()
+            await channel.close()
+            rx.inbound.close()
+            await server.stop(0)
+
+    _run_on(loop_name, scenario)
