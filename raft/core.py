@@ -60,6 +60,18 @@ which the leader treats as one read of its own (same two conditions) and answers
 ``ReadIndexResp(index)``; the follower then releases the batch's read states with that
 index (serve once applied). A batch is dropped (``dropped_reads``) when the follower's
 term or leader changes, or when no answer came within an election timeout.
+
+Recovering nodes: a node that started without durable state (``recovering``: a new
+cluster, or a wiped or replaced disk) may have forgotten votes it cast and entries it
+acknowledged. It grants (pre-)votes only to candidates whose log is empty; to an
+up-to-date candidate with a log it answers ``blank`` (recording a real vote all the same),
+which a recovering candidate counts as a grant only when blank voters and itself form a
+majority: a new cluster, whose first leader is elected that way. A recovering node always
+pre-votes. It leaves the state once it holds an entry of a leader's current term that the
+leader reports committed (by leader completeness it then holds every entry committed
+before that term), or, as a leader, once it commits an entry of its own term; that Ready
+carries ``recovered``. A leader whose follower rejects at the follower's ``match`` with a
+log ending before it forgets that match (the follower lost its disk) and catches it up.
 """
 
 from __future__ import annotations
@@ -173,12 +185,8 @@ class RaftCore:
         persisted snapshot (if any) and the persisted log entries after it (dense).
 
         ``recovering``: this node started without durable state (a new cluster, or a disk
-        that was wiped or replaced) and has not yet caught up with a leader since. Until it
-        has, it may have forgotten votes it cast and entries it acknowledged, so it grants
-        (pre-)votes only to candidates whose log is empty too (a new cluster's first
-        election) and never to one with history; it leaves this state once it holds an
-        entry of a leader's current term that the leader says is committed (then, by
-        leader completeness, it holds every entry committed before that term)."""
+        that was wiped or replaced) and has not yet caught up since; see "Recovering
+        nodes" in the module docstring."""
         self.id = node_id
         self.voters: tuple[str, ...] = tuple(dict.fromkeys(voters))
         if node_id not in self.voters:
@@ -811,9 +819,7 @@ class RaftCore:
         first_in_term = self.log_term(self._commit) != self._term
         self._commit = ci
         if self._recovering:
-            # Elected with an empty log (a new cluster): it now holds everything committed.
-            self._recovering = False
-            self._recovered = True
+            self._caught_up()  # elected by blank voters (a new cluster), now committing
         if first_in_term and self._reads_wait_commit:
             ids, self._reads_wait_commit = self._reads_wait_commit, []
             for rid in ids:
@@ -960,8 +966,7 @@ class RaftCore:
             if c > self._commit:
                 self._commit = c
             if self._recovering and c >= 1 and self.log_term(c) == m.term:
-                self._recovering = False
-                self._recovered = True
+                self._caught_up()
             self._send(AppendResp(self.id, m.frm, self._term, False, last_new, 0, 0, m.ctx))
             return
         hint = self._find_conflict_by_term(m.prev_index, m.prev_term)
@@ -1008,5 +1013,10 @@ class RaftCore:
         self._send(AppendResp(self.id, m.frm, self._term, False, meta.index, 0, 0, 0))
 
     # ------------------------------------------------------------------ misc
+    def _caught_up(self) -> None:
+        """Leave ``recovering``; the next Ready says so (the shell drops its marker)."""
+        self._recovering = False
+        self._recovered = True
+
     def _send(self, m: Message) -> None:
         self._msgs.append(m)

@@ -289,6 +289,7 @@ class RaftBackend:
         self._stopping = False
         self._view: tuple[Role, int, str | None] | None = None
         self._no_leader_since: float | None = None
+        self._compaction_failed_at = 0  # applied index of the last failed compaction
         #: why the disk refuses writes (full), while it does; cleared once a save succeeds
         self.disk_error: str | None = None
         #: why the node stopped working (fatal); the server exits non-zero on it
@@ -395,9 +396,7 @@ class RaftBackend:
         self.failed = reason
         log.critical("node_failed", reason=reason)
         self._stopping = True
-        if self._pipe is not None:
-            self.pipe.fail_all(f"node {self.id} failed ({reason})")
-        self._refuse_queued(errors.Unavailable(f"node {self.id} failed ({reason}); not applied"))
+        self._give_up(f"node {self.id} failed ({reason})")
         self.failed_event.set()
 
     def health(self) -> tuple[bool, str]:
@@ -444,9 +443,7 @@ class RaftBackend:
                 await t
         for link in self.links.values():
             await link.close()
-        if self._pipe is not None:
-            self.pipe.fail_all(f"node {self.id} shut down")
-        self._refuse_queued(errors.Unavailable("node is shutting down; not applied"))
+        self._give_up(f"node {self.id} is shutting down")
         lazy = self._pipe.lazy_hs if self._pipe is not None else None
         if self.storage is not None and lazy is not None and self.failed is None:
             with contextlib.suppress(Exception):
@@ -456,12 +453,17 @@ class RaftBackend:
             with contextlib.suppress(Exception):
                 self.storage.close()
 
-    def _refuse_queued(self, err: errors.StoreError) -> None:
+    def _give_up(self, reason: str) -> None:
+        """Answer everything in flight (outcome unknown) and refuse what is still queued
+        (not applied): the node stops, or its disk refuses writes."""
+        if self._pipe is not None:
+            self.pipe.fail_all(reason)
+        refusal = errors.Unavailable(f"{reason}; not applied")
         queued, self._queued = self._queued, []
         reads, self._queued_reads = self._queued_reads, []
         for f in [*(f for _, f in queued), *reads]:
             if not f.done():
-                f.set_exception(err)
+                f.set_exception(refusal)
 
     # -- entry points: ticks, peer messages ------------------------------------------
     async def _ticker(self) -> None:
@@ -557,8 +559,7 @@ class RaftBackend:
                 if self.disk_error is None:
                     self.disk_error = str(e)
                     log.error("disk_write_failed", reason=str(e), retry="until it succeeds")
-                    self.pipe.fail_all(f"node {self.id} cannot write to its disk ({e})")
-                    self._refuse_queued(self._refusal())
+                    self._give_up(f"node {self.id} cannot write to its disk ({e})")
                 inline = False
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
@@ -589,6 +590,8 @@ class RaftBackend:
                     rf.set_exception(self._refusal())
 
     async def _maybe_compact(self) -> None:
+        if self.pipe.applied <= self._compaction_failed_at:
+            return  # (not again before the log grew: the snapshot costs the whole state)
         snap = self.pipe.compaction_due()
         if snap is None:
             return
@@ -596,6 +599,7 @@ class RaftBackend:
         try:
             await self._disk_call(self.storage.compact, snap)
         except RetryableStorageError as e:
+            self._compaction_failed_at = snap.meta.index
             log.warning("compaction_failed", reason=str(e), retry="when the log grows again")
             return
         self.pipe.compacted(snap)

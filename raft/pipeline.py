@@ -44,8 +44,6 @@ from raft.storage import RaftStorage
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
 
-NOT_LEADER = "not-leader"
-
 
 class Sink(Protocol[T_contra]):
     """Where the pipeline's answers go. ``definite``: certainly not applied."""

@@ -69,6 +69,5 @@ class Progress:
         Forget ``match`` (it no longer counts towards commitment) and probe again from
         ``next_index``."""
         self.match = 0
-        self.state = PState.REPLICATE  # (so that become_probe ignores pending_snapshot)
         self.become_probe()
         self.next = max(1, next_index)

@@ -200,7 +200,9 @@ def test_a_read_at_a_snapshot_being_installed_waits_for_the_restore(tmp_path: Pa
         snapshot_entries=1000,
     )
     core.step(Append("n1", "n2", 1, 0, 0, (), 0, 0))  # the follower knows its leader
-    pipe.finish(rd := core.ready(), pipe.begin(rd))  # type: ignore[arg-type]
+    rd = core.ready()
+    assert rd is not None
+    pipe.finish(rd, pipe.begin(rd))
     assert pipe.read("r1")
     rd = core.ready()
     assert rd is not None
