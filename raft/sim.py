@@ -571,13 +571,16 @@ class Simulator:
     def _may_wipe(self) -> bool:
         rc = self.cfg.raft
         # Safe only while a majority keeps its disk, and with the leader lease (check-
-        # quorum) ending stale leaders before a wiped node is back (see README).
+        # quorum) ending stale leaders before a wiped node is back (see README). Every
+        # other node must hold its state durably: its marker gone from disk, not merely
+        # caught up in memory (a node whose disk has been full since it started holds
+        # nothing, however far its core got).
         return (
             self.cfg.wipes
             and rc.pre_vote
             and rc.check_quorum
             and self.cfg.n_nodes >= 3
-            and all(n.core is not None and not n.core.recovering for n in self.nodes.values())
+            and all(n.storage is not None and not n.storage.recovering for n in self.nodes.values())
         )
 
     def _nemesis(self) -> None:

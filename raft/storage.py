@@ -571,6 +571,7 @@ class RaftStorage:
                 raise self._retryable(e, f"removing {RECOVERING}") from e
             self._sync_dir()
             self._recovering = False
+            log.info("recovered", dir=str(self.dir), marker_removed=RECOVERING)
 
     def close(self) -> None:
         with self._lock:
