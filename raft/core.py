@@ -65,13 +65,14 @@ Recovering nodes: a node that started without durable state (``recovering``: a n
 cluster, or a wiped or replaced disk) may have forgotten votes it cast and entries it
 acknowledged. It grants (pre-)votes only to candidates whose log is empty; to an
 up-to-date candidate with a log it answers ``blank`` (recording a real vote all the same),
-which a recovering candidate counts as a grant only when blank voters and itself form a
-majority: a new cluster, whose first leader is elected that way. A recovering node always
-pre-votes. It leaves the state once it holds an entry of a leader's current term that the
-leader reports committed (by leader completeness it then holds every entry committed
-before that term), or, as a leader, once it commits an entry of its own term; that Ready
-carries ``recovered``. A leader whose follower rejects at the follower's ``match`` with a
-log ending before it forgets that match (the follower lost its disk) and catches it up.
+which a candidate counts as a grant only when the blank nodes (itself included, if it is
+one) form a majority: a new cluster, whose first leader is elected that way. A recovering
+node always pre-votes. It leaves the state once it holds an entry of a leader's current
+term that the leader reports committed (by leader completeness it then holds every entry
+committed before that term), or, as a leader, once it commits an entry of its own term;
+that Ready carries ``recovered``. A leader whose follower rejects at the follower's
+``match`` with a log ending before it forgets that match (the follower lost its disk) and
+catches it up.
 """
 
 from __future__ import annotations
@@ -254,7 +255,10 @@ class RaftCore:
         # current leader: ctx -> (request ids, ticks waited). Cleared on any term/leader change.
         self._fread_queue: list[int] = []
         self._fread_batches: dict[int, tuple[list[int], int]] = {}
-        self._fread_seq = 0
+        #: batch ids (ReadIndex.ctx) start at random: a restarted follower must not take
+        #: the leader's late answer to its previous incarnation's batch (same term, same
+        #: small ctx) for an answer to its own, with a read point from before its writes.
+        self._fread_seq = rng.randrange(1 << 62)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -673,9 +677,12 @@ class RaftCore:
         if blank:
             self._blank_votes.add(frm)
         if self._blank_votes:
-            if self._recovering and len(self._blank_votes) + 1 >= majority(len(self.voters)):
-                # A majority started without durable state, itself included: a new
-                # cluster (a majority that lost its disks is beyond what Raft recovers).
+            blanks = len(self._blank_votes) + (1 if self._recovering else 0)
+            if blanks >= majority(len(self.voters)):
+                # A majority started without durable state (itself included, if it did):
+                # a new cluster, or one whose majority never held its state (beyond what
+                # Raft recovers). Blank nodes answered only because this candidate is as
+                # up to date as they are.
                 votes = {**votes, **dict.fromkeys(self._blank_votes, True)}
             else:  # not a refusal yet: more blank answers may make a majority
                 votes = {k: v for k, v in votes.items() if k not in self._blank_votes}

@@ -81,8 +81,8 @@ class PreVoteResp:
     term: int
     reject: bool  #: False: the sender would vote for the pre-candidate.
     #: rejected only because the sender is recovering (started without durable state);
-    #: a recovering candidate that gets these from a majority (itself included) is in a
-    #: new cluster and counts them as grants (see RaftCore ``recovering``).
+    #: a candidate that gets these from a majority (itself included, if it is blank too)
+    #: is in a new cluster and counts them as grants (see RaftCore ``recovering``).
     blank: bool = False
 
 

@@ -116,7 +116,6 @@ class ReadyPipeline(Generic[T]):
         self.proposals: dict[int, tuple[int, T]] = {}
         self.reads: dict[int, T] = {}  # read id -> token, until the core releases it
         self.waiting: list[tuple[int, T]] = []  # released: (read point, token)
-        self._was_leader = core.role is Role.LEADER
         self._next_read = 1
 
     # -- requests ------------------------------------------------------------------
@@ -248,8 +247,9 @@ class ReadyPipeline(Generic[T]):
         self.waiting = still
 
     def _check_leadership(self) -> None:
-        is_leader = self.core.role is Role.LEADER
-        if self._was_leader and not is_leader and self.proposals:
+        # (whether or not a Ready ever saw this node lead: it may have become leader,
+        # taken proposals and lost leadership again between two Readies)
+        if self.proposals and self.core.role is not Role.LEADER:
             pending, self.proposals = self.proposals, {}
             for _, token in pending.values():
                 self.sink.proposal_failed(
@@ -258,7 +258,6 @@ class ReadyPipeline(Generic[T]):
                     "this node lost leadership while the write was in flight; a new leader "
                     "may still commit it (outcome unknown)",
                 )
-        self._was_leader = is_leader
 
     # -- compaction ----------------------------------------------------------------
     def compaction_due(self) -> Snapshot | None:

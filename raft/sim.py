@@ -190,7 +190,11 @@ class Simulator:
         n = self.nodes[nid]
         storage = RaftStorage(DATA_DIR, disk=n.disk)
         hs, snap, entries = storage.load()
-        self._check_restart(n, hs, snap.meta.index if snap else 0, entries)
+        snap_index = snap.meta.index if snap else 0
+        self._check_restart(n, hs, snap_index, entries)
+        # From now on the durable state is what was loaded: it may hold a prefix of a
+        # save that a crash interrupted (never acknowledged, so not in the model).
+        n.model = DurableModel(hs, {e.index: e.term for e in entries}, snap_index)
         n.sm = KvStateMachine()
         if snap is not None:
             n.sm.restore(snap.data)
@@ -690,6 +694,14 @@ class Simulator:
             ):
                 break
         for _ in range(cfg.drain_ticks):
+            self.step_tick(faults=False, clients=False)
+        # Without pre-vote, a node that inflated its term while cut off deposes leaders
+        # when it comes back until the others' timers beat its own: the drain may end
+        # between two leaders. A leader must come within the post-heal bound.
+        deadline = self.now + cfg.heal_limit
+        while self.leader() is None:
+            if self.now >= deadline:
+                raise self._fail(f"no leader within {cfg.heal_limit} ticks after the drain")
             self.step_tick(faults=False, clients=False)
         self.check_log_matching()
         self.check_replicas_agree()

@@ -629,3 +629,39 @@ def test_snapshot_install_moves_applied_only_at_advance() -> None:
     assert c.applied_index == 0
     c.advance(rd)
     assert c.applied_index == 10 == c.commit_index
+
+
+def test_a_restarted_follower_ignores_the_answer_to_its_previous_incarnation() -> None:
+    """Found by the simulator (soak seed 1005343): a follower that restarted within the
+    leader's term numbered its ReadIndex batches from 1 again, took the leader's late
+    answer to its previous incarnation's batch 1 for its own, and served a read point
+    from before a write that had completed: a stale linearizable read."""
+    net = Net(3)
+    net.elect("n1")
+    n2 = net.cores["n2"]
+    assert n2.read_index(1)
+    rd = n2.ready()
+    assert rd is not None
+    asked = next(m for m in rd.messages if isinstance(m, ReadIndex))
+    n2.advance(rd)
+    # n2 crashes and restarts with its durable state, in the same term
+    d = net.durable["n2"]
+    n2 = RaftCore(
+        "n2",
+        net.ids,
+        CFG,
+        random.Random(1234),
+        hard_state=d.hs,
+        snapshot=None,
+        entries=d.entries,
+    )
+    net.cores["n2"] = n2
+    n2.step(Append("n1", "n2", n2.term, 1, n2.log_term(1) or 0, (), 1, 0))
+    assert n2.read_index(1)
+    rd = n2.ready()
+    assert rd is not None
+    n2.advance(rd)
+    # the leader's answer to the first incarnation arrives now
+    n2.step(ReadIndexResp("n1", "n2", n2.term, asked.ctx, 0))
+    rd = n2.ready()
+    assert rd is None or not rd.read_states

@@ -29,9 +29,12 @@ from raft.messages import (
     EntryKind,
     HardState,
     InstallSnapshot,
+    Message,
+    ReadIndex,
     ReadIndexResp,
     Snapshot,
     SnapshotMeta,
+    VoteResp,
 )
 from raft.pipeline import ReadyPipeline
 from raft.statemachine import KvStateMachine
@@ -190,11 +193,12 @@ def test_a_read_at_a_snapshot_being_installed_waits_for_the_restore(tmp_path: Pa
     )
     storage = RaftStorage(tmp_path)
     storage.load()
+    sent: list[Message] = []
     pipe: ReadyPipeline[str] = ReadyPipeline(
         core,
         storage,
         sm,
-        lambda m: None,
+        sent.append,
         Sink(),
         durable_hs=HardState(1, None, 0),
         snapshot_entries=1000,
@@ -211,7 +215,8 @@ def test_a_read_at_a_snapshot_being_installed_waits_for_the_restore(tmp_path: Pa
     leader_sm.apply(10, _put("k", b"new"))
     snap = Snapshot(SnapshotMeta(10, 1), leader_sm.snapshot())
     core.step(InstallSnapshot("n1", "n2", 1, snap))
-    core.step(ReadIndexResp("n1", "n2", 1, 1, 10))
+    asked = next(m for m in sent if isinstance(m, ReadIndex))
+    core.step(ReadIndexResp("n1", "n2", 1, asked.ctx, 10))
     assert served == []  # nothing is served before the Ready was processed
     rd = core.ready()
     assert rd is not None and rd.snapshot == snap and rd.read_states
@@ -228,3 +233,58 @@ def _put(key: str, value: bytes) -> bytes:
     from caplab.raft.v1 import raft_pb2 as pb
 
     return pb.Command(key=key, put=value).SerializeToString()
+
+
+def test_a_write_taken_by_a_leader_that_no_ready_saw_leading_is_answered(
+    tmp_path: Path,
+) -> None:
+    """Found by the simulator (soak seed 1015919): a node became leader, took a write and
+    lost leadership again between two Readies; the pipeline only failed writes of a node
+    it had seen leading, so this one stayed pending forever (its client too)."""
+    failed: list[tuple[str, bool]] = []
+
+    class Sink:
+        def proposal_done(self, token: str, result: Any, index: int) -> None:
+            raise AssertionError("not committed")
+
+        def proposal_failed(self, token: str, definite: bool, reason: str) -> None:
+            failed.append((token, definite))
+
+        def read_ready(self, token: str, index: int) -> None: ...
+
+        def read_failed(self, token: str, reason: str) -> None: ...
+
+    core = RaftCore(
+        "n1",
+        ["n1", "n2", "n3"],
+        RaftConfig(election_ticks=10, pre_vote=False),
+        random.Random(1),
+        hard_state=HardState(1, None, 0),
+        snapshot=None,
+        entries=[],
+    )
+    storage = RaftStorage(tmp_path)
+    storage.load()
+    pipe: ReadyPipeline[str] = ReadyPipeline(
+        core,
+        storage,
+        KvStateMachine(),
+        lambda m: None,
+        Sink(),
+        durable_hs=HardState(1, None, 0),
+        snapshot_entries=1000,
+    )
+    for _ in range(20):  # campaign...
+        core.tick()
+    core.step(VoteResp("n2", "n1", core.term, False))  # ...and win, between two Readies
+    assert core.role is Role.LEADER
+    assert pipe.propose([_put("k", b"v")], ["w1"])
+    core.step(Append("n3", "n1", core.term + 1, 0, 0, (), 0, 0))  # a newer leader
+    rd = core.ready()
+    assert rd is not None
+    save = pipe.begin(rd)
+    if save is not None:
+        pipe.persist(save)
+    pipe.finish(rd, save)
+    assert failed == [("w1", False)]  # outcome unknown, not left pending
+    assert pipe.in_flight == 0
