@@ -5,7 +5,7 @@ Theory of operation
 N nodes live in one process and share one seeded ``random.Random``; time is a virtual tick
 counter. Each node is what the real node is minus asyncio and gRPC: a ``RaftCore``, the
 production ``ReadyPipeline`` (raft.pipeline), ``RaftStorage`` (raft.storage) on a simulated
-disk (raft.disk.SimDisk) and the real ``KvStateMachine``. Each tick: the nemesis may change
+disk (caplab.disk.SimDisk) and the real ``KvStateMachine``. Each tick: the nemesis may change
 faults, due messages are delivered, every running node ticks, clients invoke operations,
 and every node runs its Readies through the pipeline exactly as the shell does: begin
 (Appends leave), persist (at once, or after a few ticks of disk latency while the core
@@ -37,9 +37,9 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
+from caplab.disk import SimCrash, SimDisk
 from caplab.raft.v1 import raft_pb2 as pb
 from raft.core import RaftConfig, RaftCore, Ready, Role
-from raft.disk import SimCrash, SimDisk
 from raft.messages import Entry, HardState, Message
 from raft.pipeline import ReadyPipeline, Save
 from raft.statemachine import KvStateMachine

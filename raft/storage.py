@@ -73,7 +73,7 @@ while `compact` runs on the disk thread; unserialized, a save landing in the
 old log file between compaction's reading it and replacing it would be lost
 with the old file (and a save could write to a closed descriptor).
 
-All file I/O goes through a `raft.disk.Disk` (OsDisk by default; SimDisk in tests and
+All file I/O goes through a `caplab.disk.Disk` (OsDisk by default; SimDisk in tests and
 the simulator).
 """
 
@@ -89,8 +89,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from caplab.disk import Disk, OsDisk
 from caplab.logs import get_logger
-from raft.disk import Disk, OsDisk
 from raft.messages import Entry, EntryKind, HardState, Snapshot, SnapshotMeta
 
 log = get_logger("raft.storage")

@@ -18,10 +18,10 @@ import pytest
 
 from caplab import errors
 from caplab.clock import SkewableClock
+from caplab.disk import SimDisk
 from caplab.store import Consistency, NodeConfig
 from raft import node as raft_node
 from raft.core import RaftConfig, RaftCore, Role
-from raft.disk import SimDisk
 from raft.messages import (
     Append,
     AppendResp,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from raft.disk import SimCrash, SimDisk
+from caplab.disk import SimCrash, SimDisk
 from raft.messages import Entry, EntryKind, HardState, Snapshot, SnapshotMeta
 from raft.storage import FatalStorageError, RaftStorage, RetryableStorageError
 

@@ -1,4 +1,4 @@
-"""raft.disk: the simulated disk loses exactly what a real one may lose in a crash."""
+"""caplab.disk: the simulated disk loses exactly what a real one may lose in a crash."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import pytest
 
-from raft.disk import Disk, OsDisk, SimCrash, SimDisk
+from caplab.disk import Disk, OsDisk, SimCrash, SimDisk
 
 SEEDS = range(40)
 T = TypeVar("T")

@@ -1,9 +1,11 @@
-"""The file I/O under RaftStorage: the real disk (OsDisk) and a simulated one (SimDisk).
+"""The file I/O under the stores' storage: the real disk (OsDisk) and a simulated one
+(SimDisk).
 
 Theory of operation
 -------------------
-RaftStorage does all its I/O through the small ``Disk`` interface, so the production
-storage code runs unchanged on a real file system and in the deterministic simulator.
+RaftStorage (raft/storage.py) and GossipStorage (gossip/storage.py) do all their I/O
+through the small ``Disk`` interface, so the production storage code runs unchanged on a
+real file system and in the deterministic simulators and crash tests.
 Files are addressed by path and opened as integer handles, always in append mode.
 
 ``OsDisk`` is a thin layer over ``os``: one ``os.write`` and one ``os.fdatasync`` per
@@ -51,7 +53,7 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)  # (macOS has none)
 
 
 class Disk(Protocol):
-    """The file operations RaftStorage needs. Errors are OSError (as from ``os``)."""
+    """The file operations the storages need. Errors are OSError (as from ``os``)."""
 
     def makedirs(self, path: StrPath) -> None:
         """Create the directory (and its parents) if missing."""
