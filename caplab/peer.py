@@ -81,8 +81,9 @@ class StreamSender(Generic[M, B]):
 
     `open_stream()` starts a new `Stream` call; `make_batch(messages)` wraps queued messages
     into one request. With `weight`, a batch carries messages up to `max_weight` in total
-    (at least one), so a large backlog travels as several requests the peer can work on as
-    they arrive. Counters updated: messages_sent, messages_dropped, wire_bytes_sent,
+    (at least one; a message that would take a batch past it starts the next one), so a
+    large backlog travels as several requests the peer can work on as they arrive.
+    Counters updated: messages_sent, messages_dropped, wire_bytes_sent,
     peer_streams_opened.
     """
 
@@ -159,10 +160,12 @@ class StreamSender(Generic[M, B]):
             self.queue.clear()
             return batch
         batch, total = [], 0
-        while self.queue and (not batch or total < self._max_weight):
-            m = self.queue.popleft()
-            batch.append(m)
-            total += self._weight(m)
+        while self.queue:
+            w = self._weight(self.queue[0])
+            if batch and total + w > self._max_weight:
+                break  # the next batch starts with it
+            batch.append(self.queue.popleft())
+            total += w
         return batch
 
     async def _write(self, batch: list[M]) -> None:

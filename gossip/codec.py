@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from caplab.gossip.v1 import gossip_pb2 as pb
-from gossip.crdt import Counter, Register, Value
+from gossip.crdt import COMPONENT_MAX, Counter, Register, Value
 from gossip.hlc import Timestamp
 from gossip.messages import (
     ALIVE,
@@ -44,11 +45,49 @@ def ts_from_pb(t: pb.Timestamp) -> Timestamp:
     return Timestamp(t.wall_ms, t.logical, t.node)
 
 
+_LOW = (1 << 64) - 1
+
+
+def _split(m: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """Component totals as (low 64 bits, high bits); high omitted when 0."""
+    low: dict[str, int] = {}
+    high: dict[str, int] = {}
+    for k, a in m.items():
+        if a > _LOW:
+            high[k] = a >> 64
+            low[k] = a & _LOW
+        else:
+            low[k] = a
+    return low, high
+
+
+def counter_to_pb(v: Counter) -> pb.Counter:
+    p, ph = _split(v.p)
+    n, nh = _split(v.n)
+    return pb.Counter(p=p, n=n, p_high=ph, n_high=nh)
+
+
+def _join(low: Mapping[str, int], high: Mapping[str, int], what: str) -> dict[str, int]:
+    out = dict(low)
+    for k, h in high.items():
+        total = (h << 64) | out.get(k, 0)
+        if total > COMPONENT_MAX:
+            raise CodecError(f"counter component {k!r}: {what} total beyond 2^127 - 1")
+        out[k] = total
+    return out
+
+
+def counter_from_pb(c: pb.Counter) -> Counter:
+    if not c.p_high and not c.n_high:
+        return Counter(dict(c.p), dict(c.n))
+    return Counter(_join(c.p, c.p_high, "increment"), _join(c.n, c.n_high, "decrement"))
+
+
 def entry_to_pb(key: str, v: Value) -> pb.Entry:
     if isinstance(v, Register):
         reg = pb.Register(ts=ts_to_pb(v.ts), tombstone=v.value is None, value=v.value or b"")
         return pb.Entry(key=key, register=reg)
-    return pb.Entry(key=key, counter=pb.Counter(p=dict(v.p), n=dict(v.n)))
+    return pb.Entry(key=key, counter=counter_to_pb(v))
 
 
 def entry_from_pb(e: pb.Entry) -> Entry:
@@ -59,7 +98,7 @@ def entry_from_pb(e: pb.Entry) -> Entry:
             Timestamp(t.wall_ms, t.logical, t.node), None if r.tombstone else r.value
         )
     if e.HasField("counter"):
-        return e.key, Counter(dict(e.counter.p), dict(e.counter.n))
+        return e.key, counter_from_pb(e.counter)
     raise CodecError(f"entry {e.key!r} has no value")
 
 
@@ -81,7 +120,7 @@ def _add_entries(out: Any, entries: tuple[Entry, ...]) -> None:
             else:
                 r.value = v.value
         else:
-            add(key=k, counter=pb.Counter(p=dict(v.p), n=dict(v.n)))
+            add(key=k, counter=counter_to_pb(v))
 
 
 def _members_to_pb(ms: tuple[Member, ...]) -> list[pb.Member]:

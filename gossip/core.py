@@ -104,6 +104,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gossip.crdt import (
+    COMPONENT_MAX,
     INT64_MAX,
     INT64_MIN,
     Counter,
@@ -133,6 +134,7 @@ from gossip.messages import (
     Message,
     Ping,
     PingReq,
+    entry_size,
     wire_size,
 )
 
@@ -186,7 +188,15 @@ class GossipConfig:
     repair_max_rounds: int = 4
     repair_max_ms: int = 5000
     merkle_depth: int = 4
+    # A remote timestamp further ahead of the local physical clock than this is still
+    # followed (the HLC moves to it, so later local writes order after it: read-your-writes
+    # holds on every node), but counted and logged as a clock jump: some node's clock is
+    # wrong, and every clock now runs ahead of physical time by the jump.
     max_drift_ms: int = 60_000
+    # Estimated bytes (messages.wire_size) of the entries one Deltas or AeItems carries:
+    # at least one entry, so any legal value (up to 1 MiB) travels; the shell's receivers
+    # accept a few times this.
+    max_message_bytes: int = 1 << 20
 
 
 class ValueOutOfRangeError(Exception):
@@ -240,8 +250,12 @@ class Stats:
     type_conflict_overwrites: int = 0
     tombstones_collected: int = 0
     tombstones_force_collected: int = 0  # by grace period (subset of the above)
-    clock_drift_rejections: int = 0
+    # remote timestamps more than max_drift_ms ahead of the local physical clock, which
+    # the HLC followed all the same (see GossipConfig.max_drift_ms)
+    clock_jumps: int = 0
+    max_clock_jump_ms: int = 0  # the largest such lead seen
     peers_fell_behind: int = 0
+    register_conflicts: int = 0  # equal timestamps, different values: corrupt or forged
 
 
 @dataclass(slots=True)
@@ -339,10 +353,13 @@ class GossipCore:
         state: State | None = None,
         now_ms: int = 0,
         hlc_floor: Timestamp | None = None,
+        component: str | None = None,
     ) -> None:
         if config.ping_interval_ms <= config.ping_timeout_ms:
             raise ValueError("ping_interval_ms must exceed ping_timeout_ms")
         self.node_id = node_id
+        # this node's counter component: its id, or ``id/epoch`` once it lost its data
+        self.component = component or node_id
         self.config = config
         self._rng = rng
         self._all = frozenset(members) | {node_id}
@@ -461,11 +478,16 @@ class GossipCore:
         """Counter add (``delta`` may be negative). Raises ``WrongTypeError`` if ``key``
         holds a register (also a tombstone) and ``ValueOutOfRangeError`` if the value would
         leave int64."""
-        d = increment_delta(self._state, key, self.node_id, delta)
+        d = increment_delta(self._state, key, self.component, delta)
         cur = self._state.get(key)
         value = (cur.value if isinstance(cur, Counter) else 0) + delta
         if not INT64_MIN <= value <= INT64_MAX:
             raise ValueOutOfRangeError(f"counter {key!r} would become {value}")
+        part = d[key]
+        assert isinstance(part, Counter)
+        if max(*part.p.values(), *part.n.values(), 0) > COMPONENT_MAX:
+            # 2**64 increments of the largest size would be needed; refuse all the same
+            raise ValueOutOfRangeError(f"counter {key!r}: this node's total would pass 2**127")
         ts = self._hlc.now(now_ms)
         self._apply_local(d, now_ms)
         return Write(key, ts, d)
@@ -633,20 +655,26 @@ class GossipCore:
             scan_max = 8 * cfg.delta_batch_max
             n = len(order)
             scanned = 0
+            budget = cfg.max_message_bytes
+            size = 0
             while i < n and len(entries) < cfg.delta_batch_max and scanned < scan_max:
                 sq, k = order[i]
-                i += 1
                 if log.get(k) != sq:
+                    i += 1
                     continue  # stale: the key was re-logged later (or dropped)
+                holders = known.get(k)
+                if holders is None or peer not in holders:  # else the peer sent it to us
+                    v = state[k]
+                    es = entry_size(k, v)
+                    if entries and size + es > budget:
+                        break  # the next batch starts with it
+                    size += es
+                    entries.append((k, v))
+                    if isinstance(v, Register) and v.value is None:
+                        tombs.append((k, v.ts))
+                i += 1
                 scanned += 1
                 end = sq
-                holders = known.get(k)
-                if holders is not None and peer in holders:
-                    continue  # the peer sent us this value: it has it
-                v = state[k]
-                entries.append((k, v))
-                if isinstance(v, Register) and v.value is None:
-                    tombs.append((k, v.ts))
             if i >= n:
                 end = self._seq  # everything logged so far is covered
             if end <= start:
@@ -686,6 +714,9 @@ class GossipCore:
                 col = self._collected.get(k)
                 if col is not None and v.ts <= col.ts and k not in self._state:
                     continue  # dominated by a collected tombstone
+                cur = self._state.get(k)
+                if isinstance(cur, Register) and cur.ts == v.ts and cur.value != v.value:
+                    self.stats.register_conflicts += 1
                 if max_ts is None or v.ts > max_ts:
                     max_ts = v.ts
             accepted.append((k, v))
@@ -693,7 +724,13 @@ class GossipCore:
             try:
                 self._hlc.update(max_ts, now)
             except ClockDriftError:
-                self.stats.clock_drift_rejections += 1
+                # Follow it all the same: a value merged into the replica with a timestamp
+                # the clock has not reached would beat the later local writes (their
+                # acknowledgement would then be a lie on this very node).
+                self.stats.clock_jumps += 1
+                lead = max_ts.wall_ms - now
+                self.stats.max_clock_jump_ms = max(self.stats.max_clock_jump_ms, lead)
+                self._hlc.observe(max_ts, now)
         res = apply_delta(self._state, accepted)
         changed = res.changed
         if changed:
@@ -996,27 +1033,57 @@ class GossipCore:
         the next is on its way, and forwards what it learnt sooner)."""
         m = self._merkle
         chunk_max = self.config.ae_chunk_items
+        budget = self.config.max_message_bytes
         cover: list[int] = []
         items: list[Entry] = []
+        size = 0
         chunks: list[tuple[tuple[int, ...], tuple[Entry, ...]]] = []
         for i in nodes:
             code = m.cover_code(level, i)
-            cover.append(code)
-            items.extend(self._leaf_entries(m.cover_leaves((code,))))
-            if len(items) >= chunk_max:
+            # a covered node's items travel in one message (its reply names it), unless
+            # they alone exceed the budget: then the leading messages cover nothing
+            # (``leaves=()``: merged, never answered) and the last one covers the node
+            mine = self._leaf_entries(m.cover_leaves((code,)))
+            mine_size = sum(entry_size(k, v) for k, v in mine)
+            if items and (len(items) >= chunk_max or size + mine_size > budget):
                 chunks.append((tuple(cover), tuple(items)))
-                cover, items = [], []
+                cover, items, size = [], [], 0
+            for part in self._split_items(mine)[:-1]:
+                chunks.append(((), part))
+                mine_size -= sum(entry_size(k, v) for k, v in part)
+                mine = mine[len(part) :]
+            cover.append(code)
+            items.extend(mine)
+            size += mine_size
         if cover:
             chunks.append((tuple(cover), tuple(items)))
         r = self._rounds.get(rnd)
         if r is not None and r.peer == peer:
-            r.waiting += len(chunks)
+            r.waiting += sum(1 for cov, _ in chunks if cov)
         for cov, its in chunks:
             self.stats.ae_items_sent += len(its)
-            self._shipped[(peer, rnd, cov[0])] = its
+            if cov:
+                self._shipped[(peer, rnd, cov[0])] = its
             while len(self._shipped) > 64:
                 del self._shipped[next(iter(self._shipped))]
             self._send(AeItems(self.node_id, peer, rnd, cov, its, True))
+
+    def _split_items(self, items: list[Entry]) -> list[tuple[Entry, ...]]:
+        """``items`` cut into messages of at most ``max_message_bytes`` (at least one
+        entry each); one (possibly empty) part if they fit in one."""
+        budget = self.config.max_message_bytes
+        parts: list[tuple[Entry, ...]] = []
+        cur: list[Entry] = []
+        size = 0
+        for k, v in items:
+            es = entry_size(k, v)
+            if cur and size + es > budget:
+                parts.append(tuple(cur))
+                cur, size = [], 0
+            cur.append((k, v))
+            size += es
+        parts.append(tuple(cur))
+        return parts
 
     def _leaf_entries(self, leaves: Iterable[int]) -> list[Entry]:
         out: list[Entry] = []
@@ -1065,6 +1132,8 @@ class GossipCore:
                 if r.waiting <= 0:
                     self._round_done(msg.round, msg.frm)
             return
+        if not msg.leaves:
+            return  # a leading part of a large shipment: its last part gets the answer
         leaves = self._merkle.cover_leaves(msg.leaves)
         got = dict(msg.items)
         back: list[Entry] = [(k, v) for k, v in self._leaf_entries(leaves) if got.get(k) != v]
@@ -1075,7 +1144,10 @@ class GossipCore:
                 back.append((k, Register(col.ts, None)))
         self.stats.ae_items_sent += len(back)
         self._round_done(msg.round, msg.frm)
-        self._send(AeItems(self.node_id, msg.frm, msg.round, msg.leaves, tuple(back), False))
+        parts = self._split_items(back)
+        for part in parts[:-1]:  # leading parts cover nothing: only the last is the answer
+            self._send(AeItems(self.node_id, msg.frm, msg.round, (), part, False))
+        self._send(AeItems(self.node_id, msg.frm, msg.round, msg.leaves, parts[-1], False))
 
     # ------------------------------------------------------------------ tombstone GC
 

@@ -20,12 +20,29 @@ join resolves this deterministically: **the counter wins** (every Register is be
 Counter in the lattice), so merging is still commutative/associative/idempotent. The
 register writes lost this way are reported in ``ApplyResult.type_lost``.
 
+Counter components. ``p``/``n`` are keyed by *component*: the node id, or ``node/epoch``
+after the node lost its data (a wiped or corrupt disk), so a node never restarts a
+component from 0 that other replicas hold higher (the join would discard its new
+increments). Components are unbounded integers in memory and at most ``COMPONENT_MAX``
+(2**127 - 1) on disk and on the wire: each increment adds at most 2**63, so 2**64
+increments would be needed to reach it (the core refuses one that would). A counter's
+*value* is exact; it can leave int64 only when increments legal on two sides of a
+partition are merged (each side saw a value within int64). Reads then saturate (see
+``saturate``).
+
+Equal timestamps. A timestamp is unique per write, so two registers with the same ``ts``
+are the same write; they differ only if one was corrupted or forged. The join must still
+be deterministic (else replicas never agree): the larger BLAKE2b hash of the value wins,
+which favours neither the larger value nor either side (the storage refuses corrupt
+records by checksum, so a corrupt value never gets this far).
+
 Delta-mutators return a one-key ``State`` (the delta). Joining the delta into the state
 equals applying the mutation to the full state: ``merge_state(s, m_delta(s)) == m(s)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -34,6 +51,7 @@ from gossip.hlc import Timestamp
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+COMPONENT_MAX = 2**127 - 1  # a counter component (per node total) on disk and on the wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +94,21 @@ def type_name(v: Value) -> str:
     return "counter" if isinstance(v, Counter) else "register"
 
 
-def _reg_key(r: Register) -> tuple[Timestamp, int, bytes]:
-    # Equal ts means the same write, hence the same value; the value tie-break only makes
-    # the join total (and deterministic) even for malformed input.
-    return (r.ts, 0 if r.value is None else 1, r.value or b"")
+def _tie_key(r: Register) -> tuple[int, bytes]:
+    # Equal ts: the same write, unless corrupted or forged. Deterministic, and blind to
+    # which value is larger (see "Equal timestamps" above).
+    if r.value is None:
+        return (0, b"")
+    return (1, hashlib.blake2b(r.value, digest_size=16).digest())
 
 
 def merge_register(a: Register, b: Register) -> Register:
     """Join of two LWW registers: the one with the larger timestamp."""
-    return a if _reg_key(a) >= _reg_key(b) else b
+    if a.ts != b.ts:
+        return a if a.ts > b.ts else b
+    if a.value == b.value:
+        return a
+    return a if _tie_key(a) >= _tie_key(b) else b
 
 
 def _max_map(a: Mapping[str, int], b: Mapping[str, int]) -> Mapping[str, int]:
@@ -175,8 +199,13 @@ def delete_delta(state: State, key: str, ts: Timestamp) -> dict[str, Value]:
     return {key: Register(ts, None)}
 
 
+def saturate(value: int) -> int:
+    """``value`` clamped to int64: what a read of a counter outside int64 returns."""
+    return INT64_MAX if value > INT64_MAX else INT64_MIN if value < INT64_MIN else value
+
+
 def increment_delta(state: State, key: str, node: str, delta: int) -> dict[str, Value]:
-    """Delta of ``increment(key, delta)`` issued by ``node`` (delta may be negative).
+    """Delta of ``increment(key, delta)`` in component ``node`` (delta may be negative).
 
     Raises ``WrongTypeError`` if the key holds a register (live or tombstone). The delta
     carries only ``node``'s entry, so it is O(1) in size.

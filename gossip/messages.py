@@ -157,6 +157,11 @@ def _value_size(v: Value) -> int:
     return n
 
 
+def entry_size(key: str, v: Value) -> int:
+    """Estimated bytes of one entry in a message (as counted by ``wire_size``)."""
+    return 4 + len(key.encode()) + _value_size(v)
+
+
 def _entries_size(entries: tuple[Entry, ...]) -> int:
     # each entry is a (key, value) tuple: 2 + (len(key) + 2) + value
     return 2 + sum(4 + len(k.encode()) + _value_size(v) for k, v in entries)

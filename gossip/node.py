@@ -70,7 +70,7 @@ from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
 from gossip.codec import CodecError, from_pb, to_pb
 from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError, WrongTypeError
-from gossip.crdt import Counter, Register, Value
+from gossip.crdt import Counter, Register, Value, saturate
 from gossip.hlc import Timestamp
 from gossip.messages import ALIVE, DEAD, SUSPECT, Message
 from gossip.storage import CommitBatch, DedupEntry, GossipStorage
@@ -78,6 +78,10 @@ from gossip.storage import CommitBatch, DedupEntry, GossipStorage
 log = get_logger("gossip.node")
 T = TypeVar("T")
 BATCH_ENTRIES = 2_000  # CRDT entries per outgoing Batch (about)
+# Bytes per outgoing Batch (at least one message). The core keeps each message's entries
+# within GossipConfig.max_message_bytes (1 MiB), so a Batch stays under the receiving
+# server's limit (caplab.validation.MAX_MESSAGE_BYTES, 2 MiB + 64 KiB) whatever it holds.
+BATCH_BYTES = 1 << 20
 
 MEMBER_STATES = {
     ALIVE: kv_pb2.MEMBER_STATE_ALIVE,
@@ -196,7 +200,7 @@ class PeerLink:
         self.address = address
         self.channel = peer_channel(address)
         self.stub = pb_grpc.GossipPeerStub(self.channel)
-        # about BATCH_ENTRIES entries per batch, so the peer can work on the first part
+        # at most BATCH_BYTES per batch, so the peer can work on the first part
         # while the rest is on its way
         self.sender: StreamSender[pb.GossipMessage, pb.Batch] = StreamSender(
             self.stub.Stream,
@@ -204,8 +208,8 @@ class PeerLink:
             timeout=node.opts.peer_timeout_ms / 1000,
             max_queue=node.opts.peer_queue,
             counters=node.counters,
-            weight=lambda m: len(m.deltas.entries) + len(m.ae_items.items),
-            max_weight=BATCH_ENTRIES,
+            weight=lambda m: m.ByteSize(),
+            max_weight=BATCH_BYTES,
         )
 
     def send(self, m: Message) -> None:
@@ -582,7 +586,8 @@ class GossipBackend:
             return ReadResult(self._header(v.ts), v.value)
         if isinstance(v, Counter):
             # A counter has no single write timestamp: the clock now bounds every increment.
-            return ReadResult(self._header(self.core.hlc_now), v.value)
+            # Outside int64 (concurrent increments merged): saturated, see kv.proto.
+            return ReadResult(self._header(self.core.hlc_now), saturate(v.value))
         return ReadResult(self._header(None), None)
 
     # -- introspection -------------------------------------------------------------------
@@ -640,9 +645,12 @@ class GossipBackend:
                 yield kv_pb2.DumpEntry(
                     key=key,
                     type=kv_pb2.VALUE_TYPE_COUNTER,
-                    counter=v.value,
-                    counter_increments=dict(v.p),
-                    counter_decrements=dict(v.n),
+                    counter=saturate(v.value),
+                    counter_increments={c: saturate(a) for c, a in v.p.items()},
+                    counter_decrements={c: saturate(a) for c, a in v.n.items()},
+                    counter_exact=str(v.value),
+                    counter_increments_exact={c: str(a) for c, a in v.p.items()},
+                    counter_decrements_exact={c: str(a) for c, a in v.n.items()},
                 )
 
 

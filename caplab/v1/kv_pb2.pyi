@@ -362,7 +362,12 @@ class GetResponse(_message.Message):
     value: _builtins.bytes
     """when type == REGISTER"""
     counter: _builtins.int
-    """when type == COUNTER: its integer value"""
+    """when type == COUNTER: its integer value. Gossip: a counter's merged value can leave
+    int64 when increments legal on two sides of a partition meet (each side saw a value
+    within int64; an AP store cannot refuse them); reads then return INT64_MAX or
+    INT64_MIN (saturated), Dump gives the exact value, and Increment accepts a delta
+    only if the exact value stays within int64.
+    """
     @_builtins.property
     def header(self) -> Global___ResponseHeader: ...
     def __init__(
@@ -782,6 +787,46 @@ class DumpEntry(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CounterIncrementsExactEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CounterDecrementsExactEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     KEY_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
@@ -791,28 +836,37 @@ class DumpEntry(_message.Message):
     COUNTER_INCREMENTS_FIELD_NUMBER: _builtins.int
     COUNTER_DECREMENTS_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    COUNTER_EXACT_FIELD_NUMBER: _builtins.int
+    COUNTER_INCREMENTS_EXACT_FIELD_NUMBER: _builtins.int
+    COUNTER_DECREMENTS_EXACT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     type: Global___ValueType.ValueType
     value: _builtins.bytes
     """register value (empty for a tombstone)"""
     counter: _builtins.int
-    """counter value"""
+    """counter value (saturated to int64, see GetResponse)"""
     tombstone: _builtins.bool
     """gossip: deleted, tombstone not yet collected"""
     index: _builtins.int
     """raft: log index of the last change"""
+    counter_exact: _builtins.str
+    """gossip counters: the exact value and totals as decimal strings (they may leave int64)"""
     @_builtins.property
     def hlc(self) -> Global___HlcTimestamp:
         """gossip: timestamp of the register's write"""
 
     @_builtins.property
     def counter_increments(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """gossip: per-node P totals"""
+        """gossip: per-component P and N totals (a component is a node id, or "node/epoch" for
+        a node that lost its data), each saturated to int64 (exact in counter_exact_*)
+        """
 
     @_builtins.property
-    def counter_decrements(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """gossip: per-node N totals"""
-
+    def counter_decrements(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    @_builtins.property
+    def counter_increments_exact(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def counter_decrements_exact(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
@@ -825,10 +879,13 @@ class DumpEntry(_message.Message):
         counter_increments: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         counter_decrements: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         index: _builtins.int = ...,
+        counter_exact: _builtins.str = ...,
+        counter_increments_exact: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        counter_decrements_exact: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "counter_decrements", b"counter_decrements", "counter_increments", b"counter_increments", "hlc", b"hlc", "index", b"index", "key", b"key", "tombstone", b"tombstone", "type", b"type", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "counter_decrements", b"counter_decrements", "counter_decrements_exact", b"counter_decrements_exact", "counter_exact", b"counter_exact", "counter_increments", b"counter_increments", "counter_increments_exact", b"counter_increments_exact", "hlc", b"hlc", "index", b"index", "key", b"key", "tombstone", b"tombstone", "type", b"type", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -115,7 +115,11 @@ Global___Register: _TypeAlias = Register  # noqa: Y015
 
 @_typing.final
 class Counter(_message.Message):
-    """PN-counter: per-node monotone totals; value = sum(p) - sum(n)."""
+    """PN-counter: per-component monotone totals; value = sum(p) - sum(n). A component is
+    a node id, or "node/epoch" for a node that lost its data. A total is a 127-bit
+    unsigned number: low 64 bits in `p`/`n`, the high bits (< 2^63) in `p_high`/`n_high`
+    (absent = 0), so no sequence of legal increments overflows it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -159,25 +163,77 @@ class Counter(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class PHighEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class NHighEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     P_FIELD_NUMBER: _builtins.int
     N_FIELD_NUMBER: _builtins.int
+    P_HIGH_FIELD_NUMBER: _builtins.int
+    N_HIGH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def p(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """node id -> total of its increments (only grows)"""
+        """component -> total of its increments (only grows), low 64 bits"""
 
     @_builtins.property
     def n(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """node id -> total of its decrements, as a positive number"""
+        """component -> total of its decrements (a positive number), low 64 bits"""
+
+    @_builtins.property
+    def p_high(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """component -> bits 64..126 of its increment total"""
+
+    @_builtins.property
+    def n_high(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """component -> bits 64..126 of its decrement total"""
 
     def __init__(
         self,
         *,
         p: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         n: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        p_high: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        n_high: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["n", b"n", "p", b"p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["n", b"n", "n_high", b"n_high", "p", b"p", "p_high", b"p_high"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

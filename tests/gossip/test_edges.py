@@ -1,0 +1,178 @@
+"""The gossip store at the edges of its contract, end to end (real processes, gRPC, proxies).
+
+Counters at the ends of int64, 1 MiB values and multi-MiB backlogs, clock skew from
+seconds to a day (issue 13). Each test failed on the code before that issue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from harness.cluster import LocalCluster, free_ports
+from harness.proxy import ProxyNet
+from tests.gossip.test_integration import FAST, NODES, Net
+from tests.polling import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+MAX = 2**63 - 1
+MIN = -(2**63)
+MIB = 1 << 20
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
+    root: Path = tmp_path_factory.mktemp("gossip-edges")
+    ports = free_ports(len(NODES))
+    proxies = ProxyNet(dict(zip(NODES, ports, strict=True)))
+    await proxies.start()
+    cluster = LocalCluster(
+        "gossip",
+        len(NODES),
+        root,
+        ports=ports,
+        peer_addresses=proxies.peer_addresses,
+        enable_admin=True,
+        extra_args=FAST,
+    )
+    cluster.start()
+    n = Net(cluster, proxies)
+    try:
+        await cluster.wait_ready()
+        yield n
+    finally:
+        for c in n.clients.values():
+            await c.close()
+        cluster.close()
+        await proxies.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def healed(net: Net) -> AsyncIterator[Net]:
+    net.proxies.heal()
+    yield net
+    net.proxies.heal()
+    for c in net.clients.values():
+        await c.set_clock_skew(0)
+
+
+async def _everyone(net: Net, key: str, value: bytes | int | None) -> bool:
+    for c in net.clients.values():
+        r = await c.get(key)
+        if (r.value if r.found else None) != value:
+            return False
+    return True
+
+
+async def test_increments_at_the_ends_of_int64_never_wedge_a_node(healed: Net) -> None:
+    """+MAX, -MAX, +MAX, -MAX, +MAX: each legal, but the node's increment total passes
+    2**64; the codec raised in the flusher and the node stopped taking writes for good."""
+    net = healed
+    c1 = net.clients["n1"]
+    for d in (MAX, -MAX, MAX, -MAX, MAX):
+        await c1.increment("edge/ctr", d)
+    await c1.put("edge/after", b"still writable")
+    await eventually(lambda: _everyone(net, "edge/ctr", MAX), 20.0)
+    await eventually(lambda: _everyone(net, "edge/after", b"still writable"), 20.0)
+    entry = next(e for e in await c1.dump() if e.key == "edge/ctr")
+    assert entry.counter_exact == str(MAX)
+    assert sorted(int(v) for v in entry.counter_increments_exact.values()) == [3 * MAX]
+    # and it survives a restart
+    node = net.cluster.nodes["n1"]
+    node.kill()
+    node.start()
+    await net.cluster.wait_ready(nodes=["n1"])
+    net.proxies.reset_links_to(["n1"])
+    assert (await c1.get("edge/ctr")).value == MAX
+    await c1.increment("edge/ctr", -1)
+    await eventually(lambda: _everyone(net, "edge/ctr", MAX - 1), 20.0)
+
+
+async def test_a_merged_counter_beyond_int64_reads_saturated_never_internal(
+    healed: Net,
+) -> None:
+    net = healed
+    c1, c2 = net.clients["n1"], net.clients["n2"]
+    net.partition(["n1"], ["n2", "n3"])
+    await c1.increment("edge/over", MAX)
+    await c2.increment("edge/over", MAX)
+    await c1.increment("edge/under", MIN)
+    await c2.increment("edge/under", MIN)
+    net.proxies.heal()
+    await eventually(net.converged, 20.0)
+    for c in net.clients.values():
+        assert (await c.get("edge/over")).value == MAX  # saturated
+        assert (await c.get("edge/under")).value == MIN
+    entries = {e.key: e for e in await c2.dump()}
+    assert entries["edge/over"].counter_exact == str(2 * MAX)
+    assert entries["edge/over"].counter == MAX
+    assert entries["edge/under"].counter_exact == str(2 * MIN)
+    # the exact value decides what an increment may do
+    with pytest.raises(Exception, match=r"OUT_OF_RANGE|overflow"):
+        await c1.increment("edge/over", 1)
+    assert (await c1.increment("edge/over", -MAX)).value == MAX
+
+
+async def test_megabyte_values_and_backlogs_replicate(healed: Net) -> None:
+    """Peer batches were sized by entry count and the receiver refused any batch over
+    2 MiB + 64 KiB: four concurrent 1 MiB puts never reached the other replicas."""
+    net = healed
+    c1 = net.clients["n1"]
+    values = {f"edge/big{i}": bytes([i]) * MIB for i in range(4)}
+    await asyncio.gather(*(c1.put(k, v) for k, v in values.items()))
+    await c1.put("edge/small-after", b"x")
+    for k, v in values.items():
+        await eventually(lambda k=k, v=v: _everyone(net, k, v), 30.0)  # type: ignore[misc]
+    await eventually(lambda: _everyone(net, "edge/small-after", b"x"), 20.0)
+    # a replica that was down catches up with a multi-MiB backlog
+    node = net.cluster.nodes["n3"]
+    node.kill()
+    later = {f"edge/late{i}": bytes([100 + i]) * MIB for i in range(5)}
+    for k, v in later.items():
+        await c1.put(k, v)
+    node.start()
+    await net.cluster.wait_ready(nodes=["n3"])
+    net.proxies.reset_links_to(["n3"])
+    c3 = net.clients["n3"]
+    for k, v in later.items():
+
+        async def has(k: str = k, v: bytes = v) -> bool:
+            return (await c3.get(k)).value == v
+
+        await eventually(has, 30.0)
+    await eventually(net.converged, 30.0)
+
+
+@pytest.mark.parametrize("skew_ms", [5_000, 120_000, 3_600_000, 86_400_000])
+async def test_writes_after_a_far_future_value_win_on_the_node_that_took_them(
+    healed: Net, skew_ms: int
+) -> None:
+    """With n1's clock ahead by more than max_drift_ms (60 s), its values were merged
+    while the HLC refused to follow them: later writes on n2 got lower timestamps and
+    lost to them on n2 itself, silently."""
+    net = healed
+    c1, c2 = net.clients["n1"], net.clients["n2"]
+    key, gone = f"edge/skew{skew_ms}", f"edge/skew{skew_ms}-gone"
+    await c1.set_clock_skew(skew_ms)
+    await c1.put(key, b"from the future")
+    await c1.put(gone, b"doomed")
+    await eventually(lambda: _everyone(net, key, b"from the future"), 20.0)
+    await eventually(lambda: _everyone(net, gone, b"doomed"), 20.0)
+    await c2.put(key, b"now")
+    await c2.delete(gone)
+    # read-your-writes on the node that acknowledged them
+    assert (await c2.get(key)).value == b"now"
+    assert not (await c2.get(gone)).found
+    await c1.set_clock_skew(0)
+    await eventually(lambda: _everyone(net, key, b"now"), 20.0)
+    await eventually(lambda: _everyone(net, gone, None), 20.0)
+    st = await c2.status()
+    if skew_ms > 60_000:
+        # followed, and counted: a clock is wrong somewhere
+        assert st.counters["clock_jumps"] > 0
+        assert st.counters["max_clock_jump_ms"] >= skew_ms - 60_000
