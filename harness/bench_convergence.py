@@ -1,6 +1,6 @@
 """Convergence benchmark of the gossip store, and the cost of anti-entropy.
 
-    .venv/bin/python -m gossip.bench_convergence [--keys 10000] [--nodes 5] [--set NAME=VALUE]
+    .venv/bin/python -m harness.bench_convergence [--keys 10000] [--nodes 5] [--set NAME=VALUE]
 
 Part 1 (real processes): ``--nodes`` nodes whose links go through TCP proxies, split
 2|3; during the partition each side writes ``--keys`` keys (half of them also written by
@@ -63,13 +63,15 @@ async def _write_side(endpoint: str, keys: list[str], tag: bytes, concurrency: i
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def convergence(args: argparse.Namespace) -> dict[str, float]:
+async def convergence(args: argparse.Namespace, root: Path | None = None) -> dict[str, float]:
+    """Part 1; node data and logs go to ``root`` (default: a new temporary directory)."""
     ids = [f"n{i + 1}" for i in range(args.nodes)]
     side_a, side_b = ids[:2], ids[2:]
     ports = free_ports(len(ids))
     proxies = ProxyNet(dict(zip(ids, ports, strict=True)))
     await proxies.start()
-    root = Path(tempfile.mkdtemp(prefix="caplab-conv-"))
+    if root is None:
+        root = Path(tempfile.mkdtemp(prefix="caplab-conv-"))
     cluster = LocalCluster(
         "gossip",
         len(ids),
