@@ -6,15 +6,18 @@ Theory of operation
 RaftStorage (raft/storage.py) and GossipStorage (gossip/storage.py) do all their I/O
 through the small ``Disk`` interface, so the production storage code runs unchanged on a
 real file system and in the deterministic simulators and crash tests.
-Files are addressed by path and opened as integer handles, always in append mode.
+Files are addressed by path and opened as integer handles, in append mode
+(``open_append``, ``create``: ``write`` appends) or for positional writes
+(``open_write``: ``pwrite`` at an offset; never mix the two on one handle: on Linux a
+pwrite to an O_APPEND file appends).
 
-``OsDisk`` is a thin layer over ``os``: one ``os.write`` and one ``os.fdatasync`` per
-append-and-sync, as without it.
+``OsDisk`` is a thin layer over ``os``: one ``os.write`` (``os.pwrite``) and one
+``os.fdatasync`` per write-and-sync, as without it.
 
 ``SimDisk`` is an in-memory file system with the semantics a crash exposes:
 
-* a file has durable content plus unsynced writes (appends, truncations);
-  ``fsync``/``fdatasync`` of the file makes its current content durable;
+* a file has durable content plus unsynced writes (appends, positional writes,
+  truncations); ``fsync``/``fdatasync`` of the file makes its current content durable;
 * a new file's directory entry, a rename and an unlink become durable only with
   ``fsync_dir`` of their directory;
 * ``crash()`` returns the disk as it is found after a power loss: its durable state,
@@ -22,17 +25,19 @@ append-and-sync, as without it.
   writes (possibly cut in the middle of one: a torn write), and for each unsynced
   directory operation, independently, whether it happened.
 
-Faults: ``full = True`` makes every ``write`` raise OSError(ENOSPC), after writing a
-random prefix of its data (a short write, then the error); ``fail_next(op, errno,
+Faults: ``full = True`` makes every ``write``, and every ``pwrite`` that would extend the
+file (overwriting allocated bytes needs no space), raise OSError(ENOSPC), after writing
+a random prefix of its data (a short write, then the error); ``fail_next(op, errno,
 after=0)`` makes the next operation of that kind (one of OPS; "fsync" is fsync or
-fdatasync) but ``after`` raise OSError(errno) (a write may leave a prefix of its data; a
+fdatasync, "write" is write or pwrite) but ``after`` raise OSError(errno) (a write may
+leave a prefix of its data; a
 failed fsync leaves the file's unsynced writes unsynced for good: later fsyncs of it
 report success without making anything durable, as Linux may after a writeback error);
 ``crash_after(n)`` makes the mutating operation after the next ``n`` raise ``SimCrash``,
 either before doing anything or, at random, halfway through (part of a write written,
 part of a sync done). After a SimCrash the disk refuses every call but ``close``: take
 ``crash()`` and build new storage on it. ``mutations`` counts mutating operations (file
-creation, write, truncate, fsync, fdatasync, fsync_dir, rename, remove) so far, so a
+creation, write, pwrite, truncate, fsync, fdatasync, fsync_dir, rename, remove) so far, so a
 test can crash at every one of them. Everything is deterministic given the seed; there
 is no notion of time.
 """
@@ -47,7 +52,8 @@ from typing import Protocol
 
 StrPath = str | os.PathLike[str]
 
-_O_APPEND = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+_O_WRITE = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_O_APPEND = _O_WRITE | os.O_APPEND
 _O_CREATE = _O_APPEND | os.O_TRUNC
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # (macOS has none)
 
@@ -74,10 +80,18 @@ class Disk(Protocol):
         """Open for appending a new, empty file (an existing one is truncated)."""
         ...
 
+    def open_write(self, path: StrPath) -> int:
+        """Open for positional writes (``pwrite``); create the file (empty) if missing."""
+        ...
+
     def size(self, fd: int) -> int: ...
 
     def write(self, fd: int, data: bytes) -> None:
         """Append all of ``data``; on OSError a prefix of it may have been written."""
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (of a file opened with ``open_write``),
+        extending the file if needed; on OSError a prefix of it may have been written."""
 
     def truncate(self, fd: int, size: int) -> None: ...
 
@@ -122,6 +136,9 @@ class OsDisk:
     def create(self, path: StrPath) -> int:
         return os.open(path, _O_CREATE, 0o644)
 
+    def open_write(self, path: StrPath) -> int:
+        return os.open(path, _O_WRITE, 0o644)
+
     def size(self, fd: int) -> int:
         return os.fstat(fd).st_size
 
@@ -131,6 +148,12 @@ class OsDisk:
             view = memoryview(data)[n:]
             while view:
                 view = view[os.write(fd, view) :]
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:  # (a short write, rare: go on from where it stopped)
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
@@ -164,26 +187,31 @@ class SimCrash(BaseException):
 
 
 #: operation kinds for SimDisk.fail_next: the Disk method names, except that "open" is
-#: open_append and "fsync" is fsync or fdatasync of a file
+#: open_append or open_write, "write" is write or pwrite, and "fsync" is fsync or
+#: fdatasync of a file
 OPS = frozenset(
     {"listdir", "read", "open", "create", "write", "truncate", "fsync", "fsync_dir"}
     | {"rename", "remove"}
 )
 
 
+#: an unsynced change of a file: (data, -1) appends, (data, offset) writes at offset,
+#: (None, size) truncates
+_Op = tuple[bytes | None, int]
+
+
 class _Inode:
-    """A file: durable content, and the writes since the last sync, in order; each is
-    (data, 0) for an append or (None, size) for a truncation."""
+    """A file: durable content, and the writes since the last sync, in order (_Op)."""
 
     __slots__ = ("durable", "ops", "poisoned", "view")
 
     def __init__(self, durable: bytes = b"") -> None:
         self.durable = durable
         self.view = bytearray(durable)  # what reads see: durable + ops applied
-        self.ops: list[tuple[bytes | None, int]] = []
+        self.ops: list[_Op] = []
         self.poisoned = False  # a sync failed: its unsynced writes never become durable
 
-    def apply(self, op: tuple[bytes | None, int]) -> None:
+    def apply(self, op: _Op) -> None:
         self.ops.append(op)
         _apply(self.view, op)
 
@@ -199,13 +227,17 @@ class _Inode:
         del self.ops[:n]
 
 
-def _apply(buf: bytearray, op: tuple[bytes | None, int]) -> None:
-    data, size = op
+def _apply(buf: bytearray, op: _Op) -> None:
+    data, n = op
     if data is None:
-        del buf[size:]
-        buf.extend(bytes(size - len(buf)))
-    else:
+        del buf[n:]
+        buf.extend(bytes(n - len(buf)))
+    elif n < 0:
         buf += data
+    else:
+        if len(buf) < n:
+            buf.extend(bytes(n - len(buf)))
+        buf[n : n + len(data)] = data
 
 
 class _DirOp:
@@ -297,9 +329,9 @@ class SimDisk:
         for op in ino.ops[:k]:
             _apply(buf, op)
         if k < len(ino.ops) and ino.ops[k][0] is not None and self.rng.random() < 0.5:
-            data = ino.ops[k][0]
+            data, n = ino.ops[k]
             assert data is not None
-            buf += data[: self.rng.randint(0, len(data))]
+            _apply(buf, (data[: self.rng.randint(0, len(data))], n))
         return bytes(buf)
 
     # -- inspection (tests) -----------------------------------------------------------
@@ -396,30 +428,42 @@ class SimDisk:
             raise SimCrash(f"crash while creating {p}")
         return self._open(ino)
 
+    def open_write(self, path: StrPath) -> int:
+        return self.open_append(path)  # (the same file; SimDisk does not mix them up)
+
     def size(self, fd: int) -> int:
         self._check("size")
         return len(self._fd(fd).view)
 
     def write(self, fd: int, data: bytes) -> None:
+        self._write(fd, data, -1)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> None:
+        if offset < 0:
+            raise OSError(errno_mod.EINVAL, os.strerror(errno_mod.EINVAL))
+        self._write(fd, data, offset)
+
+    def _write(self, fd: int, data: bytes, offset: int) -> None:
+        """Append (``offset`` -1) or write at ``offset``."""
         ino = self._fd(fd)
         try:
             halfway = self._mutate("write")
         except OSError:
-            self._short_write(ino, data)
+            self._short_write(ino, data, offset)
             raise
         if halfway:
-            self._short_write(ino, data)
+            self._short_write(ino, data, offset)
             raise SimCrash("crash in the middle of a write")
-        if self.full:
-            self._short_write(ino, data)
+        if self.full and (offset < 0 or offset + len(data) > len(ino.view)):
+            self._short_write(ino, data, offset)
             raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
         if data:
-            ino.apply((bytes(data), 0))
+            ino.apply((bytes(data), offset))
 
-    def _short_write(self, ino: _Inode, data: bytes) -> None:
+    def _short_write(self, ino: _Inode, data: bytes, offset: int) -> None:
         n = self.rng.randint(0, len(data))
         if n:
-            ino.apply((bytes(data[:n]), 0))
+            ino.apply((bytes(data[:n]), offset))
 
     def truncate(self, fd: int, size: int) -> None:
         ino = self._fd(fd)

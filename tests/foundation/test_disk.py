@@ -109,6 +109,64 @@ def test_a_full_disk_fails_every_write_maybe_after_a_prefix() -> None:
     assert all(s is not None and b"0123456789".startswith(s) for s in seen)
 
 
+def test_an_unsynced_positional_write_survives_as_a_prefix_of_it() -> None:
+    """pwrite over synced zeros (a preallocated log): after a crash, the old bytes with a
+    prefix of the new ones written over them; the file never shrinks."""
+
+    def run(seed: int) -> bytes | None:
+        d = SimDisk(seed)
+        fd = d.open_write("/a/f")
+        d.pwrite(fd, bytes(8), 0)
+        d.fsync(fd)
+        d.fsync_dir("/a")
+        d.pwrite(fd, b"abcd", 2)
+        assert d.read("/a/f") == b"\0\0abcd\0\0" and d.size(fd) == 8
+        return d.crash().read("/a/f")
+
+    seen = outcomes(run)
+    assert b"\0" * 8 in seen and b"\0\0abcd\0\0" in seen
+    assert any(s not in (b"\0" * 8, b"\0\0abcd\0\0") for s in seen)  # torn
+    for s in seen:
+        assert s is not None and len(s) == 8
+        k = len(s[2:6].rstrip(b"\0"))
+        assert s[2 : 2 + k] == b"abcd"[:k] and s[:2] == s[6:] == b"\0\0"
+
+
+def test_a_positional_write_past_the_end_extends_the_file_with_zeros() -> None:
+    d = SimDisk(2)
+    fd = d.open_write("/f")
+    d.pwrite(fd, b"xy", 3)
+    assert d.read("/f") == b"\0\0\0xy"
+    d.pwrite(fd, b"Z", 0)
+    assert d.read("/f") == b"Z\0\0xy"
+    with pytest.raises(OSError) as err:
+        d.pwrite(fd, b"a", -1)
+    assert err.value.errno == errno.EINVAL
+
+
+def test_a_full_disk_fails_only_positional_writes_that_extend_the_file() -> None:
+    def run(seed: int) -> bytes | None:
+        d = SimDisk(seed)
+        fd = d.open_write("/f")
+        d.pwrite(fd, bytes(4), 0)
+        d.full = True
+        d.pwrite(fd, b"ab", 1)  # overwrites allocated bytes: no space needed
+        with pytest.raises(OSError) as err:
+            d.pwrite(fd, b"0123", 2)
+        assert err.value.errno == errno.ENOSPC
+        return d.read("/f")
+
+    seen = outcomes(run)
+    assert b"\0ab\0" in seen and len(seen) > 2  # (a prefix, possibly none, was written)
+    assert seen <= {b"\0ab\0", b"\0a0\0", b"\0a01", b"\0a012", b"\0a0123"}
+    d = SimDisk(1)
+    fd = d.open_write("/g")
+    d.pwrite(fd, bytes(4), 0)
+    d.fail_next("write", errno.ENOSPC)  # (a copy-on-write file system)
+    with pytest.raises(OSError):
+        d.pwrite(fd, b"ab", 0)
+
+
 def test_fail_next_hits_the_chosen_occurrence_of_an_op_once() -> None:
     d = SimDisk(1)
     fd = d.create("/f")
@@ -235,3 +293,11 @@ def test_os_disk_roundtrip(tmp_path: Path) -> None:
     disk.remove(tmp_path / "x" / "g")
     with pytest.raises(FileNotFoundError):
         disk.remove(tmp_path / "x" / "g")
+    fd = disk.open_write(tmp_path / "x" / "p")
+    disk.pwrite(fd, b"0123456789", 0)
+    disk.pwrite(fd, b"ab", 3)  # in place, not appended
+    disk.pwrite(fd, b"!", 12)
+    disk.fdatasync(fd)
+    assert disk.size(fd) == 13
+    disk.close(fd)
+    assert disk.read(tmp_path / "x" / "p") == b"012ab56789\0\0!"
