@@ -19,10 +19,9 @@ reads a real clock.
 Bounds (documented choices):
 
 * Drift: ``update`` refuses (``ClockDriftError``) a remote timestamp more than
-  ``max_drift_ms`` ahead of the local physical time; the clock is left untouched, so one
-  node with a wild clock cannot drag every other clock into the future. The caller may
-  still merge the data it carried; causal ordering after such a write is then not
-  guaranteed (the core counts these rejections).
+  ``max_drift_ms`` ahead of the local physical time, leaving the clock untouched, so the
+  caller decides. The gossip core follows it all the same with ``observe`` (a value it
+  merges must never outrank the later local writes) and counts it as a clock jump.
 * Logical counter: if ``logical`` would exceed ``max_logical`` the clock "borrows" one
   millisecond from the future (``wall += 1``, ``logical = 0``). Monotonicity is kept; the
   clock runs ahead of physical time by at most ``events / max_logical`` ms, which never

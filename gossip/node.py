@@ -20,7 +20,11 @@ DeltasAck or an anti-entropy reply always covers durable data, and every message
 after everything produced before it is durable.
 
 Reads answer from the local replica at once (AP): every response is ``stale_possible``.
-CompareAndSwap and LINEARIZABLE reads are refused with FAILED_PRECONDITION.
+CompareAndSwap and LINEARIZABLE reads are refused with FAILED_PRECONDITION. Durable
+before visible: the core applies a change to its replica at once, so a key whose latest
+change is still in a batch not yet committed (``_unsynced``: key -> that batch) is read
+from the batch once it is durable (the value it committed), never before: a crash cannot
+erase a value a client has read.
 
 Exactly-once: a per-node session table (as raft's): per client, the results of its last
 ``dedup_window`` sequences and a low-water mark, persisted in the same transaction as the
@@ -282,6 +286,8 @@ class GossipBackend:
         )
         self._dedup: OrderedDict[str, _Session] = OrderedDict()
         self._batch = _Batch()
+        # key -> the batch holding its latest change, until that batch is durable
+        self._unsynced: dict[str, _Batch] = {}
         self._flush_wake = asyncio.Event()
         self._pending_writes = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -376,8 +382,12 @@ class GossipBackend:
         b = self._batch
         kv = b.commit.kv
         kv.update(out.to_persist)
+        unsynced = self._unsynced
+        for k in out.to_persist:
+            unsynced[k] = b
         for k, _ts in out.collected:
             kv[k] = None
+            unsynced[k] = b
         b.messages.extend(out.messages)
         self._flush_wake.set()
 
@@ -413,6 +423,10 @@ class GossipBackend:
                         continue
                     self.counters["fsyncs"] += 1
                     self.counters["writes_committed"] += b.writes
+                    unsynced = self._unsynced
+                    for k in b.commit.kv:
+                        if unsynced.get(k) is b:
+                            del unsynced[k]
                 self._pending_writes -= b.writes
                 if b.done is not None and not b.done.done():
                     b.done.set_result(None)
@@ -471,17 +485,17 @@ class GossipBackend:
     ) -> asyncio.Future[None]:
         b = self._batch
         b.commit.kv[key] = self.core.get(key)
+        self._unsynced[key] = b
         b.writes += 1
         self._pending_writes += 1
-        if b.done is None:
-            b.done = asyncio.get_running_loop().create_future()
+        done = self._durable(b)
         if rid is not None:
             cid, seq = rid.client_id, rid.sequence
             sess = self._dedup.get(cid)
             if sess is None:
                 sess = self._dedup[cid] = _Session()
                 b.commit.evict.discard(cid)
-            slot = sess.results[seq] = _Slot(DedupEntry(cid, seq, op, ts, num), b.done)
+            slot = sess.results[seq] = _Slot(DedupEntry(cid, seq, op, ts, num), done)
             self._dedup.move_to_end(cid)
             if len(sess.results) > self.opts.dedup_window:
                 oldest = min(sess.results)
@@ -498,7 +512,28 @@ class GossipBackend:
                 for s in gone.results:
                     b.commit.dedup.pop((old, s), None)
         self._flush_wake.set()
+        return done
+
+    @staticmethod
+    def _durable(b: _Batch) -> asyncio.Future[None]:
+        """Resolved once ``b`` is committed (created on demand)."""
+        if b.done is None:
+            b.done = asyncio.get_running_loop().create_future()
         return b.done
+
+    async def _visible(self, key: str) -> Value | None:
+        """The value of ``key`` a read may see: the latest durable one."""
+        b = self._unsynced.get(key)
+        if b is None:
+            return self.core.get(key)
+        try:
+            await asyncio.shield(self._durable(b))
+        except errors.StoreError as e:
+            raise errors.Unavailable(
+                f"the latest change of {key!r} on node {self.id} could not be made durable "
+                f"({e}); not served (retry elsewhere)"
+            ) from None
+        return b.commit.kv.get(key)
 
     def _header(self, ts: Timestamp | None) -> Header:
         return Header(
@@ -581,7 +616,7 @@ class GossipBackend:
     async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
         if consistency is Consistency.LINEARIZABLE:
             raise errors.FailedPrecondition(LINEARIZABLE_REFUSAL)
-        v = self.core.get(key)
+        v = await self._visible(key)
         if isinstance(v, Register):
             return ReadResult(self._header(v.ts), v.value)
         if isinstance(v, Counter):
@@ -630,7 +665,7 @@ class GossipBackend:
         if limit:
             keys = keys[:limit]
         for key in keys:
-            v: Value | None = state.get(key)
+            v = await self._visible(key)
             if isinstance(v, Register):
                 yield kv_pb2.DumpEntry(
                     key=key,

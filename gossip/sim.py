@@ -97,6 +97,9 @@ class Sim:
         self.now = 1_000_000  # virtual ms (not 0, so skew keeps physical time positive)
         self.net = NetConfig()
         self.durable: dict[str, dict[str, Value]] = {n: {} for n in self.nodes}
+        # the HLC high-water mark each node persisted with its last commit (as the shell
+        # does): a restart never reissues a timestamp, also one no register kept
+        self.durable_hlc: dict[str, Timestamp] = {}
         self.cores: dict[str, GossipCore | None] = {}
         self.blocked: set[frozenset[str]] = set()
         self.ops: list[Op] = []
@@ -120,6 +123,7 @@ class Sim:
             random.Random(self.rng.getrandbits(64)),
             state=dict(self.durable[node]),
             now_ms=self.phys(node),
+            hlc_floor=self.durable_hlc.get(node),
         )
 
     def _flush(self, node: str) -> None:
@@ -127,6 +131,8 @@ class Sim:
         assert core is not None
         out = core.take_outputs()
         store = self.durable[node]
+        if out.to_persist or out.collected:
+            self.durable_hlc[node] = core.hlc_now
         if out.to_persist:
             store.update(merge_state(store, out.to_persist))
         for k, ts in out.collected:
@@ -246,6 +252,7 @@ class Sim:
         else:
             store = self.durable[node]
             store.update(merge_state(store, w.delta))
+            self.durable_hlc[node] = core.hlc_now
             op.acked = True
         self.ops.append(op)
         return op

@@ -37,8 +37,18 @@ QUIET = GossipConfig(  # no timers fire during the direct tests below
 def core(node: str = "a", members: tuple[str, ...] = ("a", "b"), **kw: object) -> GossipCore:
     state = kw.pop("state", None)
     cfg = kw.pop("config", QUIET)
+    component = kw.pop("component", None)
     assert isinstance(cfg, GossipConfig)
-    return GossipCore(node, members, cfg, random.Random(1), state=state, now_ms=0)  # type: ignore[arg-type]
+    assert component is None or isinstance(component, str)
+    return GossipCore(
+        node,
+        members,
+        cfg,
+        random.Random(1),
+        state=state,  # type: ignore[arg-type]
+        now_ms=0,
+        component=component,
+    )
 
 
 # ---------------------------------------------------------------------------- client ops
@@ -402,3 +412,116 @@ def test_repair_windows_count_in_round_timeouts_not_in_the_interval() -> None:
     assert _isolate_and_return(sim, "n2", range(300)) is not None
     assert _isolate_and_return(sim, "n1", range(300, 600)) is not None
     assert not sim.check()
+
+
+# ---------------------------------------------------------------------------- edges (issue 13)
+
+
+def _pump(cores: dict[str, GossipCore], first: list[Message], now: int = 0) -> list[Message]:
+    """Deliver messages (and everything they cause) reliably; returns all delivered."""
+    queue, seen = list(first), []
+    while queue:
+        m = queue.pop(0)
+        seen.append(m)
+        dst = cores[m.to]
+        dst.step(m, now)
+        queue += dst.take_outputs().messages
+    return seen
+
+
+def test_the_clock_follows_a_far_future_value_so_later_local_writes_win() -> None:
+    """A value more than max_drift_ms ahead was merged while the HLC stayed behind it:
+    the next local write got a lower timestamp and lost on the node that took it."""
+    a = core("a")
+    future = Timestamp(10_000_000, 0, "b")  # 10,000 s ahead of a's clock (0)
+    deltas = [m for m in _deltas_from("b", "a", [("k", Register(future, b"old"))])]
+    for m in deltas:
+        a.step(m, 0)
+    w = a.put("k", b"new", 0)
+    assert w.ts > future
+    assert a.get("k") == Register(w.ts, b"new")
+    assert a.stats.clock_jumps == 1 and a.stats.max_clock_jump_ms == 10_000_000
+
+
+def _deltas_from(frm: str, to: str, entries: list[tuple[str, Value]]) -> list[Message]:
+    from gossip.messages import Deltas
+
+    return [Deltas(frm, to, tuple(entries), 1)]
+
+
+@pytest.mark.parametrize("sizes", [[700_000] * 5, [1 << 20] * 3, [10] * 50 + [1 << 20]])
+def test_deltas_and_anti_entropy_stay_within_the_message_budget(sizes: list[int]) -> None:
+    """Deltas were sized by entry count only: a few 1 MiB values made one message (and
+    one peer Batch) bigger than any receiver accepts, and replication stopped."""
+    cfg = dataclasses.replace(QUIET, gossip_interval_ms=100, max_message_bytes=1 << 20)
+    a, b = core("a", config=cfg), core("b", config=cfg)
+    for i, n in enumerate(sizes):
+        a.put(f"k{i}", bytes([i % 256]) * n, 0)
+    limit = (1 << 20) + 2048 + 200  # one entry may be a whole 1 MiB value (+ key, header)
+
+    def bounded(m: Message) -> bool:
+        n = len(getattr(m, "entries", getattr(m, "items", ())))
+        return wire_size(m) <= limit or n == 1
+
+    cores = {"a": a, "b": b}
+    for now in range(0, 3000, 100):  # gossip timer turns; acks release the next batch
+        a.tick(now)
+        seen = _pump(cores, list(a.take_outputs().messages), now)
+        assert all(bounded(m) for m in seen), [wire_size(m) for m in seen]
+    assert b.digest() == a.digest()
+    # and anti-entropy ships the same state in bounded messages too
+    c = core("b", config=cfg)
+    a.start_anti_entropy(3000, "b")
+    seen = _pump({"a": a, "b": c}, list(a.take_outputs().messages), 3000)
+    assert all(bounded(m) for m in seen), [wire_size(m) for m in seen]
+    assert c.digest() == a.digest()
+    # the empty side starting the round: the full side's items travel as replies
+    a2 = core("a", config=cfg)
+    a2.start_anti_entropy(3000, "b")
+    seen = _pump({"a": a2, "b": c}, list(a2.take_outputs().messages), 3000)
+    assert all(bounded(m) for m in seen), [wire_size(m) for m in seen]
+    assert a2.digest() == c.digest()
+    assert sum(isinstance(m, AeItems) and len(m.items) > 0 for m in seen) >= 2
+
+
+def test_equal_timestamps_with_different_values_join_deterministically() -> None:
+    """A corrupt copy (same timestamp, one flipped byte) won whenever its bytes compared
+    larger; now the tie is broken by a hash, the same on every replica, and counted."""
+    from gossip.crdt import merge_register
+
+    ts = Timestamp(5, 0, "a")
+    good, bad = Register(ts, b"value"), Register(ts, b"valuf")
+    assert merge_register(good, bad) == merge_register(bad, good)
+    flipped = [(Register(ts, bytes([i])), Register(ts, bytes([i + 1]))) for i in range(50)]
+    winners = [merge_register(x, y) is y for x, y in flipped]
+    assert any(winners) and not all(winners)  # not "the larger value wins"
+    a = core("a", state={"k": good})
+    for m in _deltas_from("b", "a", [("k", bad)]):
+        a.step(m, 0)
+    assert a.stats.register_conflicts == 1
+
+
+def test_counter_components_pass_int64_and_the_value_saturates_only_on_read() -> None:
+    from gossip.crdt import INT64_MAX, saturate
+
+    a = core("a")
+    for d in (INT64_MAX, -INT64_MAX, INT64_MAX, -INT64_MAX, INT64_MAX):
+        a.increment("c", d, 0)
+    v = a.get("c")
+    assert isinstance(v, Counter) and v.value == INT64_MAX
+    assert v.p["a"] == 3 * INT64_MAX and v.n["a"] == 2 * INT64_MAX
+    b = core("b", state={"c": Counter({"b": INT64_MAX}, {})})
+    for m in _deltas_from("a", "b", [("c", v)]):
+        b.step(m, 0)
+    got = b.get("c")
+    assert isinstance(got, Counter) and got.value == 2 * INT64_MAX
+    assert saturate(got.value) == INT64_MAX
+    with pytest.raises(ValueOutOfRangeError):
+        b.increment("c", 1, 0)
+    b.increment("c", -INT64_MAX, 0)
+
+
+def test_a_node_that_lost_its_data_counts_in_a_new_component() -> None:
+    a = core("a", component="a/1f2e3d4c")
+    w = a.increment("c", 5, 0)
+    assert w.delta == {"c": Counter({"a/1f2e3d4c": 5}, {})}

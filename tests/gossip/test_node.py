@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from caplab import errors
 from caplab.clock import SkewableClock
 from caplab.store import Consistency, NodeConfig
+from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
 from gossip.node import GossipBackend, GossipOptions, build_backend
 from tests.polling import eventually
@@ -115,3 +118,36 @@ async def test_writes_dedup_refusals_and_restart(tmp_path: Path) -> None:
     assert [e.key for e in entries] == ["a", "b", "ctr", "w"]
     assert entries[0].tombstone and dict(entries[2].counter_increments) == {"n1": 6}
     await b2.close()
+
+
+async def test_a_write_is_not_visible_before_it_is_durable(tmp_path: Path) -> None:
+    """The core applies a write at once; reads served it before its fsync, so a crash
+    could erase a value a client had already read (issue 13)."""
+    b = await _backend(tmp_path)
+    await b.put("k", b"old", None, None)
+    assert b.storage is not None
+    gate = threading.Event()
+    commit = b.storage.commit
+
+    def held_commit(batch: Any) -> None:
+        gate.wait(10)
+        commit(batch)
+
+    b.storage.commit = held_commit  # type: ignore[method-assign]
+    put = asyncio.create_task(b.put("k", b"new", None, None))
+    read = asyncio.create_task(b.get("k", Consistency.LOCAL, None))
+    async def first_entry() -> kv_pb2.DumpEntry:
+        return await anext(aiter(b.dump("", 0)))
+
+    dump = asyncio.create_task(first_entry())
+    for _ in range(20):  # the old code answered within one turn of the loop
+        await asyncio.sleep(0)
+    assert not read.done() and not dump.done() and not put.done()
+    assert b.core.get("k") is not None  # applied in memory all the same
+    gate.set()
+    assert (await read).value == b"new"
+    assert (await dump).value == b"new"
+    await put
+    b.storage.commit = commit  # type: ignore[method-assign]
+    await b.before_shutdown()
+    await b.close()
