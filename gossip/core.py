@@ -81,10 +81,14 @@ member holds it and it is older than ``tombstone_min_age_ms`` (in-flight message
 than that could resurrect data: the network delay bound assumed), or (b) it is older than
 ``tombstone_grace_ms`` regardless. Rule (b) can resurrect a deleted value: a member that
 missed the tombstone for longer than the grace period (e.g. a long-dead node returning)
-still holds the old value and will spread it again. After collecting, the node remembers
-the tombstone in memory for ``max(2 * tombstone_min_age_ms, 4 * anti_entropy_interval_ms)``
-(slower peers may learn who holds it only by anti-entropy) and drops incoming entries it
-dominates (so slower peers do not re-insert it) while still acknowledging them.
+still holds the old value and will spread it again. Collection runs every ``gc_interval_ms``. After
+collecting, the node remembers the tombstone in memory for ``collected_memory_ms`` (at
+least ``max(2 * tombstone_min_age_ms, 4 * anti_entropy_interval_ms)``: slower peers may
+learn who holds it only by anti-entropy) and drops incoming entries it dominates while
+still acknowledging them, so slower peers, and a member restarted with tombstones the
+others collected while it was down, do not re-insert it everywhere (each replica would
+then collect it again, at its own time, and the replicas' states would differ until the
+last one did). A member down for longer than that re-inserts them once.
 
 LWW accounting. ``stats.lww_overwrites`` counts, on the node that issued it, every own
 register write (put or delete, which is acknowledged once persisted) that is replaced in
@@ -165,6 +169,12 @@ class GossipConfig:
     retransmit_mult: int = 3
     max_piggyback: int = 8  # membership updates per ping/ack
     tombstone_min_age_ms: int = 10_000  # also the assumed bound on message delay
+    # How long a collected tombstone is remembered (entries it dominates are dropped, and
+    # a member that still holds it is told it may collect it too): long enough for a
+    # restarted member to come back with tombstones the others collected meanwhile,
+    # without re-inserting them everywhere (each then collected again, at different times).
+    collected_memory_ms: int = 300_000
+    gc_interval_ms: int = 1000  # tombstone collection runs this often
     tombstone_grace_ms: int = 7 * 24 * 3600 * 1000  # forced GC: may resurrect (see module doc)
     delta_log_max: int = 10_000  # keys
     delta_batch_max: int = 1_000  # keys per Deltas message
@@ -422,6 +432,7 @@ class GossipCore:
         self._next_gossip = now_ms + rng.randrange(config.gossip_interval_ms)
         self._next_ae = now_ms + rng.randrange(config.anti_entropy_interval_ms)
         self._next_ping = now_ms + rng.randrange(config.ping_interval_ms)
+        self._next_gc = now_ms + rng.randrange(config.gc_interval_ms)
         self._now = now_ms
         self._out = _Out()
 
@@ -815,6 +826,9 @@ class GossipCore:
         self._now = now = max(self._now, now_ms)
         cfg = self.config
         self._swim_tick(now)
+        if now >= self._next_gc:
+            self._next_gc = now + cfg.gc_interval_ms
+            self._gc_tombstones(now)
         if now >= self._next_gossip:
             self._next_gossip = now + cfg.gossip_interval_ms
             live = self._live_peers()
@@ -836,7 +850,6 @@ class GossipCore:
         if now >= self._next_ae:
             self._next_ae = now + cfg.anti_entropy_interval_ms
             self._start_ae(now)
-            self._gc_tombstones(now)
         elif self._behind and now >= self._behind_retry:
             # a peer that fell behind is repaired now, not at the next periodic round
             self._behind_retry = now + self._ae_timeout()
@@ -1158,7 +1171,9 @@ class GossipCore:
         clock = max(now, self._hlc.peek().wall_ms)
         # long enough for slower peers to collect it too: they learn who holds it by
         # anti-entropy at the latest (a few intervals)
-        memory = max(2 * cfg.tombstone_min_age_ms, 4 * cfg.anti_entropy_interval_ms)
+        memory = max(
+            cfg.collected_memory_ms, 2 * cfg.tombstone_min_age_ms, 4 * cfg.anti_entropy_interval_ms
+        )
         for k, holders in list(self._tomb.items()):
             v = self._state[k]
             assert isinstance(v, Register)

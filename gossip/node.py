@@ -131,6 +131,8 @@ class GossipOptions:
     retransmit_mult: int = 3
     max_piggyback: int = 8
     tombstone_min_age_ms: int = 10_000
+    collected_memory_ms: int = 300_000
+    gc_interval_ms: int = 1000
     tombstone_grace_ms: int = 7 * 24 * 3600 * 1000
     delta_log_max: int = 100_000  # keys
     delta_batch_max: int = 2_000  # keys per Deltas message
