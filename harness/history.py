@@ -34,6 +34,10 @@ Optional fields (omitted from the file when null):
 ``latency_ns`` int, on completions: completion time minus the matching invoke's time.
 ``side``       str: which side of a partition the client's node was on when the operation
                was invoked (e.g. ``"majority"``/``"minority"``), when a partition is active.
+``hlc``        ``[wall_ms, logical, node]``, on ``ok`` completions of mutations by a store
+               that timestamps its writes (gossip): the hybrid logical clock timestamp the
+               store gave the write (the response header's ``hlc``). Timestamps order the
+               writes of one key as last-writer-wins does: by ``(wall_ms, logical, node)``.
 
 Unknown extra fields are rejected so that a typo cannot silently drop data.
 
@@ -69,7 +73,8 @@ NEMESIS_FUNCTIONS: frozenset[str] = frozenset(
     {"partition", "heal", "kill", "restart", "pause", "resume", "clock-skew"}
 )
 _REQUIRED = ("index", "time", "process", "node", "type", "f", "key", "value", "error")
-_OPTIONAL = ("latency_ns", "side")
+_OPTIONAL = ("latency_ns", "side", "hlc")
+Hlc: TypeAlias = tuple[int, int, str]  # (wall_ms, logical, node): ordered as LWW orders them
 
 
 class HistoryError(ValueError):
@@ -91,6 +96,7 @@ class Event:
     error: str | None = None
     latency_ns: int | None = None  # completions only
     side: str | None = None
+    hlc: Hlc | None = None  # ok completions of a gossip write/delete: its HLC timestamp
 
     def to_json(self) -> dict[str, Json]:
         """The JSON object written for this event (optional fields omitted when null)."""
@@ -109,6 +115,8 @@ class Event:
             out["latency_ns"] = self.latency_ns
         if self.side is not None:
             out["side"] = self.side
+        if self.hlc is not None:
+            out["hlc"] = list(self.hlc)
         return out
 
 
@@ -134,6 +142,7 @@ class Operation:
     index: int = -1  # index of the invoke event
     complete_index: int | None = None  # index of the completion event, None if none
     side: str | None = None
+    hlc: Hlc | None = None  # the completion's HLC timestamp (gossip writes), if any
 
 
 def _bad(path: str | os.PathLike[str] | None, line: int | None, msg: str) -> HistoryError:
@@ -211,6 +220,25 @@ def event_from_json(
     side = obj.get("side")
     if side is not None and not isinstance(side, str):
         raise _bad(path, line, f"side must be a string or null, got {json.dumps(side)}")
+    raw_hlc = obj.get("hlc")
+    hlc: Hlc | None = None
+    if raw_hlc is not None:
+        if not (
+            isinstance(raw_hlc, list)
+            and len(raw_hlc) == 3
+            and _is_int(raw_hlc[0])
+            and _is_int(raw_hlc[1])
+            and raw_hlc[1] >= 0
+            and isinstance(raw_hlc[2], str)
+        ):
+            raise _bad(
+                path,
+                line,
+                f"hlc must be [wall_ms, logical, node], got {json.dumps(raw_hlc)}",
+            )
+        if etype == "invoke":
+            raise _bad(path, line, "hlc belongs on a completion, not on an invoke")
+        hlc = (raw_hlc[0], raw_hlc[1], raw_hlc[2])
     problem = _check_value(f, etype, obj["value"])
     if problem is not None:
         raise _bad(path, line, problem)
@@ -226,6 +254,7 @@ def event_from_json(
         error=error,
         latency_ns=latency,
         side=side,
+        hlc=hlc,
     )
 
 
@@ -331,13 +360,14 @@ class HistoryWriter:
         *,
         error: str | None = None,
         time: int | None = None,
+        hlc: Hlc | None = None,
     ) -> Event:
         """Record the completion of ``process``'s open operation (same f, key, node)."""
         inv = self._open.get(process)
         if inv is None:
             raise HistoryError(f"{self.path}: process {process!r} has no open invoke")
         return self.append(
-            type, process, inv.f, inv.key, value, node=inv.node, error=error, time=time
+            type, process, inv.f, inv.key, value, node=inv.node, error=error, time=time, hlc=hlc
         )
 
     def append(
@@ -352,6 +382,7 @@ class HistoryWriter:
         error: str | None = None,
         side: str | None = None,
         time: int | None = None,
+        hlc: Hlc | None = None,
     ) -> Event:
         """Validate and append one event; returns it."""
         if self._fh is None:
@@ -388,6 +419,7 @@ class HistoryWriter:
             "error": error,
             "latency_ns": latency,
             "side": side,
+            "hlc": None if hlc is None else list(hlc),
         }
         ev = event_from_json(ev_obj, path=self.path, line=self.count + 1)
         if type == "invoke":
@@ -476,6 +508,7 @@ def pair_operations(events: Sequence[Event]) -> list[Operation]:
             index=inv.index,
             complete_index=ev.index,
             side=inv.side,
+            hlc=ev.hlc,
         )
     for pos, inv in open_.values():
         ops[pos] = Operation(

@@ -28,7 +28,10 @@ Per store it computes, on the run's single time axis (seconds since the common `
   episode the divergence interval (first disagreeing sample at or after the fault start to
   the first sample after the heal where every node reports one digest) and the time from the
   heal to one digest; stale reads (:func:`harness.checker.staleness.stale_reads`), LWW
-  losers and counter exactness (from the runner's checkers).
+  losers and counter exactness (from the runner's checkers); whether every register ended
+  as its last acknowledged write said (no acknowledged delete undone) and how many
+  tombstones the nodes held and collected (Status counters);
+* both: how many deletes were acknowledged.
 
 :func:`build_summary` returns the JSON document (validated against
 ``harness/summary_schema.json`` by :func:`validate_summary`); :func:`verdict` turns it into
@@ -557,7 +560,7 @@ def checkers_of(sd: StoreData) -> dict[str, Any]:
         ):
             registers.setdefault(op.node, {})[op.key] = op.result
     ops = [op for op in sd.all_ops if op.process != NEMESIS]
-    return run_checkers(sd.store, ops, sd.samples, sd.window, by_node, registers)
+    return run_checkers(sd.store, ops, sd.samples, sd.window, by_node, registers, end_s=sd.end_s)
 
 
 def _stale(sd: StoreData, checkers: Mapping[str, Any]) -> dict[str, Any]:
@@ -601,6 +604,43 @@ def _counter(checkers: Mapping[str, Any]) -> dict[str, Any] | None:
             "exact": k_exact,
         }
     return {"valid": c.get("valid"), "exact": exact and bool(keys), "lost": lost, "keys": keys}
+
+
+def _deletes(sd: StoreData) -> dict[str, int]:
+    ops = [op for op in sd.ops if op.f == "delete"]
+    return {
+        "invoked": len(ops),
+        "acknowledged": sum(1 for op in ops if op.type == "ok"),
+        "indeterminate": sum(1 for op in ops if op.type == "info"),
+        "refused": sum(1 for op in ops if op.type == "fail"),
+    }
+
+
+def _final_state(checkers: Mapping[str, Any]) -> dict[str, Any] | None:
+    c = checkers.get("final_state")
+    if not isinstance(c, dict):
+        return None
+    return {
+        "valid": c.get("valid"),
+        "keys": int(c.get("keys", 0)),
+        "deleted_keys": len(c.get("deleted_keys") or []),
+        "violations": [str(v) for v in c.get("violations") or []],
+    }
+
+
+def _tombstones(checkers: Mapping[str, Any]) -> dict[str, Any] | None:
+    c = checkers.get("tombstones")
+    if not isinstance(c, dict):
+        return None
+    held = c.get("held_at_end") or {}
+    return {
+        "valid": c.get("valid"),
+        "max_held": int(c.get("max_held", 0)),
+        "held_at_end": sum(v for v in held.values() if isinstance(v, int)),
+        "collected": int(c.get("collected_total", 0)),
+        "all_collected_after_stop_s": c.get("all_collected_after_stop_s"),
+        "waited_s": float(c.get("waited_s", 0.0)),
+    }
 
 
 def store_summary(sd: StoreData) -> dict[str, Any]:
@@ -655,6 +695,9 @@ def store_summary(sd: StoreData) -> dict[str, Any]:
         "divergence": divergence_series(sd.samples),
         "digest_phases": digest_phases(sd),
         "quiet_convergence_s": quiet_convergence(sd),
+        "deletes": _deletes(sd),
+        "final_state": _final_state(checkers),
+        "tombstones": _tombstones(checkers),
         "series": time_series(sd),
         "checkers": checkers,
         "files": {
@@ -765,6 +808,11 @@ def pct(x: float | None) -> str:
     return text
 
 
+def plural(n: int, word: str) -> str:
+    """``1 key``, ``2 keys``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def secs(x: float | None) -> str:
     if x is None:
         return "n/a"
@@ -848,8 +896,20 @@ def _gossip_sentence(s: Mapping[str, Any]) -> list[str]:
     conv = s.get("convergence") or {}
     eps = s["episodes"]
     heal_eps = [e for e in eps if e["end_s"] is not None]
+    final = s.get("final_state")
+    tombs = s.get("tombstones")
     if counter and counter.get("valid") is False:
         out.append(f"Gossip LOST acknowledged increments ({counter['lost']} lost on the counters)")
+    if final and final.get("valid") is False:
+        out.append(
+            f"Gossip's replicas did NOT end with the last acknowledged write of "
+            f"{plural(len(final['violations']), 'key')} (an acknowledged delete undone, or an "
+            "older write winning)"
+        )
+    if tombs and tombs.get("valid") is False:
+        out.append(
+            f"Gossip did NOT collect its tombstones within {secs(tombs['waited_s'])} after the run"
+        )
     if conv.get("valid") is False:
         out.append("Gossip's replicas did NOT converge to one state after the heal")
     if not eps:
@@ -918,6 +978,17 @@ def _gossip_sentence(s: Mapping[str, Any]) -> list[str]:
     stale = s.get("stale_reads") or {}
     if stale.get("reads_checked"):
         out.append(f"{stale['stale']} of {stale['reads_checked']} reads were stale")
+    deletes = s["deletes"]["acknowledged"]
+    if final and final.get("valid") is True:
+        text = "every register ended as its last acknowledged write"
+        if deletes:
+            text += f" ({plural(deletes, 'acknowledged delete')}, none undone)"
+        out.append(text)
+    if tombs and tombs.get("all_collected_after_stop_s") is not None and tombs["collected"]:
+        out.append(
+            f"its tombstones were all collected {secs(tombs['all_collected_after_stop_s'])} "
+            "after the clients stopped"
+        )
     if counter and counter.get("valid") is not False:
         out.append("no acknowledged increment was lost")
     return out
@@ -1131,6 +1202,12 @@ def key_rows(summary: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
         ),
     )
     row(
+        "deletes acknowledged",
+        lambda s: f"{s['deletes']['acknowledged']} / {s['deletes']['invoked']}",
+    )
+    row("last acked write on every replica", lambda s: _final_cell(s["final_state"]))
+    row("tombstones", lambda s: _tombstone_cell(s["tombstones"]))
+    row(
         "counters",
         lambda s: (
             "-"
@@ -1143,6 +1220,28 @@ def key_rows(summary: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
         ),
     )
     return rows
+
+
+def _final_cell(f: Mapping[str, Any] | None) -> str:
+    if f is None:
+        return "-"
+    if f["valid"] is False:
+        return f"VIOLATION ({plural(len(f['violations']), 'key')})"
+    if f["valid"] is not True:
+        return str(f["valid"])
+    return f"yes ({f['deleted_keys']} of {plural(f['keys'], 'key')} deleted)"
+
+
+def _tombstone_cell(t: Mapping[str, Any] | None) -> str:
+    if t is None:
+        return "-"
+    text = f"{t['collected']} collected, {t['held_at_end']} held at the end"
+    after = t["all_collected_after_stop_s"]
+    if after is not None:
+        return f"{text}; none left {secs(after)} after the stop"
+    if t["waited_s"] > 0:
+        return f"{text}; NOT all collected within {secs(t['waited_s'])}"
+    return text
 
 
 # -- HTML ------------------------------------------------------------------------------------

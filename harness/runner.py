@@ -19,13 +19,22 @@ During the run, per store:
   description (groups, sides, nodes);
 * every ~100 ms each node's ``Cluster.Status`` is sampled into ``digests.jsonl``:
   ``{"time_ns", "digests": {node: hex | null}, "leaders": {node: id}, "terms": {node: n}}``
-  (leaders/terms on raft only; null when the node did not answer).
+  (leaders/terms on raft only; null when the node did not answer); on gossip also
+  ``"tombstones"`` and ``"tombstones_collected"`` ({node: n}, its Status counters).
 
 When ``duration`` has passed the clients stop; whatever fault is still in force is undone
 (heal, resume, restart, skew 0; recorded), the runner waits up to ``converge_timeout`` for
-all replicas to report the same digest, reads every counter on every node (LOCAL reads,
-recorded), stops every process (also on error, Ctrl-C or SIGTERM: try/finally) and runs the
-checkers. Results go to ``<out>/<store>/results.json`` and, combined, ``<out>/results.json``.
+all replicas to report the same digest, reads every counter on every node and, on gossip,
+every register (LOCAL reads, recorded); on gossip it then waits up to the scenario's
+``tombstone_timeout`` for every node to have collected its tombstones. It stops every
+process (also on error, Ctrl-C or SIGTERM: try/finally) and runs the checkers. Results go
+to ``<out>/<store>/results.json`` and, combined, ``<out>/results.json``.
+
+Checkers: raft, linearizability of the registers (reads, writes, deletes, cas) and stale
+LOCAL reads; gossip, the final state of the registers (no acknowledged delete undone, the
+last acknowledged write everywhere: :mod:`harness.checker.final_state`), tombstone
+collection (:mod:`harness.checker.tombstones`), stale reads and LWW losers; both, counter
+bounds and convergence.
 
 Script API
 ----------
@@ -125,11 +134,13 @@ class StoreRun:
         self.final_reads: dict[str, dict[str, int | None]] = {}
         self.final_registers: dict[str, dict[str, str | None]] = {}
         self.end_s: float | None = None
+        self.tombstones_collected_s: float | None = None  # gossip: every node holds none
         self._stop = asyncio.Event()
         self._sampling = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._digest_file: IO[str] | None = None
         self._latest_digests: dict[str, str | None] = {}
+        self._latest_tombstones: dict[str, int | None] = {}
         self._latest_time_ns = 0
         self._samples_taken = 0
         self._status_client: KVClient | None = None
@@ -158,6 +169,7 @@ class StoreRun:
             sc.nodes,
             self.dir,
             enable_admin=True,
+            extra_args=[f"--set={k}={v}" for k, v in sc.options_for(self.store).items()],
             peer_addresses=self.net.peer_addresses,
             ports=ports,
         )
@@ -206,6 +218,7 @@ class StoreRun:
                 rate=sc.rate,
                 op_timeout=sc.op_timeout,
                 seed=sc.seed,
+                delete_fraction=sc.delete_fraction,
             ),
             self.cluster.endpoints,
             self.recorder,
@@ -314,6 +327,10 @@ class StoreRun:
                 self.recorder,
                 first_process=FINAL_REGISTER_READ_PROCESS,
             )
+        if self.store == "gossip" and self.scenario.tombstone_timeout > 0:
+            self.tombstones_collected_s = await self._wait_tombstones(
+                self.scenario.tombstone_timeout
+            )
         await self._stop_sampler()
         self.recorder.close()
 
@@ -364,6 +381,25 @@ class StoreRun:
             await asyncio.sleep(SAMPLE_INTERVAL_S / 4)
         return None
 
+    async def _wait_tombstones(self, timeout: float) -> float | None:
+        """Seconds since t0 of the first of two consecutive samples (taken after this call)
+        in which every node reported 0 tombstones (None: not within ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        seen = self._samples_taken
+        first: float | None = None
+        while time.monotonic() < deadline:
+            if self._samples_taken != seen:
+                seen = self._samples_taken
+                held = self._latest_tombstones
+                if held and all(v == 0 for v in held.values()):
+                    if first is not None:
+                        return first
+                    first = self._latest_time_ns / 1e9
+                else:
+                    first = None
+            await asyncio.sleep(SAMPLE_INTERVAL_S / 4)
+        return None
+
     async def _sample_digests(self) -> None:
         assert self.cluster is not None and self._status_client is not None
         client, eps = self._status_client, self.cluster.endpoints
@@ -382,14 +418,24 @@ class StoreRun:
             sample: dict[str, Any] = {"time_ns": t_ns, "digests": digests}
             leaders: dict[str, str | None] = {}
             terms: dict[str, int | None] = {}
+            tombs: dict[str, int | None] = {}
+            collected: dict[str, int | None] = {}
             for node, st in answers:
                 digests[node] = st.state_digest.hex() if st is not None else None
                 leaders[node] = (st.leader_id or None) if st is not None else None
                 terms[node] = st.term if st is not None else None
+                tombs[node] = st.counters.get("tombstones") if st is not None else None
+                collected[node] = (
+                    st.counters.get("tombstones_collected") if st is not None else None
+                )
             if self.store == "raft":
                 sample["leaders"] = leaders
                 sample["terms"] = terms
+            else:
+                sample["tombstones"] = tombs
+                sample["tombstones_collected"] = collected
             self._latest_digests = digests
+            self._latest_tombstones = tombs
             self._latest_time_ns = t_ns
             self._samples_taken += 1
             if self._digest_file is not None:
@@ -626,7 +672,17 @@ def check_store(run: StoreRun) -> dict[str, Any]:
     window: tuple[float, float] | None = (fw[0], fw[1]) if fw else None
     samples = read_digests(run.digests_path) if run.digests_path.exists() else []
     digest = divergence(samples, window)
-    checkers = run_checkers(run.store, ops, samples, window, run.final_reads, run.final_registers)
+    checkers = run_checkers(
+        run.store,
+        ops,
+        samples,
+        window,
+        run.final_reads,
+        run.final_registers,
+        nodes=sc.node_ids,
+        end_s=run.end_s,
+        tombstone_timeout=sc.tombstone_timeout,
+    )
     verdicts = [c.get("valid") for c in checkers.values()]
     valid: bool | str = True
     if any(v is False for v in verdicts):
@@ -651,10 +707,12 @@ def check_store(run: StoreRun) -> dict[str, Any]:
                 if run.converged_s is not None and run.end_s is not None
                 else None
             ),
+            "tombstones_collected_s": run.tombstones_collected_s,
         },
         "checkers": checkers,
         "digests": digest,
         "final_reads": run.final_reads,
+        "final_registers": run.final_registers,
         **figures,
         "files": {
             "history": str(run.history_path),
@@ -675,19 +733,88 @@ def run_checkers(
     window: tuple[float, float] | None,
     final_reads: Mapping[str, Mapping[str, int | None]],
     final_registers: Mapping[str, Mapping[str, str | None]] | None = None,
+    *,
+    nodes: Sequence[str] | None = None,
+    end_s: float | None = None,
+    tombstone_timeout: float = 0.0,
 ) -> dict[str, dict[str, Any]]:
     """Per-checker verdicts and figures. ``valid`` is True, False or "unknown"; checkers
-    that only measure (stale reads, LWW losers, convergence) report ``valid: null``."""
+    that only measure (stale reads, LWW losers) report ``valid: null``, as does the
+    tombstone checker when the run did not wait for collection (``tombstone_timeout`` 0).
+    ``nodes``: every node whose final register reads must be there (default: those read);
+    ``end_s``: when the workload stopped (default: the last client operation's invoke)."""
     out: dict[str, dict[str, Any]] = {}
     register_ops = [op for op in ops if op.f in ("read", "write", "cas", "delete")]
     if register_ops and store == "raft":
         out["linearizable"] = _linearizable(register_ops)
     out.update(_extra_checkers(store, ops, samples, window, final_reads))
     if store == "gossip":
+        if final_registers:
+            out["final_state"] = _final_state(ops, final_registers, nodes)
+        if any("tombstones" in s for s in samples):
+            if end_s is None:
+                client = [o.invoke_time for o in ops if _is_client(o)]
+                end_s = max(client, default=0) / 1e9
+            out["tombstones"] = _tombstones(ops, samples, end_s, tombstone_timeout)
         out.update(_staleness(ops, final_registers or {}))
     else:
         out["stale_local_reads"] = _stale_reads_figures(ops, ("read-local",))
     return out
+
+
+def _is_client(op: Operation) -> bool:
+    return isinstance(op.process, int) and op.process < FINAL_READ_PROCESS
+
+
+def _final_state(
+    ops: Sequence[Operation],
+    final_registers: Mapping[str, Mapping[str, str | None]],
+    nodes: Sequence[str] | None,
+) -> dict[str, Any]:
+    """No acknowledged delete undone, the last acknowledged write on every replica."""
+    from harness.checker.final_state import check_final_registers, describe_write
+
+    res = check_final_registers([o for o in ops if _is_client(o)], final_registers, nodes)
+    return {
+        "valid": res.valid,
+        "keys": len(res.keys),
+        "acknowledged_writes": res.acknowledged,
+        "acknowledged_deletes": res.deletes_acknowledged,
+        "deleted_keys": list(res.deleted_keys),
+        "verdicts": {k: r.verdict for k, r in res.keys.items()},
+        "last_writes": {
+            k: None if r.last is None else describe_write(r.last) for k, r in res.keys.items()
+        },
+        "violations": [f"{k.key}: {k.verdict}: {k.reason}" for k in res.violations],
+        "summary": res.summary(),
+    }
+
+
+def _tombstones(
+    ops: Sequence[Operation],
+    samples: Sequence[Mapping[str, Any]],
+    end_s: float,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Tombstones held and collected (Status counters), and whether all went in time."""
+    from harness.checker.tombstones import check_tombstones
+
+    res = check_tombstones(samples, int(end_s * 1e9), timeout_s=timeout_s)
+    deletes = [o for o in ops if _is_client(o) and o.f == "delete"]
+    at = res.all_collected_at_ns
+    return {
+        "valid": res.valid,
+        "acknowledged_deletes": sum(1 for o in deletes if o.type == "ok"),
+        "indeterminate_deletes": sum(1 for o in deletes if o.type == "info"),
+        "max_held": res.max_held,
+        "held_at_end": dict(res.held_at_end),
+        "collected": dict(res.collected),
+        "collected_total": res.collected_total,
+        "all_collected_at_s": None if at is None else round(at / 1e9, 3),
+        "all_collected_after_stop_s": None if at is None else round(at / 1e9 - end_s, 3),
+        "waited_s": timeout_s,
+        "summary": res.summary(),
+    }
 
 
 def _linearizable(ops: Sequence[Operation]) -> dict[str, Any]:

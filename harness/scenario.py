@@ -12,9 +12,16 @@ A scenario is a YAML mapping (unknown fields are refused, with file and line)::
     op_timeout: 1s                   # deadline of every operation (default 1s)
     duration: 35s                    # required; the workload runs this long
     keys: 3                          # register keys and counter keys (default 3 each)
+    delete_fraction: 0.15            # share of register operations that delete the key
+                                     # (0 .. 0.5, default 0.15; reads are half of them)
     seed: 1                          # randomness of shapes, targets, workloads (default 0)
     partition_mode: drop             # drop | reject: how partitions cut links (default drop)
     converge_timeout: 10s            # after the run: wait this long for replicas to agree
+    tombstone_timeout: 30s           # gossip, after the final reads: wait this long for
+                                     # every node to collect its tombstones (default 0s:
+                                     # do not wait, only report the counts)
+    node_options:                    # `--set NAME=VALUE` for the nodes of one store
+      gossip: {tombstone_min_age_ms: 2000}
     faults:
       - at: 10s
         partition: majority-minority # groups | majority-minority | random-halves | isolate |
@@ -76,6 +83,9 @@ TOP_FIELDS = (
     "seed",
     "partition_mode",
     "converge_timeout",
+    "delete_fraction",
+    "tombstone_timeout",
+    "node_options",
     "faults",
 )
 FAULT_FIELDS = (
@@ -94,7 +104,9 @@ FAULT_FIELDS = (
 )
 GENERIC_TARGETS = ("leader", "minority", "majority", "random", "all")
 UNDO = {"partition": "heal", "kill": "restart", "pause": "resume", "clock-skew": "clock-skew"}
-_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m)$")
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)$")
+DEFAULT_DELETE_FRACTION = 0.15  # = harness.workload.DEFAULT_DELETE_FRACTION
+MAX_DELETE_FRACTION = 0.5
 
 
 class ScenarioError(ValueError):
@@ -143,6 +155,9 @@ class Scenario:
     seed: int = 0
     partition_mode: str = "drop"
     converge_timeout: float = 10.0
+    delete_fraction: float = DEFAULT_DELETE_FRACTION
+    tombstone_timeout: float = 0.0  # gossip: wait for tombstone collection (0: do not)
+    node_options: tuple[tuple[str, str, int], ...] = ()  # (store, name, value) for --set
     faults: tuple[Fault, ...] = ()
 
     @property
@@ -152,6 +167,10 @@ class Scenario:
     @property
     def node_ids(self) -> list[str]:
         return [f"n{i + 1}" for i in range(self.nodes)]
+
+    def options_for(self, store: str) -> dict[str, int]:
+        """The ``--set`` options of ``store``'s nodes (name -> value)."""
+        return {name: value for s, name, value in self.node_options if s == store}
 
     def with_duration(self, duration: float) -> Scenario:
         """Override the duration; faults after it are dropped."""
@@ -171,19 +190,25 @@ class Scenario:
             "op_timeout_s": self.op_timeout,
             "duration_s": self.duration,
             "keys": self.keys,
+            "delete_fraction": self.delete_fraction,
             "seed": self.seed,
             "partition_mode": self.partition_mode,
+            "tombstone_timeout_s": self.tombstone_timeout,
+            "node_options": {
+                store: self.options_for(store)
+                for store in dict.fromkeys(s for s, _, _ in self.node_options)
+            },
             "faults": [f.describe() for f in self.faults],
         }
 
 
 def parse_duration(text: str) -> float:
-    """``500ms`` / ``10s`` / ``1m`` / ``-2s`` -> seconds (ValueError otherwise)."""
+    """``500ms`` / ``10s`` / ``1m`` / ``1h`` / ``-2s`` -> seconds (ValueError otherwise)."""
     m = _DURATION.match(text.strip())
     if not m:
-        raise ValueError(f"expected a duration like 500ms, 10s or 1m, got {text!r}")
+        raise ValueError(f"expected a duration like 500ms, 10s, 1m or 1h, got {text!r}")
     value, unit = float(m.group(1)), m.group(2)
-    return value / 1000 if unit == "ms" else value * 60 if unit == "m" else value
+    return value * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
 
 
 class _Ctx:
@@ -222,6 +247,12 @@ class _Ctx:
             raise self.err(node, f"{what} must be a number, got {v!r}") from None
         if x < lo:
             raise self.err(node, f"{what} must be >= {lo:g}, got {v}")
+        return x
+
+    def fraction(self, node: Node, what: str, hi: float) -> float:
+        x = self.number(node, what, 0)
+        if x > hi:
+            raise self.err(node, f"{what} must be between 0 and {hi:g}, got {x:g}")
         return x
 
     def duration(self, node: Node, what: str, *, allow_negative: bool = False) -> float:
@@ -303,6 +334,15 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         converge_timeout=get(
             "converge_timeout", lambda n: ctx.duration(n, "converge_timeout"), 10.0
         ),
+        delete_fraction=get(
+            "delete_fraction",
+            lambda n: ctx.fraction(n, "delete_fraction", MAX_DELETE_FRACTION),
+            DEFAULT_DELETE_FRACTION,
+        ),
+        tombstone_timeout=get(
+            "tombstone_timeout", lambda n: ctx.duration(n, "tombstone_timeout"), 0.0
+        ),
+        node_options=get("node_options", lambda n: _parse_node_options(ctx, n), ()),
     )
     if sc.op_timeout <= 0:
         raise ctx.err(top["op_timeout"][1], "op_timeout must be positive")
@@ -465,6 +505,33 @@ def _undo(f: Fault, at: float) -> Fault:
     if f.action == "pause":
         return Fault(at, "resume", target="paused", line=f.line)
     return Fault(at, "clock-skew", target="skewed", skew_ms=0, line=f.line)
+
+
+def _parse_node_options(ctx: _Ctx, node: Node) -> tuple[tuple[str, str, int], ...]:
+    """``{store: {NAME: integer}}``, checked by the store's own option parser (the one
+    ``caplab node --set`` uses), so a bad option is refused here rather than by a node."""
+    from caplab import errors
+
+    out: list[tuple[str, str, int]] = []
+    for store, (knode, vnode) in ctx.mapping(node, "node_options", STORES[:2]).items():
+        parser = _options_class(store)
+        names = [f.name for f in dataclasses.fields(parser)]
+        opts = ctx.mapping(vnode, f"node_options of {store}", names)
+        texts = {name: ctx.scalar(v, f"{store} option {name}") for name, (_, v) in opts.items()}
+        try:
+            parser.parse(texts)
+        except errors.StoreError as e:
+            raise ctx.err(knode, e.message) from None
+        out += [(store, name, int(text)) for name, text in texts.items()]
+    return tuple(out)
+
+
+def _options_class(store: str) -> Any:
+    """The dataclass of ``store``'s node options (``GossipOptions`` / ``RaftOptions``)."""
+    import importlib
+
+    module = importlib.import_module(f"{store}.node")
+    return module.GossipOptions if store == "gossip" else module.RaftOptions
 
 
 def _parse_groups(ctx: _Ctx, node: Node, node_ids: list[str]) -> tuple[tuple[str, ...], ...]:

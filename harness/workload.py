@@ -19,10 +19,14 @@ a partition in force, the node's side (``majority``/``minority``).
 
 Workloads:
 
-``register``  read / write / cas over ``keys`` registers ``r0..``; every written value is
-              unique (``"<process>-<n>"``), so every read traces back to one write. CAS
-              expects the value this client last saw. The AP store refuses CAS with
-              FAILED_PRECONDITION: a ``fail``.
+``register``  read / write / delete / cas over ``keys`` registers ``r0..``: half reads (one
+              in five of them LOCAL), ``delete_fraction`` deletes (default 0.15 of the
+              register operations), the rest writes and CAS (3:2). Every written value is
+              unique (``"<process>-<n>"``), so every read traces back to one write; a read
+              of a deleted key returns null (absent). CAS expects the value this client
+              last saw (null: absent). The AP store refuses CAS with FAILED_PRECONDITION:
+              a ``fail``. The ``ok`` of a write or delete carries the store's HLC timestamp
+              of that write when the store gives one (gossip: ``hlc`` in the history).
 ``counter``   increments by a random delta in 1..5 and reads of ``keys`` counters ``c0..``.
 ``both``      each operation picks one of the two at random.
 """
@@ -40,10 +44,13 @@ from typing import TypeAlias
 from caplab import errors
 from caplab.v1 import kv_pb2
 from harness.client import KVClient
-from harness.history import CompletionType, Event, HistoryWriter, Json, Process
+from harness.history import CompletionType, Event, HistoryWriter, Hlc, Json, Process
 
 WORKLOADS = ("register", "counter", "both")
-_Outcome: TypeAlias = tuple[CompletionType, Json, str | None]  # completion type, value, error
+DEFAULT_DELETE_FRACTION = 0.15
+MAX_DELETE_FRACTION = 0.5  # the other half of the register operations are reads
+# completion type, value, error, HLC timestamp of the write (gossip)
+_Outcome: TypeAlias = tuple[CompletionType, Json, str | None, Hlc | None]
 
 
 def register_keys(n: int) -> list[str]:
@@ -84,8 +91,9 @@ class Recorder:
         value: Json = None,
         *,
         error: str | None = None,
+        hlc: Hlc | None = None,
     ) -> Event:
-        return self.writer.complete(type, process, value, error=error, time=self.now())
+        return self.writer.complete(type, process, value, error=error, time=self.now(), hlc=hlc)
 
     def close(self) -> None:
         self.writer.close()
@@ -99,6 +107,21 @@ class WorkloadConfig:
     rate: float = 0.0  # ops/s for the whole store; 0 = closed loop as fast as possible
     op_timeout: float = 1.0
     seed: int = 0
+    delete_fraction: float = DEFAULT_DELETE_FRACTION  # of the register operations
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.delete_fraction <= MAX_DELETE_FRACTION:
+            raise ValueError(
+                f"delete_fraction must be between 0 and {MAX_DELETE_FRACTION}, "
+                f"got {self.delete_fraction}"
+            )
+
+
+def header_hlc(header: kv_pb2.ResponseHeader) -> Hlc | None:
+    """The HLC timestamp of a response header (gossip writes), None when it has none."""
+    if not header.HasField("hlc"):
+        return None
+    return (header.hlc.wall_ms, header.hlc.logical, header.hlc.node_id)
 
 
 def _error_text(e: BaseException) -> str:
@@ -190,9 +213,10 @@ class Workload:
         rec = self.recorder
         pid = state.process
         rec.invoke(pid, f, key, value, node=node, side=self.side_of(node))
+        hlc: Hlc | None = None
         try:
             result = await asyncio.wait_for(call(), self.config.op_timeout + 2.0)
-            ctype, out, err = result
+            ctype, out, err, hlc = result
         except errors.StoreError as e:
             ctype, out, err = ("fail" if e.definite else "info"), None, _error_text(e)
         except TimeoutError:
@@ -203,7 +227,7 @@ class Workload:
             ctype, out, err = "info", None, _error_text(e)
         if ctype == "ok" and f in ("write", "cas", "incr"):
             out = value
-        rec.complete(ctype, pid, out, error=err)
+        rec.complete(ctype, pid, out, error=err, hlc=hlc if ctype == "ok" else None)
         return ctype
 
     async def _register_op(self, client: KVClient, node: str, st: _ClientState) -> CompletionType:
@@ -228,17 +252,26 @@ class Workload:
                 else:
                     text = str(v)
                 st.last[key] = text
-                return "ok", text, None
+                return "ok", text, None, None
 
             return await self._do(st, node, f, key, None, read)
+        deletes = self.config.delete_fraction
+        if r < 0.5 + deletes:
+
+            async def delete() -> _Outcome:
+                resp = await client.delete(key)
+                st.last[key] = None
+                return "ok", None, None, header_hlc(resp.header)
+
+            return await self._do(st, node, "delete", key, None, delete)
         st.n += 1
         new = f"{st.process}-{st.n}"
-        if r < 0.8:
+        if r < 0.5 + deletes + (0.5 - deletes) * 0.6:
 
             async def write() -> _Outcome:
-                await client.put(key, new.encode())
+                resp = await client.put(key, new.encode())
                 st.last[key] = new
-                return "ok", new, None
+                return "ok", new, None, header_hlc(resp.header)
 
             return await self._do(st, node, "write", key, new, write)
         expected = st.last.get(key)
@@ -249,10 +282,10 @@ class Workload:
             )
             if resp.swapped:
                 st.last[key] = new
-                return "ok", [expected, new], None
+                return "ok", [expected, new], None, header_hlc(resp.header)
             current = resp.current.decode("utf-8", "replace") if resp.found else None
             st.last[key] = current
-            return "fail", None, f"compare failed: current value {current!r}"
+            return "fail", None, f"compare failed: current value {current!r}", None
 
         return await self._do(st, node, "cas", key, [expected, new], cas)
 
@@ -264,14 +297,14 @@ class Workload:
 
             async def incr() -> _Outcome:
                 await client.increment(key, delta)
-                return "ok", delta, None
+                return "ok", delta, None, None
 
             return await self._do(st, node, "incr", key, delta, incr)
 
         async def read() -> _Outcome:
             g = await client.get(key)
             v = g.value if isinstance(g.value, int) else 0
-            return "ok", v, None
+            return "ok", v, None, None
 
         return await self._do(st, node, "read-counter", key, None, read)
 

@@ -249,6 +249,36 @@ def test_generated_stale_read_rejected() -> None:
     assert found > 0 or os.environ.get("CAPLAB_SEED")
 
 
+def test_generated_delete_heavy_histories() -> None:
+    """Histories with 15% deletes (the workloads' default) are accepted; a read that returns
+    a value deleted before it began (resurrection) is rejected."""
+    found = 0
+    for seed in _seeds(40):
+        rng = random.Random(seed)
+        events = simulate_register_history(rng, rng.randint(50, 300), 2, 4, 0.05, delete_rate=0.15)
+        ops = pair_operations(events)
+        assert sum(1 for o in ops if o.f == "delete") > 0, _replay(seed, "delete_heavy")
+        assert check_register(ops).valid is True, _replay(seed, "delete_heavy")
+        oks = [o for o in ops if o.type == "ok"]
+        cands = [
+            (i, w1)
+            for i, rd in enumerate(ops)
+            if rd.f == "read" and rd.type == "ok"
+            for d in oks
+            if d.f == "delete" and d.key == rd.key and d.complete_time < rd.invoke_time
+            for w1 in oks
+            if w1.f == "write" and w1.key == rd.key and w1.complete_time < d.invoke_time
+        ]
+        if not cands:
+            continue
+        found += 1
+        i, w1 = rng.choice(cands)
+        bad = list(ops)
+        bad[i] = dataclasses.replace(ops[i], result=w1.value)
+        assert check_register(bad).valid is False, _replay(seed, "delete_heavy")
+    assert found > 0 or os.environ.get("CAPLAB_SEED")
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(min_value=0, max_value=2**32))
 def test_hypothesis_sequential_with_overlaps_accepted(seed: int) -> None:

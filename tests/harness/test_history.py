@@ -59,6 +59,26 @@ def test_round_trip(tmp_path: Path) -> None:
     assert read_history(copy) == events
 
 
+def test_delete_with_hlc_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "h.jsonl"
+    with HistoryWriter(path, clock=FakeClock()) as hw:
+        hw.invoke(0, "delete", "k", None, node="n1")
+        hw.complete("ok", 0, None, hlc=(1_700_000_000_123, 4, "n1"))
+        hw.invoke(0, "write", "k", "v", node="n1")
+        hw.complete("info", 0, None, error="timeout")
+    line = json.loads(path.read_text().splitlines()[1])
+    assert line["hlc"] == [1_700_000_000_123, 4, "n1"]
+    events = read_history(path)
+    assert events[1].hlc == (1_700_000_000_123, 4, "n1")
+    assert "hlc" not in json.loads(path.read_text().splitlines()[3])
+    ops = pair_operations(events)
+    assert (ops[0].f, ops[0].type, ops[0].hlc) == ("delete", "ok", (1_700_000_000_123, 4, "n1"))
+    assert ops[1].hlc is None
+    copy = tmp_path / "copy.jsonl"
+    write_history(copy, events)
+    assert read_history(copy) == events
+
+
 def test_writer_flushes_regularly(tmp_path: Path) -> None:
     path = tmp_path / "h.jsonl"
     hw = HistoryWriter(path, flush_every=2)
@@ -121,6 +141,10 @@ def _line(**over: object) -> str:
         ([_line(f="cas", value=["a"])], "h.jsonl:1: cas value must be"),
         ([_line(f="incr", value="x")], "h.jsonl:1: incr value must be an integer"),
         ([_line(extra=1)], "h.jsonl:1: unknown field(s): extra"),
+        ([_line(type="ok", hlc=[1, 2])], "h.jsonl:1: hlc must be [wall_ms, logical, node]"),
+        ([_line(type="ok", hlc=[1, -2, "n1"])], "h.jsonl:1: hlc must be [wall_ms, logical"),
+        ([_line(type="ok", hlc=["1", 2, "n1"])], "h.jsonl:1: hlc must be [wall_ms, logical"),
+        ([_line(hlc=[1, 2, "n1"])], "h.jsonl:1: hlc belongs on a completion"),
         (['{"index": 0}'], "h.jsonl:1: missing field(s): time, process"),
     ],
 )

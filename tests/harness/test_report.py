@@ -20,6 +20,7 @@ from harness.report import (
     build_report,
     build_summary,
     divergence_interval,
+    key_rows,
     pct,
     validate_summary,
 )
@@ -75,7 +76,8 @@ def write_store(root: Path, store: str) -> None:
             key = "r0"
             add(t, "invoke", process, "write", key, value, node=node, side=side)
             if store == "gossip":
-                add(t + 0.001, "ok", process, "write", key, value, node=node)
+                hlc = (_ns(t) // 1_000_000, 0, node)
+                add(t + 0.001, "ok", process, "write", key, value, node=node, hlc=hlc)
             elif during and node == "n1" and t == 5.5:
                 add(t + 0.4, "info", process, "write", key, None, node=node, error="timeout")
                 process += 3
@@ -209,6 +211,89 @@ def test_verdict_in_plain_words(run_dir: Path) -> None:
     assert "stayed linearizable" in v
     assert "gossip answered 100% on both sides" in v
     assert "diverged for 4.2 s and converged 0.50 s after heal" in v
+
+
+def add_gossip_delete(root: Path, final: str | None) -> None:
+    """Append to the synthetic gossip run: n1 deletes r0 at 7.9 s (after every write, also
+    by its HLC timestamp), then every node's final read of r0 returns ``final``; the
+    samples carry tombstone counters: one tombstone per node from 7.9 s to 9 s."""
+    from harness.history import read_history
+    from harness.runner import FINAL_REGISTER_READ_PROCESS
+
+    d = root / "gossip"
+    events = read_history(d / "history.jsonl")
+    with HistoryWriter(d / "history.jsonl") as w:
+        for e in events:
+            w.append(
+                e.type,
+                e.process,
+                e.f,
+                e.key,
+                e.value,
+                node=e.node,
+                error=e.error,
+                side=e.side,
+                time=e.time,
+                hlc=e.hlc,
+            )
+        w.append("invoke", 0, "delete", "r0", None, node="n1", time=_ns(7.9))
+        w.append("ok", 0, "delete", "r0", None, node="n1", time=_ns(7.901), hlc=(7900, 0, "n1"))
+        for i, node in enumerate(("n1", "n2", "n3")):
+            pid = FINAL_REGISTER_READ_PROCESS + i
+            w.append("invoke", pid, "read", "r0", None, node=node, time=_ns(8.5))
+            w.append("ok", pid, "read", "r0", final, node=node, time=_ns(8.501))
+    with open(d / "digests.jsonl", "w", encoding="utf-8") as fh:
+        for k in range(101):
+            t = k / 10
+            held = 1 if 7.9 <= t < 9.0 else 0
+            fh.write(
+                json.dumps(
+                    {
+                        "time_ns": _ns(t),
+                        "digests": {"n1": "aa", "n2": "aa", "n3": "aa"},
+                        "tombstones": dict.fromkeys(SIDES, held),
+                        "tombstones_collected": dict.fromkeys(SIDES, int(t >= 9.0)),
+                    }
+                )
+                + "\n"
+            )
+
+
+def test_deletes_final_state_and_tombstones(run_dir: Path) -> None:
+    add_gossip_delete(run_dir, None)
+    s = build_summary(run_dir)
+    validate_summary(s)
+    g = s["stores"]["gossip"]
+    assert g["deletes"] == {"invoked": 1, "acknowledged": 1, "indeterminate": 0, "refused": 0}
+    assert s["stores"]["raft"]["deletes"]["invoked"] == 0
+    assert g["final_state"] == {"valid": True, "keys": 1, "deleted_keys": 1, "violations": []}
+    t = g["tombstones"]
+    assert (t["valid"], t["max_held"], t["collected"]) == (None, 1, 3)
+    assert t["all_collected_after_stop_s"] == pytest.approx(9.0 - 8.501, abs=0.002)
+    assert (
+        "every register ended as its last acknowledged write (1 acknowledged delete, "
+        in (s["verdict"])
+    )
+    assert "its tombstones were all collected 0.50 s after the clients stopped" in s["verdict"]
+    rows = dict(key_rows(s))
+    assert rows["deletes acknowledged"] == ["0 / 0", "1 / 1"]
+    assert rows["last acked write on every replica"] == ["-", "yes (1 of 1 key deleted)"]
+    assert rows["tombstones"] == [
+        "-",
+        "3 collected, 3 held at the end; none left 0.50 s after the stop",
+    ]
+
+
+def test_resurrected_key_is_a_violation(run_dir: Path) -> None:
+    add_gossip_delete(run_dir, "2-15")  # n3's write at 7.5 s, older than the delete
+    s = build_summary(run_dir)
+    assert s["valid"] is False
+    assert s["violations"][0].startswith("gossip: final_state violated (r0: RESURRECTION: ")
+    assert s["verdict"].startswith("VIOLATION: gossip: final_state violated")
+    assert (
+        "Gossip's replicas did NOT end with the last acknowledged write of 1 key" in (s["verdict"])
+    )
+    assert dict(key_rows(s))["last acked write on every replica"][1] == "VIOLATION (1 key)"
 
 
 def test_pct_never_rounds_up_to_100() -> None:

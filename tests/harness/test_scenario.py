@@ -38,6 +38,61 @@ def test_all_shipped_scenarios_are_valid() -> None:
         assert all(0 <= f.at <= sc.duration for f in sc.faults)
 
 
+def test_shipped_scenarios_delete_by_default() -> None:
+    for p in SCENARIOS:
+        sc = load_scenario(p)
+        assert sc.delete_fraction == 0.15, p.name
+        assert sc.summary()["delete_fraction"] == 0.15
+
+
+def test_workload_fields() -> None:
+    sc = parse_scenario(BASE + "delete_fraction: 0.3\ntombstone_timeout: 20s\n")
+    assert (sc.delete_fraction, sc.tombstone_timeout) == (0.3, 20.0)
+    assert parse_scenario(BASE + "delete_fraction: 0\n").delete_fraction == 0
+    assert parse_scenario(BASE).tombstone_timeout == 0
+    assert _err(BASE + "delete_fraction: 0.6\n") == (
+        "scenarios/x.yaml:4: delete_fraction must be between 0 and 0.5, got 0.6"
+    )
+    assert _err(BASE + "delete_fraction: -0.1\n") == (
+        "scenarios/x.yaml:4: delete_fraction must be >= 0, got -0.1"
+    )
+
+
+def test_node_options_are_checked_by_the_store() -> None:
+    sc = parse_scenario(
+        BASE + "node_options:\n  gossip: {tombstone_min_age_ms: 2000}\n  raft: {tick_ms: 20}\n"
+    )
+    assert sc.options_for("gossip") == {"tombstone_min_age_ms": 2000}
+    assert sc.options_for("raft") == {"tick_ms": 20}
+    assert sc.summary()["node_options"] == {
+        "gossip": {"tombstone_min_age_ms": 2000},
+        "raft": {"tick_ms": 20},
+    }
+    assert parse_scenario(BASE).options_for("gossip") == {}
+    msg = _err(BASE + "node_options:\n  gossip: {tombstone_age: 1}\n")
+    assert msg.startswith(
+        "scenarios/x.yaml:5: unknown field 'tombstone_age' in node_options of gossip; allowed:"
+    )
+    assert "tombstone_min_age_ms" in msg
+    assert _err(BASE + "node_options:\n  gossip: {ping_interval_ms: 50}\n") == (
+        "scenarios/x.yaml:5: gossip option ping_interval_ms must exceed ping_timeout_ms"
+    )
+    assert _err(BASE + "node_options:\n  raft: {tick_ms: soon}\n") == (
+        "scenarios/x.yaml:5: raft option tick_ms must be an integer, got 'soon'"
+    )
+    assert _err(BASE + "node_options:\n  zab: {}\n") == (
+        "scenarios/x.yaml:5: unknown field 'zab' in node_options; allowed: raft, gossip"
+    )
+
+
+def test_clock_skew_in_hours() -> None:
+    sc = parse_scenario(BASE + "faults:\n  - at: 1s\n    clock-skew: n1\n    skew: -1h\n")
+    assert sc.faults[0].skew_ms == -3_600_000
+    assert _err(BASE + "faults:\n  - at: 1s\n    clock-skew: n1\n    skew: 25h\n") == (
+        "scenarios/x.yaml:7: skew must be within +-1 day"
+    )
+
+
 def test_majority_minority_file() -> None:
     sc = load_scenario(ROOT / "scenarios" / "majority-minority.yaml")
     assert (sc.nodes, sc.duration, sc.stores) == (5, 35.0, ("raft", "gossip"))
@@ -58,8 +113,10 @@ def test_durations() -> None:
     assert parse_duration("10s") == 10
     assert parse_duration("1m") == 60
     assert parse_duration("-2s") == -2
-    for bad in ("10", "1h", "s", "1 s", "ten s"):
-        with pytest.raises(ValueError, match="like 500ms, 10s or 1m"):
+    assert parse_duration("1h") == 3600
+    assert parse_duration("-0.5h") == -1800
+    for bad in ("10", "1d", "s", "1 s", "ten s"):
+        with pytest.raises(ValueError, match="like 500ms, 10s, 1m or 1h"):
             parse_duration(bad)
 
 
@@ -116,7 +173,7 @@ def test_bad_values_name_the_allowed_ones() -> None:
 
 def test_bad_durations_and_times() -> None:
     assert _err("name: t\nduration: 30\n") == (
-        "scenarios/x.yaml:2: duration: expected a duration like 500ms, 10s or 1m, got '30'"
+        "scenarios/x.yaml:2: duration: expected a duration like 500ms, 10s, 1m or 1h, got '30'"
     )
     assert _err(BASE + "faults:\n  - at: 40s\n    heal: true\n") == (
         "scenarios/x.yaml:5: at 40s is after the end of the run (30s)"

@@ -1,0 +1,90 @@
+"""The register workload's deletes, against one real node of each store.
+
+A single node is a single replica, so even the gossip store's history must be linearizable
+here: reads after a delete return absent, deletes and writes interleave as the register
+model says. The gossip store's acknowledged writes and deletes carry its HLC timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import cluster as cluster_module
+from harness.checker.linearizable import check_register
+from harness.client import KVClient
+from harness.cluster import LocalCluster
+from harness.history import Operation, pair_operations, read_history
+from harness.workload import Recorder, Workload, WorkloadConfig
+from tests.polling import eventually
+
+REGISTER_FS = ("read", "read-local", "write", "delete", "cas")
+
+
+async def _run(store: str, root: Path, delete_fraction: float, ops: int) -> list[Operation]:
+    cluster = LocalCluster(store, 1, root / "cluster")
+    try:
+        cluster.start()
+        await cluster.wait_ready(timeout=30)
+        # raft: a leader first (refusals until then are retried: nothing was applied)
+        async with KVClient(list(cluster.endpoints.values()), retries=50, retry_budget_s=30) as c:
+            await c.put("__ready__", b"1")
+        recorder = Recorder(root / "history.jsonl", time.monotonic_ns())
+        config = WorkloadConfig(
+            kind="register", keys=2, clients_per_node=3, seed=5, delete_fraction=delete_fraction
+        )
+        workload = Workload(config, cluster.endpoints, recorder)
+        stop = asyncio.Event()
+        task = asyncio.create_task(workload.run(stop))
+        try:
+            await eventually(lambda: workload.counts["ok"] >= ops or task.done(), timeout=60)
+        finally:
+            stop.set()
+            await task
+            recorder.close()
+    finally:
+        cluster.close()
+    assert not cluster_module._LIVE
+    return pair_operations(read_history(root / "history.jsonl"))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("store", ["raft", "gossip"])
+async def test_register_workload_deletes(store: str, tmp_path: Path) -> None:
+    ops = await _run(store, tmp_path, 0.15, 300)
+    register = [o for o in ops if o.f in REGISTER_FS]
+    deletes = [o for o in register if o.f == "delete"]
+    assert len(register) >= 300
+    assert 0.07 <= len(deletes) / len(register) <= 0.25, (len(deletes), len(register))
+    acked = [o for o in deletes if o.type == "ok"]
+    assert len(acked) >= 0.9 * len(deletes), "a single healthy node acknowledges its deletes"
+    assert all(o.value is None and o.result is None for o in deletes)
+    absent_reads = [o for o in register if o.f == "read" and o.type == "ok" and o.result is None]
+    assert absent_reads, "no read found a deleted (or never written) key"
+    mutations = [o for o in register if o.type == "ok" and o.f in ("write", "delete")]
+    if store == "gossip":
+        assert all(o.hlc is not None and o.hlc[2] == "n1" for o in mutations)
+        stamps = [o.hlc for o in mutations if o.hlc is not None]
+        assert len(set(stamps)) == len(stamps), "HLC timestamps are unique per node"
+    else:
+        assert all(o.hlc is None for o in mutations)
+    res = check_register(register, timeout_s=30)
+    assert res.valid is True, res.summary()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_no_deletes_when_the_fraction_is_zero(tmp_path: Path) -> None:
+    ops = await _run("gossip", tmp_path, 0.0, 100)
+    assert [o for o in ops if o.f == "delete"] == []
+    assert sum(1 for o in ops if o.f == "write") >= 20
+
+
+def test_delete_fraction_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"delete_fraction must be between 0 and 0\.5"):
+        WorkloadConfig(delete_fraction=0.6)
+    assert WorkloadConfig().delete_fraction == 0.15
