@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from caplab.gossip.v1 import gossip_pb2 as pb
-from gossip.crdt import COMPONENT_MAX, Counter, Register, Value
+from gossip.crdt import COMPONENT_MAX, Applied, Counter, Register, Value
 from gossip.hlc import Timestamp
 from gossip.messages import (
     ALIVE,
@@ -83,10 +83,27 @@ def counter_from_pb(c: pb.Counter) -> Counter:
     return Counter(_join(c.p, c.p_high, "increment"), _join(c.n, c.n_high, "decrement"))
 
 
+OPS = ("put", "delete", "increment")
+
+
+def applied_to_pb(v: Applied) -> pb.Applied:
+    return pb.Applied(
+        ts=ts_to_pb(v.ts), component=v.component, op=v.op, key=v.key, delta=v.delta, num=v.num
+    )
+
+
+def applied_from_pb(a: pb.Applied) -> Applied:
+    if a.op not in OPS:
+        raise CodecError(f"unknown operation {a.op!r} in an applied record")
+    return Applied(ts_from_pb(a.ts), a.component, a.op, a.key, a.delta, a.num)
+
+
 def entry_to_pb(key: str, v: Value) -> pb.Entry:
     if isinstance(v, Register):
         reg = pb.Register(ts=ts_to_pb(v.ts), tombstone=v.value is None, value=v.value or b"")
         return pb.Entry(key=key, register=reg)
+    if isinstance(v, Applied):
+        return pb.Entry(key=key, applied=applied_to_pb(v))
     return pb.Entry(key=key, counter=counter_to_pb(v))
 
 
@@ -99,6 +116,8 @@ def entry_from_pb(e: pb.Entry) -> Entry:
         )
     if e.HasField("counter"):
         return e.key, counter_from_pb(e.counter)
+    if e.HasField("applied"):
+        return e.key, applied_from_pb(e.applied)
     raise CodecError(f"entry {e.key!r} has no value")
 
 
@@ -119,6 +138,8 @@ def _add_entries(out: Any, entries: tuple[Entry, ...]) -> None:
                 r.tombstone = True
             else:
                 r.value = v.value
+        elif isinstance(v, Applied):
+            add(key=k, applied=applied_to_pb(v))
         else:
             add(key=k, counter=counter_to_pb(v))
 

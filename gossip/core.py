@@ -111,14 +111,18 @@ from gossip.crdt import (
     COMPONENT_MAX,
     INT64_MAX,
     INT64_MIN,
+    Applied,
     Counter,
     Register,
     State,
     Value,
     WrongTypeError,
+    applied_key,
     apply_delta,
     delete_delta,
     increment_delta,
+    is_reserved,
+    parse_applied_key,
     put_delta,
 )
 from gossip.hlc import HLC, ClockDriftError, Timestamp
@@ -147,6 +151,7 @@ __all__ = [
     "GossipCore",
     "MemberInfo",
     "Outputs",
+    "RequestTooOldError",
     "Stats",
     "ValueOutOfRangeError",
     "Write",
@@ -176,6 +181,12 @@ class GossipConfig:
     collected_memory_ms: int = 300_000
     gc_interval_ms: int = 1000  # tombstone collection runs this often
     tombstone_grace_ms: int = 7 * 24 * 3600 * 1000  # forced GC: may resurrect (see module doc)
+    # Exactly once (Applied records): per client, the records of its last ``dedup_window``
+    # sequences are kept (older ones: a retry is answered "too old"); a client's records
+    # are all dropped ``dedup_ttl_ms`` after its latest one (a retry later than that is a
+    # new request). Records are collected like tombstones: once every member holds them.
+    dedup_window: int = 128
+    dedup_ttl_ms: int = 3_600_000
     delta_log_max: int = 10_000  # keys
     delta_batch_max: int = 1_000  # keys per Deltas message
     # Flow control of delta gossip, per peer: at most this many unacknowledged Deltas
@@ -211,6 +222,11 @@ class GossipConfig:
 
 class ValueOutOfRangeError(Exception):
     """An increment would take a counter outside the int64 range."""
+
+
+class RequestTooOldError(Exception):
+    """A request's sequence is older than its client's window and its record is gone:
+    it may have been applied long ago (its answer is forgotten)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +276,10 @@ class Stats:
     type_conflict_overwrites: int = 0
     tombstones_collected: int = 0
     tombstones_force_collected: int = 0  # by grace period (subset of the above)
+    records_collected: int = 0  # Applied records (exactly once) collected
+    # the same request met here applied on two nodes (each detection; the later
+    # application is settled, see "Exactly once")
+    duplicates_merged: int = 0
     # remote timestamps more than max_drift_ms ahead of the local physical clock, which
     # the HLC followed all the same (see GossipConfig.max_drift_ms)
     clock_jumps: int = 0
@@ -331,6 +351,15 @@ class _Flow:
 class _Collected:
     ts: Timestamp
     expire_ms: int
+    value: Value  # what was collected (a tombstone or an Applied record)
+
+
+@dataclass(slots=True)
+class _Client:
+    """Applied records held for one client."""
+
+    max_seq: int  # the highest sequence seen (its window ends there)
+    records: int  # how many are held
 
 
 @dataclass(slots=True)
@@ -348,6 +377,11 @@ class _Out:
 
 def _is_tombstone(v: Value | None) -> bool:
     return isinstance(v, Register) and v.value is None
+
+
+def _is_collectable(v: Value | None) -> bool:
+    """Tombstones and Applied records: kept until every member holds them."""
+    return isinstance(v, Applied) or (isinstance(v, Register) and v.value is None)
 
 
 class GossipCore:
@@ -378,7 +412,7 @@ class GossipCore:
         self._merkle = MerkleTree(config.merkle_depth)
         self._merkle.update_many(self._state.items())
         self._hlc = HLC(node_id, max_drift_ms=config.max_drift_ms)
-        regs = [v.ts for v in self._state.values() if isinstance(v, Register)]
+        regs = [v.ts for v in self._state.values() if isinstance(v, Register | Applied)]
         if regs:
             # Never reissue a timestamp below one already persisted (restart after crash).
             self._hlc.observe(max(regs), now_ms)
@@ -408,12 +442,17 @@ class GossipCore:
         # (peer, round) -> entries we sent in AeItems(reply=True): its reply (sent once they
         # are durable) proves the peer holds them (bounded; oldest dropped)
         self._shipped: dict[tuple[str, int, int], tuple[Entry, ...]] = {}
-        # tombstones: key -> members known to hold it (or a newer value)
+        # tombstones and Applied records: key -> members known to hold it (or a newer value)
         self._tomb: dict[str, set[str]] = {}
+        self._clients: dict[str, _Client] = {}
+        self._records = 0
+        self._repush: dict[str, int] = {}  # tombstone -> when it may be pushed again
         for k, v in self._state.items():
-            if _is_tombstone(v):
+            if _is_collectable(v):
                 self._tomb[k] = {node_id}
                 self._log_key(k)  # push restored tombstones to learn who holds them
+                if isinstance(v, Applied):
+                    self._record_added(k)
         self._collected: dict[str, _Collected] = {}
         # membership
         self._incarnation = 0
@@ -462,7 +501,59 @@ class GossipCore:
 
     def tombstone_count(self) -> int:
         """Number of tombstones currently held."""
-        return len(self._tomb)
+        return len(self._tomb) - self._records
+
+    def record_count(self) -> int:
+        """Number of Applied records (exactly once) currently held."""
+        return self._records
+
+    def client_count(self) -> int:
+        """Clients with Applied records held."""
+        return len(self._clients)
+
+    def lookup(self, client_id: str, seq: int) -> Applied | None:
+        """The record of request (client_id, seq) if some node applied it (as far as this
+        replica knows); None if it is new. Raises ``RequestTooOldError`` if its record is
+        gone because the client's window moved past it."""
+        cl = self._clients.get(client_id)
+        if cl is not None and seq <= cl.max_seq - self.config.dedup_window:
+            # (even while its record is still held: the answer must not depend on when
+            # collection runs)
+            raise RequestTooOldError(f"request {client_id}/{seq} is too old")
+        rec = self._state.get(applied_key(client_id, seq))
+        return rec if isinstance(rec, Applied) else None
+
+    def _record_added(self, key: str) -> None:
+        parsed = parse_applied_key(key)
+        if parsed is None:
+            return
+        client, seq = parsed
+        self._records += 1
+        cl = self._clients.get(client)
+        if cl is None:
+            self._clients[client] = _Client(seq, 1)
+        else:
+            cl.records += 1
+            cl.max_seq = max(cl.max_seq, seq)
+
+    def _record_removed(self, key: str) -> None:
+        parsed = parse_applied_key(key)
+        if parsed is None:
+            return
+        self._records -= 1
+        cl = self._clients.get(parsed[0])
+        if cl is not None:
+            cl.records -= 1
+            if cl.records <= 0:
+                del self._clients[parsed[0]]
+
+    def _out_of_window(self, key: str) -> bool:
+        """An Applied record's sequence is older than its client's window."""
+        parsed = parse_applied_key(key)
+        if parsed is None:
+            return False
+        cl = self._clients.get(parsed[0])
+        return cl is not None and parsed[1] <= cl.max_seq - self.config.dedup_window
 
     def get(self, key: str) -> Value | None:
         """The local value of ``key``: None if never written (or its tombstone collected);
@@ -471,24 +562,48 @@ class GossipCore:
 
     # ------------------------------------------------------------------ client writes
 
-    def put(self, key: str, value: bytes, now_ms: int) -> Write:
+    # ``rid`` (client_id, sequence): the write also records its application (an Applied
+    # record in the delta, persisted with it). The caller checks ``lookup`` first: a
+    # request already applied must be answered from its record, not applied again.
+
+    def put(self, key: str, value: bytes, now_ms: int, rid: tuple[str, int] | None = None) -> Write:
         """LWW write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
+        self._check_key(key, rid)
         ts = self._hlc.now(now_ms)
         delta = put_delta(self._state, key, value, ts)
+        self._record(delta, rid, Applied(ts, self.component, "put", key, 0, 0))
         self._apply_local(delta, now_ms)
         return Write(key, ts, delta)
 
-    def delete(self, key: str, now_ms: int) -> Write:
+    def delete(self, key: str, now_ms: int, rid: tuple[str, int] | None = None) -> Write:
         """Tombstone write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
+        self._check_key(key, rid)
         ts = self._hlc.now(now_ms)
+        cur = self._state.get(key)
+        existed = isinstance(cur, Register) and cur.value is not None
         delta = delete_delta(self._state, key, ts)
+        self._record(delta, rid, Applied(ts, self.component, "delete", key, 0, int(existed)))
         self._apply_local(delta, now_ms)
         return Write(key, ts, delta)
 
-    def increment(self, key: str, delta: int, now_ms: int) -> Write:
+    def _check_key(self, key: str, rid: tuple[str, int] | None) -> None:
+        if is_reserved(key):
+            raise ValueError(f"key {key!r} is reserved")
+        if rid is not None and applied_key(*rid) in self._state:
+            raise ValueError(f"request {rid} was applied already: answer it from lookup()")
+
+    @staticmethod
+    def _record(delta: dict[str, Value], rid: tuple[str, int] | None, rec: Applied) -> None:
+        if rid is not None:
+            delta[applied_key(*rid)] = rec
+
+    def increment(
+        self, key: str, delta: int, now_ms: int, rid: tuple[str, int] | None = None
+    ) -> Write:
         """Counter add (``delta`` may be negative). Raises ``WrongTypeError`` if ``key``
         holds a register (also a tombstone) and ``ValueOutOfRangeError`` if the value would
         leave int64."""
+        self._check_key(key, rid)
         d = increment_delta(self._state, key, self.component, delta)
         cur = self._state.get(key)
         value = (cur.value if isinstance(cur, Counter) else 0) + delta
@@ -500,6 +615,7 @@ class GossipCore:
             # 2**64 increments of the largest size would be needed; refuse all the same
             raise ValueOutOfRangeError(f"counter {key!r}: this node's total would pass 2**127")
         ts = self._hlc.now(now_ms)
+        self._record(d, rid, Applied(ts, self.component, "increment", key, delta, value))
         self._apply_local(d, now_ms)
         return Write(key, ts, d)
 
@@ -510,8 +626,10 @@ class GossipCore:
             self._merkle.update(k, v)
             self._log_key(k)
             self._collected.pop(k, None)
-            if _is_tombstone(v):
+            if _is_collectable(v):
                 self._tomb[k] = {self.node_id}
+                if res.old.get(k) is None and isinstance(v, Applied):
+                    self._record_added(k)
             else:
                 self._tomb.pop(k, None)
 
@@ -681,7 +799,7 @@ class GossipCore:
                         break  # the next batch starts with it
                     size += es
                     entries.append((k, v))
-                    if isinstance(v, Register) and v.value is None:
+                    if isinstance(v, Applied) or (isinstance(v, Register) and v.value is None):
                         tombs.append((k, v.ts))
                 i += 1
                 scanned += 1
@@ -720,13 +838,22 @@ class GossipCore:
         now = self._now
         accepted: list[Entry] = []
         max_ts: Timestamp | None = None
+        settle: list[tuple[str, Applied]] = []
+        state = self._state
         for k, v in entries:
-            if isinstance(v, Register):
+            if isinstance(v, Register | Applied):
                 col = self._collected.get(k)
-                if col is not None and v.ts <= col.ts and k not in self._state:
-                    continue  # dominated by a collected tombstone
-                cur = self._state.get(k)
-                if isinstance(cur, Register) and cur.ts == v.ts and cur.value != v.value:
+                if col is not None and v.ts <= col.ts and k not in state:
+                    continue  # dominated by a collected tombstone or record
+                cur = state.get(k)
+                if isinstance(v, Applied):
+                    if cur is None and self._out_of_window(k):
+                        continue  # its client moved on: settled everywhere it mattered
+                    if isinstance(cur, Applied) and cur != v:
+                        # one request applied on two nodes: the later application is
+                        # settled (see "Exactly once")
+                        settle.append((k, v if cur.ts < v.ts else cur))
+                elif isinstance(cur, Register) and cur.ts == v.ts and cur.value != v.value:
                     self.stats.register_conflicts += 1
                 if max_ts is None or v.ts > max_ts:
                     max_ts = v.ts
@@ -765,8 +892,10 @@ class GossipCore:
             for k, new in changed.items():
                 if collected:
                     collected.pop(k, None)
-                if isinstance(new, Register) and new.value is None:
+                if _is_collectable(new):
                     tomb[k] = {self.node_id, src}  # a register join is one of its inputs
+                    if isinstance(new, Applied) and res.old.get(k) is None:
+                        self._record_added(k)
                 elif tomb:
                     tomb.pop(k, None)
         for k, old in res.overwritten:
@@ -781,6 +910,8 @@ class GossipCore:
         for _k, old in res.type_lost:
             if old.ts.node == self.node_id:
                 self.stats.type_conflict_overwrites += 1
+        for k, loser in settle:
+            self._settle(k, loser)
         tomb, state, known = self._tomb, self._state, self._known
         for k, v in accepted:
             if k in res.changed:
@@ -885,7 +1016,7 @@ class GossipCore:
         for k, ts in b.tombs:
             holders = self._tomb.get(k)
             v = self._state.get(k)
-            if holders is not None and isinstance(v, Register) and v.ts == ts:
+            if holders is not None and isinstance(v, Register | Applied) and v.ts == ts:
                 holders.add(p)
         self._note_done(p, b.start, msg.seq)
         if b.more and self._members[p].state != DEAD:
@@ -1118,10 +1249,10 @@ class GossipCore:
                 if (
                     col is not None
                     and k not in self._state
-                    and isinstance(v, Register)
+                    and isinstance(v, Register | Applied)
                     and v.ts <= col.ts
                 ):
-                    tell.append((k, Register(col.ts, None)))
+                    tell.append((k, col.value))
             if tell:
                 self._send(AeItems(self.node_id, msg.frm, msg.round, (), tuple(tell), False))
         if not msg.reply:
@@ -1129,10 +1260,16 @@ class GossipCore:
                 self._shipped.pop((msg.frm, msg.round, msg.leaves[0]), None) if msg.leaves else None
             )
             if shipped:
-                # the peer joined (and persisted) what we shipped: it holds those values
-                # (used to skip them in its delta stream, not for tombstone GC)
-                state, log, known = self._state, self._log, self._known
+                # the peer joined (and persisted) what we shipped: it holds those values or
+                # newer ones (so it skips them in its delta stream, and it holds the
+                # tombstones and records among them: without this, two members holding
+                # the same tombstone, whose leaves compare equal, never learnt it of each
+                # other, and neither ever collected it)
+                state, log, known, tomb = self._state, self._log, self._known, self._tomb
                 for k, v in shipped:
+                    holders = tomb.get(k)
+                    if holders is not None and state.get(k) is v:
+                        holders.add(msg.frm)
                     if k in log and state.get(k) is v:
                         kn = known.get(k)
                         if kn is None:
@@ -1153,8 +1290,8 @@ class GossipCore:
         # tell the sender about tombstones we collected that dominate what it sent
         for k, v in got.items():
             col = self._collected.get(k)
-            if k not in self._state and col is not None and isinstance(v, Register):
-                back.append((k, Register(col.ts, None)))
+            if k not in self._state and col is not None and isinstance(v, Register | Applied):
+                back.append((k, col.value))
         self.stats.ae_items_sent += len(back)
         self._round_done(msg.round, msg.frm)
         parts = self._split_items(back)
@@ -1162,12 +1299,43 @@ class GossipCore:
             self._send(AeItems(self.node_id, msg.frm, msg.round, (), part, False))
         self._send(AeItems(self.node_id, msg.frm, msg.round, msg.leaves, parts[-1], False))
 
+    # ------------------------------------------------------------------ exactly once
+
+    def _settle(self, key: str, loser: Applied) -> None:
+        """Undo the later of two applications of one request, in a component of its own.
+
+        Every replica that sees both applications writes the same settlement (the same
+        component, the same amount), so settling is idempotent across replicas and needs
+        no coordination; a put or delete applied twice wrote the same value twice and
+        needs nothing."""
+        self.stats.duplicates_merged += 1
+        parsed = parse_applied_key(key)
+        if loser.op != "increment" or loser.delta == 0 or parsed is None:
+            return
+        comp = f"{loser.component}!{parsed[0]}/{parsed[1]}"
+        d = loser.delta
+        part = Counter({}, {comp: d}) if d > 0 else Counter({comp: -d}, {})
+        cur = self._state.get(loser.key)
+        if isinstance(cur, Counter) and (cur.p.get(comp, 0), cur.n.get(comp, 0)) == (
+            part.p.get(comp, 0),
+            part.n.get(comp, 0),
+        ):
+            return  # settled already
+        res = apply_delta(self._state, [(loser.key, part)])
+        for k, v in res.changed.items():
+            self._merkle.update(k, v)
+            self._log_key(k)
+            self._tomb.pop(k, None)
+            self._out.persist[k] = v
+
     # ------------------------------------------------------------------ tombstone GC
 
     def _gc_tombstones(self, now: int) -> None:
         cfg = self.config
         for k in [k for k, c in self._collected.items() if c.expire_ms <= now]:
             del self._collected[k]
+        for k in [k for k in self._repush if k not in self._tomb]:
+            del self._repush[k]
         clock = max(now, self._hlc.peek().wall_ms)
         # long enough for slower peers to collect it too: they learn who holds it by
         # anti-entropy at the latest (a few intervals)
@@ -1176,17 +1344,38 @@ class GossipCore:
         )
         for k, holders in list(self._tomb.items()):
             v = self._state[k]
-            assert isinstance(v, Register)
+            assert isinstance(v, Register | Applied)
             age = clock - v.ts.wall_ms
             forced = age >= cfg.tombstone_grace_ms
+            if (
+                isinstance(v, Applied)
+                and not forced
+                and age < cfg.dedup_ttl_ms
+                and not self._out_of_window(k)
+            ):
+                continue  # a retry of it may still come
             if not forced and not (age >= cfg.tombstone_min_age_ms and holders >= self._all):
+                if age >= cfg.tombstone_min_age_ms and k not in self._log:
+                    # Old enough, but who holds it is unknown: push it again (the acks
+                    # tell). Two members holding a tombstone the others collected may
+                    # otherwise never learn it of each other: their Merkle leaves for it
+                    # agree, so anti-entropy never ships it between them.
+                    due = self._repush.get(k, 0)
+                    if now >= due:
+                        self._repush[k] = now + cfg.tombstone_min_age_ms
+                        self._log_key(k)
                 continue
+            self._repush.pop(k, None)
             del self._state[k]
             del self._tomb[k]
             self._unlog(k)
             self._merkle.update(k, None)
-            self._collected[k] = _Collected(v.ts, now + memory)
+            self._collected[k] = _Collected(v.ts, now + memory, v)
             self._out.collected.append((k, v.ts))
+            if isinstance(v, Applied):
+                self._record_removed(k)
+                self.stats.records_collected += 1
+                continue
             self.stats.tombstones_collected += 1
             if forced:
                 self.stats.tombstones_force_collected += 1

@@ -75,8 +75,50 @@ class Counter:
         return sum(self.p.values()) - sum(self.n.values())
 
 
-Value = Register | Counter
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One application of a client request (``client_id``, ``sequence``) on some node.
+
+    Stored under ``applied_key(client_id, sequence)`` and replicated like any value, so a
+    retry of the same request reaching another node is recognized there, and two
+    applications made before either node heard of the other meet and are merged as one
+    (see ``gossip/core.py``, "Exactly once"). Join: the earliest application wins.
+    """
+
+    ts: Timestamp  # HLC timestamp of the application (that of the write it made)
+    component: str  # counter component of the node that applied it
+    op: str  # "put" | "delete" | "increment"
+    key: str  # the key it wrote
+    delta: int  # increment: the amount added; 0 otherwise
+    num: int  # the answer: increment -> the counter after it; delete -> 1 if it existed
+
+
+Value = Register | Counter | Applied
 State = Mapping[str, Value]
+
+# Keys of Applied records. Client keys never contain NUL (caplab.validation), so these
+# never collide with them; ``is_reserved`` tells them apart.
+APPLIED_PREFIX = "\x00rid\x00"
+
+
+def applied_key(client_id: str, seq: int) -> str:
+    """The key of the Applied record of request (client_id, seq)."""
+    return f"{APPLIED_PREFIX}{client_id}\x00{seq:020d}"
+
+
+def parse_applied_key(key: str) -> tuple[str, int] | None:
+    """(client_id, seq) of an Applied record's key; None for any other key."""
+    if not key.startswith(APPLIED_PREFIX):
+        return None
+    client, sep, seq = key[len(APPLIED_PREFIX) :].rpartition("\x00")
+    if not sep or not seq.isdigit():
+        return None
+    return client, int(seq)
+
+
+def is_reserved(key: str) -> bool:
+    """A key the store keeps for itself (not a client key)."""
+    return key.startswith("\x00")
 
 
 class WrongTypeError(Exception):
@@ -90,7 +132,9 @@ class WrongTypeError(Exception):
 
 
 def type_name(v: Value) -> str:
-    """``"register"`` or ``"counter"``."""
+    """``"register"``, ``"counter"`` or ``"record"`` (Applied)."""
+    if isinstance(v, Applied):
+        return "record"
     return "counter" if isinstance(v, Counter) else "register"
 
 
@@ -129,15 +173,26 @@ def merge_counter(a: Counter, b: Counter) -> Counter:
     return Counter(p, n)
 
 
+def merge_applied(a: Applied, b: Applied) -> Applied:
+    """Join of two applications of one request: the earliest (timestamps are unique)."""
+    if a.ts != b.ts:
+        return a if a.ts < b.ts else b
+    return a if encode_value(a) <= encode_value(b) else b  # corrupt or forged: deterministic
+
+
+_RANK = {Applied: 0, Register: 1, Counter: 2}
+
+
 def merge_value(a: Value, b: Value) -> Value:
-    """Join of two values of any type; a Counter beats a Register (type conflict rule)."""
-    if isinstance(a, Register):
-        if isinstance(b, Register):
-            return merge_register(a, b)
-        return b
-    if isinstance(b, Register):
-        return a
-    return merge_counter(a, b)
+    """Join of two values of any type; a Counter beats a Register (type conflict rule),
+    and both beat an Applied record (which only ever meets its own kind)."""
+    if isinstance(a, Register) and isinstance(b, Register):
+        return merge_register(a, b)
+    if isinstance(a, Counter) and isinstance(b, Counter):
+        return merge_counter(a, b)
+    if isinstance(a, Applied) and isinstance(b, Applied):
+        return merge_applied(a, b)
+    return a if _RANK[type(a)] > _RANK[type(b)] else b
 
 
 def merge_state(a: State, b: State) -> dict[str, Value]:
@@ -186,16 +241,16 @@ def apply_delta(
 def put_delta(state: State, key: str, value: bytes, ts: Timestamp) -> dict[str, Value]:
     """Delta of ``put(key, value)`` at ``ts``. Raises ``WrongTypeError`` on a counter key."""
     cur = state.get(key)
-    if isinstance(cur, Counter):
-        raise WrongTypeError(key, "counter", "put")
+    if isinstance(cur, Counter | Applied):
+        raise WrongTypeError(key, type_name(cur), "put")
     return {key: Register(ts, value)}
 
 
 def delete_delta(state: State, key: str, ts: Timestamp) -> dict[str, Value]:
     """Delta of ``delete(key)`` at ``ts`` (a tombstone). ``WrongTypeError`` on a counter."""
     cur = state.get(key)
-    if isinstance(cur, Counter):
-        raise WrongTypeError(key, "counter", "delete")
+    if isinstance(cur, Counter | Applied):
+        raise WrongTypeError(key, type_name(cur), "delete")
     return {key: Register(ts, None)}
 
 
@@ -213,6 +268,8 @@ def increment_delta(state: State, key: str, node: str, delta: int) -> dict[str, 
     cur = state.get(key)
     if isinstance(cur, Register):
         raise WrongTypeError(key, "register", "increment")
+    if isinstance(cur, Applied):
+        raise WrongTypeError(key, "record", "increment")
     p = cur.p.get(node, 0) if cur is not None else 0
     n = cur.n.get(node, 0) if cur is not None else 0
     if delta >= 0:
@@ -222,6 +279,7 @@ def increment_delta(state: State, key: str, node: str, delta: int) -> dict[str, 
 
 _REG_HEAD = struct.Struct(">cqQI")  # tag, wall_ms, logical, len(node)
 _REG_VAL = struct.Struct(">cI")  # present, len(value)
+_APPLIED_HEAD = struct.Struct(">cqQ")  # tag, wall_ms, logical
 
 
 def _enc_str(s: str) -> bytes:
@@ -241,6 +299,19 @@ def encode_value(v: Value) -> bytes:
         if v.value is None:
             return head + b"\x00"
         return head + _REG_VAL.pack(b"\x01", len(v.value)) + v.value
+    if isinstance(v, Applied):
+        ts = v.ts
+        return b"".join(
+            (
+                _APPLIED_HEAD.pack(b"A", ts.wall_ms, ts.logical),
+                _enc_str(ts.node),
+                _enc_str(v.component),
+                _enc_str(v.op),
+                _enc_str(v.key),
+                v.delta.to_bytes(16, "big", signed=True),
+                v.num.to_bytes(16, "big", signed=True),
+            )
+        )
     parts = [b"C"]
     for m in (v.p, v.n):
         items = sorted((k, a) for k, a in m.items() if a != 0)
@@ -248,3 +319,73 @@ def encode_value(v: Value) -> bytes:
         for k, a in items:
             parts.append(_enc_str(k) + a.to_bytes(16, "big", signed=True))
     return b"".join(parts)
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a value's canonical encoding."""
+
+
+def _dec_str(buf: bytes, pos: int) -> tuple[str, int]:
+    if pos + 4 > len(buf):
+        raise DecodeError("truncated string length")
+    end = pos + 4 + int.from_bytes(buf[pos : pos + 4], "big")
+    if end > len(buf):
+        raise DecodeError("truncated string")
+    return buf[pos + 4 : end].decode(), end
+
+
+def _dec_int128(buf: bytes, pos: int) -> tuple[int, int]:
+    if pos + 16 > len(buf):
+        raise DecodeError("truncated integer")
+    return int.from_bytes(buf[pos : pos + 16], "big", signed=True), pos + 16
+
+
+def decode_value(buf: bytes) -> Value:
+    """Inverse of ``encode_value``; ``DecodeError`` on anything else."""
+    try:
+        tag = buf[:1]
+        if tag == b"R":
+            if len(buf) < _REG_HEAD.size:
+                raise DecodeError("truncated register")
+            _, wall, logical, n = _REG_HEAD.unpack_from(buf)
+            pos = _REG_HEAD.size + n
+            ts = Timestamp(wall, logical, buf[_REG_HEAD.size : pos].decode())
+            if buf[pos : pos + 1] == b"\x00" and pos + 1 == len(buf):
+                return Register(ts, None)
+            if buf[pos : pos + 1] != b"\x01" or pos + 5 > len(buf):
+                raise DecodeError("bad register")
+            if pos + 5 + int.from_bytes(buf[pos + 1 : pos + 5], "big") != len(buf):
+                raise DecodeError("register length mismatch")
+            return Register(ts, buf[pos + 5 :])
+        if tag == b"A":
+            if len(buf) < _APPLIED_HEAD.size:
+                raise DecodeError("truncated record")
+            _, wall, logical = _APPLIED_HEAD.unpack_from(buf)
+            node, pos = _dec_str(buf, _APPLIED_HEAD.size)
+            component, pos = _dec_str(buf, pos)
+            op, pos = _dec_str(buf, pos)
+            key, pos = _dec_str(buf, pos)
+            delta, pos = _dec_int128(buf, pos)
+            num, pos = _dec_int128(buf, pos)
+            if pos != len(buf):
+                raise DecodeError("record length mismatch")
+            return Applied(Timestamp(wall, logical, node), component, op, key, delta, num)
+        if tag == b"C":
+            pos = 1
+            maps: list[dict[str, int]] = []
+            for _ in range(2):
+                if pos + 4 > len(buf):
+                    raise DecodeError("truncated counter")
+                count = int.from_bytes(buf[pos : pos + 4], "big")
+                pos += 4
+                m: dict[str, int] = {}
+                for _ in range(count):
+                    k, pos = _dec_str(buf, pos)
+                    m[k], pos = _dec_int128(buf, pos)
+                maps.append(m)
+            if pos != len(buf):
+                raise DecodeError("counter length mismatch")
+            return Counter(maps[0], maps[1])
+    except (UnicodeDecodeError, struct.error) as e:
+        raise DecodeError(str(e)) from e
+    raise DecodeError(f"unknown value tag {buf[:1]!r}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
 
-from gossip.crdt import Counter, Register, Value
+from gossip.crdt import Applied, Counter, Register, Value
 
 ALIVE = "alive"
 SUSPECT = "suspect"
@@ -149,6 +149,8 @@ def _value_size(v: Value) -> int:
     if isinstance(v, Register):
         n = 22 + len(v.ts.node.encode())
         return n if v.value is None else n + 4 + len(v.value)
+    if isinstance(v, Applied):
+        return 65 + sum(len(x.encode()) for x in (v.ts.node, v.component, v.op, v.key))
     n = 9
     for m in (v.p, v.n):
         for k, a in m.items():
@@ -174,7 +176,7 @@ def _size(x: object) -> int:
         return len(x.encode()) + 2
     if isinstance(x, bytes):
         return len(x) + 2
-    if isinstance(x, Register | Counter):
+    if isinstance(x, Register | Counter | Applied):
         return _value_size(x)
     if isinstance(x, tuple):
         return 2 + sum(_size(e) for e in x)

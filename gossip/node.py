@@ -7,7 +7,7 @@ The core is only ever called from the event loop: client writes (``put``/``delet
 physical clock includes the skew injected through Admin) and the peer servicer
 (``core.step`` for every incoming message). After each call the node moves the core's
 outputs into the *open batch*: the latest value of every key to persist (client writes,
-merged remote state, collected tombstones as removals), dedup entries, and the messages
+merged remote state, collected tombstones and records as removals), and the messages
 to send.
 
 One *flusher* task closes the open batch and commits it on a single disk thread (one
@@ -26,13 +26,12 @@ change is still in a batch not yet committed (``_unsynced``: key -> that batch) 
 from the batch once it is durable (the value it committed), never before: a crash cannot
 erase a value a client has read.
 
-Exactly-once: a per-node session table (as raft's): per client, the results of its last
-``dedup_window`` sequences and a low-water mark, persisted in the same transaction as the
-write (clients least recently used are evicted past ``dedup_max``). A retry with a
-remembered sequence gets the first answer (waiting for it if still being persisted), even
-when the client has several requests in flight that arrive out of order; a sequence at or
-below the low-water mark is answered OUTCOME UNKNOWN (``errors.OutcomeUnknown``): an
-earlier copy may have been applied, but its result is forgotten; the retry is not applied.
+Exactly once, across nodes: a write with a request id also writes an Applied record of
+it into the replicated state (``gossip/core.py``, "Exactly once"), persisted in the same
+commit. A request whose record this replica holds, from any node, is answered from the
+record (once the record is durable here), never applied again; one older than its
+client's window is answered OUTCOME UNKNOWN (``errors.OutcomeUnknown``); the same request
+applied on two nodes before either heard of the other is merged as one.
 
 Peer messages travel on one long-lived ``Stream`` per peer (caplab.peer); a cut link
 drops messages rather than blocking the sender.
@@ -45,7 +44,6 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -73,11 +71,18 @@ from caplab.store import (
 from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
 from gossip.codec import CodecError, from_pb, to_pb
-from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError, WrongTypeError
-from gossip.crdt import Counter, Register, Value, saturate
+from gossip.core import (
+    GossipConfig,
+    GossipCore,
+    RequestTooOldError,
+    ValueOutOfRangeError,
+    Write,
+    WrongTypeError,
+)
+from gossip.crdt import Applied, Counter, Register, Value, applied_key, is_reserved, saturate
 from gossip.hlc import Timestamp
 from gossip.messages import ALIVE, DEAD, SUSPECT, Message
-from gossip.storage import CommitBatch, DedupEntry, GossipStorage
+from gossip.storage import CommitBatch, GossipStorage
 
 log = get_logger("gossip.node")
 T = TypeVar("T")
@@ -148,8 +153,10 @@ class GossipOptions:
     max_drift_ms: int = 60_000
     peer_timeout_ms: int = 2000  # a write to a peer's stream stuck this long drops the stream
     peer_queue: int = 4096  # messages queued per peer before the oldest are dropped
-    dedup_max: int = 100_000  # clients remembered by the exactly-once table
-    dedup_window: int = 128  # results remembered per client: its max requests in flight
+    # Exactly once: records kept per client (its max requests in flight), and how long
+    # after its latest request a client's records are dropped.
+    dedup_window: int = 128
+    dedup_ttl_ms: int = 3_600_000
     max_pending: int = 20_000  # writes waiting for the disk before RESOURCE_EXHAUSTED
     # Group commit under load: once a commit carried several client writes (concurrent
     # clients), the next one starts at most this often (0: at once). Fewer, larger commits
@@ -180,22 +187,6 @@ class _Batch:
     messages: list[Message] = field(default_factory=list)
     writes: int = 0
     done: asyncio.Future[None] | None = None  # resolved once durable (created on demand)
-
-
-@dataclass(slots=True)
-class _Slot:
-    """The exactly-once table's entry of one client, possibly still being persisted."""
-
-    entry: DedupEntry
-    done: asyncio.Future[None] | None  # the write's batch commit (None: loaded from disk)
-
-
-@dataclass(slots=True)
-class _Session:
-    """One client's remembered results (sequence -> slot) and low-water mark."""
-
-    results: dict[int, _Slot] = field(default_factory=dict)
-    low: int = 0
 
 
 class PeerLink:
@@ -286,7 +277,6 @@ class GossipBackend:
             ),
             0,
         )
-        self._dedup: OrderedDict[str, _Session] = OrderedDict()
         self._batch = _Batch()
         # key -> the batch holding its latest change, until that batch is durable
         self._unsynced: dict[str, _Batch] = {}
@@ -309,13 +299,15 @@ class GossipBackend:
     async def start(self, server: grpc.aio.Server) -> None:
         self.storage = GossipStorage(self.config.data_dir)
         loaded = await self._disk_call(self.storage.load)
+        legacy: dict[str, Value] = {}
         for e in loaded.dedup:
-            sess = self._dedup.get(e.client_id)
-            if sess is None:
-                sess = self._dedup[e.client_id] = _Session()
-            sess.results[e.seq] = _Slot(e, None)
-            sess.low = max(sess.low, e.low)
-            self._dedup.move_to_end(e.client_id)
+            # a per-node exactly-once table of an older version: kept as records (they
+            # answer retries; without the key and delta they cannot settle a duplicate)
+            legacy[applied_key(e.client_id, e.seq)] = Applied(e.ts, self.id, e.op, "", 0, e.num)
+        if legacy:
+            loaded.state.update(legacy)
+            self._batch.commit.kv.update(legacy)
+            self._batch.commit.evict.update(e.client_id for e in loaded.dedup)
         self._core = GossipCore(
             self.id,
             [self.id, *self.peers],
@@ -450,71 +442,50 @@ class GossipBackend:
                 "not applied (retry with backoff)"
             )
 
-    def _dedup_lookup(self, rid: RequestId | None, op: str) -> _Slot | None:
-        """The slot answering a retry of ``rid``, or None if it is a new request."""
+    async def _applied(self, rid: RequestId | None, op: str) -> Applied | None:
+        """The durable record answering a retry of ``rid`` (applied by any node), or None
+        if it is a new request."""
         if rid is None:
             return None
-        sess = self._dedup.get(rid.client_id)
-        if sess is None:
+        try:
+            rec = self.core.lookup(rid.client_id, rid.sequence)
+        except RequestTooOldError:
+            raise errors.OutcomeUnknown(
+                f"request {rid.client_id}/{rid.sequence} is too old to tell whether it was "
+                f"applied (this client has had more than {self.opts.dedup_window} newer "
+                "requests since); an earlier copy may have been applied, this retry was not "
+                "(outcome unknown)"
+            ) from None
+        if rec is None:
             return None
-        slot = sess.results.get(rid.sequence)
-        if slot is None:
-            if rid.sequence <= sess.low:
-                # An earlier copy may have been applied (its result is forgotten): unknown.
-                raise errors.OutcomeUnknown(
-                    f"request {rid.client_id}/{rid.sequence} is too old to tell whether it was "
-                    f"applied on node {self.id} (this client has had more than "
-                    f"{self.opts.dedup_window} newer requests since); an earlier copy may have "
-                    "been applied, this retry was not (outcome unknown)"
-                )
-            return None
-        if slot.entry.op != op:
+        if rec.op != op:
             raise errors.FailedPrecondition(
                 f"request sequence {rid.sequence} of client {rid.client_id!r} was already used "
-                f"for a {slot.entry.op}; not applied"
+                f"for a {rec.op}; not applied"
             )
         self.counters["dedup_hits"] += 1
-        self._dedup.move_to_end(rid.client_id)
-        return slot
+        durable = await self._visible(applied_key(rid.client_id, rid.sequence))
+        if not isinstance(durable, Applied):
+            raise errors.OutcomeUnknown(
+                f"request {rid.client_id}/{rid.sequence}: its record is gone (outcome unknown)"
+            )
+        return durable
 
-    async def _replay(self, slot: _Slot) -> DedupEntry:
-        if slot.done is not None:
-            await asyncio.shield(slot.done)
-        return slot.entry
+    @staticmethod
+    def _rid(rid: RequestId | None) -> tuple[str, int] | None:
+        return None if rid is None else (rid.client_id, rid.sequence)
 
-    def _enqueue_write(
-        self, key: str, rid: RequestId | None, op: str, ts: Timestamp, num: int
-    ) -> asyncio.Future[None]:
+    def _enqueue_write(self, w: Write) -> asyncio.Future[None]:
+        """Add a client write (its key, and its Applied record if any) to the open batch."""
         b = self._batch
-        b.commit.kv[key] = self.core.get(key)
-        self._unsynced[key] = b
+        core, kv, unsynced = self.core, b.commit.kv, self._unsynced
+        for k in w.delta:
+            kv[k] = core.get(k)
+            unsynced[k] = b
         b.writes += 1
         self._pending_writes += 1
-        done = self._durable(b)
-        if rid is not None:
-            cid, seq = rid.client_id, rid.sequence
-            sess = self._dedup.get(cid)
-            if sess is None:
-                sess = self._dedup[cid] = _Session()
-                b.commit.evict.discard(cid)
-            slot = sess.results[seq] = _Slot(DedupEntry(cid, seq, op, ts, num), done)
-            self._dedup.move_to_end(cid)
-            if len(sess.results) > self.opts.dedup_window:
-                oldest = min(sess.results)
-                del sess.results[oldest]
-                sess.low = max(sess.low, oldest)
-                b.commit.evict_seqs.add((cid, oldest))
-                b.commit.dedup.pop((cid, oldest), None)
-            # persisted with the low-water mark after trimming, so a restart keeps refusing
-            slot.entry = DedupEntry(cid, seq, op, ts, num, sess.low)
-            b.commit.dedup[(cid, seq)] = slot.entry
-            if len(self._dedup) > self.opts.dedup_max:
-                old, gone = self._dedup.popitem(last=False)
-                b.commit.evict.add(old)
-                for s in gone.results:
-                    b.commit.dedup.pop((old, s), None)
         self._flush_wake.set()
-        return done
+        return self._durable(b)
 
     @staticmethod
     def _durable(b: _Batch) -> asyncio.Future[None]:
@@ -554,42 +525,40 @@ class GossipBackend:
     async def put(
         self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
     ) -> Header:
-        slot = self._dedup_lookup(rid, "put")
-        if slot is not None:
-            return self._header((await self._replay(slot)).ts)
+        rec = await self._applied(rid, "put")
+        if rec is not None:
+            return self._header(rec.ts)
         self._check_writable()
         try:
-            w = self.core.put(key, value, self.clock.wall_ms())
+            w = self.core.put(key, value, self.clock.wall_ms(), self._rid(rid))
         except WrongTypeError as e:
             raise self._type_error(e) from None
-        await asyncio.shield(self._enqueue_write(key, rid, "put", w.ts, 0))
+        await asyncio.shield(self._enqueue_write(w))
         return self._header(w.ts)
 
     async def delete(self, key: str, rid: RequestId | None, timeout: float | None) -> DeleteResult:
-        slot = self._dedup_lookup(rid, "delete")
-        if slot is not None:
-            e = await self._replay(slot)
-            return DeleteResult(self._header(e.ts), bool(e.num))
+        rec = await self._applied(rid, "delete")
+        if rec is not None:
+            return DeleteResult(self._header(rec.ts), bool(rec.num))
         self._check_writable()
         cur = self.core.get(key)
         existed = isinstance(cur, Register) and cur.value is not None
         try:
-            w = self.core.delete(key, self.clock.wall_ms())
+            w = self.core.delete(key, self.clock.wall_ms(), self._rid(rid))
         except WrongTypeError as e:
             raise self._type_error(e) from None
-        await asyncio.shield(self._enqueue_write(key, rid, "delete", w.ts, int(existed)))
+        await asyncio.shield(self._enqueue_write(w))
         return DeleteResult(self._header(w.ts), existed)
 
     async def increment(
         self, key: str, delta: int, rid: RequestId | None, timeout: float | None
     ) -> IncrementResult:
-        slot = self._dedup_lookup(rid, "increment")
-        if slot is not None:
-            e = await self._replay(slot)
-            return IncrementResult(self._header(e.ts), e.num)
+        rec = await self._applied(rid, "increment")
+        if rec is not None:
+            return IncrementResult(self._header(rec.ts), rec.num)
         self._check_writable()
         try:
-            w = self.core.increment(key, delta, self.clock.wall_ms())
+            w = self.core.increment(key, delta, self.clock.wall_ms(), self._rid(rid))
         except WrongTypeError as e:
             raise self._type_error(e) from None
         except ValueOutOfRangeError:
@@ -601,7 +570,7 @@ class GossipBackend:
             ) from None
         v = self.core.get(key)
         value = v.value if isinstance(v, Counter) else 0
-        await asyncio.shield(self._enqueue_write(key, rid, "increment", w.ts, value))
+        await asyncio.shield(self._enqueue_write(w))
         return IncrementResult(self._header(w.ts), value)
 
     async def compare_and_swap(
@@ -636,7 +605,7 @@ class GossipBackend:
             node_id=self.id,
             address=self.config.advertise or self.config.listen,
             role="replica",
-            keys=len(state) - core.tombstone_count(),
+            keys=len(state) - core.tombstone_count() - core.record_count(),
             state_digest=core.digest(),
             hlc=kv_pb2.HlcTimestamp(wall_ms=hlc.wall_ms, logical=hlc.logical, node_id=hlc.node),
         )
@@ -656,14 +625,15 @@ class GossipBackend:
         st.counters["tombstones"] = core.tombstone_count()
         st.counters["incarnation"] = core.incarnation
         st.counters["pending_writes"] = self._pending_writes
-        st.counters["dedup_clients"] = len(self._dedup)
+        st.counters["dedup_clients"] = core.client_count()
+        st.counters["dedup_records"] = core.record_count()
         for k, v in self.counters.items():
             st.counters[k] = v
         return st
 
     async def dump(self, start_after: str, limit: int) -> AsyncIterator[kv_pb2.DumpEntry]:
         state = self.core.state()
-        keys = sorted(k for k in state if k > start_after)
+        keys = sorted(k for k in state if k > start_after and not is_reserved(k))
         if limit:
             keys = keys[:limit]
         for key in keys:

@@ -32,8 +32,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError
-from gossip.crdt import Counter, Register, Value, WrongTypeError, merge_state
+from gossip.core import GossipConfig, GossipCore, RequestTooOldError, ValueOutOfRangeError
+from gossip.crdt import (
+    Applied,
+    Counter,
+    Register,
+    Value,
+    WrongTypeError,
+    is_reserved,
+    merge_state,
+)
 from gossip.hlc import Timestamp
 from gossip.messages import Message
 
@@ -50,6 +58,8 @@ class Op:
     delta: int  # increment amount
     ts: Timestamp | None  # HLC timestamp assigned by the core (None if rejected)
     acked: bool
+    rid: tuple[str, int] | None = None  # request id (exactly once across nodes)
+    replayed: bool = False  # answered from the request's record: not applied again
 
 
 @dataclass(slots=True)
@@ -74,6 +84,8 @@ class SimResult:
     acked: int = 0
     collected: int = 0
     lww_overwrites: int = 0
+    duplicates: int = 0  # the same request met applied on two nodes (merged as one)
+    replays: int = 0  # requests answered from their record instead of applied again
 
 
 class Sim:
@@ -137,7 +149,7 @@ class Sim:
             store.update(merge_state(store, out.to_persist))
         for k, ts in out.collected:
             v = store.get(k)
-            if isinstance(v, Register) and v.ts == ts and v.value is None:
+            if isinstance(v, Applied | Register) and v.ts == ts and _collectable(v):
                 del store[k]
         for msg in out.messages:
             self._send(msg)
@@ -230,20 +242,32 @@ class Sim:
         value: bytes = b"",
         delta: int = 0,
         crash: bool = False,
+        rid: tuple[str, int] | None = None,
+        crash_after_persist: bool = False,
     ) -> Op:
-        """Run one client op on ``node``; ``crash=True`` crashes it before the persist."""
+        """Run one client op on ``node``; ``crash=True`` crashes it before the persist,
+        ``crash_after_persist`` after it (durable, but never acknowledged). With ``rid``
+        the node first looks the request up, as the shell does."""
         core = self.cores[node]
         assert core is not None
         phys = self.phys(node)
         op = Op(self.now, node, kind, key, value if kind == "put" else None, delta, None, False)
+        op.rid = rid
         try:
+            rec = None if rid is None else core.lookup(*rid)
+            if rec is not None and rid is not None:
+                # answered from the record (the shell waits until it is durable here)
+                self.durable[node][_rid_key(rid)] = rec
+                op.ts, op.acked, op.replayed = rec.ts, True, True
+                self.ops.append(op)
+                return op
             if kind == "put":
-                w = core.put(key, value, phys)
+                w = core.put(key, value, phys, rid)
             elif kind == "delete":
-                w = core.delete(key, phys)
+                w = core.delete(key, phys, rid)
             else:
-                w = core.increment(key, delta, phys)
-        except (WrongTypeError, ValueOutOfRangeError):
+                w = core.increment(key, delta, phys, rid)
+        except (WrongTypeError, ValueOutOfRangeError, RequestTooOldError):
             self.ops.append(op)
             return op
         op.ts = w.ts
@@ -253,9 +277,17 @@ class Sim:
             store = self.durable[node]
             store.update(merge_state(store, w.delta))
             self.durable_hlc[node] = core.hlc_now
-            op.acked = True
+            if crash_after_persist:
+                self.flush_then_crash(node)
+            else:
+                op.acked = True
         self.ops.append(op)
         return op
+
+    def flush_then_crash(self, node: str) -> None:
+        """Crash ``node`` right after its last write became durable, before it answered
+        (its messages, queued for the next tick, are lost)."""
+        self.crash(node)
 
     # ------------------------------------------------------------------ observation
 
@@ -284,8 +316,25 @@ class Sim:
         best: dict[str, Op] = {}
         sums: dict[str, int] = {}
         last_ts: dict[str, Timestamp] = {}
+        counted: set[tuple[str, int]] = set()  # request ids whose effect is counted once
         for op in self.ops:
             if not op.acked or op.ts is None:
+                continue
+            if op.rid is not None:
+                if op.rid in counted:
+                    continue
+                counted.add(op.rid)
+                if op.replayed:
+                    # its effect is the first application's (acknowledged or not)
+                    first = next(
+                        o
+                        for o in self.ops
+                        if o.rid == op.rid and o.ts is not None and not o.replayed
+                    )
+                    if op.kind == "increment":
+                        sums[op.key] = sums.get(op.key, 0) + first.delta
+                    continue
+            if op.replayed:
                 continue
             prev = last_ts.get(op.node)
             if prev is not None and op.ts <= prev:
@@ -312,9 +361,21 @@ class Sim:
                 if got != total:
                     errors.append(f"{core.node_id}: counter {key}={got}, expected {total}")
             for key in st:
+                if is_reserved(key):
+                    continue
                 if key not in best and key not in sums:
                     errors.append(f"{core.node_id}: key {key} has no acknowledged write")
         return errors
+
+
+def _collectable(v: Value) -> bool:
+    return isinstance(v, Applied) or (isinstance(v, Register) and v.value is None)
+
+
+def _rid_key(rid: tuple[str, int]) -> str:
+    from gossip.crdt import applied_key
+
+    return applied_key(*rid)
 
 
 REG_KEYS = tuple(f"r{i}" for i in range(6))
@@ -342,6 +403,7 @@ def run_random(
     sim = Sim(seed, n, sim_config(pick))
     rng = sim.rng
     deleted: set[str] = set()
+    seqs: dict[str, int] = {}
     elapsed = 0
     while elapsed < fault_ms:
         # nemesis: change faults every ~250 ms
@@ -374,9 +436,26 @@ def run_random(
                 op = sim.client_op(node, "delete", key, crash=crash)
                 if op.acked:
                     deleted.add(key)
-            else:
+            elif r < 0.85:
                 key = rng.choice(CNT_KEYS)
                 sim.client_op(node, "increment", key, delta=rng.randint(-5, 10), crash=crash)
+            else:
+                # exactly once across nodes: a request id; the node may die after making
+                # the increment durable, before answering, and the client retries on
+                # another node at once (which has not heard of it yet)
+                key = rng.choice(CNT_KEYS)
+                seqs[node] = seqs.get(node, 0) + 1
+                rid = (f"client-{node}", seqs[node])
+                d = rng.randint(-5, 10)
+                died = rng.random() < 0.5
+                first = sim.client_op(node, "increment", key, delta=d, rid=rid,
+                                      crash_after_persist=died)  # fmt: skip
+                if died or rng.random() < 0.3:
+                    others = [x for x in sim.nodes if x != node or not died]
+                    other = rng.choice(others)
+                    sim.restart(other)
+                    retry = sim.client_op(other, "increment", key, delta=d, rid=rid)
+                    assert retry.acked or first.ts is None, "a retry must be answered"
             sim.advance(rng.choice((0, 25, 50)))
         sim.advance(250)
         elapsed += 250
@@ -395,4 +474,6 @@ def run_random(
     res.errors += sim.check()
     res.collected = sum(c.stats.tombstones_collected for c in sim.live())
     res.lww_overwrites = sum(c.stats.lww_overwrites for c in sim.live())
+    res.duplicates = sum(c.stats.duplicates_merged for c in sim.live())
+    res.replays = sum(op.replayed for op in sim.ops)
     return res

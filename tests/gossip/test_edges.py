@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from caplab.v1 import kv_pb2
 from harness.cluster import LocalCluster, free_ports
 from harness.proxy import ProxyNet
 from tests.gossip.test_integration import FAST, NODES, Net
@@ -176,3 +177,29 @@ async def test_writes_after_a_far_future_value_win_on_the_node_that_took_them(
         # followed, and counted: a clock is wrong somewhere
         assert st.counters["clock_jumps"] > 0
         assert st.counters["max_clock_jump_ms"] >= skew_ms - 60_000
+
+
+async def test_a_request_applied_on_two_nodes_counts_once(healed: Net) -> None:
+    """The client library moves to the next endpoint after UNAVAILABLE (e.g. the node
+    died after making the increment durable, before answering). The second node, which
+    had not heard of it, applied it again: +10 twice gave 20 (issue 13)."""
+    net = healed
+    c1, c2, c3 = (net.clients[n] for n in NODES)
+    rid = kv_pb2.RequestId(client_id="edge-twice", sequence=1)
+    req = kv_pb2.IncrementRequest(key="edge/once", delta=10, request_id=rid)
+    net.partition(["n1"], ["n2", "n3"])  # n2 cannot have heard of n1's application
+    first = await c1.kv().Increment(req, timeout=3.0)
+    second = await c2.kv().Increment(req, timeout=3.0)
+    assert first.value == second.value == 10
+    net.proxies.heal()
+    await eventually(net.converged, 20.0)
+    await eventually(lambda: _everyone(net, "edge/once", 10), 20.0)
+    # a third retry, anywhere, is answered from the merged record: not applied again
+    third = await c3.kv().Increment(req, timeout=3.0)
+    assert third.value == 10
+    assert (await c3.get("edge/once")).value == 10
+    merged = [(await c.status()).counters["duplicates_merged"] for c in (c1, c2, c3)]
+    assert sum(merged) >= 1
+    # the same id for another operation is refused, on any node
+    with pytest.raises(Exception, match="already used"):
+        await c3.kv().Put(kv_pb2.PutRequest(key="edge/x", value=b"v", request_id=rid))

@@ -240,6 +240,53 @@ class Counter(_message.Message):
 Global___Counter: _TypeAlias = Counter  # noqa: Y015
 
 @_typing.final
+class Applied(_message.Message):
+    """One application of a client request (client_id, sequence), stored under a reserved key
+    ("\\0rid\\0<client_id>\\0<sequence, 20 digits>"): the same request applied on two nodes
+    merges as one. Join: the earliest application (smallest ts) wins.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TS_FIELD_NUMBER: _builtins.int
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    NUM_FIELD_NUMBER: _builtins.int
+    component: _builtins.str
+    """counter component of the node that applied it"""
+    op: _builtins.str
+    """"put" | "delete" | "increment" """
+    key: _builtins.str
+    """the key it wrote"""
+    delta: _builtins.int
+    """increment: the amount added"""
+    num: _builtins.int
+    """the answer: increment -> the counter after it; delete -> 1 if it existed"""
+    @_builtins.property
+    def ts(self) -> Global___Timestamp:
+        """HLC timestamp of the application (that of the write it made)"""
+
+    def __init__(
+        self,
+        *,
+        ts: Global___Timestamp | None = ...,
+        component: _builtins.str = ...,
+        op: _builtins.str = ...,
+        key: _builtins.str = ...,
+        delta: _builtins.int = ...,
+        num: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ts", b"ts"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "delta", b"delta", "key", b"key", "num", b"num", "op", b"op", "ts", b"ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Applied: _TypeAlias = Applied  # noqa: Y015
+
+@_typing.final
 class Entry(_message.Message):
     """One key's CRDT value: a one-key delta / state fragment, joined by the receiver."""
 
@@ -248,23 +295,27 @@ class Entry(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     REGISTER_FIELD_NUMBER: _builtins.int
     COUNTER_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
     def counter(self) -> Global___Counter: ...
+    @_builtins.property
+    def applied(self) -> Global___Applied: ...
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         register: Global___Register | None = ...,
         counter: Global___Counter | None = ...,
+        applied: Global___Applied | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "register", b"register", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "counter", b"counter", "register", b"register", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "key", b"key", "register", b"register", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "counter", b"counter", "key", b"key", "register", b"register", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["register", "counter"]  # noqa: Y015
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["register", "counter", "applied"]  # noqa: Y015
     _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
 
