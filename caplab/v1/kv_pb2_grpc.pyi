@@ -40,7 +40,20 @@ tells a client whether the operation can have taken effect:
 Reads never change state, so any failed read is simply a failed read.
 A retried mutation with the same (client_id, sequence) is applied at most
 once (Raft thesis §6.3 client sessions), so clients may retry unknown
-outcomes safely *with the same sequence*.
+outcomes safely *with the same sequence*, on the same node or another one.
+Raft: the session table is part of the replicated state machine. Gossip: each
+application is recorded in the replicated state (an "applied" record), so a
+retry reaching any node that holds the record is answered from it; a retry
+reaching a node that has not heard of the first application yet (e.g. the
+first node died after making it durable, before answering) is applied there
+too, and the two applications are merged as one when they meet: an increment
+then counts once on every replica (until they meet, a replica that has both
+may show it twice, for about one gossip round). A put or delete applied twice
+wrote the same value twice; the later one may overwrite a write made between
+the two (counted in Status lww_overwrites). Gossip's limits, precisely: a
+retry sent more than an hour (option dedup_ttl_ms) after the request's last
+attempt may be applied again, and a duplicate whose node lost its disk before
+the two applications met counts twice.
 
 LIMITS (enforced on every entry point, INVALID_ARGUMENT otherwise):
   key:    1..1024 bytes of UTF-8, no NUL character.

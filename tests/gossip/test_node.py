@@ -136,6 +136,7 @@ async def test_a_write_is_not_visible_before_it_is_durable(tmp_path: Path) -> No
     b.storage.commit = held_commit  # type: ignore[method-assign]
     put = asyncio.create_task(b.put("k", b"new", None, None))
     read = asyncio.create_task(b.get("k", Consistency.LOCAL, None))
+
     async def first_entry() -> kv_pb2.DumpEntry:
         return await anext(aiter(b.dump("", 0)))
 
