@@ -11,13 +11,15 @@ merged remote state, collected tombstones and records as removals), and the mess
 to send.
 
 One *flusher* task closes the open batch and commits it on a single disk thread (one
-SQLite transaction, one fsync) while the loop keeps serving; everything that arrives
-meanwhile forms the next batch (group commit). Under load (the previous batch carried
-several client writes) a batch is taken at most every ``commit_gap_us``, so that commits
-stay few and large; a lone write is committed at once. Only after a batch is durable does the
-flusher acknowledge its client writes and send its messages, so an ack to a client, a
-DeltasAck or an anti-entropy reply always covers durable data, and every message is sent
-after everything produced before it is durable.
+append, one fsync) while the loop keeps serving; everything that arrives meanwhile forms
+the next batch (group commit). Under load (the previous batch carried several client
+writes) a batch is taken once it holds as many client writes as the previous one, or
+after ``commit_gap_us``, so that commits stay few and large without making a moderate
+load wait; a lone write is committed at once. A full disk is retried (new writes are
+refused meanwhile, health NOT_SERVING); any other storage error stops the node. Only
+after a batch is durable does the flusher acknowledge its client writes and send its
+messages, so an ack to a client, a DeltasAck or an anti-entropy reply always covers
+durable data, and every message is sent after everything produced before it is durable.
 
 Reads answer from the local replica at once (AP): every response is ``stale_possible``.
 CompareAndSwap and LINEARIZABLE reads are refused with FAILED_PRECONDITION. Durable
@@ -82,7 +84,7 @@ from gossip.core import (
 from gossip.crdt import Applied, Counter, Register, Value, applied_key, is_reserved, saturate
 from gossip.hlc import Timestamp
 from gossip.messages import ALIVE, DEAD, SUSPECT, Message
-from gossip.storage import CommitBatch, GossipStorage
+from gossip.storage import CommitBatch, DiskFullError, GossipStorage
 
 log = get_logger("gossip.node")
 T = TypeVar("T")
@@ -159,9 +161,9 @@ class GossipOptions:
     dedup_ttl_ms: int = 3_600_000
     max_pending: int = 20_000  # writes waiting for the disk before RESOURCE_EXHAUSTED
     # Group commit under load: once a commit carried several client writes (concurrent
-    # clients), the next one starts at most this often (0: at once). Fewer, larger commits
-    # cost less fsync, disk-thread and message overhead per write: at concurrency 64 this
-    # measured +15-25% writes/s; a lone write never waits.
+    # clients), the next one waits until as many have arrived (the answered clients'
+    # next writes), for at most this long (0: never waits). Fewer, larger commits cost
+    # less fsync, disk-thread and message overhead per write; a lone write never waits.
     commit_gap_us: int = 10_000
 
     @classmethod
@@ -274,10 +276,15 @@ class GossipBackend:
                 "fsyncs",
                 "writes_committed",
                 "dedup_hits",
+                "commit_retries",
             ),
             0,
         )
         self._batch = _Batch()
+        self._batch_grew = asyncio.Event()  # a client write joined the open batch
+        self.failed: str | None = None  # why the node stopped for good
+        self.failed_event = asyncio.Event()
+        self.disk_full: str | None = None  # set while commits fail for lack of space
         # key -> the batch holding its latest change, until that batch is durable
         self._unsynced: dict[str, _Batch] = {}
         self._flush_wake = asyncio.Event()
@@ -386,45 +393,93 @@ class GossipBackend:
         self._flush_wake.set()
 
     async def _flusher(self) -> None:
-        loop = asyncio.get_running_loop()
         gap = self.opts.commit_gap_us / 1e6
-        last_at, last_writes = 0.0, 0  # when the previous batch was taken; its writes
+        last_writes = 0  # client writes the previous batch carried
         while True:
             await self._flush_wake.wait()
             self._flush_wake.clear()
             while self._batch.commit or self._batch.messages:
-                if last_writes > 1 and (wait := last_at + gap - loop.time()) > 0:
-                    await asyncio.sleep(wait)  # concurrent writers: let the batch grow
+                if last_writes > 1:
+                    await self._gather(last_writes, gap)
                 b, self._batch = self._batch, _Batch()
-                last_at, last_writes = loop.time(), b.writes
-                if b.commit:
-                    b.commit.hlc = self.core.hlc_now
-                    assert self.storage is not None
-                    try:
-                        await loop.run_in_executor(self._disk, self.storage.commit, b.commit)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as e:
-                        log.exception("commit_failed")
-                        self._pending_writes -= b.writes
-                        if b.done is not None and not b.done.done():
-                            b.done.set_exception(
-                                errors.OutcomeUnknown(
-                                    f"the write could not be made durable ({e!r}); it is "
-                                    "applied in memory and may still spread (outcome unknown)"
-                                )
-                            )
-                        continue
-                    self.counters["fsyncs"] += 1
-                    self.counters["writes_committed"] += b.writes
-                    unsynced = self._unsynced
-                    for k in b.commit.kv:
-                        if unsynced.get(k) is b:
-                            del unsynced[k]
+                last_writes = b.writes
+                if b.commit and not await self._commit(b):
+                    return  # the node failed (see fail)
                 self._pending_writes -= b.writes
                 if b.done is not None and not b.done.done():
                     b.done.set_result(None)
                 self._send_all(b.messages)
+
+    async def _gather(self, want: int, gap: float) -> None:
+        """Concurrent writers: let the open batch grow to ``want`` client writes (those of
+        the previous batch, whose clients were just answered and are sending their next
+        ones), for at most ``gap`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + gap
+        while self._batch.writes < want and (left := deadline - loop.time()) > 0:
+            self._batch_grew.clear()
+            try:
+                await asyncio.wait_for(self._batch_grew.wait(), left)
+            except TimeoutError:
+                return
+
+    async def _commit(self, b: _Batch) -> bool:
+        """Make ``b`` durable. A full disk is retried (new writes are refused meanwhile);
+        any other storage error is fatal: the state in memory may then differ from the
+        disk, so the node stops (``fail``) rather than acknowledge or serve it."""
+        assert self.storage is not None
+        b.commit.hlc = self.core.hlc_now
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        while True:
+            try:
+                await loop.run_in_executor(self._disk, self.storage.commit, b.commit)
+                break
+            except DiskFullError as e:
+                if self.disk_full is None:
+                    log.warning("disk_full", error=str(e))
+                self.disk_full = str(e)
+                self.counters["commit_retries"] += 1
+                await asyncio.sleep(delay)  # a retry timer, not a wait for a condition
+                delay = min(2 * delay, 2.0)
+            except Exception as e:
+                self.fail(f"storage failed: {e}")
+                if b.done is not None and not b.done.done():
+                    b.done.set_exception(
+                        errors.OutcomeUnknown(
+                            f"node {self.id} failed while making the write durable ({e}); "
+                            "outcome unknown"
+                        )
+                    )
+                return False
+        if self.disk_full is not None:
+            log.info("disk_space_back")
+            self.disk_full = None
+        self.counters["fsyncs"] += 1
+        self.counters["writes_committed"] += b.writes
+        unsynced = self._unsynced
+        for k in b.commit.kv:
+            if unsynced.get(k) is b:
+                del unsynced[k]
+        return True
+
+    def fail(self, reason: str) -> None:
+        """Fatal: log why, refuse everything from now on, and let the server stop the
+        process (it exits non-zero with the reason)."""
+        if self.failed is not None:
+            return
+        self.failed = reason
+        log.critical("node_failed", reason=reason)
+        self._stopping = True
+        self.failed_event.set()
+
+    def health(self) -> tuple[bool, str]:
+        """(serving, why not)."""
+        if self.failed is not None:
+            return False, f"failed: {self.failed}"
+        if self.disk_full is not None:
+            return False, f"disk full: {self.disk_full}"
+        return True, ""
 
     def _send_all(self, messages: list[Message]) -> None:
         for m in messages:
@@ -434,8 +489,15 @@ class GossipBackend:
 
     # -- writes ------------------------------------------------------------------------
     def _check_writable(self) -> None:
+        if self.failed is not None:
+            raise errors.Unavailable(f"node {self.id} failed ({self.failed}); not applied")
         if self._stopping:
             raise errors.Unavailable("this node is shutting down; not applied (retry elsewhere)")
+        if self.disk_full is not None:
+            raise errors.Unavailable(
+                f"the disk of node {self.id} is full ({self.disk_full}); not applied (retry "
+                "elsewhere, or free space)"
+            )
         if self._pending_writes >= self.opts.max_pending:
             raise errors.Overloaded(
                 f"{self.opts.max_pending} writes already waiting for the disk on node {self.id}; "
@@ -485,6 +547,7 @@ class GossipBackend:
         b.writes += 1
         self._pending_writes += 1
         self._flush_wake.set()
+        self._batch_grew.set()
         return self._durable(b)
 
     @staticmethod
