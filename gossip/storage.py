@@ -3,8 +3,9 @@ the shared ``caplab.disk.Disk``, in generations switched atomically by a manifes
 
 Theory of operation
 -------------------
-What is stored: ``kv`` (key -> the replica's current CRDT value, tombstones included
-until collected, in ``crdt.encode_value``'s canonical encoding), the exactly-once table
+What is stored: ``kv`` (key -> the replica's current CRDT value, tombstones and Applied
+records included until collected, in ``crdt.encode_value``'s canonical encoding, read
+back with ``crdt.decode_value``), the per-node exactly-once table of older versions
 (``DedupEntry`` per (client, sequence), least recently used first), the HLC high-water
 mark (a restarted node never issues a timestamp at or below one it issued or observed
 before) and the *epoch* (see below).
@@ -114,7 +115,7 @@ from typing import NoReturn
 
 from caplab.disk import Disk, OsDisk
 from caplab.logs import get_logger
-from gossip.crdt import Counter, Register, Value, encode_value
+from gossip.crdt import DecodeError, Value, decode_value, encode_value
 from gossip.hlc import Timestamp
 
 log = get_logger("gossip.storage")
@@ -204,10 +205,6 @@ class FatalStorageError(StorageError):
     object believes; it refuses every further call. The node must stop and reload."""
 
 
-class CorruptStateError(Exception):
-    """A stored value cannot be decoded."""
-
-
 def _errname(e: OSError) -> str:
     code = e.errno
     return "?" if code is None else errno_mod.errorcode.get(code, str(code))
@@ -215,57 +212,6 @@ def _errname(e: OSError) -> str:
 
 def _is_full(e: OSError) -> bool:
     return e.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT)
-
-
-# -- values ----------------------------------------------------------------------------
-def _dec_str(buf: bytes, pos: int) -> tuple[str, int]:
-    n = int.from_bytes(buf[pos : pos + 4], "big")
-    end = pos + 4 + n
-    if end > len(buf):
-        raise CorruptStateError("truncated string")
-    return buf[pos + 4 : end].decode(), end
-
-
-def decode_value(buf: bytes) -> Value:
-    """Inverse of ``crdt.encode_value``; ``CorruptStateError`` on malformed input."""
-    try:
-        if buf[:1] == b"R":
-            if len(buf) < 21:
-                raise CorruptStateError("truncated register")
-            wall = int.from_bytes(buf[1:9], "big", signed=True)
-            logical = int.from_bytes(buf[9:17], "big")
-            node, pos = _dec_str(buf, 17)
-            ts = Timestamp(wall, logical, node)
-            if buf[pos : pos + 1] == b"\x00" and pos + 1 == len(buf):
-                return Register(ts, None)
-            if buf[pos : pos + 1] != b"\x01":
-                raise CorruptStateError("bad register tag")
-            n = int.from_bytes(buf[pos + 1 : pos + 5], "big")
-            if pos + 5 + n != len(buf):
-                raise CorruptStateError("register length mismatch")
-            return Register(ts, buf[pos + 5 :])
-        if buf[:1] == b"C":
-            pos = 1
-            maps: list[dict[str, int]] = []
-            for _ in range(2):
-                if pos + 4 > len(buf):
-                    raise CorruptStateError("truncated counter")
-                count = int.from_bytes(buf[pos : pos + 4], "big")
-                pos += 4
-                m: dict[str, int] = {}
-                for _ in range(count):
-                    k, pos = _dec_str(buf, pos)
-                    if pos + 16 > len(buf):
-                        raise CorruptStateError("truncated counter")
-                    m[k] = int.from_bytes(buf[pos : pos + 16], "big", signed=True)
-                    pos += 16
-                maps.append(m)
-            if pos != len(buf):
-                raise CorruptStateError("counter length mismatch")
-            return Counter(maps[0], maps[1])
-    except (UnicodeDecodeError, IndexError) as e:
-        raise CorruptStateError(str(e)) from e
-    raise CorruptStateError(f"unknown value tag {buf[:1]!r}")
 
 
 # -- the interface ---------------------------------------------------------------------
@@ -721,7 +667,7 @@ class GossipStorage:
                 for kind, b0, b1 in good:
                     try:
                         self._apply(kind, bytes(raw[b0:b1]))
-                    except (_Unreadable, CorruptStateError, UnicodeDecodeError, struct.error) as e:
+                    except (_Unreadable, DecodeError, UnicodeDecodeError, struct.error) as e:
                         corrupt.append(f"an entry in {name} at byte {b0 - 5} is unreadable ({e})")
                         continue
                     if kind == BASE_END:
@@ -1021,7 +967,7 @@ def _load_sqlite(
         for key, raw in db.execute("SELECT key, value FROM kv"):
             try:
                 state[str(key)] = decode_value(bytes(raw))
-            except (CorruptStateError, TypeError) as e:
+            except (DecodeError, TypeError) as e:
                 corrupt.append(
                     f"key {key!r}: its value in {path.name} is unreadable ({e}); refused"
                 )
