@@ -57,6 +57,10 @@ pytest: $(STAMP)
 
 test: lint typecheck proto-check pytest
 
+# Long randomized simulations of both stores, and the fault scenarios run on real nodes
+# CAPLAB_SOAK_RUNS times each (default 5; each repetition with its own seed): raft
+# crash-restart and isolate-leader, gossip crash-restart, flapping, clock-skew and
+# majorities-ring (tests/harness/test_*_scenarios.py).
 soak: $(STAMP)
 	CAPLAB_SOAK=1 $(VENV)/bin/pytest -q -m soak tests
 

@@ -26,7 +26,9 @@ When ``duration`` has passed the clients stop; whatever fault is still in force 
 (heal, resume, restart, skew 0; recorded), the runner waits up to ``converge_timeout`` for
 all replicas to report the same digest, reads every counter on every node and, on gossip,
 every register (LOCAL reads, recorded); on gossip it then waits up to the scenario's
-``tombstone_timeout`` for every node to have collected its tombstones. It stops every
+``tombstone_timeout`` for every node to have collected its tombstones. If the replicas
+still disagree, every node's Status and whole state (``Cluster.Dump``) are saved in
+``<out>/<store>/dumps/<node>.json`` for a post-mortem. It stops every
 process (also on error, Ctrl-C or SIGTERM: try/finally) and runs the checkers. Results go
 to ``<out>/<store>/results.json`` and, combined, ``<out>/results.json``.
 
@@ -331,8 +333,30 @@ class StoreRun:
             self.tombstones_collected_s = await self._wait_tombstones(
                 self.scenario.tombstone_timeout
             )
+        digests = self._latest_digests
+        if None in digests.values() or len(set(digests.values())) != 1:
+            await self._dump_states()  # the replicas disagree at the end: keep the evidence
         await self._stop_sampler()
         self.recorder.close()
+
+    async def _dump_states(self) -> None:
+        """Every node's Status and whole state (Cluster.Dump) into ``dumps/<node>.json``."""
+        assert self.cluster is not None and self._status_client is not None
+        from google.protobuf.json_format import MessageToDict
+
+        out = self.dir / "dumps"
+        out.mkdir(exist_ok=True)
+        for node, ep in self.cluster.endpoints.items():
+            doc: dict[str, Any] = {"node": node}
+            try:
+                status = await self._status_client.status(endpoint=ep)
+                doc["status"] = MessageToDict(status)
+                doc["entries"] = [
+                    MessageToDict(e) for e in await self._status_client.dump(endpoint=ep)
+                ]
+            except errors.StoreError as e:
+                doc["error"] = f"{e.code.name}: {e.message}"
+            (out / f"{node}.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
     async def _recover(self) -> list[tuple[str, dict[str, Any]]]:
         assert self.nemesis is not None
