@@ -43,8 +43,9 @@ fails it is *refused*: not loaded, and described in ``Loaded.corrupt`` (with its
 where it can be read), so a corrupt value is never served or gossiped; the node repairs
 the key from its peers by anti-entropy. A record whose header fails its CRC (its length
 cannot be trusted) is skipped up to the next valid record header, and reported. So one
-corrupt key never costs the rest of the store; only a log without a single valid record
-(or a damaged ``CURRENT``) stops the node.
+corrupt key never costs the rest of the store; only a log without a single valid record,
+an entry that passes its checksum but cannot be read (another version's format?), or a
+damaged ``CURRENT`` stops the node.
 
 Torn tails. A crash may leave the last write unfinished: a record, after which nothing
 valid follows, that is incomplete or fails a checksum is a commit that never returned;
@@ -668,8 +669,13 @@ class GossipStorage:
                     try:
                         self._apply(kind, bytes(raw[b0:b1]))
                     except (_Unreadable, DecodeError, UnicodeDecodeError, struct.error) as e:
-                        corrupt.append(f"an entry in {name} at byte {b0 - 5} is unreadable ({e})")
-                        continue
+                        # its checksum holds: not damage, but a bug or another version's
+                        # format; refusing it would delete it for good (see Epoch)
+                        raise self._corrupt(
+                            path,
+                            f"the entry at byte {b0 - 5} passes its checksum but cannot be "
+                            f"read ({e}); written by another version of caplab?",
+                        ) from e
                     if kind == BASE_END:
                         base_done = True
                         self._base_size = stop

@@ -348,6 +348,26 @@ def test_an_unreadable_store_fails_start_up_with_one_line_naming_the_file(
     assert "refusing to start" in msg and f"move the data directory {tmp_path} aside" in msg
 
 
+def test_an_entry_of_an_unknown_format_stops_start_up_instead_of_being_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its checksum holds, so it is not damage (another version's value type, say):
+    refusing it would delete it for good."""
+    s = reopen(tmp_path)
+    s.commit(CommitBatch(kv={"a": Register(T1, b"v")}))
+    monkeypatch.setattr("gossip.storage.encode_value", lambda v: b"Z" + encode_value(v)[1:])
+    s.commit(CommitBatch(kv={"b": Register(T2, b"w")}))
+    s.close()
+    before = log_file(tmp_path).read_bytes()
+    with pytest.raises(CorruptStorageError) as err:
+        load(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{log_file(tmp_path)}: the entry at byte ") and "\n" not in msg
+    assert "another version" in msg
+    assert sorted(os.listdir(tmp_path)) == ["CURRENT", "gossip.1.log"]
+    assert log_file(tmp_path).read_bytes() == before  # left as it was
+
+
 def test_an_unfinished_creation_is_started_again(tmp_path: Path) -> None:
     """A crash before CURRENT was switched in leaves a log with only its base: blank."""
     first = GossipStorage(tmp_path)
