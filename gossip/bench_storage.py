@@ -2,8 +2,9 @@
 
     python -m gossip.bench_storage [--dir DIR] [--commits 2000] [--keys 64] [--value 100]
 
-Each store commits the same batches (``--keys`` registers of ``--value`` bytes, with and
-without one dedup entry per key) in its own fresh directory under ``--dir`` (default: a
+Each store commits the same batches (``--keys`` registers of ``--value`` bytes, alone
+and with one exactly-once ``Applied`` record per key, as writes with request ids make
+them) in its own fresh directory under ``--dir`` (default: a
 temporary directory next to the working directory, so on the same file system as a
 node's data), alternating between the stores in blocks so both see the same disk
 conditions; it prints the median and p90 microseconds per commit (each one durable:
@@ -21,9 +22,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gossip.crdt import Register, encode_value
+from gossip.crdt import Applied, Register, Value, applied_key, encode_value
 from gossip.hlc import Timestamp
-from gossip.storage import CommitBatch, DedupEntry, GossipStorage
+from gossip.storage import CommitBatch, GossipStorage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -90,25 +91,23 @@ class SqliteStorage:
         self.db.close()
 
 
-def batches(n: int, keys: int, size: int, dedup: bool) -> list[CommitBatch]:
+def batches(n: int, keys: int, size: int, records: bool) -> list[CommitBatch]:
     """``n`` batches over a key space of 100 x ``keys`` keys (overwrites, like a run)."""
     out = []
     for i in range(n):
         ts = Timestamp(1_700_000_000_000 + i, 0, "n1")
-        kv: dict[str, Register | None] = {
-            f"key-{(i * keys + j) % (100 * keys):08d}": Register(ts, os.urandom(size))
-            for j in range(keys)
-        }
-        d = {
-            (f"client-{j}", i): DedupEntry(f"client-{j}", i, "put", ts, 0, max(0, i - 128))
-            for j in range(keys if dedup else 0)
-        }
-        out.append(CommitBatch(kv=dict(kv), dedup=d, hlc=ts))
+        kv: dict[str, Value | None] = {}
+        for j in range(keys):
+            key = f"key-{(i * keys + j) % (100 * keys):08d}"
+            kv[key] = Register(ts, os.urandom(size))
+            if records:
+                kv[applied_key(f"client-{j}", i)] = Applied(ts, "n1", "put", key, 0, 0)
+        out.append(CommitBatch(kv=kv, hlc=ts))
     return out
 
 
-def run(commits: int, keys: int, size: int, dedup: bool, base: Path, block: int = 100) -> None:
-    work = batches(commits, keys, size, dedup)
+def run(commits: int, keys: int, size: int, records: bool, base: Path, block: int = 100) -> None:
+    work = batches(commits, keys, size, records)
     new_dir, old_dir = base / "log", base / "sqlite"
     new_dir.mkdir()
     old_dir.mkdir()
@@ -128,7 +127,7 @@ def run(commits: int, keys: int, size: int, dedup: bool, base: Path, block: int 
                 times[name].append(time.perf_counter() - t)
     new.close()
     old.close()
-    what = f"{keys} keys x {size} B" + (f" + {keys} dedup entries" if dedup else "")
+    what = f"{keys} keys x {size} B" + (f" + {keys} Applied records" if records else "")
     for name, ts in times.items():
         us = sorted(t * 1e6 for t in ts)
         print(
@@ -144,9 +143,9 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=64)
     ap.add_argument("--value", type=int, default=100)
     args = ap.parse_args()
-    for dedup in (False, True):
+    for records in (False, True):
         with tempfile.TemporaryDirectory(dir=args.dir, prefix=".bench-storage-") as d:
-            run(args.commits, args.keys, args.value, dedup, Path(d))
+            run(args.commits, args.keys, args.value, records, Path(d))
 
 
 if __name__ == "__main__":
