@@ -24,9 +24,10 @@ durable data, and every message is sent after everything produced before it is d
 Reads answer from the local replica at once (AP): every response is ``stale_possible``.
 CompareAndSwap and LINEARIZABLE reads are refused with FAILED_PRECONDITION. Durable
 before visible: the core applies a change to its replica at once, so a key whose latest
-change is still in a batch not yet committed (``_unsynced``: key -> that batch) is read
-from the batch once it is durable (the value it committed), never before: a crash cannot
-erase a value a client has read.
+change is still in a batch not yet durable is read from that batch once it is durable
+(the value it committed), never before: a crash cannot erase a value a client has read.
+The open batch, the keys not yet durable and the commit itself are ``gossip.pipeline``'s
+(the simulator drives the same code on a simulated disk).
 
 Exactly once, across nodes: a write with a request id also writes an Applied record of
 it into the replicated state (``gossip/core.py``, "Exactly once"), persisted in the same
@@ -48,7 +49,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -84,7 +85,8 @@ from gossip.core import (
 from gossip.crdt import Applied, Counter, Register, Value, applied_key, is_reserved, saturate
 from gossip.hlc import Timestamp
 from gossip.messages import ALIVE, DEAD, SUSPECT, Message
-from gossip.storage import CommitBatch, DiskFullError, GossipStorage
+from gossip.pipeline import Batch, Pipeline
+from gossip.storage import DiskFullError, GossipStorage
 
 log = get_logger("gossip.node")
 T = TypeVar("T")
@@ -181,16 +183,6 @@ class GossipOptions:
         return GossipConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
-@dataclass(slots=True)
-class _Batch:
-    """What accumulated since the last group commit."""
-
-    commit: CommitBatch = field(default_factory=CommitBatch)
-    messages: list[Message] = field(default_factory=list)
-    writes: int = 0
-    done: asyncio.Future[None] | None = None  # resolved once durable (created on demand)
-
-
 class PeerLink:
     """Outbound messages to one peer, batched on one long-lived stream."""
 
@@ -280,15 +272,12 @@ class GossipBackend:
             ),
             0,
         )
-        self._batch = _Batch()
+        self._pipe: Pipeline | None = None
         self._batch_grew = asyncio.Event()  # a client write joined the open batch
         self.failed: str | None = None  # why the node stopped for good
         self.failed_event = asyncio.Event()
         self.disk_full: str | None = None  # set while commits fail for lack of space
-        # key -> the batch holding its latest change, until that batch is durable
-        self._unsynced: dict[str, _Batch] = {}
         self._flush_wake = asyncio.Event()
-        self._pending_writes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._ticker_task: asyncio.Task[None] | None = None
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gossip-disk-{self.id}")
@@ -298,6 +287,11 @@ class GossipBackend:
     def core(self) -> GossipCore:
         assert self._core is not None, "node not started"
         return self._core
+
+    @property
+    def pipe(self) -> Pipeline:
+        assert self._pipe is not None, "node not started"
+        return self._pipe
 
     async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
@@ -311,10 +305,9 @@ class GossipBackend:
             # a per-node exactly-once table of an older version: kept as records (they
             # answer retries; without the key and delta they cannot settle a duplicate)
             legacy[applied_key(e.client_id, e.seq)] = Applied(e.ts, self.id, e.op, "", 0, e.num)
-        if legacy:
-            loaded.state.update(legacy)
-            self._batch.commit.kv.update(legacy)
-            self._batch.commit.evict.update(e.client_id for e in loaded.dedup)
+        loaded.state.update(legacy)
+        for line in loaded.corrupt:
+            log.error("corrupt_record_refused", file=str(self.storage.dir), record=line)
         self._core = GossipCore(
             self.id,
             [self.id, *self.peers],
@@ -323,7 +316,14 @@ class GossipBackend:
             state=loaded.state,
             now_ms=self.clock.wall_ms(),
             hlc_floor=loaded.hlc,
+            # a node that lost data counts in a new component (see gossip/storage.py)
+            component=f"{self.id}/{loaded.epoch}" if loaded.epoch else self.id,
         )
+        self._pipe = Pipeline(self._core, self.storage)
+        if legacy:
+            self.pipe.add_state(legacy)
+            self.pipe.batch.commit.evict.update(e.client_id for e in loaded.dedup)
+        self.counters["corrupt_records_refused"] = len(loaded.corrupt)
         log.info(
             "gossip_restored",
             keys=len(loaded.state),
@@ -350,7 +350,13 @@ class GossipBackend:
     async def close(self) -> None:
         self._stopping = True
         deadline = time.monotonic() + 5.0
-        while (self._batch.commit or self._pending_writes) and time.monotonic() < deadline:
+        pipe = self._pipe
+        while (
+            pipe is not None
+            and self.failed is None
+            and (pipe.batch.commit or pipe.pending_writes)
+            and time.monotonic() < deadline
+        ):
             self._flush_wake.set()
             await asyncio.sleep(0.01)
         for t in self._tasks:
@@ -377,20 +383,8 @@ class GossipBackend:
 
     def collect(self) -> None:
         """Move the core's outputs into the open batch (persisted, then sent)."""
-        out = self.core.take_outputs()
-        if not (out.messages or out.to_persist or out.collected):
-            return
-        b = self._batch
-        kv = b.commit.kv
-        kv.update(out.to_persist)
-        unsynced = self._unsynced
-        for k in out.to_persist:
-            unsynced[k] = b
-        for k, _ts in out.collected:
-            kv[k] = None
-            unsynced[k] = b
-        b.messages.extend(out.messages)
-        self._flush_wake.set()
+        if self.pipe.collect():
+            self._flush_wake.set()
 
     async def _flusher(self) -> None:
         gap = self.opts.commit_gap_us / 1e6
@@ -398,17 +392,18 @@ class GossipBackend:
         while True:
             await self._flush_wake.wait()
             self._flush_wake.clear()
-            while self._batch.commit or self._batch.messages:
+            pipe = self.pipe
+            while pipe.batch:
                 if last_writes > 1:
                     await self._gather(last_writes, gap)
-                b, self._batch = self._batch, _Batch()
+                b = pipe.take()
                 last_writes = b.writes
                 if b.commit and not await self._commit(b):
                     return  # the node failed (see fail)
-                self._pending_writes -= b.writes
-                if b.done is not None and not b.done.done():
-                    b.done.set_result(None)
-                self._send_all(b.messages)
+                messages = pipe.finish(b)
+                if b.tag is not None and not b.tag.done():
+                    b.tag.set_result(None)
+                self._send_all(messages)
 
     async def _gather(self, want: int, gap: float) -> None:
         """Concurrent writers: let the open batch grow to ``want`` client writes (those of
@@ -416,24 +411,22 @@ class GossipBackend:
         ones), for at most ``gap`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + gap
-        while self._batch.writes < want and (left := deadline - loop.time()) > 0:
+        while self.pipe.batch.writes < want and (left := deadline - loop.time()) > 0:
             self._batch_grew.clear()
             try:
                 await asyncio.wait_for(self._batch_grew.wait(), left)
             except TimeoutError:
                 return
 
-    async def _commit(self, b: _Batch) -> bool:
+    async def _commit(self, b: Batch) -> bool:
         """Make ``b`` durable. A full disk is retried (new writes are refused meanwhile);
         any other storage error is fatal: the state in memory may then differ from the
         disk, so the node stops (``fail``) rather than acknowledge or serve it."""
-        assert self.storage is not None
-        b.commit.hlc = self.core.hlc_now
         loop = asyncio.get_running_loop()
         delay = 0.05
         while True:
             try:
-                await loop.run_in_executor(self._disk, self.storage.commit, b.commit)
+                await loop.run_in_executor(self._disk, self.pipe.commit, b)
                 break
             except DiskFullError as e:
                 if self.disk_full is None:
@@ -444,8 +437,8 @@ class GossipBackend:
                 delay = min(2 * delay, 2.0)
             except Exception as e:
                 self.fail(f"storage failed: {e}")
-                if b.done is not None and not b.done.done():
-                    b.done.set_exception(
+                if b.tag is not None and not b.tag.done():
+                    b.tag.set_exception(
                         errors.OutcomeUnknown(
                             f"node {self.id} failed while making the write durable ({e}); "
                             "outcome unknown"
@@ -457,10 +450,6 @@ class GossipBackend:
             self.disk_full = None
         self.counters["fsyncs"] += 1
         self.counters["writes_committed"] += b.writes
-        unsynced = self._unsynced
-        for k in b.commit.kv:
-            if unsynced.get(k) is b:
-                del unsynced[k]
         return True
 
     def fail(self, reason: str) -> None:
@@ -498,7 +487,7 @@ class GossipBackend:
                 f"the disk of node {self.id} is full ({self.disk_full}); not applied (retry "
                 "elsewhere, or free space)"
             )
-        if self._pending_writes >= self.opts.max_pending:
+        if self.pipe.pending_writes >= self.opts.max_pending:
             raise errors.Overloaded(
                 f"{self.opts.max_pending} writes already waiting for the disk on node {self.id}; "
                 "not applied (retry with backoff)"
@@ -539,27 +528,22 @@ class GossipBackend:
 
     def _enqueue_write(self, w: Write) -> asyncio.Future[None]:
         """Add a client write (its key, and its Applied record if any) to the open batch."""
-        b = self._batch
-        core, kv, unsynced = self.core, b.commit.kv, self._unsynced
-        for k in w.delta:
-            kv[k] = core.get(k)
-            unsynced[k] = b
-        b.writes += 1
-        self._pending_writes += 1
+        b = self.pipe.add_write(w)
         self._flush_wake.set()
         self._batch_grew.set()
         return self._durable(b)
 
     @staticmethod
-    def _durable(b: _Batch) -> asyncio.Future[None]:
-        """Resolved once ``b`` is committed (created on demand)."""
-        if b.done is None:
-            b.done = asyncio.get_running_loop().create_future()
-        return b.done
+    def _durable(b: Batch) -> asyncio.Future[None]:
+        """Resolved once ``b`` is durable (created on demand)."""
+        if b.tag is None:
+            b.tag = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = b.tag
+        return fut
 
     async def _visible(self, key: str) -> Value | None:
         """The value of ``key`` a read may see: the latest durable one."""
-        b = self._unsynced.get(key)
+        b = self.pipe.unsynced.get(key)
         if b is None:
             return self.core.get(key)
         try:
@@ -569,7 +553,7 @@ class GossipBackend:
                 f"the latest change of {key!r} on node {self.id} could not be made durable "
                 f"({e}); not served (retry elsewhere)"
             ) from None
-        return b.commit.kv.get(key)
+        return Pipeline.durable_value(b, key)
 
     def _header(self, ts: Timestamp | None) -> Header:
         return Header(
@@ -687,7 +671,7 @@ class GossipBackend:
         st.counters["anti_entropy_rounds"] = stats.ae_rounds_completed
         st.counters["tombstones"] = core.tombstone_count()
         st.counters["incarnation"] = core.incarnation
-        st.counters["pending_writes"] = self._pending_writes
+        st.counters["pending_writes"] = self.pipe.pending_writes
         st.counters["dedup_clients"] = core.client_count()
         st.counters["dedup_records"] = core.record_count()
         for k, v in self.counters.items():
