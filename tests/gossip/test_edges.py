@@ -7,6 +7,7 @@ seconds to a day (issue 13). Each test failed on the code before that issue.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -203,3 +204,23 @@ async def test_a_request_applied_on_two_nodes_counts_once(healed: Net) -> None:
     # the same id for another operation is refused, on any node
     with pytest.raises(Exception, match="already used"):
         await c3.kv().Put(kv_pb2.PutRequest(key="edge/x", value=b"v", request_id=rid))
+
+
+async def test_a_wiped_node_keeps_the_increments_it_takes_after_its_restart(healed: Net) -> None:
+    """A node restarted on an empty data directory counted again from 0 in its old
+    counter component, which the others held higher: the join discarded its new
+    increments (the counter stayed at 5 instead of 7, issue 13)."""
+    net = healed
+    c1 = net.clients["n1"]
+    await c1.increment("edge/wiped", 5)
+    await eventually(lambda: _everyone(net, "edge/wiped", 5), 20.0)
+    node = net.cluster.nodes["n1"]
+    node.kill()
+    shutil.rmtree(node.data_dir)
+    node.start()
+    await net.cluster.wait_ready(nodes=["n1"])
+    net.proxies.reset_links_to(["n1"])
+    await c1.increment("edge/wiped", 1)
+    await c1.increment("edge/wiped", 1)
+    await eventually(lambda: _everyone(net, "edge/wiped", 7), 20.0)
+    await eventually(net.converged, 20.0)
