@@ -86,7 +86,7 @@ from gossip.crdt import Applied, Counter, Register, Value, applied_key, is_reser
 from gossip.hlc import Timestamp
 from gossip.messages import ALIVE, DEAD, SUSPECT, Message
 from gossip.pipeline import Batch, Pipeline
-from gossip.storage import DiskFullError, GossipStorage
+from gossip.storage import DiskFullError, GossipStorage, StorageError
 
 log = get_logger("gossip.node")
 T = TypeVar("T")
@@ -299,12 +299,17 @@ class GossipBackend:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, server: grpc.aio.Server) -> None:
         self.storage = GossipStorage(self.config.data_dir)
-        loaded = await self._disk_call(self.storage.load)
+        try:
+            loaded = await self._disk_call(self.storage.load)
+        except StorageError as e:
+            # one line naming the file and what to do; the process exits with it
+            log.critical("node_cannot_start", reason=str(e))
+            raise errors.Unavailable(f"node {self.id} cannot start: {e}") from None
         legacy: dict[str, Value] = {}
-        for e in loaded.dedup:
+        for d in loaded.dedup:
             # a per-node exactly-once table of an older version: kept as records (they
             # answer retries; without the key and delta they cannot settle a duplicate)
-            legacy[applied_key(e.client_id, e.seq)] = Applied(e.ts, self.id, e.op, "", 0, e.num)
+            legacy[applied_key(d.client_id, d.seq)] = Applied(d.ts, self.id, d.op, "", 0, d.num)
         loaded.state.update(legacy)
         for line in loaded.corrupt:
             log.error("corrupt_record_refused", file=str(self.storage.dir), record=line)
@@ -322,7 +327,7 @@ class GossipBackend:
         self._pipe = Pipeline(self._core, self.storage)
         if legacy:
             self.pipe.add_state(legacy)
-            self.pipe.batch.commit.evict.update(e.client_id for e in loaded.dedup)
+            self.pipe.batch.commit.evict.update(d.client_id for d in loaded.dedup)
         self.counters["corrupt_records_refused"] = len(loaded.corrupt)
         log.info(
             "gossip_restored",

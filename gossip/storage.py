@@ -104,6 +104,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
+import random
 import re
 import secrets
 import sqlite3
@@ -175,11 +176,13 @@ def _log_name(gen: int) -> str:
     return f"gossip.{gen}.log"
 
 
-def new_epoch(old: str = "") -> str:
-    """A random 8-hex-digit epoch, other than ``old``."""
-    while (epoch := secrets.token_hex(4)) == old:
-        pass
-    return epoch
+def new_epoch(old: str = "", rng: random.Random | None = None) -> str:
+    """A random 8-hex-digit epoch, other than ``old`` (from ``rng`` if given: the
+    simulator's, so that a seed replays exactly)."""
+    while True:
+        epoch = secrets.token_hex(4) if rng is None else f"{rng.getrandbits(32):08x}"
+        if epoch != old:
+            return epoch
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -406,8 +409,10 @@ class GossipStorage:
         disk: Disk | None = None,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
         prealloc_bytes: int = PREALLOC_BYTES,
+        rng: random.Random | None = None,
     ) -> None:
         self.disk: Disk = OsDisk() if disk is None else disk
+        self._rng = rng  # for new epochs (None: the OS's randomness)
         self.dir = Path(data_dir)
         self.compact_min_bytes = compact_min_bytes
         self.prealloc_bytes = max(1, prealloc_bytes)
@@ -586,7 +591,7 @@ class GossipStorage:
                     f"missing, while {name} holds commits (restore {CURRENT})",
                 )
         self._remove_leftovers(names, keep=None)
-        self._switch(new_epoch(), _CANNOT_START)
+        self._switch(new_epoch(rng=self._rng), _CANNOT_START)
         log.info("gossip_storage_created", dir=str(self.dir), epoch=self._epoch)
         return []
 
@@ -634,7 +639,8 @@ class GossipStorage:
             old = self._epoch
             for line in corrupt:
                 log.warning("refused_corrupt_record", file=str(path), what=line)
-            self._switch(new_epoch(self._epoch), _CANNOT_START)  # without the refused bytes
+            # without the refused bytes
+            self._switch(new_epoch(self._epoch, self._rng), _CANNOT_START)
             log.warning(
                 "epoch_replaced", dir=str(self.dir), old=old, new=self._epoch, refused=len(corrupt)
             )
@@ -745,7 +751,7 @@ class GossipStorage:
         self._hlc = hlc
         for line in corrupt:
             log.warning("refused_corrupt_record", file=str(path), what=line)
-        self._switch(new_epoch() if corrupt else "", _CANNOT_START)
+        self._switch(new_epoch(rng=self._rng) if corrupt else "", _CANNOT_START)
         for name in _LEGACY_FILES:
             self._remove_quietly(name)
         log.info(

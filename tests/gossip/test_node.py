@@ -214,3 +214,22 @@ async def test_a_storage_failure_stops_the_node_with_the_reason(tmp_path: Path) 
     with pytest.raises(errors.Unavailable, match="failed"):
         await b.put("k2", b"v", None, None)
     await b.close()
+
+
+async def test_an_unreadable_store_stops_start_up_with_one_line_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    """A truncated database failed start-up with a raw traceback that did not name the
+    file (issue 13)."""
+    b = await _backend(tmp_path)
+    await b.put("k", b"v", None, None)
+    await b.before_shutdown()
+    await b.close()
+    current = tmp_path / "CURRENT"
+    current.write_bytes(current.read_bytes()[:7])  # truncated
+    config = NodeConfig("gossip", "n1", "127.0.0.1:0", {}, str(tmp_path))
+    b2 = build_backend(config, SkewableClock())
+    with pytest.raises(errors.Unavailable) as e:
+        await b2.start(grpc.aio.server())
+    assert str(current) in e.value.message and "\n" not in e.value.message
+    assert "cannot start" in e.value.message
