@@ -1,0 +1,225 @@
+"""Collection of tombstones and Applied records (exactly once): who holds them, when
+they go, what is remembered after.
+
+Theory of operation
+-------------------
+A delete writes a tombstone ``Register(ts, None)``. The node tracks which members hold
+each tombstone (a DeltasAck for a batch containing it, an entry equal to it received from
+a peer, or an equal Merkle root). A tombstone is collected when (a) every member holds it
+and it is older than ``tombstone_min_age_ms`` (in-flight messages older than that could
+resurrect data: the network delay bound assumed), or (b) it is older than
+``tombstone_grace_ms`` regardless. Rule (b) can resurrect a deleted value: a member that
+missed the tombstone for longer than the grace period (e.g. a long-dead node returning)
+still holds the old value and will spread it again. Collection runs every
+``gc_interval_ms``. After collecting, the node remembers the tombstone in memory for
+``collected_memory_ms`` (at least ``max(2 * tombstone_min_age_ms, 4 *
+anti_entropy_interval_ms)``: slower peers may learn who holds it only by anti-entropy)
+and drops incoming entries it dominates while still acknowledging them, so slower peers,
+and a member restarted with tombstones the others collected while it was down, do not
+re-insert it everywhere (each replica would then collect it again, at its own time, and
+the replicas' states would differ until the last one did). A member down for longer
+than that re-inserts them once. A tombstone old enough whose holders stay unknown is
+pushed again (logged, so the acks tell who holds it) every ``tombstone_min_age_ms``: two
+members holding one the others collected would otherwise never learn it of each other
+(their Merkle leaves agree, so anti-entropy never ships it between them).
+
+Applied records (see "Exactly once" in ``gossip.core``) are collected the same way, but
+only once their client's window (its last ``dedup_window`` sequences) moved past them or
+they are older than ``dedup_ttl_ms``: until then a retry of the request may still come.
+Per client the node counts the records it holds and the highest sequence seen: a request
+older than the window is too old (``too_old``), whether or not its record is still held,
+and a record out of the window arriving from a peer is dropped.
+
+Interface. ``Collection`` owns ``holders`` (key -> members known to hold it or a newer
+value, for every tombstone and record in the replica: the core, delta flow and
+anti-entropy add holders) and ``collected`` (the memory of what was collected: the core
+and anti-entropy consult it). ``tick(now)`` collects when due and returns what to remove
+from the durable state; it removes it from the replica, the Merkle tree and the delta log
+itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gossip.common import GossipConfig, Stats
+from gossip.crdt import Applied, Register, Value, parse_applied_key
+from gossip.deltaflow import DeltaLog
+from gossip.hlc import HLC, Timestamp
+from gossip.merkle import MerkleTree
+
+__all__ = ["Collected", "Collection", "is_collectable"]
+
+
+def is_collectable(v: Value | None) -> bool:
+    """Tombstones and Applied records: kept until every member holds them."""
+    return isinstance(v, Applied) or (isinstance(v, Register) and v.value is None)
+
+
+@dataclass(slots=True)
+class Collected:
+    ts: Timestamp
+    expire_ms: int
+    value: Value  # what was collected (a tombstone or an Applied record)
+
+
+@dataclass(slots=True)
+class _Client:
+    """Applied records held for one client."""
+
+    max_seq: int  # the highest sequence seen (its window ends there)
+    records: int  # how many are held
+
+
+class Collection:
+    """Tombstone and Applied-record bookkeeping and collection for one replica."""
+
+    def __init__(
+        self,
+        config: GossipConfig,
+        node_id: str,
+        members: frozenset[str],
+        state: dict[str, Value],
+        merkle: MerkleTree,
+        log: DeltaLog,
+        hlc: HLC,
+        stats: Stats,
+        *,
+        first_gc_ms: int,
+    ) -> None:
+        self.config = config
+        self._all = members  # every member, this node included
+        self._state = state
+        self._merkle = merkle
+        self._log = log
+        self._hlc = hlc
+        self.stats = stats
+        # tombstones and Applied records: key -> members known to hold it (or a newer value)
+        self.holders: dict[str, set[str]] = {}
+        self._clients: dict[str, _Client] = {}
+        self._records = 0
+        self._repush: dict[str, int] = {}  # tombstone -> when it may be pushed again
+        for k, v in state.items():
+            if is_collectable(v):
+                self.holders[k] = {node_id}
+                log.log_key(k)  # push restored tombstones to learn who holds them
+                if isinstance(v, Applied):
+                    self.record_added(k)
+        self.collected: dict[str, Collected] = {}
+        self._next_gc = first_gc_ms
+
+    # ------------------------------------------------------------------ counts
+
+    def tombstone_count(self) -> int:
+        return len(self.holders) - self._records
+
+    def record_count(self) -> int:
+        return self._records
+
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    # ------------------------------------------------------------------ records
+
+    def too_old(self, client_id: str, seq: int) -> bool:
+        """Request (client_id, seq) is older than its client's window (even while its
+        record is still held: the answer must not depend on when collection runs)."""
+        cl = self._clients.get(client_id)
+        return cl is not None and seq <= cl.max_seq - self.config.dedup_window
+
+    def record_added(self, key: str) -> None:
+        """An Applied record entered the replica."""
+        parsed = parse_applied_key(key)
+        if parsed is None:
+            return
+        client, seq = parsed
+        self._records += 1
+        cl = self._clients.get(client)
+        if cl is None:
+            self._clients[client] = _Client(seq, 1)
+        else:
+            cl.records += 1
+            cl.max_seq = max(cl.max_seq, seq)
+
+    def _record_removed(self, key: str) -> None:
+        parsed = parse_applied_key(key)
+        if parsed is None:
+            return
+        self._records -= 1
+        cl = self._clients.get(parsed[0])
+        if cl is not None:
+            cl.records -= 1
+            if cl.records <= 0:
+                del self._clients[parsed[0]]
+
+    def out_of_window(self, key: str) -> bool:
+        """An Applied record's sequence is older than its client's window."""
+        parsed = parse_applied_key(key)
+        if parsed is None:
+            return False
+        cl = self._clients.get(parsed[0])
+        return cl is not None and parsed[1] <= cl.max_seq - self.config.dedup_window
+
+    # ------------------------------------------------------------------ collection
+
+    def tick(self, now: int) -> list[tuple[str, Timestamp]]:
+        """Collect when due; returns the (key, ts) pairs collected (to be removed from
+        the durable state if it still holds exactly that tombstone or record)."""
+        if now < self._next_gc:
+            return []
+        self._next_gc = now + self.config.gc_interval_ms
+        return self.gc(now)
+
+    def gc(self, now: int) -> list[tuple[str, Timestamp]]:
+        cfg = self.config
+        out: list[tuple[str, Timestamp]] = []
+        for k in [k for k, c in self.collected.items() if c.expire_ms <= now]:
+            del self.collected[k]
+        for k in [k for k in self._repush if k not in self.holders]:
+            del self._repush[k]
+        clock = max(now, self._hlc.peek().wall_ms)
+        # long enough for slower peers to collect it too: they learn who holds it by
+        # anti-entropy at the latest (a few intervals)
+        memory = max(
+            cfg.collected_memory_ms, 2 * cfg.tombstone_min_age_ms, 4 * cfg.anti_entropy_interval_ms
+        )
+        state = self._state
+        log = self._log
+        for k, holders in list(self.holders.items()):
+            v = state[k]
+            assert isinstance(v, Register | Applied)
+            age = clock - v.ts.wall_ms
+            forced = age >= cfg.tombstone_grace_ms
+            if (
+                isinstance(v, Applied)
+                and not forced
+                and age < cfg.dedup_ttl_ms
+                and not self.out_of_window(k)
+            ):
+                continue  # a retry of it may still come
+            if not forced and not (age >= cfg.tombstone_min_age_ms and holders >= self._all):
+                if age >= cfg.tombstone_min_age_ms and k not in log.seqs:
+                    # Old enough, but who holds it is unknown: push it again (the acks
+                    # tell). Two members holding a tombstone the others collected may
+                    # otherwise never learn it of each other: their Merkle leaves for it
+                    # agree, so anti-entropy never ships it between them.
+                    due = self._repush.get(k, 0)
+                    if now >= due:
+                        self._repush[k] = now + cfg.tombstone_min_age_ms
+                        log.log_key(k)
+                continue
+            self._repush.pop(k, None)
+            del state[k]
+            del self.holders[k]
+            log.unlog(k)
+            self._merkle.update(k, None)
+            self.collected[k] = Collected(v.ts, now + memory, v)
+            out.append((k, v.ts))
+            if isinstance(v, Applied):
+                self._record_removed(k)
+                self.stats.records_collected += 1
+                continue
+            self.stats.tombstones_collected += 1
+            if forced:
+                self.stats.tombstones_force_collected += 1
+        return out
