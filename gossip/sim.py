@@ -1,25 +1,33 @@
-"""Deterministic simulator for ``GossipCore`` clusters.
+"""Deterministic simulator of gossip clusters: the production core, commit path and codec.
 
 Theory of operation
 -------------------
-``Sim(seed)`` builds N cores on a virtual millisecond clock. Everything random comes from
-one ``random.Random(seed)``, so a seed replays exactly. Time advances in ``tick_ms``
-steps; in each step, due messages are delivered in (time, send order) order, then every
-live node is ticked. After every call into a core its outputs are applied like a real
-shell would: ``to_persist``/``collected`` go into the node's durable store first, then
-the messages are handed to the network.
+``Sim(seed)`` builds N nodes on a virtual millisecond clock. Everything random comes from
+one ``random.Random(seed)``, so a seed replays exactly. Each node is what the asyncio node
+runs, minus asyncio and gRPC: a ``GossipCore``, the node's ``Pipeline`` (open batch,
+take/commit/finish, keys not yet durable) and ``GossipStorage`` on a ``SimDisk``. Time
+advances in ``tick_ms`` steps; in each step due messages are delivered in (time, send
+order) order, then every running node is ticked; after each call into a core the node
+collects its outputs and commits them (one group commit), and only a finished batch
+acknowledges its client writes and hands its messages to the network. Messages travel
+encoded (``gossip.codec`` to protobuf bytes and back), as on the wire.
 
 Network faults: per-message drop, duplication and random delay (which reorders), and
 partitions of every shape (``halves``, ``isolated`` node, ``bridge`` node seeing both
-halves, ``ring`` where each node only sees its ring neighbours). A partition drops a message
-both when sent and when delivered across it.
+halves, ``ring`` where each node only sees its ring neighbours). A partition drops a
+message both when sent and when delivered across it.
 
-Nodes: per-node clock skew (physical time = virtual time + skew); crashes lose everything
-but the durable store; restart builds a fresh core from it (only what was persisted
-survives). Client ops are recorded with their HLC timestamp and whether they were
-acknowledged: an op is acknowledged after its ``Write.delta`` is in the durable store; a
-crash injected between the core call and the persist leaves it unacknowledged (it then
-never leaves the node: the core only sends on ``tick``).
+Node faults: crash (the node keeps only what its SimDisk keeps after a power loss:
+unsynced writes lost or torn), crash in the middle of a commit or a compaction
+(``SimDisk.crash_after``), a full disk (the batch is held and retried, new writes are
+refused, as the node does), an fsync error (fatal: the node stops and later restarts
+from its disk), event-loop stalls (no ticks, deliveries wait), clock skew.
+
+Client ops are recorded with their HLC timestamp and outcome: *acked* once their batch
+is finished; *maybe* when the node crashed after their batch may have reached the disk
+(a torn commit, or a crash between commit and answer): such a write may or may not be
+in effect. ``check`` verifies the end state against that history, and every restart
+verifies that the disk kept every acknowledged write of the node.
 
 ``run_random(seed)`` is the randomized scenario used by the tests: faults + client load,
 then heal everything and wait for convergence; ``check`` verifies the end state.
@@ -27,26 +35,42 @@ then heal everything and wait for convergence; ``check`` verifies the end state.
 
 from __future__ import annotations
 
+import errno
 import heapq
+import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from gossip.core import GossipConfig, GossipCore, RequestTooOldError, ValueOutOfRangeError
+from caplab.disk import SimCrash, SimDisk
+from caplab.gossip.v1 import gossip_pb2 as pb
+from gossip.codec import from_pb, to_pb
+from gossip.core import (
+    GossipConfig,
+    GossipCore,
+    RequestTooOldError,
+    ValueOutOfRangeError,
+    Write,
+)
 from gossip.crdt import (
-    Applied,
     Counter,
     Register,
     Value,
     WrongTypeError,
+    applied_key,
+    encode_value,
     is_reserved,
-    merge_state,
+    merge_value,
 )
 from gossip.hlc import Timestamp
 from gossip.messages import Message
+from gossip.pipeline import Batch, Pipeline
+from gossip.storage import DiskFullError, GossipStorage, StorageError
+
+DATA = "/data"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Op:
     """One client operation as seen by the client."""
 
@@ -60,6 +84,8 @@ class Op:
     acked: bool
     rid: tuple[str, int] | None = None  # request id (exactly once across nodes)
     replayed: bool = False  # answered from the request's record: not applied again
+    maybe: bool = False  # not acknowledged, but may be durable (crash during its commit)
+    effect: Value | None = None  # what it wrote to its key (checked at every restart)
 
 
 @dataclass(slots=True)
@@ -70,6 +96,14 @@ class NetConfig:
     dup: float = 0.0
     min_delay_ms: int = 1
     max_delay_ms: int = 20
+
+
+@dataclass(slots=True)
+class DiskConfig:
+    """How the storage of every node is set up (small sizes exercise compaction)."""
+
+    compact_min_bytes: int = 1 << 20
+    prealloc_bytes: int = 1 << 20
 
 
 @dataclass(slots=True)
@@ -86,10 +120,26 @@ class SimResult:
     lww_overwrites: int = 0
     duplicates: int = 0  # the same request met applied on two nodes (merged as one)
     replays: int = 0  # requests answered from their record instead of applied again
+    crashes: int = 0  # SimCrash in the middle of a disk operation
+    disk_full: int = 0  # commits refused for lack of space (then retried)
+    fatal: int = 0  # nodes stopped by a storage error
+    compactions: int = 0
+    stalls: int = 0  # event-loop stalls
+    big_values: int = 0  # acknowledged puts of 100 KiB or more
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    disk: SimDisk
+    core: GossipCore | None = None
+    pipe: Pipeline | None = None
+    held: Batch | None = None  # refused for lack of space: committed again first
+    stalled_until: int = 0  # event loop stalled: no ticks, deliveries wait
+    failed: bool = False  # stopped by a fatal storage error (restarts later)
 
 
 class Sim:
-    """A cluster of cores on a simulated network."""
+    """A cluster of gossip nodes (core + commit path + storage) on a simulated network."""
 
     def __init__(
         self,
@@ -99,89 +149,161 @@ class Sim:
         *,
         max_skew_ms: int = 300,
         tick_ms: int = 25,
+        disk: DiskConfig | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.config = config or GossipConfig()
+        self.disk_config = disk or DiskConfig()
         self.nodes = [f"n{i}" for i in range(n_nodes)]
         self.skew = {n: self.rng.randint(-max_skew_ms, max_skew_ms) for n in self.nodes}
         self.tick_ms = tick_ms
         self.now = 1_000_000  # virtual ms (not 0, so skew keeps physical time positive)
         self.net = NetConfig()
-        self.durable: dict[str, dict[str, Value]] = {n: {} for n in self.nodes}
-        # the HLC high-water mark each node persisted with its last commit (as the shell
-        # does): a restart never reissues a timestamp, also one no register kept
-        self.durable_hlc: dict[str, Timestamp] = {}
-        self.cores: dict[str, GossipCore | None] = {}
         self.blocked: set[frozenset[str]] = set()
         self.ops: list[Op] = []
-        self._queue: list[tuple[int, int, Message]] = []
-        self._qseq = 0
+        self.errors: list[str] = []  # found while running (durability at restarts)
+        self._queue: list[tuple[int, int, str, bytes]] = []  # (due, seq, to, encoded)
+        self._qseq = itertools.count()
         self.restarts = 0
-        for n in self.nodes:
-            self.cores[n] = self._new_core(n)
+        self.stats = SimResult(seed, None, None)
+        self.n: dict[str, _Node] = {
+            x: _Node(SimDisk(random.Random(self.rng.getrandbits(64)))) for x in self.nodes
+        }
+        for x in self.nodes:
+            self._start(x)
 
     # ------------------------------------------------------------------ plumbing
+
+    @property
+    def cores(self) -> dict[str, GossipCore | None]:
+        """Running cores by node (None: crashed)."""
+        return {x: nd.core for x, nd in self.n.items()}
 
     def phys(self, node: str) -> int:
         """Physical clock of ``node`` (virtual time + skew)."""
         return self.now + self.skew[node]
 
-    def _new_core(self, node: str) -> GossipCore:
-        return GossipCore(
+    def _start(self, node: str) -> None:
+        nd = self.n[node]
+        nd.disk.disarm()
+        nd.disk.full = False
+        dc = self.disk_config
+        storage = GossipStorage(
+            DATA, disk=nd.disk, compact_min_bytes=dc.compact_min_bytes,
+            prealloc_bytes=dc.prealloc_bytes, rng=self.rng,
+        )  # fmt: skip
+        loaded = storage.load()
+        if loaded.corrupt:
+            self.errors.append(f"{node}: storage refused records after a crash: {loaded.corrupt}")
+        self._check_durable(node, loaded.state)
+        core = GossipCore(
             node,
             self.nodes,
             self.config,
             random.Random(self.rng.getrandbits(64)),
-            state=dict(self.durable[node]),
+            state=loaded.state,
             now_ms=self.phys(node),
-            hlc_floor=self.durable_hlc.get(node),
+            hlc_floor=loaded.hlc,
+            component=f"{node}/{loaded.epoch}" if loaded.epoch else node,
         )
+        nd.core, nd.pipe, nd.held, nd.failed = core, Pipeline(core, storage), None, False
+
+    def _check_durable(self, node: str, state: dict[str, Value]) -> None:
+        """Every write this node acknowledged is on its disk (or superseded there)."""
+        for op in self.ops:
+            if op.node != node or not op.acked or op.effect is None or op.replayed:
+                continue
+            v = state.get(op.key)
+            if v is None:
+                if op.kind != "increment":
+                    continue  # a tombstone (this one or a later one) was collected
+                self.errors.append(f"{node}: acknowledged {op.kind} of {op.key} lost at restart")
+            elif encode_value(merge_value(v, op.effect)) != encode_value(v):
+                self.errors.append(
+                    f"{node}: acknowledged {op.kind} of {op.key} lost at restart: "
+                    f"disk has {v}, the write was {op.effect}"
+                )
 
     def _flush(self, node: str) -> None:
-        core = self.cores[node]
-        assert core is not None
-        out = core.take_outputs()
-        store = self.durable[node]
-        if out.to_persist or out.collected:
-            self.durable_hlc[node] = core.hlc_now
-        if out.to_persist:
-            store.update(merge_state(store, out.to_persist))
-        for k, ts in out.collected:
-            v = store.get(k)
-            if isinstance(v, Applied | Register) and v.ts == ts and _collectable(v):
-                del store[k]
-        for msg in out.messages:
-            self._send(msg)
+        """Collect the core's outputs and commit them (held batches first)."""
+        nd = self.n[node]
+        if nd.pipe is None:
+            return
+        nd.pipe.collect()
+        self._commit(node)
+
+    def _commit(self, node: str) -> None:
+        nd = self.n[node]
+        while nd.pipe is not None and (nd.held is not None or nd.pipe.batch):
+            b = nd.held or nd.pipe.take()
+            nd.held = None
+            try:
+                nd.pipe.commit(b)
+            except DiskFullError:
+                self.stats.disk_full += 1
+                nd.held = b  # retried at the next flush; its writes wait
+                return
+            except SimCrash:
+                self.stats.crashes += 1
+                self._lost(node, b)
+                return
+            except StorageError:
+                self.stats.fatal += 1  # (an fsync error): the node stops
+                self._lost(node, b)
+                nd.failed = True
+                return
+            for op in b.tag or ():
+                op.acked = True
+            for m in nd.pipe.finish(b):
+                self._send(m)
+
+    def _lost(self, node: str, b: Batch | None) -> None:
+        """The node crashed while ``b`` was being committed: its writes may be durable."""
+        for op in (b.tag if b is not None else None) or ():
+            op.maybe = True
+        self.crash(node)
 
     def _send(self, msg: Message) -> None:
-        if frozenset((msg.frm, msg.to)) in self.blocked:
+        """Hand ``msg`` to the network, encoded as on the wire."""
+        frm, to = msg.frm, msg.to
+        if frozenset((frm, to)) in self.blocked:
             return
+        raw = to_pb(msg).SerializeToString()
         if self.rng.random() < self.net.drop:
             return
         copies = 2 if self.rng.random() < self.net.dup else 1
         for _ in range(copies):
             delay = self.rng.randint(self.net.min_delay_ms, self.net.max_delay_ms)
-            self._qseq += 1
-            heapq.heappush(self._queue, (self.now + delay, self._qseq, msg))
+            heapq.heappush(self._queue, (self.now + delay, next(self._qseq), to, raw))
 
     def advance(self, ms: int) -> None:
         """Run the cluster for ``ms`` virtual milliseconds."""
         end = self.now + ms
         while self.now < end:
             self.now += self.tick_ms
+            later: list[tuple[int, int, str, bytes]] = []
             while self._queue and self._queue[0][0] <= self.now:
-                _, _, msg = heapq.heappop(self._queue)
-                core = self.cores.get(msg.to)
-                if core is None or frozenset((msg.frm, msg.to)) in self.blocked:
+                item = heapq.heappop(self._queue)
+                _, _, to, raw = item
+                nd = self.n[to]
+                if nd.core is None:
                     continue
-                core.step(msg, self.phys(msg.to))
-                self._flush(msg.to)
-            for n in self.nodes:
-                core = self.cores[n]
-                if core is not None:
-                    core.tick(self.phys(n))
-                    self._flush(n)
+                if nd.stalled_until > self.now:
+                    later.append((nd.stalled_until, item[1], to, raw))
+                    continue
+                msg = from_pb(pb.GossipMessage.FromString(raw))
+                if frozenset((msg.frm, msg.to)) in self.blocked:
+                    continue
+                nd.core.step(msg, self.phys(to))
+                self._flush(to)
+            for item in later:
+                heapq.heappush(self._queue, item)
+            for x in self.nodes:
+                nd = self.n[x]
+                if nd.core is not None and nd.stalled_until <= self.now:
+                    nd.core.tick(self.phys(x))
+                    self._flush(x)
 
     # ------------------------------------------------------------------ faults
 
@@ -216,21 +338,40 @@ class Sim:
         }
 
     def crash(self, node: str) -> None:
-        """Stop ``node``; only its durable store survives."""
-        self.cores[node] = None
+        """Power loss: the node keeps only what its disk keeps."""
+        nd = self.n[node]
+        if nd.core is None:
+            return
+        if nd.held is not None:
+            for op in nd.held.tag or ():  # refused for lack of space: never durable
+                op.maybe = False
+        nd.core = nd.pipe = nd.held = None
+        nd.disk = nd.disk.crash()
 
     def restart(self, node: str) -> None:
-        """Start ``node`` again from its durable store."""
-        if self.cores[node] is None:
+        """Start ``node`` again from its disk."""
+        if self.n[node].core is None:
             self.restarts += 1
-            self.cores[node] = self._new_core(node)
+            self._start(node)
+
+    def stall(self, node: str, ms: int) -> None:
+        """The node's event loop stalls for ``ms``: no ticks; deliveries wait."""
+        self.n[node].stalled_until = self.now + ms
+        self.stats.stalls += 1
 
     def heal(self) -> None:
-        """Remove partitions and network faults, restart crashed nodes."""
+        """Remove partitions, network and disk faults; restart crashed nodes."""
         self.blocked = set()
         self.net = NetConfig()
-        for n in self.nodes:
-            self.restart(n)
+        for x in self.nodes:
+            nd = self.n[x]
+            nd.stalled_until = 0
+            nd.disk.full = False
+            nd.disk.disarm()
+            if nd.failed:
+                self.crash(x)
+            self.restart(x)
+            self._flush(x)
 
     # ------------------------------------------------------------------ client
 
@@ -245,55 +386,65 @@ class Sim:
         rid: tuple[str, int] | None = None,
         crash_after_persist: bool = False,
     ) -> Op:
-        """Run one client op on ``node``; ``crash=True`` crashes it before the persist,
-        ``crash_after_persist`` after it (durable, but never acknowledged). With ``rid``
-        the node first looks the request up, as the shell does."""
-        core = self.cores[node]
-        assert core is not None
-        phys = self.phys(node)
+        """Run one client op on ``node`` as the node would: look the request up, refuse
+        it while the disk is full, apply it, commit. ``crash=True`` crashes the node
+        before the commit, ``crash_after_persist`` after it (durable, never answered)."""
+        nd = self.n[node]
+        core, pipe = nd.core, nd.pipe
+        assert core is not None and pipe is not None
         op = Op(self.now, node, kind, key, value if kind == "put" else None, delta, None, False)
         op.rid = rid
+        self.ops.append(op)
+        if nd.held is not None or nd.failed:
+            return op  # refused: the disk is full (definitely not applied)
         try:
             rec = None if rid is None else core.lookup(*rid)
             if rec is not None and rid is not None:
-                # answered from the record (the shell waits until it is durable here)
-                self.durable[node][_rid_key(rid)] = rec
+                # answered from the record, once it is durable here (as the node does)
+                if applied_key(*rid) in pipe.unsynced:
+                    self._commit(node)
+                    if nd.core is None or applied_key(*rid) in pipe.unsynced:
+                        return op  # crashed or disk full meanwhile: no answer
                 op.ts, op.acked, op.replayed = rec.ts, True, True
-                self.ops.append(op)
                 return op
+            w: Write
             if kind == "put":
-                w = core.put(key, value, phys, rid)
+                w = core.put(key, value, self.phys(node), rid)
             elif kind == "delete":
-                w = core.delete(key, phys, rid)
+                w = core.delete(key, self.phys(node), rid)
             else:
-                w = core.increment(key, delta, phys, rid)
+                w = core.increment(key, delta, self.phys(node), rid)
         except (WrongTypeError, ValueOutOfRangeError, RequestTooOldError):
-            self.ops.append(op)
             return op
-        op.ts = w.ts
+        op.ts, op.effect = w.ts, w.delta[key]
+        b = pipe.add_write(w)
+        b.tag = [*(b.tag or ()), op]
         if crash:
-            self.crash(node)
-        else:
-            store = self.durable[node]
-            store.update(merge_state(store, w.delta))
-            self.durable_hlc[node] = core.hlc_now
-            if crash_after_persist:
-                self.flush_then_crash(node)
-            else:
-                op.acked = True
-        self.ops.append(op)
+            self.crash(node)  # before the commit: never durable
+            return op
+        if crash_after_persist:
+            pipe.collect()
+            b = pipe.take()
+            try:
+                pipe.commit(b)
+            except (DiskFullError, SimCrash, StorageError):
+                pass
+            self._lost(node, b)  # durable (unless the commit failed), never answered
+            return op
+        self._flush(node)
         return op
-
-    def flush_then_crash(self, node: str) -> None:
-        """Crash ``node`` right after its last write became durable, before it answered
-        (its messages, queued for the next tick, are lost)."""
-        self.crash(node)
 
     # ------------------------------------------------------------------ observation
 
+    def durable(self, node: str) -> Mapping[str, Value]:
+        """What ``node`` (running) has on its disk."""
+        pipe = self.n[node].pipe
+        assert pipe is not None, f"{node} is down"
+        return pipe.storage.state
+
     def live(self) -> list[GossipCore]:
         """Running cores."""
-        return [c for c in self.cores.values() if c is not None]
+        return [nd.core for nd in self.n.values() if nd.core is not None]
 
     def converged(self) -> bool:
         """All nodes running with identical digests."""
@@ -311,86 +462,109 @@ class Sim:
         return waited
 
     def check(self) -> list[str]:
-        """End-state invariants against the acknowledged client history."""
-        errors: list[str] = []
-        best: dict[str, Op] = {}
-        sums: dict[str, int] = {}
+        """End-state invariants against the client history (see the module docstring)."""
+        errors = list(self.errors)
         last_ts: dict[str, Timestamp] = {}
-        counted: set[tuple[str, int]] = set()  # request ids whose effect is counted once
+        regs: dict[str, list[Op]] = {}  # key -> register writes that may be in effect
+        sure: dict[str, int] = {}  # counter -> sum of increments surely in effect
+        unsure: dict[str, list[int]] = {}  # counter -> deltas that may be in effect
+        first: dict[tuple[str, int], Op] = {}  # request id -> its first application
         for op in self.ops:
-            if not op.acked or op.ts is None:
+            if op.rid is not None and op.ts is not None and not op.replayed:
+                first.setdefault(op.rid, op)
+        resolved: dict[tuple[str, int], bool] = {}  # request id -> surely in effect
+        for op in self.ops:
+            if op.ts is None or not (op.acked or op.maybe):
                 continue
-            if op.rid is not None:
-                if op.rid in counted:
-                    continue
-                counted.add(op.rid)
-                if op.replayed:
-                    # its effect is the first application's (acknowledged or not)
-                    first = next(
-                        o
-                        for o in self.ops
-                        if o.rid == op.rid and o.ts is not None and not o.replayed
-                    )
-                    if op.kind == "increment":
-                        sums[op.key] = sums.get(op.key, 0) + first.delta
-                    continue
+            if op.acked and not op.replayed:
+                prev = last_ts.get(op.node)
+                if prev is not None and op.ts <= prev:
+                    errors.append(f"HLC not monotonic on {op.node}: {op.ts} after {prev}")
+                last_ts[op.node] = op.ts
+            if op.rid is not None and op.kind == "increment":
+                resolved[op.rid] = resolved.get(op.rid, False) or op.acked
+                continue
             if op.replayed:
                 continue
-            prev = last_ts.get(op.node)
-            if prev is not None and op.ts <= prev:
-                errors.append(f"HLC not monotonic on {op.node}: {op.ts} after {prev}")
-            last_ts[op.node] = op.ts
             if op.kind == "increment":
-                sums[op.key] = sums.get(op.key, 0) + op.delta
+                if op.acked:
+                    sure[op.key] = sure.get(op.key, 0) + op.delta
+                else:
+                    unsure.setdefault(op.key, []).append(op.delta)
             else:
-                cur = best.get(op.key)
-                if cur is None or (cur.ts is not None and op.ts > cur.ts):
-                    best[op.key] = op
+                regs.setdefault(op.key, []).append(op)
+        for rid, surely in resolved.items():  # each request counts once, whoever applied it
+            op = first[rid]
+            if surely:
+                sure[op.key] = sure.get(op.key, 0) + op.delta
+            else:
+                unsure.setdefault(op.key, []).append(op.delta)
         for core in self.live():
             st = core.state()
-            for key, op in best.items():
+            for key, cands in regs.items():
+                errors += _check_register(core.node_id, key, st.get(key), cands)
+            for key in sure.keys() | unsure.keys():
                 v = st.get(key)
-                if op.kind == "delete":
-                    if v is not None and not (isinstance(v, Register) and v.value is None):
-                        errors.append(f"{core.node_id}: deleted key {key} came back as {v}")
-                elif not isinstance(v, Register) or v.value != op.value or v.ts != op.ts:
-                    errors.append(f"{core.node_id}: {key}={v}, expected {op.value!r}@{op.ts}")
-            for key, total in sums.items():
-                v = st.get(key)
-                got = v.value if isinstance(v, Counter) else None
-                if got != total:
-                    errors.append(f"{core.node_id}: counter {key}={got}, expected {total}")
+                got = v.value if isinstance(v, Counter) else 0
+                possible = _sums(sure.get(key, 0), unsure.get(key, []))
+                if got not in possible:
+                    want = sure.get(key, 0)
+                    errors.append(
+                        f"{core.node_id}: counter {key}={got}, expected {want}"
+                        + (f" plus some of {unsure[key]}" if key in unsure else "")
+                    )
             for key in st:
-                if is_reserved(key):
-                    continue
-                if key not in best and key not in sums:
-                    errors.append(f"{core.node_id}: key {key} has no acknowledged write")
+                if not (is_reserved(key) or key in regs or key in sure or key in unsure):
+                    errors.append(f"{core.node_id}: key {key} has no write in effect")
         return errors
 
 
-def _collectable(v: Value) -> bool:
-    return isinstance(v, Applied) or (isinstance(v, Register) and v.value is None)
+def _check_register(node: str, key: str, v: Value | None, cands: list[Op]) -> list[str]:
+    """``v`` must be the newest acknowledged write of ``key`` or a newer maybe-write."""
+    acked = [o for o in cands if o.acked and o.ts is not None]
+    floor = max((o.ts for o in acked if o.ts is not None), default=None)
+    allowed = [o for o in cands if o.ts is not None and (floor is None or o.ts >= floor)]
+    if v is None:  # absent: never written, or a collected tombstone
+        if not acked or any(o.kind == "delete" for o in allowed):
+            return []
+        return [f"{node}: {key} is absent, expected {acked[-1].value!r}@{floor}"]
+    if not isinstance(v, Register):
+        return [f"{node}: {key} holds {v}, expected a register"]
+    for o in allowed:
+        if o.ts == v.ts:
+            want = None if o.kind == "delete" else o.value
+            if v.value == want:
+                return []
+            return [f"{node}: {key}={v}, but the write at {o.ts} was {want!r}"]
+    if v.value is None:
+        return [f"{node}: {key} deleted at {v.ts}, expected {acked[-1].value!r}@{floor}"]
+    return [f"{node}: {key}={v.value!r}@{v.ts}, expected the write at {floor} or later"]
 
 
-def _rid_key(rid: tuple[str, int]) -> str:
-    from gossip.crdt import applied_key
-
-    return applied_key(*rid)
+def _sums(base: int, maybe: list[int]) -> set[int]:
+    """Every total of ``base`` plus a subset of ``maybe`` (few: crashes are rare)."""
+    out = {base}
+    for d in maybe[:16]:
+        out |= {s + d for s in out}
+    return out
 
 
 REG_KEYS = tuple(f"r{i}" for i in range(6))
 CNT_KEYS = tuple(f"c{i}" for i in range(3))
 SHAPES = ("none", "halves", "isolated", "bridge", "ring")
+BIG = 1 << 20
 
 
 def sim_config(rng: random.Random) -> GossipConfig:
     """Config used by the randomized scenario: production timings, small Merkle tree,
-    tombstones collectable after 1 s (network delay is bounded by 100 ms here)."""
+    tombstones collectable after 1 s (network delay is bounded by 100 ms here), and
+    sometimes small message budgets (a value or two per message)."""
     return GossipConfig(
         merkle_depth=rng.choice((1, 2, 3)),
         tombstone_min_age_ms=1000,
         delta_log_max=rng.choice((4, 1000)),  # small log exercises the "behind" path
         delta_batch_max=rng.choice((2, 1000)),
+        max_message_bytes=rng.choice((300, 4096, 1 << 20)),
     )
 
 
@@ -400,9 +574,14 @@ def run_random(
     """Random faults and client load, then heal and converge; returns checked result."""
     pick = random.Random(seed ^ 0x5EED)
     n = pick.randint(2, 5)
-    sim = Sim(seed, n, sim_config(pick))
+    cfg = sim_config(pick)
+    disk = DiskConfig(
+        compact_min_bytes=pick.choice((2048, 1 << 20)), prealloc_bytes=pick.choice((512, 1 << 16))
+    )
+    big_values = pick.random() < 0.1  # some seeds write values up to 1 MiB
+    disk_faults = pick.random() < 0.5
+    sim = Sim(seed, n, cfg, disk=disk)
     rng = sim.rng
-    deleted: set[str] = set()
     seqs: dict[str, int] = {}
     elapsed = 0
     while elapsed < fault_ms:
@@ -414,13 +593,29 @@ def run_random(
             max_delay_ms=rng.choice((5, 50, 100)),
         )
         for node in sim.nodes:
-            if sim.cores[node] is None:
+            nd = sim.n[node]
+            if nd.core is None or nd.failed:
                 if rng.random() < 0.5:
+                    sim.crash(node)
                     sim.restart(node)
-            elif rng.random() < 0.08:
+                continue
+            r = rng.random()
+            if r < 0.06:
                 sim.crash(node)
+            elif r < 0.1:
+                sim.stall(node, rng.choice((100, 500, 2000)))
+            elif disk_faults:
+                r = rng.random()
+                if r < 0.05:
+                    nd.disk.full = True  # ENOSPC until cleared
+                elif r < 0.3 and nd.disk.full:
+                    nd.disk.full = False
+                elif r < 0.33:
+                    nd.disk.fail_next("fsync", errno.EIO)
+                elif r < 0.38:
+                    nd.disk.crash_after(rng.randint(0, 6))
         for _ in range(rng.randint(0, 6)):
-            live = [x for x in sim.nodes if sim.cores[x] is not None]
+            live = [x for x in sim.nodes if sim.n[x].core is not None and not sim.n[x].failed]
             if not live:
                 break
             node = rng.choice(live)
@@ -428,14 +623,12 @@ def run_random(
             r = rng.random()
             if r < 0.5:
                 key = rng.choice(REG_KEYS)
-                sim.client_op(
-                    node, "put", key, value=f"{seed}-{len(sim.ops)}".encode(), crash=crash
-                )
+                value = f"{seed}-{len(sim.ops)}".encode()
+                if big_values and rng.random() < 0.1:
+                    value = value * (rng.randint(BIG // 8, BIG) // len(value))
+                sim.client_op(node, "put", key, value=value, crash=crash)
             elif r < 0.65:
-                key = rng.choice(REG_KEYS)
-                op = sim.client_op(node, "delete", key, crash=crash)
-                if op.acked:
-                    deleted.add(key)
+                sim.client_op(node, "delete", rng.choice(REG_KEYS), crash=crash)
             elif r < 0.85:
                 key = rng.choice(CNT_KEYS)
                 sim.client_op(node, "increment", key, delta=rng.randint(-5, 10), crash=crash)
@@ -448,20 +641,24 @@ def run_random(
                 rid = (f"client-{node}", seqs[node])
                 d = rng.randint(-5, 10)
                 died = rng.random() < 0.5
-                first = sim.client_op(node, "increment", key, delta=d, rid=rid,
-                                      crash_after_persist=died)  # fmt: skip
+                sim.client_op(node, "increment", key, delta=d, rid=rid, crash_after_persist=died)
                 if died or rng.random() < 0.3:
-                    others = [x for x in sim.nodes if x != node or not died]
-                    other = rng.choice(others)
-                    sim.restart(other)
-                    retry = sim.client_op(other, "increment", key, delta=d, rid=rid)
-                    assert retry.acked or first.ts is None, "a retry must be answered"
+                    others = [
+                        x
+                        for x in sim.nodes
+                        if (x != node or not died) and sim.n[x].core is not None
+                    ]
+                    if others:
+                        sim.client_op(rng.choice(others), "increment", key, delta=d, rid=rid)
+            if sim.n[node].core is None:
+                continue
             sim.advance(rng.choice((0, 25, 50)))
         sim.advance(250)
         elapsed += 250
     sim.heal()
     waited = sim.wait_converged(converge_max_ms)
-    res = SimResult(seed, waited, None if waited is None else waited // 100)
+    res = sim.stats
+    res.converged_ms, res.rounds = waited, None if waited is None else waited // 100
     res.ops = len(sim.ops)
     res.acked = sum(op.acked for op in sim.ops)
     if waited is None:
@@ -472,8 +669,13 @@ def run_random(
     if sim.wait_converged(converge_max_ms) is None:
         res.errors.append("no convergence after tombstone collection")
     res.errors += sim.check()
-    res.collected = sum(c.stats.tombstones_collected for c in sim.live())
-    res.lww_overwrites = sum(c.stats.lww_overwrites for c in sim.live())
-    res.duplicates = sum(c.stats.duplicates_merged for c in sim.live())
+    cores = sim.live()
+    res.collected = sum(c.stats.tombstones_collected for c in cores)
+    res.lww_overwrites = sum(c.stats.lww_overwrites for c in cores)
+    res.duplicates = sum(c.stats.duplicates_merged for c in cores)
     res.replays = sum(op.replayed for op in sim.ops)
+    res.big_values = sum(op.acked and len(op.value or b"") >= 100 << 10 for op in sim.ops)
+    res.compactions = sum(
+        nd.pipe.storage.compactions for nd in sim.n.values() if nd.pipe is not None
+    )
     return res

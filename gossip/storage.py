@@ -110,7 +110,7 @@ import secrets
 import sqlite3
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -437,6 +437,11 @@ class GossipStorage:
     @property
     def generation(self) -> int:
         return self._gen
+
+    @property
+    def state(self) -> Mapping[str, Value]:
+        """What is durable (the image of the log after the last commit; read only)."""
+        return self._kv
 
     @property
     def epoch(self) -> str:

@@ -258,7 +258,7 @@ def test_tombstone_gc_only_after_all_members_have_it() -> None:
     for n in ("n0", "n1"):
         c = sim.cores[n]
         assert c is not None and c.tombstone_count() == 1 and c.stats.tombstones_collected == 0
-        assert "k" in sim.durable[n]
+        assert "k" in sim.durable(n)
     sim.restart("n2")
     assert sim.wait_converged(10_000) is not None
     sim.advance(3000)
@@ -267,7 +267,7 @@ def test_tombstone_gc_only_after_all_members_have_it() -> None:
         c = sim.cores[n]
         assert c is not None and c.get("k") is None and c.tombstone_count() == 0
         assert c.stats.tombstones_collected == 1 and c.stats.tombstones_force_collected == 0
-        assert "k" not in sim.durable[n]
+        assert "k" not in sim.durable(n)
     assert not sim.check()
 
 
