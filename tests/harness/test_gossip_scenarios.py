@@ -74,7 +74,7 @@ XFAIL: dict[str, str] = {
         "after the skew is reset, so tombstones (stamped 1 h ahead) do not age on the HLC "
         "clock and are not collected within the run; and the node that was 1 h ahead "
         "reported a state digest different from the others for the rest of the run although "
-        "its Dump was identical (no convergence by digest)"
+        "its Dump (registers and counters) was identical (no convergence by digest)"
     ),
 }
 
