@@ -6,7 +6,10 @@ Theory of operation
 A delete writes a tombstone ``Register(ts, None)``. The node tracks which members hold
 each tombstone (a DeltasAck for a batch containing it, an entry equal to it received from
 a peer, or an equal Merkle root). A tombstone is collected when (a) every member holds it
-and it is older than ``tombstone_min_age_ms`` (in-flight messages older than that could
+and it is older than ``tombstone_min_age_ms`` (its age: by its timestamp on this node's wall clock,
+or on this node's monotonic clock since it first held it, whichever is more, so that a
+clock stepped back by a day, or an HLC that followed one an hour ahead, does not keep it
+for as long) (in-flight messages older than that could
 resurrect data: the network delay bound assumed), or (b) it is older than
 ``tombstone_grace_ms`` regardless. Rule (b) can resurrect a deleted value: a member that
 missed the tombstone for longer than the grace period (e.g. a long-dead node returning)
@@ -99,6 +102,7 @@ class Collection:
         self._clients: dict[str, _Client] = {}
         self._records = 0
         self._repush: dict[str, int] = {}  # tombstone -> when it may be pushed again
+        self._since: dict[str, int] = {}  # tombstone or record -> first seen by a GC pass
         for k, v in state.items():
             if is_collectable(v):
                 self.holders[k] = {node_id}
@@ -162,22 +166,24 @@ class Collection:
 
     # ------------------------------------------------------------------ collection
 
-    def tick(self, now: int) -> list[tuple[str, Timestamp]]:
+    def tick(self, now: int, wall: int | None = None) -> list[tuple[str, Timestamp]]:
         """Collect when due; returns the (key, ts) pairs collected (to be removed from
         the durable state if it still holds exactly that tombstone or record)."""
         if now < self._next_gc:
             return []
         self._next_gc = now + self.config.gc_interval_ms
-        return self.gc(now)
+        return self.gc(now, wall)
 
-    def gc(self, now: int) -> list[tuple[str, Timestamp]]:
+    def gc(self, now: int, wall: int | None = None) -> list[tuple[str, Timestamp]]:
         cfg = self.config
         out: list[tuple[str, Timestamp]] = []
         for k in [k for k, c in self.collected.items() if c.expire_ms <= now]:
             del self.collected[k]
         for k in [k for k in self._repush if k not in self.holders]:
             del self._repush[k]
-        clock = max(now, self._hlc.peek().wall_ms)
+        since = self._since
+        for k in [k for k in since if k not in self.holders]:
+            del since[k]
         # long enough for slower peers to collect it too: they learn who holds it by
         # anti-entropy at the latest (a few intervals)
         memory = max(
@@ -188,13 +194,19 @@ class Collection:
         for k, holders in list(self.holders.items()):
             v = state[k]
             assert isinstance(v, Register | Applied)
-            age = clock - v.ts.wall_ms
+            # Age: by its timestamp on this node's wall clock, or on this node's own
+            # monotonic clock since it first held it, whichever is more: a clock set back
+            # a day (or the HLC of a cluster that followed a clock an hour ahead) does not
+            # hold it for a day, and a tombstone restored after a restart, collected
+            # everywhere else long ago, goes at once.
+            held = now - since.setdefault(k, now)
+            age = held if wall is None else max(held, wall - v.ts.wall_ms)
             forced = age >= cfg.tombstone_grace_ms
             if (
                 isinstance(v, Applied)
                 and not forced
-                and age < cfg.dedup_ttl_ms
-                and not self.out_of_window(k)
+                and held < cfg.dedup_ttl_ms  # (held here: a wall clock an hour ahead
+                and not self.out_of_window(k)  # would make every replica differ for one)
             ):
                 continue  # a retry of it may still come
             if not forced and not (age >= cfg.tombstone_min_age_ms and holders >= self._all):

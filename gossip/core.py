@@ -10,6 +10,13 @@ Client writes. ``put``/``delete``/``increment`` apply a one-key delta to the rep
 return a ``Write`` whose ``delta`` the shell must persist (fsync) BEFORE acknowledging the
 client. The shell must do that before its next call into the core.
 
+Clocks. Every entry point takes ``now_ms``, the time of the timers, which the core never
+lets go back, and optionally ``wall_ms`` (default: ``now_ms``), the physical clock the
+hybrid logical clock and tombstone ages use. A shell passes a monotonic clock as
+``now_ms`` and the wall clock (with any injected skew) as ``wall_ms``: a wall clock set
+back by a day must not stop every timer for a day (it did, before the two were told
+apart), nor one set forward fire them all.
+
 Outputs and persistence. ``tick`` and ``step`` queue outputs; ``take_outputs`` returns
 them. ``Outputs.to_persist`` (remote state merged into the replica) and
 ``Outputs.collected`` (tombstones to remove) must be applied durably BEFORE sending
@@ -166,6 +173,7 @@ class GossipCore:
         now_ms: int = 0,
         hlc_floor: Timestamp | None = None,
         component: str | None = None,
+        wall_ms: int | None = None,
     ) -> None:
         if config.ping_interval_ms <= config.ping_timeout_ms:
             raise ValueError("ping_interval_ms must exceed ping_timeout_ms")
@@ -180,14 +188,16 @@ class GossipCore:
         self._merkle = MerkleTree(config.merkle_depth)
         self._merkle.update_many(self._state.items())
         self._hlc = HLC(node_id, max_drift_ms=config.max_drift_ms)
+        # Two clocks (see "Clocks" above): ``_now`` for timers, ``_wall`` for timestamps.
+        self._wall = now_ms if wall_ms is None else wall_ms
         regs = [v.ts for v in self._state.values() if isinstance(v, Register | Applied)]
         if regs:
             # Never reissue a timestamp below one already persisted (restart after crash).
-            self._hlc.observe(max(regs), now_ms)
+            self._hlc.observe(max(regs), self._wall)
         if hlc_floor is not None:
             # The persisted high-water mark covers timestamps that no register keeps
             # (increments, overwritten writes): never reissue one after a restart.
-            self._hlc.observe(hlc_floor, now_ms)
+            self._hlc.observe(hlc_floor, self._wall)
         self.stats = Stats()
         self.last_sync_ms: dict[str, int] = {}
         self._now = now_ms
@@ -304,19 +314,34 @@ class GossipCore:
     # record in the delta, persisted with it). The caller checks ``lookup`` first: a
     # request already applied must be answered from its record, not applied again.
 
-    def put(self, key: str, value: bytes, now_ms: int, rid: tuple[str, int] | None = None) -> Write:
+    def put(
+        self,
+        key: str,
+        value: bytes,
+        now_ms: int,
+        rid: tuple[str, int] | None = None,
+        *,
+        wall_ms: int | None = None,
+    ) -> Write:
         """LWW write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
         self._check_key(key, rid)
-        ts = self._hlc.now(now_ms)
+        ts = self._hlc.now(self._clocks(now_ms, wall_ms))
         delta = put_delta(self._state, key, value, ts)
         self._record(delta, rid, Applied(ts, self.component, "put", key, 0, 0))
         self._apply_local(delta, now_ms)
         return Write(key, ts, delta)
 
-    def delete(self, key: str, now_ms: int, rid: tuple[str, int] | None = None) -> Write:
+    def delete(
+        self,
+        key: str,
+        now_ms: int,
+        rid: tuple[str, int] | None = None,
+        *,
+        wall_ms: int | None = None,
+    ) -> Write:
         """Tombstone write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
         self._check_key(key, rid)
-        ts = self._hlc.now(now_ms)
+        ts = self._hlc.now(self._clocks(now_ms, wall_ms))
         cur = self._state.get(key)
         existed = isinstance(cur, Register) and cur.value is not None
         delta = delete_delta(self._state, key, ts)
@@ -336,7 +361,13 @@ class GossipCore:
             delta[applied_key(*rid)] = rec
 
     def increment(
-        self, key: str, delta: int, now_ms: int, rid: tuple[str, int] | None = None
+        self,
+        key: str,
+        delta: int,
+        now_ms: int,
+        rid: tuple[str, int] | None = None,
+        *,
+        wall_ms: int | None = None,
     ) -> Write:
         """Counter add (``delta`` may be negative). Raises ``WrongTypeError`` if ``key``
         holds a register (also a tombstone) and ``ValueOutOfRangeError`` if the value would
@@ -352,10 +383,17 @@ class GossipCore:
         if max(*part.p.values(), *part.n.values(), 0) > COMPONENT_MAX:
             # 2**64 increments of the largest size would be needed; refuse all the same
             raise ValueOutOfRangeError(f"counter {key!r}: this node's total would pass 2**127")
-        ts = self._hlc.now(now_ms)
+        ts = self._hlc.now(self._clocks(now_ms, wall_ms))
         self._record(d, rid, Applied(ts, self.component, "increment", key, delta, value))
         self._apply_local(d, now_ms)
         return Write(key, ts, d)
+
+    def _clocks(self, now_ms: int, wall_ms: int | None) -> int:
+        """Take the time of a call: ``now_ms`` for timers (never goes back), ``wall_ms``
+        (default: ``now_ms``) for timestamps and ages. Returns the wall time."""
+        self._now = max(self._now, now_ms)
+        self._wall = now_ms if wall_ms is None else wall_ms
+        return self._wall
 
     def _apply_local(self, delta: dict[str, Value], now_ms: int) -> None:
         self._now = max(self._now, now_ms)
@@ -395,7 +433,7 @@ class GossipCore:
         whatever a cut link kept from one), so relaying would only double the work of
         every write. Everything else is relayed to peers not known to hold it, tombstones
         included (their DeltasAcks tell who holds them, which tombstone GC waits for)."""
-        now = self._now
+        wall = self._wall
         accepted: list[Entry] = []
         max_ts: Timestamp | None = None
         settle: list[tuple[str, Applied]] = []
@@ -422,15 +460,15 @@ class GossipCore:
             accepted.append((k, v))
         if max_ts is not None:
             try:
-                self._hlc.update(max_ts, now)
+                self._hlc.update(max_ts, wall)
             except ClockDriftError:
                 # Follow it all the same: a value merged into the replica with a timestamp
                 # the clock has not reached would beat the later local writes (their
                 # acknowledgement would then be a lie on this very node).
                 self.stats.clock_jumps += 1
-                lead = max_ts.wall_ms - now
+                lead = max_ts.wall_ms - wall
                 self.stats.max_clock_jump_ms = max(self.stats.max_clock_jump_ms, lead)
-                self._hlc.observe(max_ts, now)
+                self._hlc.observe(max_ts, wall)
         res = apply_delta(state, accepted)
         changed = res.changed
         log = self._log
@@ -519,9 +557,10 @@ class GossipCore:
 
     # ------------------------------------------------------------------ step / tick
 
-    def step(self, msg: Message, now_ms: int) -> None:
+    def step(self, msg: Message, now_ms: int, *, wall_ms: int | None = None) -> None:
         """Handle one incoming message (duplicates and stale messages are harmless)."""
-        self._now = now = max(self._now, now_ms)
+        self._clocks(now_ms, wall_ms)
+        now = self._now
         self.stats.bytes_received += wire_size(msg)
         if msg.to != self.node_id or msg.frm not in self._all or msg.frm == self.node_id:
             return
@@ -543,12 +582,13 @@ class GossipCore:
         else:
             self._members.on_ack(msg, now)
 
-    def tick(self, now_ms: int) -> None:
+    def tick(self, now_ms: int, *, wall_ms: int | None = None) -> None:
         """Advance timers to ``now_ms`` (call at least every ``ping_timeout_ms / 2``)."""
-        self._now = now = max(self._now, now_ms)
+        self._clocks(now_ms, wall_ms)
+        now = self._now
         cfg = self.config
         self._members.tick(now)
-        collected = self._collection.tick(now)
+        collected = self._collection.tick(now, self._wall)
         if collected:
             self._out.collected.extend(collected)
         if now >= self._next_gossip:

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 The core is only ever called from the event loop: client writes (``put``/``delete``/
-``increment``), a *ticker* (``core.tick(clock.wall_ms())`` every ``tick_ms``; the
-physical clock includes the skew injected through Admin) and the peer servicer
+``increment``), a *ticker* (``core.tick`` every ``tick_ms``) and the peer servicer. Each
+call passes two clocks: a monotonic one for the core's timers and the physical clock
+(with the skew injected through Admin) for its timestamps and the peer servicer
 (``core.step`` for every incoming message). After each call the node moves the core's
 outputs into the *open batch*: the latest value of every key to persist (client writes,
 merged remote state, collected tombstones and records as removals), and the messages
@@ -89,6 +90,12 @@ from gossip.pipeline import Batch, Pipeline
 from gossip.storage import DiskFullError, GossipStorage, StorageError
 
 log = get_logger("gossip.node")
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
 T = TypeVar("T")
 BATCH_ENTRIES = 2_000  # CRDT entries per outgoing Batch (about)
 # Bytes per outgoing Batch (at least one message). The core keeps each message's entries
@@ -224,7 +231,7 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
     async def _deliver(self, request: pb.Batch) -> None:
         node = self.node
         core = node.core
-        now = node.clock.wall_ms()
+        now, wall = _monotonic_ms(), node.clock.wall_ms()
         for raw in request.messages:
             try:
                 msg = from_pb(raw)
@@ -232,13 +239,13 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
                 node.counters["messages_malformed"] += 1
                 log.warning("malformed_peer_message", sender=raw.sender, error=str(e))
                 continue
-            core.step(msg, now)
+            core.step(msg, now, wall_ms=wall)
             if len(raw.deltas.entries) + len(raw.ae_items.items) >= BATCH_ENTRIES // 2:
                 # a big message: let the flusher start persisting (and then sending) its
                 # outputs while the next one is merged
                 node.collect()
                 await asyncio.sleep(0)
-                now = node.clock.wall_ms()
+                now, wall = _monotonic_ms(), node.clock.wall_ms()
         node.counters["messages_received"] += len(request.messages)
         node.collect()
 
@@ -319,7 +326,8 @@ class GossipBackend:
             self.opts.core_config(),
             random.Random(),
             state=loaded.state,
-            now_ms=self.clock.wall_ms(),
+            now_ms=_monotonic_ms(),
+            wall_ms=self.clock.wall_ms(),
             hlc_floor=loaded.hlc,
             # a node that lost data counts in a new component (see gossip/storage.py)
             component=f"{self.id}/{loaded.epoch}" if loaded.epoch else self.id,
@@ -383,7 +391,7 @@ class GossipBackend:
         while True:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            self.core.tick(self.clock.wall_ms())
+            self.core.tick(_monotonic_ms(), wall_ms=self.clock.wall_ms())
             self.collect()
 
     def collect(self) -> None:
@@ -527,6 +535,10 @@ class GossipBackend:
             )
         return durable
 
+    def _clocks(self) -> tuple[int, int]:
+        """(monotonic ms for the core's timers, physical ms with the injected skew)."""
+        return _monotonic_ms(), self.clock.wall_ms()
+
     @staticmethod
     def _rid(rid: RequestId | None) -> tuple[str, int] | None:
         return None if rid is None else (rid.client_id, rid.sequence)
@@ -582,7 +594,8 @@ class GossipBackend:
             return self._header(rec.ts)
         self._check_writable()
         try:
-            w = self.core.put(key, value, self.clock.wall_ms(), self._rid(rid))
+            now, wall = self._clocks()
+            w = self.core.put(key, value, now, self._rid(rid), wall_ms=wall)
         except WrongTypeError as e:
             raise self._type_error(e) from None
         await asyncio.shield(self._enqueue_write(w))
@@ -596,7 +609,8 @@ class GossipBackend:
         cur = self.core.get(key)
         existed = isinstance(cur, Register) and cur.value is not None
         try:
-            w = self.core.delete(key, self.clock.wall_ms(), self._rid(rid))
+            now, wall = self._clocks()
+            w = self.core.delete(key, now, self._rid(rid), wall_ms=wall)
         except WrongTypeError as e:
             raise self._type_error(e) from None
         await asyncio.shield(self._enqueue_write(w))
@@ -610,7 +624,8 @@ class GossipBackend:
             return IncrementResult(self._header(rec.ts), rec.num)
         self._check_writable()
         try:
-            w = self.core.increment(key, delta, self.clock.wall_ms(), self._rid(rid))
+            now, wall = self._clocks()
+            w = self.core.increment(key, delta, now, self._rid(rid), wall_ms=wall)
         except WrongTypeError as e:
             raise self._type_error(e) from None
         except ValueOutOfRangeError:
@@ -661,7 +676,9 @@ class GossipBackend:
             state_digest=core.digest(),
             hlc=kv_pb2.HlcTimestamp(wall_ms=hlc.wall_ms, logical=hlc.logical, node_id=hlc.node),
         )
-        sync = core.last_sync_ms
+        # the core times syncs on the monotonic clock: shown as wall-clock times
+        mono_to_wall = self.clock.wall_ms() - _monotonic_ms()
+        sync = {p: t + mono_to_wall for p, t in core.last_sync_ms.items()}
         for peer_id, info in sorted(core.member_states().items()):
             st.members.add(
                 node_id=peer_id,

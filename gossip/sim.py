@@ -17,11 +17,12 @@ partitions of every shape (``halves``, ``isolated`` node, ``bridge`` node seeing
 halves, ``ring`` where each node only sees its ring neighbours). A partition drops a
 message both when sent and when delivered across it.
 
-Node faults: crash (the node keeps only what its SimDisk keeps after a power loss:
-unsynced writes lost or torn), crash in the middle of a commit or a compaction
-(``SimDisk.crash_after``), a full disk (the batch is held and retried, new writes are
-refused, as the node does), an fsync error (fatal: the node stops and later restarts
-from its disk), event-loop stalls (no ticks, deliveries wait), clock skew.
+Node faults: wall clocks set forward or back by up to a day; crash (the node keeps only
+what its SimDisk keeps after a power loss: unsynced writes lost or torn); crash in the
+middle of a commit or a compaction (``SimDisk.crash_after``); a full disk (the batch is
+held and retried, new writes are refused, as the node does); an fsync error (fatal: the
+node stops and later restarts from its disk); event-loop stalls (no ticks, deliveries
+wait); clock skew.
 
 Client ops are recorded with their HLC timestamp and outcome: *acked* once their batch
 is finished; *maybe* when the node crashed after their batch may have reached the disk
@@ -125,6 +126,7 @@ class SimResult:
     fatal: int = 0  # nodes stopped by a storage error
     compactions: int = 0
     stalls: int = 0  # event-loop stalls
+    clock_steps: int = 0  # a node's wall clock set forward or back (up to a day)
     big_values: int = 0  # acknowledged puts of 100 KiB or more
 
 
@@ -203,7 +205,8 @@ class Sim:
             self.config,
             random.Random(self.rng.getrandbits(64)),
             state=loaded.state,
-            now_ms=self.phys(node),
+            now_ms=self.now,
+            wall_ms=self.phys(node),
             hlc_floor=loaded.hlc,
             component=f"{node}/{loaded.epoch}" if loaded.epoch else node,
         )
@@ -295,14 +298,14 @@ class Sim:
                 msg = from_pb(pb.GossipMessage.FromString(raw))
                 if frozenset((msg.frm, msg.to)) in self.blocked:
                     continue
-                nd.core.step(msg, self.phys(to))
+                nd.core.step(msg, self.now, wall_ms=self.phys(to))
                 self._flush(to)
             for item in later:
                 heapq.heappush(self._queue, item)
             for x in self.nodes:
                 nd = self.n[x]
                 if nd.core is not None and nd.stalled_until <= self.now:
-                    nd.core.tick(self.phys(x))
+                    nd.core.tick(self.now, wall_ms=self.phys(x))
                     self._flush(x)
 
     # ------------------------------------------------------------------ faults
@@ -408,12 +411,13 @@ class Sim:
                 op.ts, op.acked, op.replayed = rec.ts, True, True
                 return op
             w: Write
+            now, wall = self.now, self.phys(node)
             if kind == "put":
-                w = core.put(key, value, self.phys(node), rid)
+                w = core.put(key, value, now, rid, wall_ms=wall)
             elif kind == "delete":
-                w = core.delete(key, self.phys(node), rid)
+                w = core.delete(key, now, rid, wall_ms=wall)
             else:
-                w = core.increment(key, delta, self.phys(node), rid)
+                w = core.increment(key, delta, now, rid, wall_ms=wall)
         except (WrongTypeError, ValueOutOfRangeError, RequestTooOldError):
             return op
         op.ts, op.effect = w.ts, w.delta[key]
@@ -553,6 +557,8 @@ REG_KEYS = tuple(f"r{i}" for i in range(6))
 CNT_KEYS = tuple(f"c{i}" for i in range(3))
 SHAPES = ("none", "halves", "isolated", "bridge", "ring")
 BIG = 1 << 20
+HOUR = 3_600_000
+DAY = 24 * HOUR
 
 
 def sim_config(rng: random.Random) -> GossipConfig:
@@ -604,6 +610,10 @@ def run_random(
                 sim.crash(node)
             elif r < 0.1:
                 sim.stall(node, rng.choice((100, 500, 2000)))
+            elif r < 0.12:
+                # the wall clock is set forward or back (Admin skew, NTP step): up to a day
+                sim.skew[node] = rng.choice((0, -DAY, -HOUR, -61_000, 61_000, HOUR, DAY))
+                sim.stats.clock_steps += 1
             elif disk_faults:
                 r = rng.random()
                 if r < 0.05:
