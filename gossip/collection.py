@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from gossip.common import GossipConfig, Stats
 from gossip.crdt import Applied, Register, Value, parse_applied_key
 from gossip.deltaflow import DeltaLog
-from gossip.hlc import HLC, Timestamp
+from gossip.hlc import Timestamp
 from gossip.merkle import MerkleTree
 
 __all__ = ["Collected", "Collection", "is_collectable"]
@@ -85,7 +85,6 @@ class Collection:
         state: dict[str, Value],
         merkle: MerkleTree,
         log: DeltaLog,
-        hlc: HLC,
         stats: Stats,
         *,
         first_gc_ms: int,
@@ -95,7 +94,7 @@ class Collection:
         self._state = state
         self._merkle = merkle
         self._log = log
-        self._hlc = hlc
+        self._node_id = node_id
         self.stats = stats
         # tombstones and Applied records: key -> members known to hold it (or a newer value)
         self.holders: dict[str, set[str]] = {}
@@ -209,7 +208,13 @@ class Collection:
                 and not self.out_of_window(k)  # would make every replica differ for one)
             ):
                 continue  # a retry of it may still come
-            if not forced and not (age >= cfg.tombstone_min_age_ms and holders >= self._all):
+            # A record is kept until every member holds it only by its writer: that copy
+            # reaches every member, and whoever applied the same request meanwhile meets
+            # it there (so the duplicate is settled); others drop theirs when it is due.
+            everyone = holders >= self._all or (
+                isinstance(v, Applied) and v.ts.node != self._node_id
+            )
+            if not forced and not (age >= cfg.tombstone_min_age_ms and everyone):
                 if age >= cfg.tombstone_min_age_ms and k not in log.seqs:
                     # Old enough, but who holds it is unknown: push it again (the acks
                     # tell). Two members holding a tombstone the others collected may

@@ -70,6 +70,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from gossip.antientropy import AntiEntropy
 from gossip.collection import Collection, is_collectable
@@ -159,6 +160,13 @@ class _Out:
     collected: list[tuple[str, Timestamp]] = field(default_factory=list)
 
 
+def _not_relayed(v: Value) -> TypeGuard[Register | Applied]:
+    """Values whose writer streams them to every peer itself: live registers and Applied
+    records. Tombstones are relayed: their collection needs every holder known everywhere
+    (a record's only at its writer, see gossip.collection)."""
+    return isinstance(v, Applied) or (isinstance(v, Register) and v.value is not None)
+
+
 class GossipCore:
     """One replica of the AP store. Pure and synchronous; see the module docstring."""
 
@@ -226,7 +234,6 @@ class GossipCore:
             self._state,
             self._merkle,
             self._log,
-            self._hlc,
             self.stats,
             first_gc_ms=first_gc,
         )
@@ -481,12 +488,7 @@ class GossipCore:
             if direct:
                 everyone = self._peers
                 for k, new in changed.items():
-                    if (
-                        isinstance(new, Register)
-                        and new.value is not None  # tombstones spread: GC needs holders
-                        and new.ts.node == src
-                        and got.get(k) == new
-                    ):
+                    if _not_relayed(new) and new.ts.node == src and got.get(k) == new:
                         known[k] = set(everyone)
             self._out.persist.update(changed)
             for k, new in changed.items():
