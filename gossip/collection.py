@@ -29,6 +29,14 @@ members holding one the others collected would otherwise never learn it of each 
 Applied records (see "Exactly once" in ``gossip.core``) are collected the same way, but
 only once their client's window (its last ``dedup_window`` sequences) moved past them or
 they are older than ``dedup_ttl_ms``: until then a retry of the request may still come.
+Records are not relayed (their writer streams them to every peer itself), so only their
+writer learns who holds them: each node publishes a *stable mark* (``stable_mark``, a
+replicated register under ``crdt.stable_key(node)``, max-join) below the timestamp of
+every record it wrote that some member may still lack, and every replica collects a
+record of another writer only below that writer's mark. Safety needs only the writer's
+copy (it reaches every member, so whoever applied the same request meanwhile meets it
+and settles the duplicate); the mark makes all replicas drop a record at about the same
+time, so that their states agree (during a partition too).
 Per client the node counts the records it holds and the highest sequence seen: a request
 older than the window is too old (``too_old``), whether or not its record is still held,
 and a record out of the window arriving from a peer is dropped.
@@ -46,7 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gossip.common import GossipConfig, Stats
-from gossip.crdt import Applied, Register, Value, parse_applied_key
+from gossip.crdt import Applied, Register, Value, parse_applied_key, stable_key
 from gossip.deltaflow import DeltaLog
 from gossip.hlc import Timestamp
 from gossip.merkle import MerkleTree
@@ -163,13 +171,55 @@ class Collection:
         cl = self._clients.get(parsed[0])
         return cl is not None and parsed[1] <= cl.max_seq - self.config.dedup_window
 
+    # ------------------------------------------------------------------ stable marks
+
+    def _stable(self, v: Applied) -> bool:
+        """Every member holds ``v`` (by its writer's stable mark)."""
+        mark = self._state.get(stable_key(v.ts.node))
+        return isinstance(mark, Register) and v.ts <= mark.ts
+
+    def stable_mark(self) -> Register | None:
+        """This node's stable mark, if it can move: the newest record it wrote that every
+        member holds, older than every record it wrote that some member may lack. (It
+        moves only while records become held everywhere: an idle node changes nothing.)"""
+        me, everyone = self._node_id, self._all
+        lacking: Timestamp | None = None
+        held: Timestamp | None = None
+        for k, holders in self.holders.items():
+            v = self._state[k]
+            if isinstance(v, Applied) and v.ts.node == me:
+                if holders >= everyone:
+                    if held is None or v.ts > held:
+                        held = v.ts
+                elif lacking is None or v.ts < lacking:
+                    lacking = v.ts
+        if held is None:
+            return None
+        if lacking is not None and held > lacking:
+            best = [
+                v.ts
+                for k, h in self.holders.items()
+                if isinstance(v := self._state[k], Applied)
+                and v.ts.node == me
+                and h >= everyone
+                and v.ts < lacking
+            ]
+            if not best:
+                return None
+            held = max(best)
+        cur = self._state.get(stable_key(me))
+        if isinstance(cur, Register) and held <= cur.ts:
+            return None
+        return Register(held, b"")
+
     # ------------------------------------------------------------------ collection
 
-    def tick(self, now: int, wall: int | None = None) -> list[tuple[str, Timestamp]]:
+    def tick(self, now: int, wall: int | None = None) -> list[tuple[str, Timestamp]] | None:
         """Collect when due; returns the (key, ts) pairs collected (to be removed from
-        the durable state if it still holds exactly that tombstone or record)."""
+        the durable state if it still holds exactly that tombstone or record), or None
+        if it was not due."""
         if now < self._next_gc:
-            return []
+            return None
         self._next_gc = now + self.config.gc_interval_ms
         return self.gc(now, wall)
 
@@ -208,11 +258,10 @@ class Collection:
                 and not self.out_of_window(k)  # would make every replica differ for one)
             ):
                 continue  # a retry of it may still come
-            # A record is kept until every member holds it only by its writer: that copy
-            # reaches every member, and whoever applied the same request meanwhile meets
-            # it there (so the duplicate is settled); others drop theirs when it is due.
+            # Records are not relayed, so only their writer learns who holds them; the
+            # others follow its stable mark (below which every member holds its records).
             everyone = holders >= self._all or (
-                isinstance(v, Applied) and v.ts.node != self._node_id
+                isinstance(v, Applied) and v.ts.node != self._node_id and self._stable(v)
             )
             if not forced and not (age >= cfg.tombstone_min_age_ms and everyone):
                 if age >= cfg.tombstone_min_age_ms and k not in log.seqs:

@@ -92,6 +92,7 @@ from gossip.crdt import (
     is_reserved,
     parse_applied_key,
     put_delta,
+    stable_key,
 )
 from gossip.deltaflow import DeltaFlow, DeltaLog
 from gossip.hlc import HLC, ClockDriftError, Timestamp
@@ -292,6 +293,11 @@ class GossipCore:
     def tombstone_count(self) -> int:
         """Number of tombstones currently held."""
         return self._collection.tombstone_count()
+
+    def key_count(self) -> int:
+        """Live client keys (tombstones, records and stable marks excluded)."""
+        marks = sum(stable_key(n) in self._state for n in self._all)
+        return len(self._state) - self.tombstone_count() - self.record_count() - marks
 
     def record_count(self) -> int:
         """Number of Applied records (exactly once) currently held."""
@@ -550,7 +556,12 @@ class GossipCore:
             part.n.get(comp, 0),
         ):
             return  # settled already
-        res = apply_delta(self._state, [(loser.key, part)])
+        self._apply_system(loser.key, part)
+
+    def _apply_system(self, key: str, value: Value) -> None:
+        """A change the node makes by itself (a settlement, its stable mark): joined,
+        logged (to spread) and persisted like a merged one."""
+        res = apply_delta(self._state, [(key, value)])
         for k, v in res.changed.items():
             self._merkle.update(k, v)
             self._log.log_key(k)
@@ -591,8 +602,11 @@ class GossipCore:
         cfg = self.config
         self._members.tick(now)
         collected = self._collection.tick(now, self._wall)
-        if collected:
+        if collected is not None:  # a collection pass ran
             self._out.collected.extend(collected)
+            mark = self._collection.stable_mark()
+            if mark is not None:
+                self._apply_system(stable_key(self.node_id), mark)
         if now >= self._next_gossip:
             self._next_gossip = now + cfg.gossip_interval_ms
             live = self._members.live_peers()

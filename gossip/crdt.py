@@ -116,6 +116,15 @@ def parse_applied_key(key: str) -> tuple[str, int] | None:
     return client, int(seq)
 
 
+STABLE_PREFIX = "\x00stable\x00"
+
+
+def stable_key(node: str) -> str:
+    """The key of ``node``'s stable mark: a ``Register(ts, b"")`` whose ``ts`` is below
+    every Applied record ``node`` wrote that some member may still lack (max-join: LWW)."""
+    return STABLE_PREFIX + node
+
+
 def is_reserved(key: str) -> bool:
     """A key the store keeps for itself (not a client key)."""
     return key.startswith("\x00")

@@ -667,12 +667,11 @@ class GossipBackend:
     async def status(self) -> kv_pb2.StatusResponse:
         core = self.core
         hlc = core.hlc_now
-        state = core.state()
         st = kv_pb2.StatusResponse(
             node_id=self.id,
             address=self.config.advertise or self.config.listen,
             role="replica",
-            keys=len(state) - core.tombstone_count() - core.record_count(),
+            keys=core.key_count(),
             state_digest=core.digest(),
             hlc=kv_pb2.HlcTimestamp(wall_ms=hlc.wall_ms, logical=hlc.logical, node_id=hlc.node),
         )

@@ -125,6 +125,7 @@ class SimResult:
     disk_full: int = 0  # commits refused for lack of space (then retried)
     fatal: int = 0  # nodes stopped by a storage error
     compactions: int = 0
+    records_collected: int = 0  # Applied records collected (their client moved on)
     stalls: int = 0  # event-loop stalls
     clock_steps: int = 0  # a node's wall clock set forward or back (up to a day)
     big_values: int = 0  # acknowledged puts of 100 KiB or more
@@ -571,6 +572,9 @@ def sim_config(rng: random.Random) -> GossipConfig:
         delta_log_max=rng.choice((4, 1000)),  # small log exercises the "behind" path
         delta_batch_max=rng.choice((2, 1000)),
         max_message_bytes=rng.choice((300, 4096, 1 << 20)),
+        # small windows and TTLs: records are collected while the faults go on
+        dedup_window=rng.choice((1, 3, 128)),
+        dedup_ttl_ms=rng.choice((1500, 3_600_000)),
     )
 
 
@@ -683,6 +687,7 @@ def run_random(
     res.collected = sum(c.stats.tombstones_collected for c in cores)
     res.lww_overwrites = sum(c.stats.lww_overwrites for c in cores)
     res.duplicates = sum(c.stats.duplicates_merged for c in cores)
+    res.records_collected = sum(c.stats.records_collected for c in cores)
     res.replays = sum(op.replayed for op in sim.ops)
     res.big_values = sum(op.acked and len(op.value or b"") >= 100 << 10 for op in sim.ops)
     res.compactions = sum(

@@ -55,7 +55,16 @@ def test_the_seeds_exercise_every_fault() -> None:
     fires tests nothing): crashes in the middle of a disk operation, full disks, fsync
     errors, compactions, event-loop stalls, 1 MiB-class values."""
     results = [run_random(s) for s in range(0, SEEDS, 10)]
-    faults = ("crashes", "disk_full", "fatal", "compactions", "stalls", "big_values", "clock_steps")
+    faults = (
+        "crashes",
+        "disk_full",
+        "fatal",
+        "compactions",
+        "stalls",
+        "big_values",
+        "clock_steps",
+        "records_collected",
+    )
     for name in faults:
         assert sum(getattr(r, name) for r in results) > 0, f"no {name} in 100 seeds"
     assert not [r.errors for r in results if r.errors]
