@@ -50,12 +50,16 @@ async def _statuses(clients: dict[str, KVClient]) -> dict[str, kv_pb2.StatusResp
     return dict(zip(clients, out, strict=True))
 
 
-async def _write_side(endpoint: str, keys: list[str], tag: bytes, concurrency: int) -> None:
+async def _write_side(
+    endpoint: str, keys: list[str], tag: bytes, concurrency: int, request_ids: bool = True
+) -> None:
     queue = list(keys)
 
     async def worker() -> None:
-        # One client (client_id) per worker: sequences must increase per client_id.
-        async with KVClient([endpoint], timeout=10.0, retries=3) as client:
+        # One client (client_id) per worker: sequences must increase per client_id. An
+        # empty client_id opts out of exactly-once (no applied record per write).
+        cid = None if request_ids else ""
+        async with KVClient([endpoint], timeout=10.0, retries=3, client_id=cid) as client:
             while queue:
                 k = queue.pop()
                 await client.put(k, tag + k.encode())
@@ -93,8 +97,12 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
         keys_b = [f"conv/{i:06d}" for i in range(half, half + args.keys)]
         t0 = time.monotonic()
         await asyncio.gather(
-            _write_side(cluster.endpoints[side_a[0]], keys_a, b"A:", args.concurrency),
-            _write_side(cluster.endpoints[side_b[0]], keys_b, b"B:", args.concurrency),
+            _write_side(
+                cluster.endpoints[side_a[0]], keys_a, b"A:", args.concurrency, args.request_ids
+            ),
+            _write_side(
+                cluster.endpoints[side_b[0]], keys_b, b"B:", args.concurrency, args.request_ids
+            ),
         )
         write_s = time.monotonic() - t0
         print(
@@ -205,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="writers per side")
     p.add_argument("--ae-keys", type=int, default=100_000)
     p.add_argument("--skip-cluster", action="store_true", help="only the anti-entropy table")
+    p.add_argument(
+        "--no-request-ids",
+        dest="request_ids",
+        action="store_false",
+        help="writers opt out of exactly-once (no applied record per write)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     args = p.parse_args(argv)
     if not args.skip_cluster:

@@ -33,7 +33,7 @@ def test_main_prints_the_anti_entropy_table(capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_cluster_converges_after_heal(tmp_path: Path) -> None:
-    args = argparse.Namespace(nodes=3, keys=200, concurrency=8, set=[])
+    args = argparse.Namespace(nodes=3, keys=200, concurrency=8, set=[], request_ids=True)
     result = asyncio.run(bench.convergence(args, tmp_path))  # raises unless it converges
     assert not cluster_module._LIVE, "a node process survived the benchmark"
     # each side lacks at least the 100 keys only the other side wrote
