@@ -109,7 +109,10 @@ class KVClient:
     def admin(self, endpoint: str | None = None) -> kv_pb2_grpc.AdminAsyncStub:
         return kv_pb2_grpc.AdminStub(self._channel(endpoint or self.endpoint))
 
-    def next_request_id(self) -> kv_pb2.RequestId:
+    def next_request_id(self) -> kv_pb2.RequestId | None:
+        """The next request id; None when this client opted out (empty client_id)."""
+        if not self.client_id:
+            return None
         return kv_pb2.RequestId(client_id=self.client_id, sequence=next(self._seq))
 
     async def _once(self, call: Callable[[str], Awaitable[T]]) -> T:
