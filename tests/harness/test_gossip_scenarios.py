@@ -68,15 +68,7 @@ SOAK_SCENARIOS = ("crash-restart", "flapping", "clock-skew", "majorities-ring")
 SOAK_RUNS = soak_runs()
 # scenario -> why it is expected to fail for now (a known problem of the store, not of the
 # harness); non-strict, so that the case passes again once the store is fixed
-XFAIL: dict[str, str] = {
-    "clock-skew": (
-        "gossip store, skews of an hour: every HLC follows the node 1 h ahead and stays there "
-        "after the skew is reset, so tombstones (stamped 1 h ahead) do not age on the HLC "
-        "clock and are not collected within the run; and the node that was 1 h ahead "
-        "reported a state digest different from the others for the rest of the run although "
-        "its Dump (registers and counters) was identical (no convergence by digest)"
-    ),
-}
+XFAIL: dict[str, str] = {}
 
 
 def _check_verdicts(combined: Mapping[str, Any], res: Mapping[str, Any]) -> list[str]:
