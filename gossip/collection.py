@@ -33,7 +33,7 @@ Records are not relayed (their writer streams them to every peer itself), so onl
 writer learns who holds them: each node publishes a *stable mark* (``stable_mark``, a
 replicated register under ``crdt.stable_key(node)``, max-join) below the timestamp of
 every record it wrote that some member may still lack, and every replica collects a
-record of another writer only below that writer's mark. Safety needs only the writer's
+record (its own too) only below its writer's mark. Safety needs only the writer's
 copy (it reaches every member, so whoever applied the same request meanwhile meets it
 and settles the duplicate); the mark makes all replicas drop a record at about the same
 time, so that their states agree (during a partition too).
@@ -51,6 +51,8 @@ itself.
 
 from __future__ import annotations
 
+import heapq
+from collections import deque
 from dataclasses import dataclass
 
 from gossip.common import GossipConfig, Stats
@@ -110,12 +112,21 @@ class Collection:
         self._records = 0
         self._repush: dict[str, int] = {}  # tombstone -> when it may be pushed again
         self._since: dict[str, int] = {}  # tombstone or record -> first seen by a GC pass
+        self._rid: dict[str, tuple[str, int]] = {}  # record key -> (client id, sequence)
+        # Records become collectable only once their client's window moved past them or
+        # their TTL passed; a pass looks at those alone (``_due``), found through a heap
+        # of sequences per client and the records in arrival order: a pass over every
+        # record held (tens of thousands under load) stalled the event loop for ~80 ms.
+        self._heaps: dict[str, list[tuple[int, str]]] = {}
+        self._moved: set[str] = set()  # clients whose window moved since the last pass
+        self._arrivals: deque[tuple[int, str]] = deque()  # (when added, key)
+        self._due: set[str] = set()
         for k, v in state.items():
             if is_collectable(v):
                 self.holders[k] = {node_id}
                 log.log_key(k)  # push restored tombstones to learn who holds them
                 if isinstance(v, Applied):
-                    self.record_added(k)
+                    self.record_added(k, first_gc_ms)
         self.collected: dict[str, Collected] = {}
         self._next_gc = first_gc_ms
 
@@ -138,13 +149,18 @@ class Collection:
         cl = self._clients.get(client_id)
         return cl is not None and seq <= cl.max_seq - self.config.dedup_window
 
-    def record_added(self, key: str) -> None:
-        """An Applied record entered the replica."""
+    def record_added(self, key: str, now: int) -> None:
+        """An Applied record entered the replica (at ``now``, monotonic)."""
         parsed = parse_applied_key(key)
         if parsed is None:
             return
+        self._rid[key] = parsed
         client, seq = parsed
         self._records += 1
+        self._since.setdefault(key, now)
+        self._arrivals.append((now, key))
+        heapq.heappush(self._heaps.setdefault(client, []), (seq, key))
+        self._moved.add(client)  # (a record may arrive already out of the window)
         cl = self._clients.get(client)
         if cl is None:
             self._clients[client] = _Client(seq, 1)
@@ -153,19 +169,22 @@ class Collection:
             cl.max_seq = max(cl.max_seq, seq)
 
     def _record_removed(self, key: str) -> None:
-        parsed = parse_applied_key(key)
+        parsed = self._rid.pop(key, None)
         if parsed is None:
             return
         self._records -= 1
+        self._due.discard(key)
         cl = self._clients.get(parsed[0])
         if cl is not None:
             cl.records -= 1
             if cl.records <= 0:
                 del self._clients[parsed[0]]
+                self._heaps.pop(parsed[0], None)
+                self._moved.discard(parsed[0])
 
     def out_of_window(self, key: str) -> bool:
         """An Applied record's sequence is older than its client's window."""
-        parsed = parse_applied_key(key)
+        parsed = self._rid.get(key) or parse_applied_key(key)
         if parsed is None:
             return False
         cl = self._clients.get(parsed[0])
@@ -178,39 +197,39 @@ class Collection:
         mark = self._state.get(stable_key(v.ts.node))
         return isinstance(mark, Register) and v.ts <= mark.ts
 
-    def stable_mark(self) -> Register | None:
+    def stable_mark(self, now: int) -> Register | None:
         """This node's stable mark, if it can move: the newest record it wrote that every
         member holds, older than every record it wrote that some member may lack. (It
-        moves only while records become held everywhere: an idle node changes nothing.)"""
+        moves only while records become held everywhere: an idle node changes nothing.)
+        A record of its own that some member still lacks, old enough, is pushed again
+        (the acks tell), whether or not it is due: the mark waits for it."""
         me, everyone = self._node_id, self._all
+        min_age = self.config.tombstone_min_age_ms
         lacking: Timestamp | None = None
-        held: Timestamp | None = None
+        held: list[Timestamp] = []
         for k, holders in self.holders.items():
             v = self._state[k]
-            if isinstance(v, Applied) and v.ts.node == me:
-                if holders >= everyone:
-                    if held is None or v.ts > held:
-                        held = v.ts
-                elif lacking is None or v.ts < lacking:
-                    lacking = v.ts
-        if held is None:
-            return None
-        if lacking is not None and held > lacking:
-            best = [
-                v.ts
-                for k, h in self.holders.items()
-                if isinstance(v := self._state[k], Applied)
-                and v.ts.node == me
-                and h >= everyone
-                and v.ts < lacking
-            ]
-            if not best:
-                return None
-            held = max(best)
+            if not isinstance(v, Applied) or v.ts.node != me:
+                continue
+            if holders >= everyone:
+                held.append(v.ts)
+                continue
+            if lacking is None or v.ts < lacking:
+                lacking = v.ts
+            if now - self._since.get(k, now) >= min_age and k not in self._log.seqs:
+                self._push_again(k, now)
+        best = max((t for t in held if lacking is None or t < lacking), default=None)
         cur = self._state.get(stable_key(me))
-        if isinstance(cur, Register) and held <= cur.ts:
+        if best is None or (isinstance(cur, Register) and best <= cur.ts):
             return None
-        return Register(held, b"")
+        return Register(best, b"")
+
+    def _push_again(self, key: str, now: int) -> None:
+        """Log ``key`` again (at most every ``tombstone_min_age_ms``): the acks of its
+        delivery tell who holds it."""
+        if now >= self._repush.get(key, 0):
+            self._repush[key] = now + self.config.tombstone_min_age_ms
+            self._log.log_key(key)
 
     # ------------------------------------------------------------------ collection
 
@@ -240,7 +259,23 @@ class Collection:
         )
         state = self._state
         log = self._log
-        for k, holders in list(self.holders.items()):
+        rid, due = self._rid, self._due
+        window = cfg.dedup_window
+        for client in self._moved:
+            heap, cl = self._heaps.get(client), self._clients.get(client)
+            while heap and cl is not None and heap[0][0] <= cl.max_seq - window:
+                due.add(heapq.heappop(heap)[1])
+        self._moved.clear()
+        arrivals = self._arrivals
+        while arrivals and (arrivals[0][1] not in rid or arrivals[0][0] + cfg.dedup_ttl_ms <= now):
+            due.add(arrivals.popleft()[1])
+        due.intersection_update(rid)
+        candidates = [k for k in self.holders if k not in rid]  # tombstones
+        candidates += due  # records whose window moved on or whose TTL passed
+        for k in candidates:
+            holders = self.holders.get(k)
+            if holders is None:
+                continue
             v = state[k]
             assert isinstance(v, Register | Applied)
             # Age: by its timestamp on this node's wall clock, or on this node's own
@@ -258,21 +293,19 @@ class Collection:
                 and not self.out_of_window(k)  # would make every replica differ for one)
             ):
                 continue  # a retry of it may still come
-            # Records are not relayed, so only their writer learns who holds them; the
-            # others follow its stable mark (below which every member holds its records).
-            everyone = holders >= self._all or (
-                isinstance(v, Applied) and v.ts.node != self._node_id and self._stable(v)
-            )
-            if not forced and not (age >= cfg.tombstone_min_age_ms and everyone):
+            # Records are not relayed, so only their writer learns who holds them: every
+            # replica, the writer included, follows its stable mark (below which every
+            # member holds its records), so none drops one the mark does not cover yet.
+            everyone = self._stable(v) if isinstance(v, Applied) else holders >= self._all
+            # (no minimum age for a record: it guards against nothing a record needs)
+            old = age >= cfg.tombstone_min_age_ms or isinstance(v, Applied)
+            if not forced and not (old and everyone):
                 if age >= cfg.tombstone_min_age_ms and k not in log.seqs:
                     # Old enough, but who holds it is unknown: push it again (the acks
                     # tell). Two members holding a tombstone the others collected may
                     # otherwise never learn it of each other: their Merkle leaves for it
                     # agree, so anti-entropy never ships it between them.
-                    due = self._repush.get(k, 0)
-                    if now >= due:
-                        self._repush[k] = now + cfg.tombstone_min_age_ms
-                        log.log_key(k)
+                    self._push_again(k, now)
                 continue
             self._repush.pop(k, None)
             del state[k]

@@ -421,7 +421,7 @@ class GossipCore:
             if is_collectable(v):
                 tomb[k] = {self.node_id}
                 if res.old.get(k) is None and isinstance(v, Applied):
-                    coll.record_added(k)
+                    coll.record_added(k, self._now)
             else:
                 tomb.pop(k, None)
 
@@ -503,7 +503,7 @@ class GossipCore:
                 if is_collectable(new):
                     tomb[k] = {self.node_id, src}  # a register join is one of its inputs
                     if isinstance(new, Applied) and res.old.get(k) is None:
-                        coll.record_added(k)
+                        coll.record_added(k, self._now)
                 elif tomb:
                     tomb.pop(k, None)
         for k, old in res.overwritten:
@@ -604,7 +604,7 @@ class GossipCore:
         collected = self._collection.tick(now, self._wall)
         if collected is not None:  # a collection pass ran
             self._out.collected.extend(collected)
-            mark = self._collection.stable_mark()
+            mark = self._collection.stable_mark(now)
             if mark is not None:
                 self._apply_system(stable_key(self.node_id), mark)
         if now >= self._next_gossip:
