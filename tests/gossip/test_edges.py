@@ -9,15 +9,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from caplab.v1 import kv_pb2
-from harness.cluster import LocalCluster, free_ports
-from harness.proxy import ProxyNet
-from tests.gossip.test_integration import FAST, NODES, Net
+from tests.gossip.test_integration import NODES, Net, running_net
 from tests.polling import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -29,29 +26,8 @@ MIB = 1 << 20
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
-    root: Path = tmp_path_factory.mktemp("gossip-edges")
-    ports = free_ports(len(NODES))
-    proxies = ProxyNet(dict(zip(NODES, ports, strict=True)))
-    await proxies.start()
-    cluster = LocalCluster(
-        "gossip",
-        len(NODES),
-        root,
-        ports=ports,
-        peer_addresses=proxies.peer_addresses,
-        enable_admin=True,
-        extra_args=FAST,
-    )
-    cluster.start()
-    n = Net(cluster, proxies)
-    try:
-        await cluster.wait_ready()
+    async with running_net(tmp_path_factory.mktemp("gossip-edges")) as n:
         yield n
-    finally:
-        for c in n.clients.values():
-            await c.close()
-        cluster.close()
-        await proxies.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

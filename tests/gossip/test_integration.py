@@ -7,6 +7,7 @@ survive; the node catches up), and clock skew (the HLC keeps causal order).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -56,9 +57,9 @@ class Net:
         return len(set((await self.digests(nodes)).values())) == 1
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
-    root: Path = tmp_path_factory.mktemp("gossip-it")
+@contextlib.asynccontextmanager
+async def running_net(root: Path) -> AsyncIterator[Net]:
+    """Three gossip nodes (admin on, fast timers) whose links go through proxies."""
     ports = free_ports(len(NODES))
     proxies = ProxyNet(dict(zip(NODES, ports, strict=True)))
     await proxies.start()
@@ -81,6 +82,12 @@ async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
             await c.close()
         cluster.close()
         await proxies.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def net(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Net]:
+    async with running_net(tmp_path_factory.mktemp("gossip-it")) as n:
+        yield n
 
 
 @pytest_asyncio.fixture(loop_scope="module")
