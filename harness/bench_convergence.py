@@ -42,6 +42,9 @@ WORK_COUNTERS = (
     "ae_items_sent",
     "bytes_sent",
     "wire_bytes_sent",
+    "messages_dropped",  # peer queues full or streams abandoned (then re-sent)
+    "records_collected",
+    "duplicates_merged",
 )
 
 
