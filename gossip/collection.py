@@ -271,7 +271,9 @@ class Collection:
             due.add(arrivals.popleft()[1])
         due.intersection_update(rid)
         candidates = [k for k in self.holders if k not in rid]  # tombstones
-        candidates += due  # records whose window moved on or whose TTL passed
+        # records whose window moved on or whose TTL passed (sorted: the order reaches the
+        # log and the disk, and set order changes with the hash seed: a seed must replay)
+        candidates += sorted(due)
         for k in candidates:
             holders = self.holders.get(k)
             if holders is None:

@@ -79,9 +79,7 @@ class DeltaLog:
         else:
             self.known[key] = {holder}
         if len(self.seqs) > self.max_keys:
-            k0 = next(iter(self.seqs))
-            self.floor = max(self.floor, self.seqs.pop(k0))
-            self.known.pop(k0, None)
+            self._drop_oldest()
         self.compact()
 
     def log_many(self, keys: list[tuple[str, str | None]]) -> None:
@@ -99,11 +97,26 @@ class DeltaLog:
             else:
                 known[key] = {holder}
             if len(log) > cap:
-                k0 = next(iter(log))
-                self.floor = max(self.floor, log.pop(k0))
-                known.pop(k0, None)
+                self._drop_oldest()
         self.seq = seq
         self.compact()
+
+    def _drop_oldest(self) -> None:
+        """Drop the oldest live entry (the log is over its cap): its peers that did not
+        ack it fall behind the floor. Found through ``order`` from ``head``: taking the
+        first key of ``seqs`` (``next(iter(...))``) after many deletions at its front
+        costs a scan of every deleted slot, quadratic over a long log."""
+        order, seqs = self.order, self.seqs
+        head = self.head
+        while head < len(order):
+            s, k = order[head]
+            head += 1
+            if seqs.get(k) == s:
+                del seqs[k]
+                self.known.pop(k, None)
+                self.floor = max(self.floor, s)
+                break
+        self.head = head
 
     def unlog(self, key: str) -> None:
         """Drop ``key`` from the log (it left the replica)."""
@@ -129,17 +142,16 @@ class DeltaLog:
         self.head = 0
 
     def prune(self, low: int) -> None:
-        """Drop the entries logged at or below ``low`` (every peer acked them)."""
-        seqs = self.seqs
-        while seqs:
-            k0 = next(iter(seqs))
-            if seqs[k0] > low:
-                break
-            del seqs[k0]
-            self.known.pop(k0, None)
+        """Drop the entries logged at or below ``low`` (every peer acked them), found
+        through ``order`` (see ``_drop_oldest``)."""
+        seqs, known = self.seqs, self.known
         order, head = self.order, self.head
         while head < len(order) and order[head][0] <= low:
+            s, k = order[head]
             head += 1
+            if seqs.get(k) == s:
+                del seqs[k]
+                known.pop(k, None)
         self.head = head
         self.compact()
 
