@@ -97,7 +97,9 @@ def _monotonic_ms() -> int:
 
 
 T = TypeVar("T")
-BATCH_ENTRIES = 2_000  # CRDT entries per outgoing Batch (about)
+# An incoming message with at least half this many entries is big: the servicer lets the
+# flusher start on its outputs before merging the next one.
+BATCH_ENTRIES = 2_000
 # Bytes per outgoing Batch (at least one message). The core keeps each message's entries
 # within GossipConfig.max_message_bytes (1 MiB), so a Batch stays under the receiving
 # server's limit (caplab.validation.MAX_MESSAGE_BYTES, 2 MiB + 64 KiB) whatever it holds.

@@ -132,10 +132,11 @@ async def test_a_write_is_not_visible_before_it_is_durable(tmp_path: Path) -> No
     b = await _backend(tmp_path)
     await b.put("k", b"old", None, None)
     assert b.storage is not None
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     commit = b.storage.commit
 
     def held_commit(batch: Any) -> None:
+        entered.set()
         gate.wait(10)
         commit(batch)
 
@@ -147,8 +148,9 @@ async def test_a_write_is_not_visible_before_it_is_durable(tmp_path: Path) -> No
         return await anext(aiter(b.dump("", 0)))
 
     dump = asyncio.create_task(first_entry())
-    for _ in range(20):  # the old code answered within one turn of the loop
-        await asyncio.sleep(0)
+    # The read and the dump ran before the flusher took the batch (tasks run in the order
+    # they became ready): once its commit is under way they have answered, or wait for it.
+    await eventually(entered.is_set, 5.0, 0.001)
     assert not read.done() and not dump.done() and not put.done()
     assert b.core.get("k") is not None  # applied in memory all the same
     gate.set()
