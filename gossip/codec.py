@@ -117,7 +117,14 @@ def entry_from_pb(e: pb.Entry) -> Entry:
     if e.HasField("counter"):
         return e.key, counter_from_pb(e.counter)
     if e.HasField("applied"):
-        return e.key, applied_from_pb(e.applied)
+        a = e.applied
+        op = a.op
+        if op not in OPS:
+            raise CodecError(f"unknown operation {op!r} in an applied record")
+        t = a.ts
+        return e.key, Applied(
+            Timestamp(t.wall_ms, t.logical, t.node), a.component, op, a.key, a.delta, a.num
+        )
     raise CodecError(f"entry {e.key!r} has no value")
 
 
@@ -139,7 +146,19 @@ def _add_entries(out: Any, entries: tuple[Entry, ...]) -> None:
             else:
                 r.value = v.value
         elif isinstance(v, Applied):
-            add(key=k, applied=applied_to_pb(v))
+            a = add(key=k).applied
+            t = a.ts
+            ts = v.ts
+            t.wall_ms = ts.wall_ms
+            t.logical = ts.logical
+            t.node = ts.node
+            a.component = v.component
+            a.op = v.op
+            a.key = v.key
+            if v.delta:
+                a.delta = v.delta
+            if v.num:
+                a.num = v.num
         else:
             add(key=k, counter=counter_to_pb(v))
 

@@ -87,8 +87,6 @@ class Stats:
     delta_entries_sent: int = 0
     deltas_received: int = 0
     delta_entries_received: int = 0
-    bytes_sent: int = 0  # wire_size estimate over every message
-    bytes_received: int = 0
     ae_rounds_started: int = 0
     ae_rounds_completed: int = 0
     ae_items_sent: int = 0

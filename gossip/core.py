@@ -109,7 +109,6 @@ from gossip.messages import (
     Message,
     Ping,
     PingReq,
-    wire_size,
 )
 
 __all__ = [
@@ -433,7 +432,6 @@ class GossipCore:
         return Outputs(tuple(out.messages), out.persist, tuple(out.collected))
 
     def _send(self, msg: Message) -> None:
-        self.stats.bytes_sent += wire_size(msg)
         self._out.messages.append(msg)
 
     # ------------------------------------------------------------------ merging
@@ -460,8 +458,8 @@ class GossipCore:
                     continue  # dominated by a collected tombstone or record
                 cur = state.get(k)
                 if isinstance(v, Applied):
-                    if cur is None and coll.out_of_window(k):
-                        continue  # its client moved on: settled everywhere it mattered
+                    if cur is None and coll.settled(k, v):
+                        continue  # its client moved on, and every replica may drop it
                     if isinstance(cur, Applied) and cur != v:
                         # one request applied on two nodes: the later application is
                         # settled (see "Exactly once")
@@ -574,7 +572,6 @@ class GossipCore:
         """Handle one incoming message (duplicates and stale messages are harmless)."""
         self._clocks(now_ms, wall_ms)
         now = self._now
-        self.stats.bytes_received += wire_size(msg)
         if msg.to != self.node_id or msg.frm not in self._all or msg.frm == self.node_id:
             return
         if self._members.members[msg.frm].state == DEAD:

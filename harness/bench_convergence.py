@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import tempfile
@@ -40,7 +41,6 @@ WORK_COUNTERS = (
     "ae_rounds_started",
     "anti_entropy_rounds",
     "ae_items_sent",
-    "bytes_sent",
     "wire_bytes_sent",
     "messages_dropped",  # peer queues full or streams abandoned (then re-sent)
     "records_collected",
@@ -68,6 +68,16 @@ async def _write_side(
                 await client.put(k, tag + k.encode())
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def _cpu_seconds(cluster: LocalCluster) -> float:
+    """CPU time (user + system) the node processes used so far (Linux /proc)."""
+    total = 0
+    for node in cluster.nodes.values():
+        assert node.proc is not None
+        fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def convergence(args: argparse.Namespace, root: Path | None = None) -> dict[str, float]:
@@ -131,6 +141,7 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
                 raise TimeoutError("the sides did not settle within 60 s")
             await asyncio.sleep(0.05)
         before = st
+        cpu0 = _cpu_seconds(cluster)
         proxies.heal()
         t_heal = time.monotonic()
         samples = 0
@@ -143,6 +154,7 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
                 raise TimeoutError("no convergence within 120 s")
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - t_heal
+        cpu = _cpu_seconds(cluster) - cpu0
         work = {
             name: float(
                 sum(st[n].counters.get(name, 0) - before[n].counters.get(name, 0) for n in ids)
@@ -155,7 +167,7 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
             f"replica {sorted(keys)}",
             file=sys.stderr,
         )
-        return {"seconds": elapsed, **work}
+        return {"seconds": elapsed, "node_cpu_seconds": cpu, **work}
     finally:
         for c in clients.values():
             await c.close()
@@ -228,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         r = asyncio.run(convergence(args))
         print(f"\nconvergence after heal, {args.nodes} nodes, {args.keys} keys per side")
         print(f"  {'time to identical digests':32s} {r['seconds']:10.2f} s   (target <= 2 s)")
+        print(f"  {'node CPU meanwhile (all nodes)':32s} {r['node_cpu_seconds']:10.2f} s")
         for name in WORK_COUNTERS:
             print(f"  {name:32s} {r[name]:10.0f}")
     print(f"\nanti-entropy cost between two replicas of {args.ae_keys} keys (wire_size bytes)")
