@@ -3,7 +3,8 @@
 For each target (the no-op server first, then a 3-node cluster of the store on
 127.0.0.1) and each client concurrency, closed-loop clients issue writes (Put of
 `--value-size` bytes, each client with its own client_id/sequence, so that every
-write goes through exactly-once deduplication) and then reads (Get at the
+write goes through exactly-once deduplication; `--no-request-ids` leaves it out, to
+measure what it costs) and then reads (Get at the
 store's default consistency: linearizable on raft, local on gossip) for
 `--duration` seconds after a warm-up. The no-op server is measured with the same
 client code in the same run: it is the ceiling for any Python gRPC server here,
@@ -52,7 +53,13 @@ class Cell:
 
 
 async def _drive(
-    endpoints: list[str], op: str, concurrency: int, duration: float, warmup: float, value: bytes
+    endpoints: list[str],
+    op: str,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    value: bytes,
+    request_ids: bool = True,
 ) -> tuple[int, int, float, HdrHistogram]:
     channels = [grpc.aio.insecure_channel(ep, options=CHANNEL_OPTIONS) for ep in endpoints]
     stubs = [kv_pb2_grpc.KVStub(ch) for ch in channels]
@@ -77,13 +84,11 @@ async def _drive(
             t0 = time.perf_counter_ns()
             try:
                 if op == "write":
+                    rid = (
+                        kv_pb2.RequestId(client_id=client_id, sequence=seq) if request_ids else None
+                    )
                     await stub.Put(
-                        kv_pb2.PutRequest(
-                            key=key,
-                            value=value,
-                            request_id=kv_pb2.RequestId(client_id=client_id, sequence=seq),
-                        ),
-                        timeout=10,
+                        kv_pb2.PutRequest(key=key, value=value, request_id=rid), timeout=10
                     )
                 else:
                     await stub.Get(kv_pb2.GetRequest(key=key), timeout=10)
@@ -120,7 +125,9 @@ async def _prefill(endpoints: list[str], value: bytes, concurrency: int) -> None
 async def _cell(
     target: str, endpoints: list[str], op: str, conc: int, args: argparse.Namespace, value: bytes
 ) -> Cell:
-    ok, err, secs, h = await _drive(endpoints, op, conc, args.duration, args.warmup, value)
+    ok, err, secs, h = await _drive(
+        endpoints, op, conc, args.duration, args.warmup, value, args.request_ids
+    )
     cell = Cell(
         target,
         op,
@@ -255,6 +262,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "store": args.store,
         "nodes": args.nodes,
         "value_size": args.value_size,
+        "request_ids": args.request_ids,
         "duration_s": args.duration,
         "machine": _machine(),
         # CPU the idle cluster used while the no-op server was measured (one core = 1.0)
@@ -297,6 +305,12 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--value-size", type=int, default=100)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument(
+        "--no-request-ids",
+        dest="request_ids",
+        action="store_false",
+        help="writes without a request id (no exactly-once: measures what it costs)",
+    )
     p.add_argument(
         "--set",
         action="append",
