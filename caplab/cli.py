@@ -64,6 +64,42 @@ def _add_node(sub: Any) -> None:
     )
     p.add_argument("--data-dir", required=True, help="where this node keeps its durable state")
     p.add_argument(
+        "--peer-listen",
+        type=_hostport,
+        default="",
+        metavar="HOST:PORT",
+        help="where peers reach this node (required with --certs; --peer addresses name "
+        "the other nodes' peer listeners); default: beside the clients on --listen",
+    )
+    p.add_argument(
+        "--certs",
+        default="",
+        metavar="DIR",
+        help="certificates made by `caplab certs`: the peer listener then requires mutual TLS "
+        "with a member certificate of DIR/ca.crt, and peer channels present nodes/ID.crt",
+    )
+    p.add_argument(
+        "--client-tls", action="store_true", help="serve clients over TLS too (needs --certs)"
+    )
+    p.add_argument(
+        "--client-auth",
+        action="store_true",
+        help="clients must send a bearer token (DIR/tokens.json) or a client certificate "
+        "(needs --certs); roles: read-only, read-write, admin",
+    )
+    p.add_argument(
+        "--client-cert-auth",
+        action="store_true",
+        help="with --client-tls: clients must present a client certificate of DIR/ca.crt "
+        "(its OU is the role); without it, TLS clients authenticate by token",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without certificates: peer traffic unauthenticated (any client could "
+        "speak as a member), clients in plaintext even on a non-loopback address",
+    )
+    p.add_argument(
         "--enable-admin", action="store_true", help="serve the Admin fault-injection service"
     )
     p.add_argument("--log-format", choices=["console", "json"], default="console")
@@ -93,6 +129,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         raise UsageError("--peer lists the same node id twice")
     configure_logging(args.log_format, node_id=args.id, level=args.log_level)
     load_backend_factory(args.store)  # fail fast with a clear message
+    tls, tokens = _node_security(args)
     config = NodeConfig(
         store=args.store,
         node_id=args.id,
@@ -101,8 +138,115 @@ def _cmd_node(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         enable_admin=args.enable_admin,
         options=dict(args.options),
+        peer_listen=args.peer_listen,
+        tls=tls,
+        client_tls=args.client_tls,
+        client_tokens=tokens,
+        client_certs_required=args.client_cert_auth,
     )
     return caplab_loop.run(serve(config, grace_s=args.grace))
+
+
+def _node_security(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(member TLS files or None, client tokens or None) from the node's flags; refuses
+    unsafe combinations with the reason and the way out."""
+    from caplab.logs import get_logger
+    from caplab.security import SecurityError, is_loopback, load_node_tls, load_tokens
+
+    log = get_logger("caplab.cli")
+    if args.insecure and args.certs:
+        raise UsageError("--insecure and --certs contradict each other: pick one")
+    if not args.certs:
+        if not args.insecure:
+            raise UsageError(
+                "peer traffic must be authenticated: pass --certs DIR (make one with "
+                "`caplab certs --dir DIR --node ID ...`) and --peer-listen HOST:PORT, or run "
+                "unauthenticated with --insecure"
+            )
+        if args.client_tls or args.client_auth or args.client_cert_auth:
+            raise UsageError("--client-tls, --client-auth and --client-cert-auth need --certs DIR")
+        if not is_loopback(args.listen) or (args.peer_listen and not is_loopback(args.peer_listen)):
+            log.warning(
+                "insecure_on_network",
+                listen=args.listen,
+                peer_listen=args.peer_listen or args.listen,
+                why="--insecure: anyone who can reach these addresses can read, write and "
+                "speak as a member",
+            )
+        return None, None
+    if not args.peer_listen:
+        raise UsageError("with --certs, peers need their own listener: --peer-listen HOST:PORT")
+    if not is_loopback(args.listen) and not args.client_tls:
+        raise UsageError(
+            f"refusing to serve clients in plaintext on {args.listen} (not a loopback "
+            "address): add --client-tls (and --client-auth), or --insecure"
+        )
+    if args.client_cert_auth and not args.client_tls:
+        raise UsageError("--client-cert-auth needs --client-tls (certificates travel in TLS)")
+    certs = Path(args.certs)
+    try:
+        tls = load_node_tls(certs, args.id)
+        auth = args.client_auth or args.client_cert_auth
+        tokens = load_tokens(certs / "tokens.json") if auth else None
+    except SecurityError as e:
+        raise errors.FailedPrecondition(str(e)) from None
+    if not is_loopback(args.listen) and not args.client_auth:
+        log.warning(
+            "clients_unauthenticated",
+            listen=args.listen,
+            why="clients are not authenticated on a network address: add --client-auth",
+        )
+    return tls, tokens
+
+
+# -- certs ----------------------------------------------------------------------
+def _client_role(text: str) -> tuple[str, str]:
+    name, sep, role = text.partition("=")
+    if not sep or not name or not role:
+        raise argparse.ArgumentTypeError(f"expected NAME=ROLE, got {text!r}")
+    return name, role
+
+
+def _add_certs(sub: Any) -> None:
+    p = sub.add_parser(
+        "certs",
+        help="make a development CA, node and client certificates, and client tokens",
+        description="Creates what is missing in DIR (an existing CA is kept): the CA "
+        "(ca.crt, ca.key), a member certificate per --node (nodes/ID.crt, .key; valid for "
+        "ID, localhost, 127.0.0.1 and each --host), and a certificate and bearer token per "
+        "--client (clients/NAME.crt, .key, .token; roles read-only, read-write, admin). "
+        "Without --client: admin, writer (read-write) and reader (read-only).",
+    )
+    p.add_argument("--dir", required=True, help="where the certificates live")
+    p.add_argument("--node", action="append", default=[], metavar="ID", help="a node id")
+    p.add_argument("--client", type=_client_role, action="append", default=[], metavar="NAME=ROLE")
+    p.add_argument(
+        "--host", action="append", default=[], help="another name or IP the nodes answer on"
+    )
+    p.set_defaults(func=_cmd_certs)
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from caplab import security
+
+    root = Path(args.dir)
+    clients = dict(args.client) or security.DEFAULT_CLIENTS
+    for name, role in clients.items():
+        if role not in security.ROLES:
+            raise UsageError(
+                f"client {name!r}: unknown role {role!r}; use one of {', '.join(security.ROLES)}"
+            )
+    try:
+        security.create_ca(root)
+        for node_id in args.node:
+            security.create_node_cert(root, node_id, hosts=args.host)
+        security.ensure_dev_certs(root, [], clients)
+    except security.SecurityError as e:
+        raise errors.FailedPrecondition(str(e)) from None
+    for path in sorted(root.rglob("*.crt")):
+        print(f"{path.relative_to(root)}: {security.cert_summary(path.read_bytes())}")
+    print(f"bearer tokens: {root}/clients/NAME.token (their hashes in {root}/tokens.json)")
+    return EXIT_OK
 
 
 # -- cluster --------------------------------------------------------------------
@@ -322,7 +466,7 @@ Registrar = Callable[[Any], None]
 
 
 def _registrars() -> list[Registrar]:
-    regs: list[Registrar] = [_add_node, _add_cluster, _add_kv]
+    regs: list[Registrar] = [_add_node, _add_certs, _add_cluster, _add_kv]
     # Later subcommands live with the code they drive.
     import importlib
 

@@ -37,6 +37,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
+from caplab.security import TlsFiles, channel_credentials
 from caplab.validation import MAX_MESSAGE_BYTES
 
 M = TypeVar("M")
@@ -62,8 +63,14 @@ PEER_CHANNEL_OPTIONS = [
 _STREAM_ERRORS = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
-def peer_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+def peer_channel(address: str, peer_id: str = "", tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """A channel to member ``peer_id`` at ``address``. With ``tls`` (this node's member
+    certificate): mutual TLS, and the server must prove it is ``peer_id`` (its certificate
+    names it: the address may be a proxy's, or a stale one now serving another node)."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+    options = [*PEER_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", peer_id)]
+    return grpc.aio.secure_channel(address, channel_credentials(tls.ca, tls), options=options)
 
 
 class PeerStream(Protocol[B_contra]):

@@ -1,9 +1,13 @@
-"""The node runtime: one grpc.aio server per node, shared by both stores.
+"""The node runtime: the grpc.aio servers of one node, shared by both stores.
 
-Serves KV, Cluster, gRPC health checking and reflection, the store's peer
-services, and Admin only with --enable-admin. On SIGTERM/SIGINT: mark the node
-NOT_SERVING, let the store hand over (raft leader transfer), stop accepting and
-finish in-flight requests within the grace period, then flush storage.
+Serves KV, Cluster, gRPC health checking and reflection, and Admin only with
+--enable-admin, on the client listener; the store's peer services (and the requests a
+follower forwards to its leader) on the peer listener, or beside the client services
+when the node has none (plaintext only). Who may call what: caplab.auth.
+
+On SIGTERM/SIGINT: mark the node NOT_SERVING, let the store hand over (raft leader
+transfer), stop accepting and finish in-flight requests within the grace period, then
+flush storage.
 
 Health follows the store: a backend with `health() -> (serving, reason)` is polled every
 `HEALTH_POLL_S` and the gRPC health status (service "") set to SERVING or NOT_SERVING on
@@ -24,9 +28,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from caplab import __version__
+from caplab.auth import ClientRoles, MembersOnly
 from caplab.clock import SkewableClock
 from caplab.errors import Unavailable
 from caplab.logs import get_logger
+from caplab.security import server_credentials
 from caplab.servicer import AdminServicer, ClusterServicer, KVServicer
 from caplab.store import BackendFactory, NodeConfig, StoreBackend
 from caplab.v1 import kv_pb2, kv_pb2_grpc
@@ -65,6 +71,20 @@ def load_backend_factory(store: str) -> BackendFactory:
     return factory
 
 
+def _bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None) -> int:
+    """Listen on ``address`` (TLS with ``creds``); the port, or Unavailable saying why."""
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise Unavailable(f"cannot listen on {address} (address in use?)")
+    return port
+
+
 class NodeServer:
     """A running node: the gRPC server plus its store backend."""
 
@@ -72,7 +92,19 @@ class NodeServer:
         self.config = config
         self.backend = backend
         self.grace_s = grace_s
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        client_auth: list[grpc.aio.ServerInterceptor] = []
+        if config.client_tokens is not None:
+            client_auth.append(ClientRoles(config.client_tokens))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=client_auth)
+        # The peer listener (``config.peer_listen``): peer services and forwarded requests,
+        # members only when the node has certificates (see caplab.auth).
+        self.peer_server: grpc.aio.Server | None = None
+        if config.peer_listen:
+            members: list[grpc.aio.ServerInterceptor] = []
+            if config.tls is not None:
+                members.append(MembersOnly())
+            self.peer_server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=members)
+        self.peer_port = 0
         self._health = health.aio.HealthServicer()
         self._stopped = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
@@ -94,14 +126,25 @@ class NodeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         service_names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(service_names, self.server)
-        try:
-            self.port = self.server.add_insecure_port(self.config.listen)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise Unavailable(f"cannot listen on {self.config.listen} (address in use?)")
-        await self.backend.start(self.server)
+        cfg = self.config
+        tls = cfg.tls
+        client_creds = None
+        if cfg.client_tls:
+            if tls is None:
+                raise Unavailable("client TLS needs the node's certificate (--certs)")
+            client_creds = server_credentials(tls, require_client_auth=cfg.client_certs_required)
+        self.port = _bind(self.server, cfg.listen, client_creds)
+        peer_server = self.server
+        if self.peer_server is not None:
+            peer_server = self.peer_server
+            creds = None if tls is None else server_credentials(tls, require_client_auth=True)
+            self.peer_port = _bind(peer_server, cfg.peer_listen, creds)
+            # a follower forwards client requests to its leader over the peer channel
+            kv_pb2_grpc.add_KVServicer_to_server(KVServicer(self.backend), peer_server)
+        await self.backend.start(peer_server)
         await self.server.start()
+        if self.peer_server is not None:
+            await self.peer_server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
         if hasattr(self.backend, "health"):
@@ -110,8 +153,12 @@ class NodeServer:
             "node_started",
             store=self.config.store,
             listen=self.config.listen,
+            peer_listen=self.config.peer_listen or self.config.listen,
             peers=self.config.peers,
             admin=self.config.enable_admin,
+            peer_auth="mutual TLS" if tls is not None else "none (insecure)",
+            client_tls=self.config.client_tls,
+            client_auth=self.config.client_tokens is not None,
         )
 
     async def stop(self) -> None:
@@ -128,7 +175,10 @@ class NodeServer:
         except TimeoutError:
             log.warning("handover_timed_out")
         self.backend.stop_peer_streams()
-        await self.server.stop(self.grace_s)
+        stops = [self.server.stop(self.grace_s)]
+        if self.peer_server is not None:
+            stops.append(self.peer_server.stop(self.grace_s))
+        await asyncio.gather(*stops)
         await self.backend.close()
         log.info("node_stopped")
 

@@ -19,6 +19,7 @@ import grpc
 
 from caplab import errors
 from caplab.clock import SkewableClock
+from caplab.security import TlsFiles
 from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
 
@@ -92,6 +93,18 @@ class NodeConfig:
     # Store-specific tuning (flags like --heartbeat-ms), parsed by the store.
     options: dict[str, str] = field(default_factory=dict)
     advertise: str = ""  # address others and clients should use; defaults to listen
+    # Where the peer services listen (and requests forwarded to a leader arrive); "": on
+    # ``listen``, beside the client services (plaintext only: ``caplab node --insecure``).
+    peer_listen: str = ""
+    # This node's member certificate, key and the cluster CA: with it, the peer listener
+    # requires mutual TLS and every peer channel presents it (see caplab.auth).
+    tls: TlsFiles | None = None
+    client_tls: bool = False  # serve clients over TLS too (with the member certificate)
+    # With client_tls: require a client certificate (its OU is the role). Without it grpc
+    # does not even ask for one, so TLS clients authenticate by bearer token.
+    client_certs_required: bool = False
+    # Require a bearer token or client certificate on the client listener (roles).
+    client_tokens: Mapping[str, tuple[str, str]] | None = None
 
 
 def parse_int_options(

@@ -51,11 +51,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
 
 from caplab import errors
+from caplab.auth import authenticated_member
 from caplab.clock import SkewableClock
 from caplab.gossip.v1 import gossip_pb2 as pb
 from caplab.gossip.v1 import gossip_pb2_grpc as pb_grpc
@@ -198,7 +200,7 @@ class PeerLink:
     def __init__(self, node: GossipBackend, peer_id: str, address: str) -> None:
         self.peer_id = peer_id
         self.address = address
-        self.channel = peer_channel(address)
+        self.channel = peer_channel(address, peer_id, node.config.tls)
         self.stub = pb_grpc.GossipPeerStub(self.channel)
         # at most BATCH_BYTES per batch, so the peer can work on the first part
         # while the rest is on its way
@@ -227,14 +229,21 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.Batch], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchAck:
-        await self.node.inbound.serve(request_iterator, self._deliver)
+        member = await authenticated_member(self.node.config, context)
+        await self.node.inbound.serve(request_iterator, partial(self._deliver, member=member))
         return pb.BatchAck()
 
-    async def _deliver(self, request: pb.Batch) -> None:
+    async def _deliver(self, request: pb.Batch, member: str | None = None) -> None:
+        """``member``: the member the stream was authenticated as (None: plaintext); a
+        message claiming another sender is forged and dropped."""
         node = self.node
         core = node.core
         now, wall = _monotonic_ms(), node.clock.wall_ms()
         for raw in request.messages:
+            if member is not None and raw.sender != member:
+                node.counters["messages_forged"] += 1
+                log.warning("forged_peer_message", member=member, claimed_sender=raw.sender)
+                continue
             try:
                 msg = from_pb(raw)
             except CodecError as e:
@@ -273,6 +282,7 @@ class GossipBackend:
                 "messages_received",
                 "messages_dropped",
                 "messages_malformed",
+                "messages_forged",
                 "wire_bytes_sent",
                 "fsyncs",
                 "writes_committed",

@@ -84,8 +84,9 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
     """Part 1; node data and logs go to ``root`` (default: a new temporary directory)."""
     ids = [f"n{i + 1}" for i in range(args.nodes)]
     side_a, side_b = ids[:2], ids[2:]
-    ports = free_ports(len(ids))
-    proxies = ProxyNet(dict(zip(ids, ports, strict=True)))
+    both = free_ports(2 * len(ids))
+    ports, peer_ports = both[: len(ids)], both[len(ids) :]
+    proxies = ProxyNet(dict(zip(ids, peer_ports, strict=True)))
     await proxies.start()
     if root is None:
         root = Path(tempfile.mkdtemp(prefix="caplab-conv-"))
@@ -94,6 +95,7 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
         len(ids),
         root,
         ports=ports,
+        peer_ports=peer_ports,
         peer_addresses=proxies.peer_addresses,
         extra_args=[f"--set={s}" for s in args.set],
     )

@@ -28,6 +28,8 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from caplab.security import ensure_dev_certs
+
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
 
@@ -174,8 +176,14 @@ class NodeProcess:
 class LocalCluster:
     """N nodes of one store on 127.0.0.1.
 
+    Each node has a client port (`ports`) and a peer port (`peer_ports`). With `secure`
+    (the default) peer traffic is mutual TLS: certificates of a development CA are made in
+    `root/certs` (`caplab.security.ensure_dev_certs`, kept across restarts); clients stay
+    plaintext on loopback. `secure=False` runs the nodes `--insecure`.
+
     `peer_addresses` lets a harness route node-to-node traffic through proxies:
-    it maps (from_node, to_node) -> address that from_node uses to reach to_node.
+    it maps (from_node, to_node) -> address that from_node uses to reach to_node's peer
+    port.
     """
 
     def __init__(
@@ -190,19 +198,38 @@ class LocalCluster:
         extra_args: Sequence[str] = (),
         peer_addresses: Mapping[tuple[str, str], str] | None = None,
         ports: Sequence[int] | None = None,
+        peer_ports: Sequence[int] | None = None,
+        secure: bool = True,
     ) -> None:
         self.store = store
         self.root = Path(root)
+        self.secure = secure
         ids = [f"n{i + 1}" for i in range(n)]
+        if ports is None and peer_ports is None and not base_port:
+            both = free_ports(2 * n)
+            ports, peer_ports = both[:n], both[n:]
         if ports is None:
             ports = [base_port + i for i in range(n)] if base_port else free_ports(n)
+        if peer_ports is None:
+            taken = set(ports)
+            peer_ports = (
+                [base_port + n + i for i in range(n)]
+                if base_port
+                else [p for p in free_ports(2 * n) if p not in taken][:n]
+            )
+        self.peer_ports = dict(zip(ids, peer_ports, strict=True))
+        self.certs = self.root / "certs"
+        security_args = ["--insecure"]
+        if secure:
+            ensure_dev_certs(self.certs, ids)
+            security_args = ["--certs", str(self.certs)]
         self.nodes: dict[str, NodeProcess] = {}
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["CAPLAB_EXIT_WITH_PARENT"] = "1"
         for node_id, port in zip(ids, ports, strict=True):
             peers = []
-            for other, other_port in zip(ids, ports, strict=True):
+            for other, other_port in zip(ids, peer_ports, strict=True):
                 if other == node_id:
                     continue
                 addr = (peer_addresses or {}).get((node_id, other), f"127.0.0.1:{other_port}")
@@ -218,6 +245,9 @@ class LocalCluster:
                 node_id,
                 "--listen",
                 f"127.0.0.1:{port}",
+                "--peer-listen",
+                f"127.0.0.1:{self.peer_ports[node_id]}",
+                *security_args,
                 "--data-dir",
                 str(self.root / "data" / node_id),
                 "--log-format",

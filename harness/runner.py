@@ -163,8 +163,10 @@ class StoreRun:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
         ids = sc.node_ids
-        ports = free_ports(len(ids))
-        self.net = ProxyNet(dict(zip(ids, ports, strict=True)), seed=sc.seed)
+        both = free_ports(2 * len(ids))
+        ports, peer_ports = both[: len(ids)], both[len(ids) :]
+        # the proxies cut the links between nodes: they stand before the peer listeners
+        self.net = ProxyNet(dict(zip(ids, peer_ports, strict=True)), seed=sc.seed)
         await self.net.start()
         self.cluster = LocalCluster(
             self.store,
@@ -174,6 +176,7 @@ class StoreRun:
             extra_args=[f"--set={k}={v}" for k, v in sc.options_for(self.store).items()],
             peer_addresses=self.net.peer_addresses,
             ports=ports,
+            peer_ports=peer_ports,
         )
         self.cluster.start()
         await self.cluster.wait_ready(timeout=self.ready_timeout)

@@ -39,11 +39,13 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
 
 from caplab import errors
+from caplab.auth import authenticated_member
 from caplab.clock import SkewableClock
 from caplab.logs import get_logger
 from caplab.peer import InboundStreams, StreamSender, peer_channel
@@ -132,7 +134,7 @@ class PeerLink:
         self.node = node
         self.peer_id = peer_id
         self.address = address
-        self.channel = peer_channel(address)
+        self.channel = peer_channel(address, peer_id, node.config.tls)
         self.stub = pb_grpc.RaftPeerStub(self.channel)
         self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.snapshot_task: asyncio.Task[None] | None = None
@@ -201,13 +203,25 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.Batch], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchAck:
-        await self.node.inbound.serve(request_iterator, self._deliver)
+        member = await authenticated_member(self.node.config, context)
+        await self.node.inbound.serve(request_iterator, partial(self._deliver, member=member))
         return pb.BatchAck()
 
-    def _deliver(self, batch: pb.Batch) -> Awaitable[None] | None:
+    def _deliver(self, batch: pb.Batch, member: str | None = None) -> Awaitable[None] | None:
+        """``member``: the member the stream was authenticated as (None: plaintext); a
+        message claiming another sender is forged and dropped."""
         node = self.node
         node.counters["messages_received"] += len(batch.messages)
-        msgs = [from_pb(m) for m in batch.messages if m.to == node.id and m.sender in node.peers]
+        if member is not None:
+            forged = sum(1 for m in batch.messages if m.sender != member)
+            if forged:
+                node.counters["messages_forged"] += forged
+                log.warning("forged_peer_messages", member=member, count=forged)
+        msgs = [
+            from_pb(m)
+            for m in batch.messages
+            if m.to == node.id and m.sender in node.peers and (member is None or m.sender == member)
+        ]
         return node.receive(msgs)
 
     async def InstallSnapshot(
@@ -215,6 +229,7 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
         request_iterator: AsyncIterator[pb.SnapshotChunk],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.SnapshotAck:
+        member = await authenticated_member(self.node.config, context)
         parts: list[bytes] = []
         first: pb.SnapshotChunk | None = None
         size = 0
@@ -234,6 +249,12 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
             return pb.SnapshotAck(accepted=False, reason="snapshot size or CRC mismatch")
         if first.to != self.node.id or first.sender not in self.node.peers:
             return pb.SnapshotAck(accepted=False, reason="snapshot not addressed to this node")
+        if member is not None and first.sender != member:
+            self.node.counters["messages_forged"] += 1
+            log.warning("forged_snapshot", member=member, claimed_sender=first.sender)
+            return pb.SnapshotAck(
+                accepted=False, reason=f"sender {first.sender!r} is not the caller ({member})"
+            )
         snap = Snapshot(SnapshotMeta(first.index, first.snapshot_term), data)
         self.node.receive([InstallSnapshot(first.sender, first.to, first.term, snap)])
         self.node.counters["snapshots_received"] += 1
@@ -275,6 +296,7 @@ class RaftBackend:
                 "fsyncs",
                 "fsyncs_inline",
                 "disk_errors",
+                "messages_forged",
             )
         }
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []

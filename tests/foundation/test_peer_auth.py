@@ -1,0 +1,317 @@
+"""Only members speak as members: the review's attacks on the peer path, on real nodes.
+
+Each attack of issue 14 is sent twice: as an outsider (no certificate, or a client
+certificate of the same CA, or to the client port) and as the wrong member (n2's
+certificate, the message claiming to come from n3). Every attempt is refused, and the
+state it aimed at is unchanged.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from caplab.gossip.v1 import gossip_pb2 as gpb
+from caplab.gossip.v1 import gossip_pb2_grpc as gpb_grpc
+from caplab.peer import PEER_CHANNEL_OPTIONS
+from caplab.raft.v1 import raft_pb2 as rpb
+from caplab.raft.v1 import raft_pb2_grpc as rpb_grpc
+from caplab.security import channel_credentials, load_client_tls, load_node_tls
+from caplab.v1 import kv_pb2, kv_pb2_grpc
+from harness.client import KVClient
+from harness.cluster import LocalCluster
+from tests.polling import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+REFUSED = {
+    grpc.StatusCode.UNAVAILABLE,  # the TLS handshake failed (no or foreign certificate)
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,  # a certificate of the CA, but not a member's
+    grpc.StatusCode.UNIMPLEMENTED,  # peer services are not served on the client port
+}
+YEAR_MS = 365 * 24 * 3600 * 1000
+
+
+async def _cluster(store: str, root: Path) -> LocalCluster:
+    cluster = LocalCluster(store, 3, root, enable_admin=True)
+    cluster.start()
+    await cluster.wait_ready()
+    async with KVClient(list(cluster.endpoints.values()), timeout=5.0) as c:
+
+        async def ready() -> bool:
+            try:
+                await c.put("victim", b"original")
+                await c.increment("ctr", 5)
+                return True
+            except Exception:
+                return False
+
+        await eventually(ready, 30)
+    return cluster
+
+
+def _outsider_channels(cluster: LocalCluster, node: str) -> dict[str, grpc.aio.Channel]:
+    """Every way an outsider can dial ``node``'s peer services."""
+    peer = f"127.0.0.1:{cluster.peer_ports[node]}"
+    ca = load_node_tls(cluster.certs, node).ca
+    client = load_client_tls(cluster.certs, "admin")  # a certificate of the CA: no member
+    opts = [*PEER_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", node)]
+    return {
+        "plaintext to the peer port": grpc.aio.insecure_channel(peer),
+        "TLS without a certificate": grpc.aio.secure_channel(
+            peer, channel_credentials(ca), options=opts
+        ),
+        "an admin client certificate": grpc.aio.secure_channel(
+            peer, channel_credentials(ca, client), options=opts
+        ),
+        "the client port": grpc.aio.insecure_channel(cluster.endpoints[node]),
+    }
+
+
+def _member_channel(cluster: LocalCluster, member: str, target: str) -> grpc.aio.Channel:
+    """``member``'s certificate, dialling ``target``'s peer port."""
+    tls = load_node_tls(cluster.certs, member)
+    return grpc.aio.secure_channel(
+        f"127.0.0.1:{cluster.peer_ports[target]}",
+        channel_credentials(tls.ca, tls),
+        options=[*PEER_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", target)],
+    )
+
+
+async def _status(cluster: LocalCluster, node: str) -> kv_pb2.StatusResponse:
+    async with grpc.aio.insecure_channel(cluster.endpoints[node]) as ch:
+        return await kv_pb2_grpc.ClusterStub(ch).Status(kv_pb2.StatusRequest(), timeout=5)
+
+
+async def _dump(cluster: LocalCluster, node: str) -> dict[str, kv_pb2.DumpEntry]:
+    async with grpc.aio.insecure_channel(cluster.endpoints[node]) as ch:
+        stub = kv_pb2_grpc.ClusterStub(ch)
+        return {e.key: e async for e in stub.Dump(kv_pb2.DumpRequest(), timeout=5)}
+
+
+async def _stream(stub_call: Callable[..., Any], batch: Any) -> None:
+    async def one() -> AsyncIterator[Any]:
+        yield batch
+
+    await stub_call(one(), timeout=5)
+
+
+async def _attempt_as_outsider(
+    cluster: LocalCluster, node: str, send: Callable[[grpc.aio.Channel], Any]
+) -> None:
+    for how, ch in _outsider_channels(cluster, node).items():
+        async with ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await send(ch)
+            assert err.value.code() in REFUSED, (how, err.value.code(), err.value.details())
+
+
+async def _attempt_as_wrong_member(
+    cluster: LocalCluster, node: str, send: Callable[[grpc.aio.Channel], Any]
+) -> None:
+    """n2's certificate, the message naming n3 as its sender: dropped and counted."""
+    before = (await _status(cluster, node)).counters["messages_forged"]
+    async with _member_channel(cluster, "n2", node) as ch:
+        await send(ch)
+
+    async def counted() -> bool:
+        return (await _status(cluster, node)).counters["messages_forged"] > before
+
+    await eventually(counted, 10)
+
+
+# ---------------------------------------------------------------------------------- raft
+
+
+@pytest.fixture(scope="module")
+def raft_cluster() -> Any:
+    import asyncio
+
+    root = Path(tempfile.mkdtemp(prefix="caplab-peer-auth-raft-"))
+    cluster = asyncio.run(_cluster("raft", root))
+    yield cluster
+    cluster.close()
+
+
+def _raft(term: int, to: str, sender: str = "n3", **body: Any) -> rpb.Batch:
+    return rpb.Batch(messages=[rpb.RaftMessage(sender=sender, to=to, term=term, **body)])
+
+
+def _put_command(key: str, value: bytes) -> bytes:
+    return rpb.Command(key=key, put=value).SerializeToString()
+
+
+async def _raft_view(cluster: LocalCluster) -> list[tuple[int, str, bytes]]:
+    view = []
+    for n in ("n1", "n2", "n3"):
+        st = await _status(cluster, n)
+        victim = (await _dump(cluster, n)).get("victim")
+        view.append((st.term, st.leader_id, victim.value if victim else b""))
+    return view
+
+
+async def test_raft_peer_attacks_are_refused(raft_cluster: LocalCluster) -> None:
+    cluster = raft_cluster
+    before = await _raft_view(cluster)
+    st = await _status(cluster, "n1")
+    term, leader = st.term, st.leader_id
+    last = st.commit_index
+    target = "n1" if leader != "n1" else "n2"
+    wrong_target = "n1"  # n2's certificate, claiming n3 (target of the wrong-member sends)
+
+    def attacks(to: str) -> dict[str, Callable[[grpc.aio.Channel], Any]]:
+        forged_entry = rpb.Entry(
+            term=term, index=last + 1, kind=1, data=_put_command("victim", b"forged")
+        )
+        return {
+            "forged append": lambda ch: _stream(
+                rpb_grpc.RaftPeerStub(ch).Stream,
+                _raft(
+                    term,
+                    to,
+                    append=rpb.Append(
+                        prev_index=last, prev_term=term, entries=[forged_entry], commit=last + 1
+                    ),
+                ),
+            ),
+            "forged vote, term + 1000": lambda ch: _stream(
+                rpb_grpc.RaftPeerStub(ch).Stream,
+                _raft(term + 1000, to, vote=rpb.Vote(last_index=10**6, last_term=term + 1000)),
+            ),
+            "forged TimeoutNow": lambda ch: _stream(
+                rpb_grpc.RaftPeerStub(ch).Stream, _raft(term, to, timeout_now=rpb.TimeoutNow())
+            ),
+            "append far beyond the log": lambda ch: _stream(
+                rpb_grpc.RaftPeerStub(ch).Stream,
+                _raft(
+                    term,
+                    to,
+                    append=rpb.Append(
+                        prev_index=last + 10**6,
+                        prev_term=term,
+                        entries=[rpb.Entry(term=term, index=last + 10**6 + 1, kind=0)],
+                        commit=last + 10**6 + 1,
+                    ),
+                ),
+            ),
+        }
+
+    for name, send in attacks(target).items():
+        await _attempt_as_outsider(cluster, target, send)
+        await _attempt_as_wrong_member(cluster, wrong_target, attacks(wrong_target)[name])
+
+    # a forged snapshot (valid CRC) erasing every key
+    data = b"not a state machine, but the CRC is right"
+
+    def snapshot(to: str) -> Callable[[grpc.aio.Channel], Any]:
+        async def send(ch: grpc.aio.Channel) -> None:
+            async def chunks() -> AsyncIterator[rpb.SnapshotChunk]:
+                yield rpb.SnapshotChunk(
+                    sender="n3",
+                    to=to,
+                    term=term + 1,
+                    index=last + 100,
+                    snapshot_term=term + 1,
+                    total_size=len(data),
+                    offset=0,
+                    data=data,
+                    crc32=zlib.crc32(data),
+                )
+
+            ack = await rpb_grpc.RaftPeerStub(ch).InstallSnapshot(chunks(), timeout=5)
+            assert not ack.accepted, "a forged snapshot was accepted"
+
+        return send
+
+    await _attempt_as_outsider(cluster, target, snapshot(target))
+    await _attempt_as_wrong_member(cluster, wrong_target, snapshot(wrong_target))
+
+    after = await _raft_view(cluster)
+    assert after == before, "a refused attack changed term, leader or a key"
+    # every node still serves linearizable reads and writes
+    async with KVClient(list(cluster.endpoints.values()), timeout=5.0) as c:
+        await c.put("after", b"ok")
+        assert (await c.get("victim")).value == b"original"
+
+
+# -------------------------------------------------------------------------------- gossip
+
+
+@pytest.fixture(scope="module")
+def gossip_cluster() -> Any:
+    import asyncio
+
+    root = Path(tempfile.mkdtemp(prefix="caplab-peer-auth-gossip-"))
+    cluster = asyncio.run(_cluster("gossip", root))
+    yield cluster
+    cluster.close()
+
+
+def _gossip(to: str, sender: str = "n3", **body: Any) -> gpb.Batch:
+    return gpb.Batch(messages=[gpb.GossipMessage(sender=sender, to=to, **body)])
+
+
+def _deltas(to: str, entries: list[gpb.Entry]) -> gpb.Batch:
+    return _gossip(to, deltas=gpb.Deltas(seq=1, entries=entries))
+
+
+def _reg(key: str, value: bytes, wall_ms: int) -> gpb.Entry:
+    ts = gpb.Timestamp(wall_ms=wall_ms, logical=0, node="n3")
+    return gpb.Entry(key=key, register=gpb.Register(ts=ts, value=value))
+
+
+async def test_gossip_peer_attacks_are_refused(gossip_cluster: LocalCluster) -> None:
+    import time
+
+    cluster = gossip_cluster
+    target = "n1"
+    future = int(time.time() * 1000) + 100 * YEAR_MS
+    now = int(time.time() * 1000)
+
+    def attacks(to: str) -> dict[str, Callable[[grpc.aio.Channel], Any]]:
+        big = gpb.Counter(p={"n3/forged": 2**64 - 1})
+        dead = gpb.Member(node="n3", state=gpb.MEMBER_STATE_DEAD, incarnation=2**64 - 1)
+        return {
+            "a delta 100 years ahead": lambda ch: _stream(
+                gpb_grpc.GossipPeerStub(ch).Stream,
+                _deltas(to, [_reg("victim", b"pinned", future)]),
+            ),
+            "a counter total of 2^64-1": lambda ch: _stream(
+                gpb_grpc.GossipPeerStub(ch).Stream,
+                _deltas(to, [gpb.Entry(key="ctr", counter=big)]),
+            ),
+            "keys the client path refuses": lambda ch: _stream(
+                gpb_grpc.GossipPeerStub(ch).Stream,
+                _deltas(to, [_reg(k, b"x", now) for k in ("", "a\0b", "k" * 5000)]),
+            ),
+            "n3 declared dead at incarnation 2^64-1": lambda ch: _stream(
+                gpb_grpc.GossipPeerStub(ch).Stream,
+                _gossip(to, ping=gpb.Ping(seq=1, incarnation=1, gossip_updates=[dead])),
+            ),
+        }
+
+    async def converged() -> bool:
+        dumps = [await _dump(cluster, n) for n in ("n1", "n2", "n3")]
+        return "victim" in dumps[0] and dumps[0] == dumps[1] == dumps[2]
+
+    await eventually(converged, 10)
+    before = {n: await _dump(cluster, n) for n in ("n1", "n2", "n3")}
+    for name, send in attacks(target).items():
+        await _attempt_as_outsider(cluster, target, send)
+        await _attempt_as_wrong_member(cluster, target, attacks(target)[name])
+
+    after = {n: await _dump(cluster, n) for n in ("n1", "n2", "n3")}
+    assert after == before, "a refused attack changed a replica"
+    for n in ("n1", "n2", "n3"):
+        views = {m.node_id: m.state for m in (await _status(cluster, n)).members}
+        assert kv_pb2.MEMBER_STATE_DEAD not in views.values(), (n, views)
+    async with KVClient([cluster.endpoints["n3"]], timeout=5.0) as c:
+        await c.put("victim", b"later")
+        assert (await c.get("victim")).value == b"later"
