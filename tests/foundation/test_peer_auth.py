@@ -315,3 +315,51 @@ async def test_gossip_peer_attacks_are_refused(gossip_cluster: LocalCluster) -> 
     async with KVClient([cluster.endpoints["n3"]], timeout=5.0) as c:
         await c.put("victim", b"later")
         assert (await c.get("victim")).value == b"later"
+
+
+# --------------------------------------------------------------------------------- roles
+
+
+async def test_client_roles_decide_what_a_client_may_call(tmp_path: Path) -> None:
+    """With --client-auth: no token, UNAUTHENTICATED; a reader cannot Put; a writer
+    cannot call Admin; the admin can."""
+    from caplab.security import read_token
+
+    cluster = LocalCluster("gossip", 1, tmp_path, enable_admin=True, extra_args=["--client-auth"])
+    try:
+        cluster.start()
+        await cluster.wait_ready()
+        ep = cluster.endpoints["n1"]
+
+        def md(name: str) -> list[tuple[str, str]]:
+            return [("authorization", f"Bearer {read_token(cluster.certs, name)}")]
+
+        async with grpc.aio.insecure_channel(ep) as ch:
+            kv, admin = kv_pb2_grpc.KVStub(ch), kv_pb2_grpc.AdminStub(ch)
+            put = kv_pb2.PutRequest(key="k", value=b"v")
+            skew = kv_pb2.SetClockSkewRequest(skew_ms=0)
+            refusals = {
+                "no token": (kv.Put(put, timeout=5), grpc.StatusCode.UNAUTHENTICATED),
+                "a forged token": (
+                    kv.Put(put, metadata=[("authorization", "Bearer nope")], timeout=5),
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ),
+                "reader puts": (
+                    kv.Put(put, metadata=md("reader"), timeout=5),
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ),
+                "writer calls Admin": (
+                    admin.SetClockSkew(skew, metadata=md("writer"), timeout=5),
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ),
+            }
+            for what, (call, code) in refusals.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == code, (what, err.value.details())
+            assert (await kv.Get(kv_pb2.GetRequest(key="k"), metadata=md("reader"))).found is False
+            await kv.Put(put, metadata=md("writer"), timeout=5)
+            assert (await kv.Get(kv_pb2.GetRequest(key="k"), metadata=md("reader"))).value == b"v"
+            await admin.SetClockSkew(skew, metadata=md("admin"), timeout=5)
+    finally:
+        cluster.close()
