@@ -1,11 +1,12 @@
 """`caplab bench`: throughput and latency of a store beside a raw grpc.aio no-op server.
 
 For each target (the no-op server first, then a 3-node cluster of the store on
-127.0.0.1) and each client concurrency, closed-loop clients issue writes (Put of
-`--value-size` bytes, each client with its own client_id/sequence, so that every
-write goes through exactly-once deduplication; `--no-request-ids` leaves it out, to
-measure what it costs) and then reads (Get at the
-store's default consistency: linearizable on raft, local on gossip) for
+127.0.0.1, with mutual TLS between its nodes and then, with `--security both`, the
+default, again with plaintext peer links, to show what authentication costs) and each
+client concurrency, closed-loop clients issue writes (Put of `--value-size` bytes, each
+client with its own client_id/sequence, so that every write goes through exactly-once
+deduplication; `--no-request-ids` leaves it out, to measure what it costs) and then
+reads (Get at the store's default consistency: linearizable on raft, local on gossip) for
 `--duration` seconds after a warm-up. The no-op server is measured with the same
 client code in the same run: it is the ceiling for any Python gRPC server here,
 and the store's figures are reported as a fraction of it.
@@ -221,42 +222,51 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
-        with LocalCluster(args.store, args.nodes, root, extra_args=extra) as cluster:
-            cluster.start()
-            await cluster.wait_ready()
-            every = list(cluster.endpoints.values())
-            if args.store == "raft":
-                endpoints = {"write": [await _leader_endpoint(cluster)], "read": every}
-            else:
-                endpoints = {"write": every, "read": every}
-            pids = [n.proc.pid for n in cluster.nodes.values() if n.proc is not None]
-            # Each no-op cell runs right before the store's cell of the same op and
-            # concurrency, so a machine whose speed drifts during the run (shared VMs do)
-            # skews both alike. The idle cluster's own CPU during the no-op cells (timers,
-            # heartbeats) is measured and reported.
-            print(
-                f"raw grpc.aio no-op server vs {args.store}, {args.nodes} nodes:", file=sys.stderr
-            )
-            for op in ("write", "read"):
-                if op == "read":
-                    await _prefill(endpoints["write"], value, max(conc))
-                for n in conc:
-                    cpu0, wall0 = _cpu_seconds(pids), time.monotonic()
-                    cells.append(await _cell("noop", [ep], op, n, args, value))
-                    idle_cpu += _cpu_seconds(pids) - cpu0
-                    idle_wall += time.monotonic() - wall0
-                    cells.append(await _cell(args.store, endpoints[op], op, n, args, value))
+        modes = {"tls": [True], "insecure": [False], "both": [True, False]}[args.security]
+        for secure in modes:
+            target = args.store if secure else f"{args.store}-insecure"
+            with LocalCluster(
+                args.store, args.nodes, root / target, extra_args=extra, secure=secure
+            ) as cluster:
+                cluster.start()
+                await cluster.wait_ready()
+                every = list(cluster.endpoints.values())
+                if args.store == "raft":
+                    endpoints = {"write": [await _leader_endpoint(cluster)], "read": every}
+                else:
+                    endpoints = {"write": every, "read": every}
+                pids = [n.proc.pid for n in cluster.nodes.values() if n.proc is not None]
+                # Each no-op cell runs right before the store's cell of the same op and
+                # concurrency, so a machine whose speed drifts during the run (shared VMs
+                # do) skews both alike. The idle cluster's own CPU during the no-op cells
+                # (timers, heartbeats) is measured and reported.
+                peers = "mutual TLS between nodes" if secure else "plaintext between nodes"
+                print(
+                    f"raw grpc.aio no-op server vs {args.store}, {args.nodes} nodes, {peers}:",
+                    file=sys.stderr,
+                )
+                for op in ("write", "read"):
+                    if op == "read":
+                        await _prefill(endpoints["write"], value, max(conc))
+                    for n in conc:
+                        cpu0, wall0 = _cpu_seconds(pids), time.monotonic()
+                        cells.append(await _cell("noop", [ep], op, n, args, value))
+                        idle_cpu += _cpu_seconds(pids) - cpu0
+                        idle_wall += time.monotonic() - wall0
+                        cells.append(await _cell(target, endpoints[op], op, n, args, value))
     finally:
         noop.terminate()
         noop.wait()
-    by = {(c.target, c.op, c.concurrency): c for c in cells}
-    ratios = {}
-    for c in cells:
-        if c.target == args.store:
-            base = by[("noop", c.op, c.concurrency)]
-            ratios[f"{c.op}@{c.concurrency}"] = (
-                c.ops_per_s / base.ops_per_s if base.ops_per_s else 0
-            )
+    ratios: dict[str, float] = {}
+    insecure: dict[str, float] = {}
+    base: Cell | None = None
+    for c in cells:  # each store cell follows its no-op cell
+        if c.target == "noop":
+            base = c
+            continue
+        assert base is not None and (base.op, base.concurrency) == (c.op, c.concurrency)
+        frac = c.ops_per_s / base.ops_per_s if base.ops_per_s else 0
+        (ratios if c.target == args.store else insecure)[f"{c.op}@{c.concurrency}"] = frac
     return {
         "schema_version": 1,
         "store": args.store,
@@ -269,6 +279,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "cluster_idle_cpu_during_noop": idle_cpu / idle_wall if idle_wall else 0.0,
         "cells": [asdict(c) for c in cells],
         "fraction_of_noop": ratios,
+        # the same cluster with plaintext peer links (--insecure), measured in the same run:
+        # what authenticating the nodes to each other costs
+        "fraction_of_noop_insecure": insecure,
+        "peer_security": args.security,
     }
 
 
@@ -280,7 +294,10 @@ def _print_table(result: dict[str, Any]) -> None:
     for col in ("target", "op", "concurrency", "ops/s", "p50 ms", "p99 ms", "errors", "% of no-op"):
         t.add_column(col, justify="right")
     for c in result["cells"]:
-        frac = result["fraction_of_noop"].get(f"{c['op']}@{c['concurrency']}")
+        fracs = result[
+            "fraction_of_noop" if "insecure" not in c["target"] else "fraction_of_noop_insecure"
+        ]
+        frac = fracs.get(f"{c['op']}@{c['concurrency']}")
         pct = f"{100 * frac:.0f}%" if c["target"] != "noop" and frac is not None else ""
         t.add_row(
             c["target"],
@@ -305,6 +322,13 @@ def add_bench(sub: Any) -> None:
     p.add_argument("--value-size", type=int, default=100)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument(
+        "--security",
+        choices=["both", "tls", "insecure"],
+        default="both",
+        help="peer links of the measured cluster: mutual TLS (the default of every cluster), "
+        "plaintext (--insecure), or both, one after the other in the same run",
+    )
     p.add_argument(
         "--no-request-ids",
         dest="request_ids",

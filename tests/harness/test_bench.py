@@ -38,7 +38,7 @@ def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) 
     result = json.loads(out.read_text())
     assert result["schema_version"] == 1 and result["store"] == "raft"
     order = [(c["target"], c["op"], c["concurrency"]) for c in result["cells"]]
-    assert order == [
+    one = [
         ("noop", "write", 1),
         ("raft", "write", 1),
         ("noop", "write", 2),
@@ -48,8 +48,12 @@ def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) 
         ("noop", "read", 2),
         ("raft", "read", 2),
     ]
+    # the same cells again, the cluster's peer links without TLS
+    insecure = [(t if t == "noop" else "raft-insecure", op, n) for t, op, n in one]
+    assert order == one + insecure
     for c in result["cells"]:
         assert c["ops"] > 0 and c["errors"] == 0, c
     assert set(result["fraction_of_noop"]) == {"write@1", "write@2", "read@1", "read@2"}
+    assert set(result["fraction_of_noop_insecure"]) == set(result["fraction_of_noop"])
     assert 0 <= result["cluster_idle_cpu_during_noop"] < 1
     assert result["machine"]["cpus"] >= 1
