@@ -698,6 +698,7 @@ def store_summary(sd: StoreData) -> dict[str, Any]:
         "deletes": _deletes(sd),
         "final_state": _final_state(checkers),
         "tombstones": _tombstones(checkers),
+        "security": (sd.results or {}).get("security"),
         "series": time_series(sd),
         "checkers": checkers,
         "files": {
@@ -1400,6 +1401,21 @@ def _store_details(name: str, s: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def peer_security(summary: Mapping[str, Any]) -> str:
+    """One line: were the nodes authenticated to each other (issue 14)?"""
+    kinds = {s: (v.get("security") or {}).get("peers") for s, v in summary["stores"].items()}
+    if all(k == "mutual TLS" for k in kinds.values()):
+        return (
+            "Peers authenticated: every link between nodes was mutual TLS with certificates "
+            "of the run's own CA (clients: plaintext on loopback)."
+        )
+    if all(k == "none" for k in kinds.values()):
+        return "Peers NOT authenticated (--insecure): any client could have spoken as a node."
+    return "Peer authentication: " + ", ".join(
+        f"{s}: {k or 'not recorded'}" for s, k in kinds.items()
+    )
+
+
 def render_html(summary: Mapping[str, Any], images: Mapping[str, str], scenario_text: str) -> str:
     """One self-contained HTML page (CSS inline, images as data URIs, no script)."""
     css = CSS_PATH.read_text(encoding="utf-8")
@@ -1426,6 +1442,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, str], scenario_
     m = summary["machine"]
     details = "\n".join(_store_details(n, summary["stores"][n]) for n in stores)
     faults = ", ".join(map(str, sc.get("faults") or [])) or "none"
+    peers = peer_security(summary)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -1434,7 +1451,8 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, str], scenario_
 <header><h1>{escape(title)}</h1>
 <p class="sub">{escape(sc.get("description", ""))}<br>
 {escape(sc.get("nodes", "?"))} nodes per store · workload {escape(sc.get("workload", "?"))} ·
-faults: {escape(faults)} · generated {escape(summary["generated_at"])}</p></header>
+faults: {escape(faults)} · generated {escape(summary["generated_at"])}<br>
+<span id="peer-security">{escape(peers)}</span></p></header>
 <section class="verdict {"bad" if bad else "good"}">
 <h2>{"Violation found" if bad else "Verdict"}</h2>
 <p id="verdict">{escape(summary["verdict"])}</p></section>

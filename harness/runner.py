@@ -737,6 +737,11 @@ def check_store(run: StoreRun) -> dict[str, Any]:
             "tombstones_collected_s": run.tombstones_collected_s,
         },
         "checkers": checkers,
+        # who was authenticated (issue 14): the nodes to each other; clients on loopback
+        "security": {
+            "peers": "mutual TLS" if run.cluster is not None and run.cluster.secure else "none",
+            "clients": "plaintext on loopback",
+        },
         "digests": digest,
         "final_reads": run.final_reads,
         "final_registers": run.final_registers,

@@ -208,3 +208,6 @@ def test_real_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(summary["stores"]) == {"raft", "gossip"}
     assert summary["stores"]["raft"]["phases"]["during"]["minority"]["availability"] < 0.5
     assert summary["stores"]["gossip"]["phases"]["during"]["minority"]["availability"] > 0.9
+    # the nodes were authenticated to each other, and the report says so
+    assert {s["security"]["peers"] for s in summary["stores"].values()} == {"mutual TLS"}
+    assert "Peers authenticated" in (out / "report.html").read_text()
