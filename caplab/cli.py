@@ -297,6 +297,31 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
 
 # -- kv -------------------------------------------------------------------------
+def _client_security(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """(TLS channel credentials or None, bearer token or None) from `caplab kv` flags."""
+    import grpc
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+    if (args.cert_file is None) != (args.key_file is None):
+        raise UsageError("--cert and --key go together")
+    if args.cert_file is not None and args.ca is None:
+        raise UsageError("--cert needs --ca (certificates travel over TLS)")
+    creds = None
+    if args.ca is not None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=read(args.ca),
+            private_key=read(args.key_file) if args.key_file else None,
+            certificate_chain=read(args.cert_file) if args.cert_file else None,
+        )
+    token = read(args.token_file).decode().strip() if args.token_file else None
+    return creds, token
+
+
 def _add_kv(sub: Any) -> None:
     p = sub.add_parser("kv", help="talk to a cluster")
     p.add_argument(
@@ -305,6 +330,16 @@ def _add_kv(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline per attempt (s)")
     p.add_argument("--retries", type=int, default=2, help="retries of definite failures")
+    p.add_argument("--ca", metavar="FILE", help="TLS: the cluster's CA certificate (ca.crt)")
+    p.add_argument(
+        "--cert", dest="cert_file", metavar="FILE", help="TLS: a client certificate (with --key)"
+    )
+    p.add_argument(
+        "--key", dest="key_file", metavar="FILE", help="TLS: the client certificate's key"
+    )
+    p.add_argument(
+        "--token-file", metavar="FILE", help="send the bearer token in FILE (clients/NAME.token)"
+    )
     ops = p.add_subparsers(dest="op", required=True, metavar="OP")
     o = ops.add_parser("put", help="write a register")
     o.add_argument("key")
@@ -357,7 +392,10 @@ async def _kv(args: argparse.Namespace) -> dict[str, Any]:
     from caplab.v1 import kv_pb2
     from harness.client import KVClient
 
-    async with KVClient(args.endpoint, timeout=args.timeout, retries=args.retries) as c:
+    creds, token = _client_security(args)
+    async with KVClient(
+        args.endpoint, timeout=args.timeout, retries=args.retries, credentials=creds, token=token
+    ) as c:
         if args.op == "put":
             r = await c.put(args.key, args.value.encode())
             return {"ok": True, "op": "put", "key": args.key, **_header(r.header)}

@@ -61,6 +61,24 @@ def is_retryable(exc: BaseException, idempotent: bool) -> bool:
     return isinstance(exc, errors.OutcomeUnknown) and idempotent
 
 
+class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call (over plaintext too: a call
+    credential would need TLS, and nodes accept tokens on loopback)."""
+
+    def __init__(self, token: str) -> None:
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        md = [*(details.metadata or ()), self._md]
+        return details._replace(metadata=grpc.aio.Metadata(*md))
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
 class KVClient:
     """Async client of one caplab cluster (either store)."""
 
@@ -73,7 +91,11 @@ class KVClient:
         retry_budget_s: float | None = None,
         client_id: str | None = None,
         max_inflight_mutations: int = 128,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
+        """``credentials``: TLS to the nodes (``caplab.security.channel_credentials``);
+        ``token``: a bearer token sent with every call (nodes with ``--client-auth``)."""
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
         self.endpoints = list(endpoints)
@@ -87,12 +109,24 @@ class KVClient:
         self._window = asyncio.Semaphore(max_inflight_mutations)
         self._current = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials = credentials
+        self._interceptors = [] if token is None else [_BearerToken(token)]
 
     # -- plumbing -----------------------------------------------------------
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            if self._credentials is None:
+                ch = grpc.aio.insecure_channel(
+                    endpoint, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+                )
+            else:
+                ch = grpc.aio.secure_channel(
+                    endpoint,
+                    self._credentials,
+                    options=CHANNEL_OPTIONS,
+                    interceptors=self._interceptors,
+                )
             self._channels[endpoint] = ch
         return ch
 

@@ -200,6 +200,7 @@ class LocalCluster:
         ports: Sequence[int] | None = None,
         peer_ports: Sequence[int] | None = None,
         secure: bool = True,
+        client_tls: bool = False,
     ) -> None:
         self.store = store
         self.root = Path(root)
@@ -220,9 +221,12 @@ class LocalCluster:
         self.peer_ports = dict(zip(ids, peer_ports, strict=True))
         self.certs = self.root / "certs"
         security_args = ["--insecure"]
+        self.client_tls = client_tls and secure
         if secure:
             ensure_dev_certs(self.certs, ids)
             security_args = ["--certs", str(self.certs)]
+            if client_tls:
+                security_args.append("--client-tls")
         self.nodes: dict[str, NodeProcess] = {}
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -278,7 +282,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         for node_id in nodes or list(self.nodes):
             node = self.nodes[node_id]
-            async with grpc.aio.insecure_channel(node.address) as ch:
+            async with self._channel(node.address) as ch:
                 stub = health_pb2_grpc.HealthStub(ch)
                 while True:
                     if not node.running:
@@ -295,6 +299,12 @@ class LocalCluster:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"node {node_id} not ready after {timeout}s")
                     await asyncio.sleep(0.05)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if not self.client_tls:
+            return grpc.aio.insecure_channel(address)
+        ca = (self.certs / "ca.crt").read_bytes()
+        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca))
 
     def close(self) -> None:
         """Stop every node gracefully, SIGKILL what does not exit."""

@@ -363,3 +363,39 @@ async def test_client_roles_decide_what_a_client_may_call(tmp_path: Path) -> Non
             await admin.SetClockSkew(skew, metadata=md("admin"), timeout=5)
     finally:
         cluster.close()
+
+
+def test_caplab_kv_speaks_tls_with_a_token(tmp_path: Path) -> None:
+    """`caplab kv --ca --token-file` against a node serving clients over TLS with
+    --client-auth: the writer's token writes, the reader's is refused (exit 1, saying
+    why), and plaintext does not get through."""
+    import asyncio
+    import subprocess
+    import sys
+
+    cluster = LocalCluster("gossip", 1, tmp_path, client_tls=True, extra_args=["--client-auth"])
+    try:
+        cluster.start()
+        asyncio.run(cluster.wait_ready())
+        ep = cluster.endpoints["n1"]
+
+        def kv(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "caplab.cli", "kv", "--endpoint", ep, "--retries", "0",
+                 "--timeout", "3", *args],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        ca = str(cluster.certs / "ca.crt")
+        writer = str(cluster.certs / "clients" / "writer.token")
+        reader = str(cluster.certs / "clients" / "reader.token")
+        ok = kv("--ca", ca, "--token-file", writer, "put", "k", "v")
+        assert ok.returncode == 0, ok.stderr
+        got = kv("--ca", ca, "--token-file", reader, "get", "k")
+        assert got.returncode == 0 and "v" in got.stdout, got.stderr
+        refused = kv("--ca", ca, "--token-file", reader, "put", "k", "w")
+        assert refused.returncode == 1 and "needs role read-write" in refused.stderr
+        plain = kv("--token-file", writer, "put", "k", "w")
+        assert plain.returncode == 1
+    finally:
+        cluster.close()
