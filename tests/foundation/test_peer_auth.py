@@ -338,7 +338,7 @@ async def test_client_roles_decide_what_a_client_may_call(tmp_path: Path) -> Non
             kv, admin = kv_pb2_grpc.KVStub(ch), kv_pb2_grpc.AdminStub(ch)
             put = kv_pb2.PutRequest(key="k", value=b"v")
             skew = kv_pb2.SetClockSkewRequest(skew_ms=0)
-            refusals = {
+            refusals: dict[str, tuple[Any, grpc.StatusCode]] = {
                 "no token": (kv.Put(put, timeout=5), grpc.StatusCode.UNAUTHENTICATED),
                 "a forged token": (
                     kv.Put(put, metadata=[("authorization", "Bearer nope")], timeout=5),
