@@ -399,3 +399,36 @@ def test_caplab_kv_speaks_tls_with_a_token(tmp_path: Path) -> None:
         assert plain.returncode == 1
     finally:
         cluster.close()
+
+
+def test_a_node_refuses_to_start_with_a_certificate_of_another_ca(tmp_path: Path) -> None:
+    """Start-up names the file and what is wrong (exit 1), and the unsafe flag
+    combinations are usage errors (exit 2) that say the way out."""
+    import shutil
+    import subprocess
+    import sys
+
+    from caplab.security import ensure_dev_certs
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ensure_dev_certs(ours, ["n1"])
+    ensure_dev_certs(theirs, ["n1"])
+    for suffix in (".crt", ".key"):
+        shutil.copy(theirs / "nodes" / f"n1{suffix}", ours / "nodes" / f"n1{suffix}")
+
+    def node(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "caplab.cli", "node", "--store", "gossip", "--id", "n1",
+             "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    foreign = node("--certs", str(ours), "--peer-listen", "127.0.0.1:0")
+    assert foreign.returncode == 1, foreign.stderr
+    assert "was not issued by the CA" in foreign.stderr and "n1.crt" in foreign.stderr
+    bare = node()
+    assert bare.returncode == 2 and "--insecure" in bare.stderr
+    no_peer_listener = node("--certs", str(theirs))
+    assert no_peer_listener.returncode == 2 and "--peer-listen" in no_peer_listener.stderr
+    network = node("--certs", str(theirs), "--peer-listen", "127.0.0.1:0", "--listen", "0.0.0.0:0")
+    assert network.returncode == 2 and "--client-tls" in network.stderr
