@@ -73,13 +73,31 @@ committed before that term), or, as a leader, once it commits an entry of its ow
 that Ready carries ``recovered``. A leader whose follower rejects at the follower's
 ``match`` with a log ending before it forgets that match (the follower lost its disk) and
 catches it up.
+
+Refusals (defence in depth: the shell authenticates peers, and its codec refuses malformed
+messages, but even a member's buggy message must not corrupt this node's log or wedge it):
+``step`` drops, without any effect, and counts in ``stats`` (the reason of the latest one
+in ``last_refusal``) a message that correct Raft cannot send:
+
+* from a node that is not a voter, or claiming to be this node; or addressed to another;
+* an Append whose entries are not ``prev_index + 1, prev_index + 2, ...`` or whose terms
+  are not non-decreasing within ``[max(prev_term, 1), term]`` (such entries would leave a
+  gap in, or scramble, the log that is persisted); an InstallSnapshot whose position is
+  impossible (index or term < 1, term above the message's);
+* an Append or InstallSnapshot of the current term from a node other than the leader this
+  node already knows for that term (two leaders in one term);
+* a TimeoutNow that is not from the current leader of the current term (or arrives while
+  this node is not its follower);
+* a successful AppendResp acknowledging an index beyond the leader's log;
+* an InstallSnapshot whose content ``snapshot_check`` (the application's) refuses, checked
+  before it would replace the state.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -105,6 +123,7 @@ from raft.progress import Progress, PState
 from raft.quorum import VoteResult, committed_index, majority, vote_result
 
 __all__ = [
+    "CoreStats",
     "RaftConfig",
     "RaftCore",
     "ReadState",
@@ -141,6 +160,34 @@ class RaftConfig:
             raise ValueError("heartbeat_ticks must be < election_ticks")
         if self.max_inflight < 1 or self.max_entries_per_msg < 1:
             raise ValueError("max_inflight and max_entries_per_msg must be >= 1")
+
+
+@dataclass(slots=True)
+class CoreStats:
+    """Monotone counters of the messages ``step`` refused (see "Refusals"), for the shell's
+    Status. Each refusal is counted once, under the first reason that applies."""
+
+    refused_non_member: int = 0  #: sender not a voter, or claiming to be this node
+    refused_misaddressed: int = 0  #: ``to`` is not this node
+    refused_malformed: int = 0  #: Append / InstallSnapshot that correct Raft cannot send
+    refused_rival_leader: int = 0  #: Append / InstallSnapshot from a 2nd leader of a term
+    refused_timeout_now: int = 0  #: TimeoutNow not from the current leader of the term
+    refused_ack_beyond_log: int = 0  #: AppendResp acknowledging beyond the leader's log
+    refused_snapshot_content: int = 0  #: InstallSnapshot that ``snapshot_check`` refused
+
+
+def _append_well_formed(m: Append) -> bool:
+    """Whether correct Raft could have sent ``m`` (the codec checks the same on the wire)."""
+    term = m.term
+    if m.prev_index < 0 or not 0 <= m.prev_term <= term or m.commit < 0:
+        return False
+    index, floor = m.prev_index, m.prev_term or 1
+    for e in m.entries:
+        index += 1
+        if e.index != index or e.term < floor:
+            return False
+        floor = e.term
+    return floor <= term
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,13 +228,18 @@ class RaftCore:
         snapshot: Snapshot | None,
         entries: Sequence[Entry],
         recovering: bool = False,
+        snapshot_check: Callable[[bytes], object] | None = None,
     ) -> None:
         """Start (or restart) from durable state: the last persisted HardState, the last
         persisted snapshot (if any) and the persisted log entries after it (dense).
 
         ``recovering``: this node started without durable state (a new cluster, or a disk
         that was wiped or replaced) and has not yet caught up since; see "Recovering
-        nodes" in the module docstring."""
+        nodes" in the module docstring.
+
+        ``snapshot_check``: the application's check of the data of a snapshot received
+        from the leader, run before it replaces this node's state; it raises ValueError
+        (the reason) to refuse it (see "Refusals"). None: snapshots are not checked."""
         self.id = node_id
         self.voters: tuple[str, ...] = tuple(dict.fromkeys(voters))
         if node_id not in self.voters:
@@ -212,7 +264,13 @@ class RaftCore:
         self._applied = self._snap_index
         self._role = Role.FOLLOWER
         self._leader: str | None = None
+        #: the leader of ``_term`` once known (itself, or whose Append / InstallSnapshot it
+        #: accepted); unlike ``_leader`` kept until the term changes: one leader per term.
+        self._term_leader: str | None = None
         self._recovering = recovering
+        self._snapshot_check = snapshot_check
+        self.stats = CoreStats()
+        self.last_refusal = ""  #: why ``step`` refused its latest message ("" if never)
         self._recovered = False  #: left ``recovering``; not yet reported in a Ready.
 
         # Ready bookkeeping.
@@ -517,9 +575,36 @@ class RaftCore:
 
     # ------------------------------------------------------------------ step
     def step(self, m: Message) -> None:
-        """Process one message from a peer."""
+        """Process one message from a peer. A message correct Raft cannot send is refused
+        without any effect (counted in ``stats``): see "Refusals" in the module docstring."""
+        stats = self.stats
         if m.frm not in self.voters or m.frm == self.id:
+            stats.refused_non_member += 1
+            self._refused(m, "its sender is not a voter")
             return
+        if m.to != self.id:
+            stats.refused_misaddressed += 1
+            self._refused(m, "it is addressed to another node")
+            return
+        if isinstance(m, Append):
+            if not _append_well_formed(m):
+                stats.refused_malformed += 1
+                self._refused(m, "entries not following prev_index, or terms out of order")
+                return
+        elif isinstance(m, InstallSnapshot):
+            meta = m.snapshot.meta
+            if meta.index < 1 or not 1 <= meta.term <= m.term:
+                stats.refused_malformed += 1
+                self._refused(m, f"impossible snapshot position {meta}")
+                return
+        elif isinstance(m, TimeoutNow):
+            from_leader = (
+                m.term == self._term and m.frm == self._term_leader and self._role is Role.FOLLOWER
+            )
+            if m.term >= self._term and not from_leader:  # (older: stale, dropped below)
+                stats.refused_timeout_now += 1
+                self._refused(m, f"not from the leader of term {self._term} ({self._term_leader})")
+                return
         if m.term > self._term:
             if isinstance(m, PreVote | Vote):
                 transfer = isinstance(m, Vote) and m.transfer
@@ -544,6 +629,15 @@ class RaftCore:
                 self._send(PreVoteResp(self.id, m.frm, self._term, True))
             return
 
+        if (
+            isinstance(m, Append | InstallSnapshot)
+            and self._term_leader is not None
+            and m.frm != self._term_leader
+        ):
+            stats.refused_rival_leader += 1
+            self._refused(m, f"{self._term_leader} is the leader of term {self._term}")
+            return
+
         if isinstance(m, PreVote | Vote):
             self._handle_vote_request(m)
             return
@@ -554,7 +648,7 @@ class RaftCore:
         elif role is Role.FOLLOWER:
             if isinstance(m, Append | InstallSnapshot):
                 self._election_elapsed = 0
-                self._leader = m.frm
+                self._leader = self._term_leader = m.frm
                 if isinstance(m, Append):
                     self._handle_append(m)
                 else:
@@ -617,6 +711,7 @@ class RaftCore:
         if term != self._term:
             self._term = term
             self._vote = None
+            self._term_leader = None
         self._leader = None
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -645,6 +740,8 @@ class RaftCore:
         self._reset(term)
         self._role = Role.FOLLOWER
         self._leader = leader
+        if leader is not None:
+            self._term_leader = leader
 
     def _campaign(self, *, pre: bool, transfer: bool) -> None:
         if self._role is Role.LEADER:
@@ -701,7 +798,7 @@ class RaftCore:
     def _become_leader(self) -> None:
         self._reset(self._term)
         self._role = Role.LEADER
-        self._leader = self.id
+        self._leader = self._term_leader = self.id
         nxt = self.last_index + 1
         self._prs = {p: Progress(match=0, next=nxt) for p in self.peers}
         self._quorum_contact_ok = True
@@ -898,6 +995,11 @@ class RaftCore:
         pr = self._prs.get(m.frm)
         if pr is None:
             return
+        if not m.reject and m.index > self.last_index:
+            # (this leader's log only grows in its term: it never sent beyond its end)
+            self.stats.refused_ack_beyond_log += 1
+            self._refused(m, f"it acknowledges index {m.index}, beyond {self.last_index}")
+            return
         pr.recent_active = True
         if m.ctx:
             self._ack_read(m.frm, m.ctx)
@@ -1007,6 +1109,14 @@ class RaftCore:
             # Our log already contains the snapshot point: just fast-forward commit.
             self._commit = meta.index
         else:
+            check = self._snapshot_check
+            if check is not None:
+                try:
+                    check(m.snapshot.data)
+                except ValueError as e:
+                    self.stats.refused_snapshot_content += 1
+                    self._refused(m, f"its content is invalid: {e}")
+                    return
             self._log = []
             self._snap_index, self._snap_term = meta.index, meta.term
             self._snapshot = m.snapshot
@@ -1024,6 +1134,9 @@ class RaftCore:
         """Leave ``recovering``; the next Ready says so (the shell drops its marker)."""
         self._recovering = False
         self._recovered = True
+
+    def _refused(self, m: Message, why: str) -> None:
+        self.last_refusal = f"{type(m).__name__} from {m.frm!r} at term {m.term}: {why}"
 
     def _send(self, m: Message) -> None:
         self._msgs.append(m)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 import zlib
@@ -66,11 +67,11 @@ from caplab.store import (
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import RequestId
 from raft.batching import BatchGate
-from raft.codec import from_pb, to_pb
+from raft.codec import MAX_ENTRIES_PER_APPEND, CodecError, from_pb, snapshot_from_pb, to_pb
 from raft.core import RaftConfig, RaftCore, Ready, Role
-from raft.messages import Append, InstallSnapshot, Message, Snapshot, SnapshotMeta
+from raft.messages import Append, InstallSnapshot, Message
 from raft.pipeline import ReadyPipeline, Save, SyncPolicy
-from raft.statemachine import OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine
+from raft.statemachine import OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine, check_snapshot
 from raft.storage import RaftStorage, RetryableStorageError
 
 log = get_logger("raft.node")
@@ -119,6 +120,11 @@ class RaftOptions:
     @classmethod
     def parse(cls, options: dict[str, str]) -> RaftOptions:
         values = parse_int_options("raft", cls.__dataclass_fields__, options, _MAY_BE_ZERO)
+        if values.get("max_entries_per_msg", 0) > MAX_ENTRIES_PER_APPEND:
+            raise errors.InvalidArgument(
+                f"raft option max_entries_per_msg must be <= {MAX_ENTRIES_PER_APPEND} "
+                "(peers refuse larger appends)"
+            )
         return cls(**values)
 
     @property
@@ -217,11 +223,17 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
             if forged:
                 node.counters["messages_forged"] += forged
                 log.warning("forged_peer_messages", member=member, count=forged)
-        msgs = [
-            from_pb(m)
-            for m in batch.messages
-            if m.to == node.id and m.sender in node.peers and (member is None or m.sender == member)
-        ]
+        msgs: list[Message] = []
+        for m in batch.messages:
+            if m.to != node.id or m.sender not in node.peers:
+                continue
+            if member is not None and m.sender != member:
+                continue
+            try:
+                msgs.append(from_pb(m))
+            except CodecError as e:  # refused alone: the rest of the batch still counts
+                node.counters["messages_malformed"] += 1
+                log.warning("malformed_peer_message", sender=m.sender, error=str(e))
         return node.receive(msgs)
 
     async def InstallSnapshot(
@@ -255,9 +267,19 @@ class RaftPeerServicer(pb_grpc.RaftPeerServicer):
             return pb.SnapshotAck(
                 accepted=False, reason=f"sender {first.sender!r} is not the caller ({member})"
             )
-        snap = Snapshot(SnapshotMeta(first.index, first.snapshot_term), data)
-        self.node.receive([InstallSnapshot(first.sender, first.to, first.term, snap)])
-        self.node.counters["snapshots_received"] += 1
+        node = self.node
+        try:
+            msg = snapshot_from_pb(first, data)
+        except CodecError as e:
+            node.counters["messages_malformed"] += 1
+            log.warning("malformed_snapshot", sender=first.sender, error=str(e))
+            return pb.SnapshotAck(accepted=False, reason=f"malformed snapshot: {e}")
+        stats = node.core.stats
+        refused = stats.refused_snapshot_content + stats.refused_rival_leader
+        node.receive([msg])
+        if stats.refused_snapshot_content + stats.refused_rival_leader > refused:
+            return pb.SnapshotAck(accepted=False, reason=node.core.last_refusal)
+        node.counters["snapshots_received"] += 1
         return pb.SnapshotAck(accepted=True)
 
 
@@ -297,6 +319,7 @@ class RaftBackend:
                 "fsyncs_inline",
                 "disk_errors",
                 "messages_forged",
+                "messages_malformed",
             )
         }
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []
@@ -369,6 +392,7 @@ class RaftBackend:
             snapshot=snap,
             entries=entries,
             recovering=self.storage.recovering,
+            snapshot_check=check_snapshot,
         )
         self._pipe = ReadyPipeline(
             self._core,
@@ -499,8 +523,13 @@ class RaftBackend:
 
     def receive(self, msgs: list[Message]) -> Awaitable[None] | None:
         """Step peer messages, then answer at once if the fast path can (see answer_now)."""
+        core = self.core
+        refusal = core.last_refusal
         for m in msgs:
-            self.core.step(m)
+            core.step(m)
+            if core.last_refusal is not refusal:  # a message correct Raft cannot send
+                refusal = core.last_refusal
+                log.warning("peer_message_refused", sender=m.frm, reason=refusal)
         try:
             rest = self.answer_now()
         except Exception as e:
@@ -882,6 +911,9 @@ class RaftBackend:
             )
         for k, v in self.counters.items():
             st.counters[k] = v
+        stats = self.core.stats
+        for f in dataclasses.fields(stats):  # messages correct Raft cannot send, refused
+            st.counters[f.name] = getattr(stats, f.name)
         st.counters["pending_proposals"] = self.pipe.in_flight
         return st
 

@@ -23,9 +23,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from caplab.errors import OutOfRange
+from google.protobuf.message import DecodeError
+
+from caplab.errors import InvalidArgument, OutOfRange
 from caplab.raft.v1 import raft_pb2
-from caplab.validation import check_counter_result
+from caplab.validation import (
+    MAX_VALUE_BYTES,
+    check_counter_result,
+    check_key,
+    check_request_id,
+)
 
 OK, TYPE_CONFLICT, OVERFLOW, STALE = 0, 1, 2, 3
 DEFAULT_MAX_SESSIONS = 20_000
@@ -193,6 +200,33 @@ class KvStateMachine:
             self.sessions[s.client_id] = Session(
                 s.low, {r.sequence: r.result for r in s.results}, s.last_index
             )
+
+
+def check_snapshot(data: bytes) -> None:
+    """ValueError (the reason) unless ``data`` is a state snapshot ``restore`` may install:
+    it decodes (strings are valid UTF-8), every key obeys ``check_key`` and holds a
+    register of at most MAX_VALUE_BYTES or a counter (a sint64: always within int64), and
+    every session's client id obeys ``check_request_id`` (non-empty, at most
+    MAX_CLIENT_ID_BYTES). Run on a snapshot received from a peer before it replaces the
+    state (RaftCore's ``snapshot_check``)."""
+    try:
+        snap = raft_pb2.StateSnapshot.FromString(data)
+    except DecodeError as e:
+        raise ValueError(f"undecodable state snapshot: {e}") from None
+    try:
+        for key, v in snap.data.items():
+            check_key(key)
+            which = v.WhichOneof("v")
+            if which is None:
+                raise ValueError(f"key {key!r} holds no value")
+            if which == "register" and len(v.register) > MAX_VALUE_BYTES:
+                raise ValueError(f"key {key!r} holds more than {MAX_VALUE_BYTES} bytes")
+        for s in snap.sessions:
+            if not s.client_id:
+                raise ValueError("a session has no client id")
+            check_request_id(s.client_id, 1)
+    except InvalidArgument as e:
+        raise ValueError(f"state snapshot: {e.message}") from None
 
 
 def _conflict(key: str, holds: str, op: str) -> raft_pb2.CommandResult:

@@ -60,14 +60,16 @@ class Net:
 @contextlib.asynccontextmanager
 async def running_net(root: Path) -> AsyncIterator[Net]:
     """Three gossip nodes (admin on, fast timers) whose links go through proxies."""
-    ports = free_ports(len(NODES))
-    proxies = ProxyNet(dict(zip(NODES, ports, strict=True)))
+    both = free_ports(2 * len(NODES))
+    ports, peer_ports = both[: len(NODES)], both[len(NODES) :]
+    proxies = ProxyNet(dict(zip(NODES, peer_ports, strict=True)))
     await proxies.start()
     cluster = LocalCluster(
         "gossip",
         len(NODES),
         root,
         ports=ports,
+        peer_ports=peer_ports,
         peer_addresses=proxies.peer_addresses,
         enable_admin=True,
         extra_args=FAST,

@@ -67,14 +67,16 @@ class Net:
 
 
 async def start_net(tmp_path: Path, n: int, extra: list[str] | None = None) -> Net:
-    ports = free_ports(n)
-    proxies = ProxyNet({f"n{i + 1}": p for i, p in enumerate(ports)})
+    both = free_ports(2 * n)
+    ports, peer_ports = both[:n], both[n:]
+    proxies = ProxyNet({f"n{i + 1}": p for i, p in enumerate(peer_ports)})
     await proxies.start()
     cluster = LocalCluster(
         "raft",
         n,
         tmp_path,
         ports=ports,
+        peer_ports=peer_ports,
         peer_addresses=proxies.peer_addresses,
         extra_args=extra or [],
     )
