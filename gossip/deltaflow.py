@@ -270,6 +270,15 @@ class DeltaFlow:
                 fl.inflight.clear()
                 while len(fl.late) > 64:
                     del fl.late[min(fl.late)]
+        elif fl.sent > fl.acked:
+            # Nothing in flight, yet part of (acked, sent] was never acknowledged: its
+            # batches were given up (a late ack may still come, but a lost one never will)
+            # and the go-back above waits for a batch in flight. Without this the range
+            # stayed unsent for good: a tombstone in it never learnt its last holder and
+            # was never collected, so the replicas never agreed (soak seed 1026696).
+            last = max((b.sent_ms for b in fl.late.values()), default=None)
+            if last is None or now - last >= max(cfg.deltas_resend_ms, 3 * fl.srtt_ms):
+                fl.sent = fl.acked
         order = lg.order
         while True:
             start = max(fl.sent, fl.acked)

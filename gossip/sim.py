@@ -478,8 +478,23 @@ class Sim:
             if op.rid is not None and op.ts is not None and not op.replayed:
                 first.setdefault(op.rid, op)
         resolved: dict[tuple[str, int], bool] = {}  # request id -> surely in effect
+        # A timestamp issued again (after a restart) proves that the write which had it
+        # was not durable: the restarted node's clock starts above everything on its disk.
+        # So a maybe-write whose timestamp was reused is not in effect, and an
+        # acknowledged write's timestamp must never be issued again.
+        issued: dict[Timestamp, list[Op]] = {}
         for op in self.ops:
-            if op.ts is None or not (op.acked or op.maybe):
+            if op.ts is not None and not op.replayed and (op.acked or op.maybe):
+                issued.setdefault(op.ts, []).append(op)
+        gone: set[int] = set()
+        for ts, ops in issued.items():
+            if len(ops) > 1:
+                for earlier in ops[:-1]:
+                    if earlier.acked:
+                        errors.append(f"timestamp {ts} of an acknowledged write issued again")
+                    gone.add(id(earlier))
+        for op in self.ops:
+            if op.ts is None or not (op.acked or op.maybe) or id(op) in gone:
                 continue
             if op.acked and not op.replayed:
                 prev = last_ts.get(op.node)

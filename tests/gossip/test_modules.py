@@ -7,7 +7,7 @@ import ast
 import random
 from pathlib import Path
 
-from gossip.common import GossipConfig
+from gossip.common import GossipConfig, Stats
 from gossip.deltaflow import DeltaLog
 from gossip.membership import MemberChanged, Membership
 from gossip.messages import ALIVE, DEAD, Ack, Member, Message, Ping
@@ -80,3 +80,36 @@ def test_delta_log_cap_prune_and_relog() -> None:
     assert log.seqs == {"x": 1005} and log.seq == 1005
     log.unlog("x")
     assert not log.seqs and not log.known
+
+
+def test_a_range_whose_given_up_batch_was_never_acknowledged_is_sent_again() -> None:
+    """Soak seed 1026696: a flow had sent past ``acked`` with nothing in flight (the
+    batch covering the gap had been given up by a go-back, and its late ack was lost;
+    the range after it had been acknowledged). The go-back waits for a batch in flight,
+    so the gap was never sent again: a tombstone in it never learnt its last holder and
+    was never collected, and the replicas never agreed."""
+    from gossip.crdt import Register, Value
+    from gossip.deltaflow import Batch, DeltaFlow
+    from gossip.hlc import Timestamp
+    from gossip.messages import Deltas
+
+    cfg = GossipConfig(deltas_resend_ms=1000)
+    log = DeltaLog(1000, max_keys=100)
+    tomb = Register(Timestamp(5, 0, "a"), None)
+    state: dict[str, Value] = {"t": tomb, "k": Register(Timestamp(6, 0, "a"), b"v")}
+    log.log_key("t")  # 1001: the tombstone, in the batch that was given up
+    log.log_key("k")  # 1002: acknowledged
+    sent: list[Message] = []
+    holders = {"t": {"a"}}
+    flow = DeltaFlow(cfg, "a", ["b"], state, log, holders, sent.append, Stats())
+    fl = flow.flows["b"]
+    fl.acked, fl.sent, fl.done = 1000, 1002, [(1001, 1002)]
+    fl.late = {1001: Batch(1000, (("t", tomb.ts),), sent_ms=0)}  # its ack was lost
+    flow.send_deltas("b", 500)
+    assert not sent, "re-sent before the resend timeout"
+    flow.send_deltas("b", 1500)
+    deltas = [m for m in sent if isinstance(m, Deltas)]
+    assert deltas and ("t", tomb) in deltas[0].entries
+    # its ack makes b a holder of the tombstone and closes the gap
+    flow.on_ack("b", deltas[0].seq, 1600)
+    assert fl.acked == 1002 and holders["t"] == {"a", "b"}
