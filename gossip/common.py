@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from caplab.validation import MAX_CLOCK_SKEW_MS
 from gossip.messages import Message
 
 __all__ = ["GossipConfig", "Send", "Stats"]
@@ -73,6 +74,25 @@ class GossipConfig:
     # holds on every node), but counted and logged as a clock jump: some node's clock is
     # wrong, and every clock now runs ahead of physical time by the jump.
     max_drift_ms: int = 60_000
+    # Hard bound of the above: an entry (register, tombstone, Applied record, stable mark)
+    # whose timestamp is more than this ahead of the local wall clock is quarantined: not
+    # merged, not relayed, the clock not moved (counted in Stats.entries_quarantined).
+    # Legitimate leads are up to two days: the Admin service may skew a clock by up to a
+    # day either way (caplab.validation.MAX_CLOCK_SKEW_MS), so the sender may run a day
+    # ahead and this node a day behind; an hour more for real clock errors. A forged
+    # timestamp (a buggy or compromised member: a year ahead) would otherwise win every
+    # later write to its key until the cluster's clocks caught up with it, and drag every
+    # clock of the cluster along. An entry quarantined here is taken once this node's
+    # clock is within the bound of it (anti-entropy ships it again), so a legitimate lead
+    # beyond the bound delays an entry, never loses it.
+    max_future_ms: int = 2 * MAX_CLOCK_SKEW_MS + 3_600_000
+    # SWIM: a membership update whose incarnation is more than this above the highest
+    # incarnation this node knows for that member (or for itself) is refused (counted in
+    # Stats.membership_updates_refused): an incarnation only grows by one per refutation,
+    # so this many refutations would be needed (see gossip.membership, "Bounded
+    # incarnations"), while one forged update could otherwise push a member's incarnation
+    # to the end of the number space, where it can no longer refute.
+    max_incarnation_step: int = 1_000_000
     # Estimated bytes (messages.wire_size) of the entries one Deltas or AeItems carries:
     # at least one entry, so any legal value (up to 1 MiB) travels; the shell's receivers
     # accept a few times this.
@@ -103,5 +123,13 @@ class Stats:
     # the HLC followed all the same (see GossipConfig.max_drift_ms)
     clock_jumps: int = 0
     max_clock_jump_ms: int = 0  # the largest such lead seen
+    # entries (registers, records, stable marks) received with a timestamp more than
+    # max_future_ms ahead of the local wall clock: not merged (each arrival counted;
+    # see GossipConfig.max_future_ms), and the largest such lead seen
+    entries_quarantined: int = 0
+    max_quarantined_lead_ms: int = 0
+    # SWIM updates refused for an absurd incarnation (beyond messages.MAX_INCARNATION, or
+    # more than max_incarnation_step above the highest known): forged or corrupt
+    membership_updates_refused: int = 0
     peers_fell_behind: int = 0
     register_conflicts: int = 0  # equal timestamps, different values: corrupt or forged

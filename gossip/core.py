@@ -56,6 +56,23 @@ amount, in a counter component of its own), so settling is idempotent and needs 
 coordination. Records are collected like tombstones (``gossip.collection``); a request
 older than its client's window raises ``RequestTooOldError``.
 
+Peer input. Peer messages are validated by ``gossip.codec`` (keys, value sizes,
+timestamps, counter totals, record contents, incarnations, anti-entropy hashes: a
+malformed message is dropped whole) before they reach the core; the core adds what needs
+its state and clock. A remote timestamp more than ``max_drift_ms`` ahead of the local
+wall clock is followed (the HLC jumps to it, counted in ``stats.clock_jumps``), so that a
+node whose clock was skewed (by up to a day, by the Admin service) loses no writes; one
+more than ``max_future_ms`` ahead (two days and an hour, by default: a sender a day ahead
+and this node a day behind) cannot be legitimate: that entry is quarantined
+(``_merge_remote``): not merged, not relayed, the clock not moved, the message's other
+entries merged as usual, and counted (``stats.entries_quarantined``,
+``stats.max_quarantined_lead_ms``). Without it, one forged timestamp a century ahead
+pinned its key (every later write, stamped by clocks that had not followed it yet, lost
+to it) and dragged every clock of the cluster a century ahead. The sender keeps the
+entry: anti-entropy with it never finds equal roots for that leaf and ships it again each
+round (bounded work, no wedge), and it is taken once it is within the bound. SWIM
+updates with absurd incarnations are refused by ``gossip.membership``.
+
 LWW accounting. ``stats.lww_overwrites`` counts, on the node that issued it, every own
 register write (put or delete, which is acknowledged once persisted) that is replaced in
 this replica by a merge of a write issued by another node. Timestamps cannot tell a
@@ -226,6 +243,7 @@ class GossipCore:
             self._member_changed,
             now_ms=now_ms,
             first_ping_ms=first_ping,
+            stats=self.stats,
         )
         self._collection = Collection(
             config,
@@ -445,6 +463,7 @@ class GossipCore:
         every write. Everything else is relayed to peers not known to hold it, tombstones
         included (their DeltasAcks tell who holds them, which tombstone GC waits for)."""
         wall = self._wall
+        horizon = wall + self.config.max_future_ms  # see "Peer input"
         accepted: list[Entry] = []
         max_ts: Timestamp | None = None
         settle: list[tuple[str, Applied]] = []
@@ -453,6 +472,9 @@ class GossipCore:
         collected, tomb = coll.collected, coll.holders
         for k, v in entries:
             if isinstance(v, Register | Applied):
+                if v.ts.wall_ms > horizon:
+                    self._quarantine(v.ts.wall_ms - wall)
+                    continue
                 col = collected.get(k)
                 if col is not None and v.ts <= col.ts and k not in state:
                     continue  # dominated by a collected tombstone or record
@@ -531,6 +553,13 @@ class GossipCore:
                     kn.add(src)
                 elif k in logged:
                     known[k] = {src}
+
+    def _quarantine(self, lead_ms: int) -> None:
+        """An entry too far ahead of the local clock is dropped (see "Peer input")."""
+        st = self.stats
+        st.entries_quarantined += 1
+        if lead_ms > st.max_quarantined_lead_ms:
+            st.max_quarantined_lead_ms = lead_ms
 
     # ------------------------------------------------------------------ exactly once
 

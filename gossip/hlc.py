@@ -21,7 +21,13 @@ Bounds (documented choices):
 * Drift: ``update`` refuses (``ClockDriftError``) a remote timestamp more than
   ``max_drift_ms`` ahead of the local physical time, leaving the clock untouched, so the
   caller decides. The gossip core follows it all the same with ``observe`` (a value it
-  merges must never outrank the later local writes) and counts it as a clock jump.
+  merges must never outrank the later local writes) and counts it as a clock jump, up to
+  a hard bound (``GossipConfig.max_future_ms``, two days and an hour): an entry further
+  ahead is quarantined (never merged, never observed), so one forged timestamp cannot
+  move every clock of the cluster years ahead.
+* Peer input: a timestamp from a peer has ``0 <= wall_ms < MAX_WALL_MS``, ``0 <= logical
+  <= DEFAULT_MAX_LOGICAL`` (no clock issues more, see below) and a node id of 1 to
+  ``MAX_NODE_ID_BYTES`` bytes (``gossip.codec`` refuses anything else).
 * Logical counter: if ``logical`` would exceed ``max_logical`` the clock "borrows" one
   millisecond from the future (``wall += 1``, ``logical = 0``). Monotonicity is kept; the
   clock runs ahead of physical time by at most ``events / max_logical`` ms, which never
@@ -34,6 +40,12 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_DRIFT_MS = 60_000
 DEFAULT_MAX_LOGICAL = 2**31 - 1
+# Bounds of a timestamp received from a peer (gossip.codec): a physical time below 2**62
+# ms (146 million years: room for any skew, and ``wall + 1`` never nears int64 in the
+# storage's and Merkle's encodings), and the node ids of the cluster (caplab.security
+# allows letters, digits, '.', '_', '-'; 128 bytes is far more than any real id).
+MAX_WALL_MS = 2**62
+MAX_NODE_ID_BYTES = 128
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -14,6 +14,32 @@ every ``dead_ping_every`` turns, and a probe to a suspect/dead member carries th
 so the member (back after a crash or partition) refutes and rejoins on its own.
 Lifeguard's local-health multiplier and dogpile suspicion timeouts are not implemented.
 
+Bounded incarnations. An incarnation is set only by its member, which raises it by
+one above a suspect/dead claim about itself at or above its own (``_apply_member``). It
+is not persisted and not time-based: a restarted member starts at 0 and is pushed back
+above the others' claims by the first verdict it hears (a probe of a suspect/dead member
+carries it). So every legitimate incarnation is at most one above some claim, and a
+node's view of a member lags its real incarnation only by the refutations it missed. A
+forged update (a buggy or compromised member) could declare a member dead at
+``2**64 - 1``: its refutation no longer fits the wire, and it stayed dead for good. Hence
+``_admit``: an update is refused (``stats.membership_updates_refused``) if its
+incarnation is above ``MAX_INCARNATION`` (suspect/dead: at it, since the member must be
+able to refute), or more than ``max_incarnation_step`` above the highest incarnation
+this node knows for that member (for itself: its own). The view starts at incarnation 0
+for every member, the incarnation every node starts with, and this is what the step is
+measured from before anything is heard (an exception for "nothing heard yet" would let a
+forged update reaching a freshly started node first set its view near the cap). A
+legitimate update is refused only after a million refutations one view missed (a
+partition of weeks with the member flapping all along, or a cluster whose members were
+refuted a million times with this node restarting); and the direct answer of a member to
+this node's own probe (its Ack to our Ping: only it sends that, and it holds its current
+incarnation) is admitted within the cap whatever the step, so such a view is repaired at
+the next probe instead of refusing that member's refutations for good (a forged claim
+within the step, refuted by the member while another view never heard the claim, leaves
+that view more than a step behind the refutation in the same way). The step also
+bounds how fast forged updates can push incarnations toward the cap: 2**62 / 10**6 of
+them, one after another, each refuted.
+
 Interface. ``Membership`` knows nothing of the other protocols: it sends its messages
 through the ``send`` callback and reports every change of a member's state as a
 ``MemberChanged`` event to the ``on_change`` callback, at the moment it happens (the core
@@ -28,8 +54,8 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from gossip.common import GossipConfig, Send
-from gossip.messages import ALIVE, DEAD, SUSPECT, Ack, Member, Ping, PingReq
+from gossip.common import GossipConfig, Send, Stats
+from gossip.messages import ALIVE, DEAD, MAX_INCARNATION, SUSPECT, Ack, Member, Ping, PingReq
 
 __all__ = ["MemberChanged", "MemberInfo", "Membership"]
 
@@ -89,8 +115,10 @@ class Membership:
         *,
         now_ms: int,
         first_ping_ms: int,
+        stats: Stats | None = None,
     ) -> None:
         self.node_id = node_id
+        self.stats = stats if stats is not None else Stats()
         self.peers = list(peers)
         self.config = config
         self._rng = rng
@@ -170,9 +198,29 @@ class Membership:
         if old != m.state:
             self._on_change(MemberChanged(m.node, old, m.state))
 
+    def _admit(self, m: Member, probe_ack: bool = False) -> bool:
+        """Whether an update from a peer has a sane incarnation (see "Bounded
+        incarnations"); a refused one is counted. ``probe_ack``: the member's own answer
+        to our probe (the step does not apply)."""
+        i = m.incarnation
+        if m.node == self.node_id:
+            known = self.incarnation
+        else:
+            info = self.members.get(m.node)
+            if info is None:
+                return True  # not a member: ignored anyway
+            known = info.incarnation
+        # a suspect/dead claim must leave room for its refutation (claim + 1)
+        cap = MAX_INCARNATION if m.state == ALIVE else MAX_INCARNATION - 1
+        if i <= cap and (i <= known or probe_ack or i - known <= self.config.max_incarnation_step):
+            return True
+        self.stats.membership_updates_refused += 1
+        return False
+
     def _apply_updates(self, updates: Iterable[Member], now: int) -> None:
         for m in updates:
-            self._apply_member(m, now)
+            if self._admit(m):
+                self._apply_member(m, now)
 
     # ------------------------------------------------------------------ probing
 
@@ -235,7 +283,9 @@ class Membership:
 
     def on_ping(self, msg: Ping, now: int) -> None:
         self._apply_updates(msg.gossip_updates, now)
-        self._apply_member(Member(msg.frm, ALIVE, msg.incarnation), now)
+        me = Member(msg.frm, ALIVE, msg.incarnation)
+        if self._admit(me):
+            self._apply_member(me, now)
         self._send(
             Ack(
                 self.node_id,
@@ -267,8 +317,13 @@ class Membership:
 
     def on_ack(self, msg: Ack, now: int) -> None:
         self._apply_updates(msg.gossip_updates, now)
+        pr = self._probe
         if msg.node in self.members:
-            self._apply_member(Member(msg.node, ALIVE, msg.incarnation), now)
+            alive = Member(msg.node, ALIVE, msg.incarnation)
+            # the member's own answer to our probe of it (not relayed): authoritative
+            own = pr is not None and pr.seq == msg.seq and pr.target == msg.node == msg.frm
+            if self._admit(alive, probe_ack=own):
+                self._apply_member(alive, now)
         relay = self._relays.pop(msg.seq, None)
         if relay is not None and relay.target == msg.node:
             self._send(
@@ -282,6 +337,5 @@ class Membership:
                 )
             )
             return
-        pr = self._probe
         if pr is not None and pr.seq == msg.seq and pr.target == msg.node:
             pr.acked = True

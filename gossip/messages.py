@@ -23,6 +23,11 @@ ALIVE = "alive"
 SUSPECT = "suspect"
 DEAD = "dead"
 MEMBER_STATES = (ALIVE, SUSPECT, DEAD)
+# The largest SWIM incarnation a peer may state (gossip.codec refuses more; membership
+# also refuses a suspect/dead claim at it, which could not be refuted: see
+# gossip.membership, "Bounded incarnations"). Far below the wire's 2**64 - 1, so that a
+# refutation (claim + 1) always fits.
+MAX_INCARNATION = 2**62
 
 Entry = tuple[str, Value]  # (key, CRDT value): a one-key delta / state fragment
 

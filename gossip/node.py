@@ -258,6 +258,16 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
                 await asyncio.sleep(0)
                 now, wall = _monotonic_ms(), node.clock.wall_ms()
         node.counters["messages_received"] += len(request.messages)
+        stats = core.stats
+        refused = stats.entries_quarantined, stats.membership_updates_refused
+        if refused != node.refused_seen:  # (peer input the core refused: say so)
+            node.refused_seen = refused
+            log.warning(
+                "peer_input_refused",
+                entries_quarantined=refused[0],
+                max_quarantined_lead_ms=stats.max_quarantined_lead_ms,
+                membership_updates_refused=refused[1],
+            )
         node.collect()
 
 
@@ -301,6 +311,8 @@ class GossipBackend:
         self._ticker_task: asyncio.Task[None] | None = None
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gossip-disk-{self.id}")
         self._stopping = False
+        # (entries quarantined, membership updates refused) last logged
+        self.refused_seen = (0, 0)
 
     @property
     def core(self) -> GossipCore:
