@@ -54,6 +54,9 @@ def _ephemeral_range() -> tuple[int, int]:
 _rng = random.Random()
 
 
+_HANDED_OUT: dict[int, float] = {}  # port -> when free_ports last returned it (monotonic)
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """n distinct ports that were free a moment ago.
 
@@ -64,17 +67,26 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     lo, _ = _ephemeral_range()
     candidates = range(10_000, lo) if lo > 11_000 else range(0)
     socks: list[socket.socket] = []
+    now = time.monotonic()
+    for port in [p for p, t in _HANDED_OUT.items() if now - t > 120]:
+        del _HANDED_OUT[port]
     try:
         for _ in range(200 * n):
             if len(socks) == n or not candidates:
                 break
+            port = _rng.choice(candidates)
+            if port in _HANDED_OUT:
+                # handed out a moment ago in this process, maybe not bound yet (the demo
+                # starts both stores' clusters at once): never twice
+                continue
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                s.bind((host, _rng.choice(candidates)))
+                s.bind((host, port))
             except OSError:
                 s.close()
                 continue
             socks.append(s)
+            _HANDED_OUT[port] = now
         while len(socks) < n:  # fall back to whatever the kernel hands out
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
