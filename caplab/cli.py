@@ -257,6 +257,11 @@ def _add_cluster(sub: Any) -> None:
     p.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
     p.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")
     p.add_argument("--enable-admin", action="store_true")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS between the nodes (default: mutual TLS, certificates made in DATA_DIR/certs)",
+    )
     p.set_defaults(func=_cmd_cluster)
 
 
@@ -275,12 +280,24 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with LocalCluster(
-        args.store, args.nodes, root, base_port=args.base_port, enable_admin=args.enable_admin
+        args.store,
+        args.nodes,
+        root,
+        base_port=args.base_port,
+        enable_admin=args.enable_admin,
+        secure=not args.insecure,
     ) as cluster:
         cluster.start()
         asyncio.run(cluster.wait_ready())
         eps = cluster.endpoints
         print(f"{args.store} cluster of {args.nodes} nodes; data and logs in {root}")
+        if cluster.secure:
+            print(
+                f"peer traffic: mutual TLS (certificates in {cluster.certs}; client tokens in "
+                f"{cluster.certs / 'clients'})"
+            )
+        else:
+            print("peer traffic: NOT authenticated (--insecure)")
         for node_id, ep in eps.items():
             print(f"  {node_id}  {ep}")
         flags = " ".join(f"--endpoint {ep}" for ep in eps.values())

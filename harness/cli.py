@@ -34,6 +34,11 @@ def add_run(sub: Any) -> None:
     p.add_argument(
         "--duration", default=None, help="override the scenario's duration (e.g. 20s, 1m)"
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS between the nodes (default: mutual TLS, certificates made in OUT)",
+    )
     p.set_defaults(func=_cmd_run)
 
 
@@ -141,7 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     store = args.store or scenario.store
     out = Path(args.out or f"runs/{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        result = run_scenario(scenario, store, out)
+        result = run_scenario(scenario, store, out, secure=not args.insecure)
     except KeyboardInterrupt:
         _err("interrupted; every node was stopped")
         return 130

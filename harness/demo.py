@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import random
 import shutil
@@ -421,6 +422,11 @@ def add_demo(sub: Any) -> None:
         metavar="FILE",
         help="scenario file (default: scenarios/majority-minority.yaml)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS between the nodes (default: mutual TLS, certificates made in OUT)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -432,7 +438,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except (ValueError, DemoUsageError) as e:
         console.print(f"caplab: error: {e}", style="red", highlight=False)
         return EXIT_USAGE
-    return run_demo(scenario, Path(args.out), console)
+    runner = None
+    if args.insecure:
+        from harness.runner import run_scenario
+
+        runner = functools.partial(run_scenario, secure=False)
+    return run_demo(scenario, Path(args.out), console, runner)
 
 
 def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience

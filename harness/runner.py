@@ -118,9 +118,16 @@ class StoreRun:
     """One store's part of a run (see the module docstring)."""
 
     def __init__(
-        self, scenario: Scenario, store: str, out_root: Path, *, ready_timeout: float = 60.0
+        self,
+        scenario: Scenario,
+        store: str,
+        out_root: Path,
+        *,
+        ready_timeout: float = 60.0,
+        secure: bool = True,
     ) -> None:
         self.scenario = scenario
+        self.secure = secure  # mutual TLS between the nodes (False: --insecure)
         self.store = store
         self.dir = Path(out_root) / store
         self.ready_timeout = ready_timeout
@@ -177,6 +184,7 @@ class StoreRun:
             peer_addresses=self.net.peer_addresses,
             ports=ports,
             peer_ports=peer_ports,
+            secure=self.secure,
         )
         self.cluster.start()
         await self.cluster.wait_ready(timeout=self.ready_timeout)
@@ -898,11 +906,13 @@ class RunResult:
         return self.out_dir / "results.json"
 
 
-async def run_async(scenario: Scenario, stores: Sequence[str], out_dir: Path) -> RunResult:
+async def run_async(
+    scenario: Scenario, stores: Sequence[str], out_dir: Path, *, secure: bool = True
+) -> RunResult:
     """Run ``scenario`` on ``stores`` side by side (common t0) and check them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [StoreRun(scenario, s, out_dir) for s in stores]
+    runs = [StoreRun(scenario, s, out_dir, secure=secure) for s in stores]
     try:
         await asyncio.gather(*(r.setup() for r in runs))
         t0 = time.monotonic_ns()
@@ -933,9 +943,12 @@ async def run_async(scenario: Scenario, stores: Sequence[str], out_dir: Path) ->
     return result
 
 
-def run_scenario(scenario: Scenario, store: str, out_dir: Path | str) -> RunResult:
-    """Blocking entry point: ``store`` is ``raft``, ``gossip`` or ``both``. SIGTERM and
-    Ctrl-C stop the run and every node before returning (KeyboardInterrupt propagates)."""
+def run_scenario(
+    scenario: Scenario, store: str, out_dir: Path | str, *, secure: bool = True
+) -> RunResult:
+    """Blocking entry point: ``store`` is ``raft``, ``gossip`` or ``both``; ``secure``:
+    mutual TLS between the nodes (False: ``--insecure``). SIGTERM and Ctrl-C stop the run
+    and every node before returning (KeyboardInterrupt propagates)."""
     stores = ("raft", "gossip") if store == "both" else (store,)
 
     async def main() -> RunResult:
@@ -945,7 +958,7 @@ def run_scenario(scenario: Scenario, store: str, out_dir: Path | str) -> RunResu
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            return await run_async(scenario, stores, Path(out_dir))
+            return await run_async(scenario, stores, Path(out_dir), secure=secure)
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGTERM)

@@ -198,3 +198,20 @@ def test_cli_run_refuses_bad_scenarios(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"{p}:5: unknown field 'partiton' in fault" in err
     assert "Traceback" not in err
     assert main(["run", str(ROOT / "scenarios" / "smoke.yaml"), "--duration", "soon"]) == 2
+
+
+async def test_a_run_can_go_without_tls_when_told(tmp_path: Path) -> None:
+    """`caplab run --insecure` (and demo): the nodes run --insecure; by default they run
+    with the run's certificates."""
+    from harness.runner import StoreRun
+
+    scenario = load_scenario(ROOT / "scenarios" / "smoke.yaml")
+    for secure in (False, True):
+        run = StoreRun(scenario, "gossip", tmp_path / str(secure), secure=secure)
+        try:
+            await run.setup()
+            assert run.cluster is not None and run.cluster.secure is secure
+            args = run.cluster.nodes["n1"].args
+            assert ("--insecure" in args) is not secure and ("--certs" in args) is secure
+        finally:
+            await run.close()
