@@ -292,7 +292,7 @@ def _print_table(result: dict[str, Any]) -> None:
 
     t = Table(title=f"caplab bench: {result['store']} ({result['nodes']} nodes) vs raw grpc.aio")
     for col in ("target", "op", "concurrency", "ops/s", "p50 ms", "p99 ms", "errors", "% of no-op"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", no_wrap=True, min_width=15 if col == "target" else None)
     for c in result["cells"]:
         fracs = result[
             "fraction_of_noop" if "insecure" not in c["target"] else "fraction_of_noop_insecure"
