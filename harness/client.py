@@ -162,7 +162,14 @@ class KVClient:
                 self._current += 1  # try another node next time
             raise err from None
 
-    async def _run(self, call: Callable[[str], Awaitable[T]], *, idempotent: bool) -> T:
+    async def _run(
+        self, call: Callable[[str], Awaitable[T]], *, idempotent: bool, mutation: bool = True
+    ) -> T:
+        """``call`` with the retry policy. The outcome reported is that of every attempt,
+        not only the last one's: once one attempt of a mutation may have been applied
+        (its outcome unknown), a later definite refusal does not make the mutation
+        "definitely not applied" (tenacity re-raises the last error only: "timed out"
+        and then "connection refused" was reported as "not applied")."""
         if self.retries <= 0:
             return await self._once(call)
         retrying = AsyncRetrying(
@@ -171,9 +178,24 @@ class KVClient:
             wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await self._once(call)
+        unknown: errors.StoreError | None = None  # the first attempt that may have applied
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    try:
+                        return await self._once(call)
+                    except errors.StoreError as e:
+                        if unknown is None and not e.definite:
+                            unknown = e
+                        raise
+        except errors.StoreError as e:
+            if mutation and e.definite and unknown is not None:
+                raise errors.OutcomeUnknown(
+                    f"{e.message}; an earlier attempt's outcome is unknown "
+                    f"({unknown.message}): it may have been applied",
+                    unknown.code,
+                ) from e
+            raise
         raise AssertionError("unreachable")
 
     # -- KV -----------------------------------------------------------------
@@ -187,7 +209,7 @@ class KVClient:
     async def get(self, key: str, consistency: int = kv_pb2.CONSISTENCY_DEFAULT) -> GetResult:
         req = kv_pb2.GetRequest(key=key, consistency=consistency)  # type: ignore[arg-type]
         resp: kv_pb2.GetResponse = await self._run(
-            lambda ep: self.kv(ep).Get(req, timeout=self.timeout), idempotent=True
+            lambda ep: self.kv(ep).Get(req, timeout=self.timeout), idempotent=True, mutation=False
         )
         value: bytes | int | None = None
         if resp.found:
@@ -232,7 +254,9 @@ class KVClient:
                 lambda _ep: self.cluster(endpoint).Status(req, timeout=self.timeout)
             )
         return await self._run(
-            lambda ep: self.cluster(ep).Status(req, timeout=self.timeout), idempotent=True
+            lambda ep: self.cluster(ep).Status(req, timeout=self.timeout),
+            idempotent=True,
+            mutation=False,
         )
 
     async def dump(self, endpoint: str | None = None) -> list[kv_pb2.DumpEntry]:

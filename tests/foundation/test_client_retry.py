@@ -134,3 +134,24 @@ def test_policy_table() -> None:
     assert is_retryable(errors.OutcomeUnknown("x"), idempotent=True)
     assert not is_retryable(errors.InvalidArgument("x"), idempotent=True)
     assert not is_retryable(ValueError("x"), idempotent=True)
+
+
+async def test_a_refusal_after_an_unknown_outcome_is_still_unknown(
+    scripted: tuple[Scripted, str],
+) -> None:
+    """Issue 15: "timed out (may be applied)" then "refused" was reported as "definitely
+    not applied" (tenacity re-raises the last attempt's error): the mutation may have been
+    applied by the first attempt, so the outcome is unknown. A read has no effect: its
+    last error stands."""
+    servicer, ep = scripted
+    refused = (grpc.StatusCode.UNAVAILABLE, NA)
+    servicer.script = [(grpc.StatusCode.DEADLINE_EXCEEDED, None), refused, refused]
+    async with KVClient([ep], retries=2, timeout=2.0, client_id="c1") as c:
+        with pytest.raises(errors.OutcomeUnknown) as err:
+            await c.put("k", b"v")
+    assert "may have been applied" in err.value.message
+    assert len(servicer.attempts) == 3
+    servicer.script = [(grpc.StatusCode.UNAVAILABLE, None), refused, refused]
+    async with KVClient([ep], retries=2, timeout=2.0) as c:
+        with pytest.raises(errors.Unavailable):
+            await c.get("k")
