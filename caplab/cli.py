@@ -28,6 +28,11 @@ class UsageError(Exception):
 
 
 def _hostport(text: str) -> str:
+    if "://" in text or "/" in text:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT, got {text!r}: a gRPC endpoint has no scheme or path "
+            "(e.g. 127.0.0.1:7101)"
+        )
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
@@ -342,7 +347,12 @@ def _client_security(args: argparse.Namespace) -> tuple[Any, str | None]:
 def _add_kv(sub: Any) -> None:
     p = sub.add_parser("kv", help="talk to a cluster")
     p.add_argument(
-        "--endpoint", type=_hostport, action="append", required=True, metavar="HOST:PORT"
+        "--endpoint",
+        type=_hostport,
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="a node to talk to (repeat for more); default: $CAPLAB_ENDPOINT (comma-separated)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline per attempt (s)")
@@ -492,7 +502,23 @@ def _print_kv(result: dict[str, Any], as_json: bool) -> None:
         print("ok")
 
 
+def _endpoints(args: argparse.Namespace) -> list[str]:
+    """--endpoint, else $CAPLAB_ENDPOINT; a usage error saying how if neither is set."""
+    import os
+
+    if args.endpoint:
+        return list(args.endpoint)
+    env = os.environ.get("CAPLAB_ENDPOINT", "").strip()
+    if not env:
+        raise UsageError("no endpoint: pass --endpoint HOST:PORT or set CAPLAB_ENDPOINT")
+    try:
+        return [_hostport(e.strip()) for e in env.split(",") if e.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"CAPLAB_ENDPOINT: {e}") from None
+
+
 def _cmd_kv(args: argparse.Namespace) -> int:
+    args.endpoint = _endpoints(args)
     try:
         result = asyncio.run(_kv(args))
     except errors.StoreError as e:

@@ -33,6 +33,7 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
         [],
         ["kv"],
         ["kv", "--endpoint", "nohostport", "get", "k"],
+        ["kv", "--endpoint", "http://127.0.0.1:1", "get", "k"],  # not "outcome unknown"
         ["kv", "--endpoint", "127.0.0.1:1", "frobnicate"],
         ["kv", "--endpoint", "127.0.0.1:1", "incr", "k", "notanumber"],
         ["node", "--store", "raft", "--id", "a", "--listen", "127.0.0.1:1"],
@@ -105,3 +106,14 @@ async def test_kv_unreachable_exits_1() -> None:
         "kv", "--endpoint", f"127.0.0.1:{port}", "--retries", "0", "get", "k"
     )
     assert rc == 1 and "refused" in err and "Traceback" not in err
+
+
+def test_the_endpoint_may_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CAPLAB_ENDPOINT", raising=False)
+    assert main(["kv", "get", "k"]) == 2
+    assert "CAPLAB_ENDPOINT" in capsys.readouterr().err
+    monkeypatch.setenv("CAPLAB_ENDPOINT", "http://127.0.0.1:1")
+    assert main(["kv", "get", "k"]) == 2
+    assert "no scheme" in capsys.readouterr().err
