@@ -149,7 +149,7 @@ async def _cell(
     return cell
 
 
-def _cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time used so far by these processes (Linux /proc)."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
@@ -249,9 +249,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     if op == "read":
                         await _prefill(endpoints["write"], value, max(conc))
                     for n in conc:
-                        cpu0, wall0 = _cpu_seconds(pids), time.monotonic()
+                        cpu0, wall0 = cpu_seconds(pids), time.monotonic()
                         cells.append(await _cell("noop", [ep], op, n, args, value))
-                        idle_cpu += _cpu_seconds(pids) - cpu0
+                        idle_cpu += cpu_seconds(pids) - cpu0
                         idle_wall += time.monotonic() - wall0
                         cells.append(await _cell(target, endpoints[op], op, n, args, value))
     finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from gossip.core import GossipConfig, GossipCore
 from gossip.crdt import Register, Value
 from gossip.hlc import Timestamp
 from gossip.messages import Message, wire_size
+from harness.bench import cpu_seconds
 from harness.client import KVClient
 from harness.cluster import LocalCluster, free_ports
 from harness.proxy import LinkMode, ProxyNet
@@ -70,14 +70,9 @@ async def _write_side(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def _cpu_seconds(cluster: LocalCluster) -> float:
-    """CPU time (user + system) the node processes used so far (Linux /proc)."""
-    total = 0
-    for node in cluster.nodes.values():
-        assert node.proc is not None
-        fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    return total / os.sysconf("SC_CLK_TCK")
+def _node_cpu_seconds(cluster: LocalCluster) -> float:
+    """CPU time (user + system) the node processes used so far."""
+    return cpu_seconds([n.proc.pid for n in cluster.nodes.values() if n.proc is not None])
 
 
 async def convergence(args: argparse.Namespace, root: Path | None = None) -> dict[str, float]:
@@ -143,7 +138,7 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
                 raise TimeoutError("the sides did not settle within 60 s")
             await asyncio.sleep(0.05)
         before = st
-        cpu0 = _cpu_seconds(cluster)
+        cpu0 = _node_cpu_seconds(cluster)
         proxies.heal()
         t_heal = time.monotonic()
         samples = 0
@@ -156,7 +151,7 @@ async def convergence(args: argparse.Namespace, root: Path | None = None) -> dic
                 raise TimeoutError("no convergence within 120 s")
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - t_heal
-        cpu = _cpu_seconds(cluster) - cpu0
+        cpu = _node_cpu_seconds(cluster) - cpu0
         work = {
             name: float(
                 sum(st[n].counters.get(name, 0) - before[n].counters.get(name, 0) for n in ids)

@@ -28,7 +28,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from caplab.security import ensure_dev_certs
+from caplab.security import channel_credentials, ensure_dev_certs
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
@@ -316,7 +316,7 @@ class LocalCluster:
         if not self.client_tls:
             return grpc.aio.insecure_channel(address)
         ca = (self.certs / "ca.crt").read_bytes()
-        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca))
+        return grpc.aio.secure_channel(address, channel_credentials(ca))
 
     def close(self) -> None:
         """Stop every node gracefully, SIGKILL what does not exit."""
