@@ -416,8 +416,8 @@ def _decode(v: bytes) -> str:
 async def _kv(args: argparse.Namespace) -> dict[str, Any]:
     from google.protobuf.json_format import MessageToDict
 
+    from caplab.client import KVClient
     from caplab.v1 import kv_pb2
-    from harness.client import KVClient
 
     creds, token = _client_security(args)
     async with KVClient(

@@ -35,8 +35,8 @@ from typing import Any
 import grpc
 from hdrh.histogram import HdrHistogram
 
+from caplab.client import CHANNEL_OPTIONS
 from caplab.v1 import kv_pb2, kv_pb2_grpc
-from harness.client import CHANNEL_OPTIONS
 from harness.cluster import LocalCluster, free_ports
 
 

@@ -25,13 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from caplab.client import KVClient
 from caplab.v1 import kv_pb2
 from gossip.core import GossipConfig, GossipCore
 from gossip.crdt import Register, Value
 from gossip.hlc import Timestamp
 from gossip.messages import Message, wire_size
 from harness.bench import cpu_seconds
-from harness.client import KVClient
 from harness.cluster import LocalCluster, free_ports
 from harness.proxy import LinkMode, ProxyNet
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from caplab import errors
-from harness.client import KVClient
+from caplab.client import KVClient
 from harness.cluster import LocalCluster
 from harness.proxy import LinkMode, ProxyNet
 

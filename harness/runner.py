@@ -86,7 +86,7 @@ from typing import IO, Any
 from hdrh.histogram import HdrHistogram
 
 from caplab import errors
-from harness.client import KVClient
+from caplab.client import KVClient
 from harness.cluster import LocalCluster, free_ports
 from harness.history import NEMESIS, Json, Operation, pair_operations, read_history
 from harness.nemesis import Nemesis

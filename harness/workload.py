@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Each client is a closed loop (one operation at a time) pinned to one node; it talks to that
-node directly (never through the proxies) with its own :class:`~harness.client.KVClient`
+node directly (never through the proxies) with its own :class:`~caplab.client.KVClient`
 (no retries, the scenario's per-operation deadline). An optional target rate (ops/s for the
 whole store) spaces the operations of each client evenly; a client that falls behind does
 not burst to catch up.
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import TypeAlias
 
 from caplab import errors
+from caplab.client import KVClient
 from caplab.v1 import kv_pb2
-from harness.client import KVClient
 from harness.history import CompletionType, Event, HistoryWriter, Hlc, Json, Process
 
 WORKLOADS = ("register", "counter", "both")

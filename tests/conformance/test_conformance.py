@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 
 from caplab import errors
+from caplab.client import KVClient
 from caplab.v1 import kv_pb2
-from harness.client import KVClient
 from harness.cluster import LocalCluster
 from tests.polling import eventually
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.client import KVClient
+from caplab.client import KVClient
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from caplab import errors
+from caplab.client import KVClient, is_retryable
 from caplab.v1 import kv_pb2, kv_pb2_grpc
-from harness.client import KVClient, is_retryable
 from harness.cluster import free_ports
 
 

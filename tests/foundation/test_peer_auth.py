@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from caplab.client import KVClient
 from caplab.gossip.v1 import gossip_pb2 as gpb
 from caplab.gossip.v1 import gossip_pb2_grpc as gpb_grpc
 from caplab.peer import PEER_CHANNEL_OPTIONS
@@ -24,7 +25,6 @@ from caplab.raft.v1 import raft_pb2 as rpb
 from caplab.raft.v1 import raft_pb2_grpc as rpb_grpc
 from caplab.security import channel_credentials, load_client_tls, load_node_tls
 from caplab.v1 import kv_pb2, kv_pb2_grpc
-from harness.client import KVClient
 from harness.cluster import LocalCluster
 from tests.polling import eventually
 

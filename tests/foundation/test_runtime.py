@@ -10,9 +10,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from caplab import errors
+from caplab.client import KVClient
 from caplab.server import NodeServer
 from caplab.v1 import kv_pb2
-from harness.client import KVClient
 from tests.foundation.memstore import MemBackend
 
 

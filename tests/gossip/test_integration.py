@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from caplab.client import KVClient
 from caplab.v1 import kv_pb2
-from harness.client import KVClient
 from harness.cluster import LocalCluster, free_ports
 from harness.proxy import LinkMode, ProxyNet
 from tests.polling import eventually

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from caplab.client import KVClient
 from harness import cluster as cluster_module
 from harness.checker.linearizable import check_register
-from harness.client import KVClient
 from harness.cluster import LocalCluster
 from harness.history import Operation, pair_operations, read_history
 from harness.workload import Recorder, Workload, WorkloadConfig

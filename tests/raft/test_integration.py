@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from caplab import errors
+from caplab.client import KVClient
 from caplab.v1 import kv_pb2
-from harness.client import KVClient
 from harness.cluster import LocalCluster, free_ports
 from harness.proxy import ProxyNet
 from tests.polling import eventually
