@@ -39,7 +39,11 @@ def _generate(out: Path) -> list[Path]:
         f"--mypy_grpc_out={out}",
         *[str(p.relative_to(PROTO_DIR)) for p in protos],
     ]
-    subprocess.run(cmd, check=True, cwd=PROTO_DIR)
+    # mypy-protobuf prints "Writing mypy to ..." per file on stderr: shown only on failure.
+    proc = subprocess.run(cmd, cwd=PROTO_DIR, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"protoc failed (exit {proc.returncode})")
     files = sorted(
         p.relative_to(out) for p in out.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
     )

@@ -84,11 +84,15 @@ class LinkStats:
 
 
 def _reset(transport: asyncio.BaseTransport | None) -> None:
-    """Abort a TCP transport with RST (SO_LINGER 0) instead of a graceful FIN."""
-    if transport is None or transport.is_closing():
+    """Abort a TCP transport with RST (SO_LINGER 0) instead of a graceful FIN.
+
+    A transport already closing gracefully (waiting to flush to a peer that stopped reading)
+    is aborted too: left alone it would never close, and at interpreter exit its ``__del__``
+    raised inside asyncio (an "Exception ignored" traceback printed by the test run)."""
+    if transport is None:
         return
     sock = transport.get_extra_info("socket")
-    if sock is not None:
+    if sock is not None and not transport.is_closing():
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()  # type: ignore[attr-defined]
@@ -266,6 +270,19 @@ class _Conn:
         self.link._conns.discard(self)
 
 
+def _tolerate_double_wakeup(server: asyncio.Server) -> None:
+    """Work around CPython gh-109564 (fixed in 3.12.8 / 3.13.1): a connection accepted
+    just before ``Server.close()`` detaches after the server already woke its waiters, and
+    ``Server._wakeup`` then iterates ``None``: "Exception ignored ... TypeError" at exit."""
+    wakeup = server._wakeup  # type: ignore[attr-defined]
+
+    def tolerant() -> None:
+        if server._waiters is not None:  # type: ignore[attr-defined]
+            wakeup()
+
+    server._wakeup = tolerant  # type: ignore[attr-defined]
+
+
 class LinkProxy:
     """The proxy of one directed link ``src -> dst``: listens on ``listen`` and forwards to
     ``target`` (dst's real address)."""
@@ -310,6 +327,7 @@ class LinkProxy:
             backlog=512,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        _tolerate_double_wakeup(self._server)
 
     def _accepted(self, conn: _Conn) -> None:
         self.stats.connections += 1
@@ -341,6 +359,11 @@ class LinkProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            # Accepted connections no longer tracked in _conns (one side lost, the other
+            # still flushing) are aborted too (Python 3.13+).
+            abort_clients = getattr(self._server, "abort_clients", None)
+            if abort_clients is not None:
+                abort_clients()
         for conn in list(self._conns):
             conn.reset()
         if self._server is not None:
