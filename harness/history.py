@@ -38,6 +38,12 @@ Optional fields (omitted from the file when null):
                that timestamps its writes (gossip): the hybrid logical clock timestamp the
                store gave the write (the response header's ``hlc``). Timestamps order the
                writes of one key as last-writer-wins does: by ``(wall_ms, logical, node)``.
+``log_index``  int >= 1, on ``ok`` completions of mutations by a store that orders its
+               writes in a replicated log (raft): the log index at which the write was
+               applied (the response header's ``index``; the field ``index`` already names
+               the event's position). A replica has applied the write iff its
+               ``applied_index`` is at least this. Histories written before this field
+               existed simply lack it.
 
 Unknown extra fields are rejected so that a typo cannot silently drop data.
 
@@ -73,7 +79,7 @@ NEMESIS_FUNCTIONS: frozenset[str] = frozenset(
     {"partition", "heal", "kill", "restart", "pause", "resume", "clock-skew"}
 )
 _REQUIRED = ("index", "time", "process", "node", "type", "f", "key", "value", "error")
-_OPTIONAL = ("latency_ns", "side", "hlc")
+_OPTIONAL = ("latency_ns", "side", "hlc", "log_index")
 Hlc: TypeAlias = tuple[int, int, str]  # (wall_ms, logical, node): ordered as LWW orders them
 
 
@@ -97,6 +103,7 @@ class Event:
     latency_ns: int | None = None  # completions only
     side: str | None = None
     hlc: Hlc | None = None  # ok completions of a gossip write/delete: its HLC timestamp
+    log_index: int | None = None  # ok completions of a raft mutation: its log index
 
     def to_json(self) -> dict[str, Json]:
         """The JSON object written for this event (optional fields omitted when null)."""
@@ -117,6 +124,8 @@ class Event:
             out["side"] = self.side
         if self.hlc is not None:
             out["hlc"] = list(self.hlc)
+        if self.log_index is not None:
+            out["log_index"] = self.log_index
         return out
 
 
@@ -143,6 +152,7 @@ class Operation:
     complete_index: int | None = None  # index of the completion event, None if none
     side: str | None = None
     hlc: Hlc | None = None  # the completion's HLC timestamp (gossip writes), if any
+    log_index: int | None = None  # the completion's raft log index (raft mutations), if any
 
 
 def _bad(path: str | os.PathLike[str] | None, line: int | None, msg: str) -> HistoryError:
@@ -239,6 +249,14 @@ def event_from_json(
         if etype == "invoke":
             raise _bad(path, line, "hlc belongs on a completion, not on an invoke")
         hlc = (raw_hlc[0], raw_hlc[1], raw_hlc[2])
+    log_index = obj.get("log_index")
+    if log_index is not None:
+        if not _is_int(log_index) or log_index < 1:
+            raise _bad(
+                path, line, f"log_index must be a positive integer, got {json.dumps(log_index)}"
+            )
+        if etype == "invoke":
+            raise _bad(path, line, "log_index belongs on a completion, not on an invoke")
     problem = _check_value(f, etype, obj["value"])
     if problem is not None:
         raise _bad(path, line, problem)
@@ -255,6 +273,7 @@ def event_from_json(
         latency_ns=latency,
         side=side,
         hlc=hlc,
+        log_index=log_index,
     )
 
 
@@ -361,13 +380,23 @@ class HistoryWriter:
         error: str | None = None,
         time: int | None = None,
         hlc: Hlc | None = None,
+        log_index: int | None = None,
     ) -> Event:
         """Record the completion of ``process``'s open operation (same f, key, node)."""
         inv = self._open.get(process)
         if inv is None:
             raise HistoryError(f"{self.path}: process {process!r} has no open invoke")
         return self.append(
-            type, process, inv.f, inv.key, value, node=inv.node, error=error, time=time, hlc=hlc
+            type,
+            process,
+            inv.f,
+            inv.key,
+            value,
+            node=inv.node,
+            error=error,
+            time=time,
+            hlc=hlc,
+            log_index=log_index,
         )
 
     def append(
@@ -383,6 +412,7 @@ class HistoryWriter:
         side: str | None = None,
         time: int | None = None,
         hlc: Hlc | None = None,
+        log_index: int | None = None,
     ) -> Event:
         """Validate and append one event; returns it."""
         if self._fh is None:
@@ -420,6 +450,7 @@ class HistoryWriter:
             "latency_ns": latency,
             "side": side,
             "hlc": None if hlc is None else list(hlc),
+            "log_index": log_index,
         }
         ev = event_from_json(ev_obj, path=self.path, line=self.count + 1)
         if type == "invoke":
@@ -509,6 +540,7 @@ def pair_operations(events: Sequence[Event]) -> list[Operation]:
             complete_index=ev.index,
             side=inv.side,
             hlc=ev.hlc,
+            log_index=ev.log_index,
         )
     for pos, inv in open_.values():
         ops[pos] = Operation(

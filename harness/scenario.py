@@ -14,6 +14,9 @@ A scenario is a YAML mapping (unknown fields are refused, with file and line)::
     keys: 3                          # register keys and counter keys (default 3 each)
     delete_fraction: 0.15            # share of register operations that delete the key
                                      # (0 .. 0.5, default 0.15; reads are half of them)
+    conflict_keys: 4                 # registers lww0.. written from both sides of a
+                                     # partition, only while one is in force, so that
+                                     # last-writer-wins decides them (0 .. 100, default 0)
     seed: 1                          # randomness of shapes, targets, workloads (default 0)
     partition_mode: drop             # drop | reject: how partitions cut links (default drop)
     converge_timeout: 10s            # after the run: wait this long for replicas to agree
@@ -84,6 +87,7 @@ TOP_FIELDS = (
     "partition_mode",
     "converge_timeout",
     "delete_fraction",
+    "conflict_keys",
     "tombstone_timeout",
     "node_options",
     "faults",
@@ -156,6 +160,7 @@ class Scenario:
     partition_mode: str = "drop"
     converge_timeout: float = 10.0
     delete_fraction: float = DEFAULT_DELETE_FRACTION
+    conflict_keys: int = 0  # registers lww0.. written from both sides during partitions
     tombstone_timeout: float = 0.0  # gossip: wait for tombstone collection (0: do not)
     node_options: tuple[tuple[str, str, int], ...] = ()  # (store, name, value) for --set
     faults: tuple[Fault, ...] = ()
@@ -191,6 +196,7 @@ class Scenario:
             "duration_s": self.duration,
             "keys": self.keys,
             "delete_fraction": self.delete_fraction,
+            "conflict_keys": self.conflict_keys,
             "seed": self.seed,
             "partition_mode": self.partition_mode,
             "tombstone_timeout_s": self.tombstone_timeout,
@@ -339,6 +345,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             lambda n: ctx.fraction(n, "delete_fraction", MAX_DELETE_FRACTION),
             DEFAULT_DELETE_FRACTION,
         ),
+        conflict_keys=get("conflict_keys", lambda n: ctx.integer(n, "conflict_keys", 0, 100), 0),
         tombstone_timeout=get(
             "tombstone_timeout", lambda n: ctx.duration(n, "tombstone_timeout"), 0.0
         ),

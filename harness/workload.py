@@ -29,6 +29,18 @@ Workloads:
               of that write when the store gives one (gossip: ``hlc`` in the history).
 ``counter``   increments by a random delta in 1..5 and reads of ``keys`` counters ``c0..``.
 ``both``      each operation picks one of the two at random.
+
+Conflict keys (``conflict_keys`` > 0): while the client's node is on one side of a
+partition (``side_of(node)`` is not None), one operation in ten instead writes one of the
+registers ``lww0..`` (unique values as above). Nothing else touches them and nobody writes
+them once the partition is healed, so their converged values are decided by
+last-writer-wins between the two sides' last writes: the losing side's acknowledged writes
+are discarded (:func:`harness.divergence.lww_discards`), instead of being superseded in
+real time by the writes that keep coming after the heal, as on ``r0..``.
+
+The ``ok`` of a mutation (write, cas, delete, incr) on a store that applies its writes at
+log positions (raft) carries that position: ``log_index`` in the history (the response
+header's ``index``), so that a replica's ``applied_index`` tells whether it has the write.
 """
 
 from __future__ import annotations
@@ -49,8 +61,10 @@ from harness.history import CompletionType, Event, HistoryWriter, Hlc, Json, Pro
 WORKLOADS = ("register", "counter", "both")
 DEFAULT_DELETE_FRACTION = 0.15
 MAX_DELETE_FRACTION = 0.5  # the other half of the register operations are reads
-# completion type, value, error, HLC timestamp of the write (gossip)
-_Outcome: TypeAlias = tuple[CompletionType, Json, str | None, Hlc | None]
+CONFLICT_FRACTION = 0.1  # of the operations of a client on one side of a partition
+MUTATIONS = ("write", "cas", "delete", "incr")
+# completion type, value, error, the store's response header (None: none)
+_Outcome: TypeAlias = tuple[CompletionType, Json, str | None, kv_pb2.ResponseHeader | None]
 
 
 def register_keys(n: int) -> list[str]:
@@ -59,6 +73,11 @@ def register_keys(n: int) -> list[str]:
 
 def counter_keys(n: int) -> list[str]:
     return [f"c{i}" for i in range(n)]
+
+
+def conflict_keys(n: int) -> list[str]:
+    """The registers written from both sides of a partition, and only then."""
+    return [f"lww{i}" for i in range(n)]
 
 
 class Recorder:
@@ -92,8 +111,11 @@ class Recorder:
         *,
         error: str | None = None,
         hlc: Hlc | None = None,
+        log_index: int | None = None,
     ) -> Event:
-        return self.writer.complete(type, process, value, error=error, time=self.now(), hlc=hlc)
+        return self.writer.complete(
+            type, process, value, error=error, time=self.now(), hlc=hlc, log_index=log_index
+        )
 
     def close(self) -> None:
         self.writer.close()
@@ -108,6 +130,7 @@ class WorkloadConfig:
     op_timeout: float = 1.0
     seed: int = 0
     delete_fraction: float = DEFAULT_DELETE_FRACTION  # of the register operations
+    conflict_keys: int = 0  # registers lww0.. written from both sides during partitions
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.delete_fraction <= MAX_DELETE_FRACTION:
@@ -115,6 +138,8 @@ class WorkloadConfig:
                 f"delete_fraction must be between 0 and {MAX_DELETE_FRACTION}, "
                 f"got {self.delete_fraction}"
             )
+        if self.conflict_keys < 0:
+            raise ValueError(f"conflict_keys must be >= 0, got {self.conflict_keys}")
 
 
 def header_hlc(header: kv_pb2.ResponseHeader) -> Hlc | None:
@@ -122,6 +147,11 @@ def header_hlc(header: kv_pb2.ResponseHeader) -> Hlc | None:
     if not header.HasField("hlc"):
         return None
     return (header.hlc.wall_ms, header.hlc.logical, header.hlc.node_id)
+
+
+def header_log_index(header: kv_pb2.ResponseHeader) -> int | None:
+    """The log index of a response header (raft writes), None when it has none (gossip)."""
+    return header.index if header.index > 0 else None
 
 
 def _error_text(e: BaseException) -> str:
@@ -189,9 +219,17 @@ class Workload:
                             pass
                     next_at = max(next_at + interval, time.monotonic())
                 kind = cfg.kind
-                if kind == "both":
+                if (
+                    cfg.conflict_keys
+                    and self.side_of(node) is not None
+                    and rng.random() < CONFLICT_FRACTION
+                ):
+                    kind = "conflict"
+                elif kind == "both":
                     kind = "register" if rng.random() < 0.5 else "counter"
-                if kind == "register":
+                if kind == "conflict":
+                    outcome = await self._conflict_write(client, node, state)
+                elif kind == "register":
                     outcome = await self._register_op(client, node, state)
                 else:
                     outcome = await self._counter_op(client, node, state)
@@ -213,10 +251,10 @@ class Workload:
         rec = self.recorder
         pid = state.process
         rec.invoke(pid, f, key, value, node=node, side=self.side_of(node))
-        hlc: Hlc | None = None
+        header: kv_pb2.ResponseHeader | None = None
         try:
             result = await asyncio.wait_for(call(), self.config.op_timeout + 2.0)
-            ctype, out, err, hlc = result
+            ctype, out, err, header = result
         except errors.StoreError as e:
             ctype, out, err = ("fail" if e.definite else "info"), None, _error_text(e)
         except TimeoutError:
@@ -227,8 +265,27 @@ class Workload:
             ctype, out, err = "info", None, _error_text(e)
         if ctype == "ok" and f in ("write", "cas", "incr"):
             out = value
-        rec.complete(ctype, pid, out, error=err, hlc=hlc if ctype == "ok" else None)
+        hlc: Hlc | None = None
+        log_index: int | None = None
+        if ctype == "ok" and header is not None and f in MUTATIONS:
+            if f != "incr":  # a counter has no single write timestamp
+                hlc = header_hlc(header)
+            log_index = header_log_index(header)
+        rec.complete(ctype, pid, out, error=err, hlc=hlc, log_index=log_index)
         return ctype
+
+    async def _conflict_write(
+        self, client: KVClient, node: str, st: _ClientState
+    ) -> CompletionType:
+        key = st.rng.choice(conflict_keys(self.config.conflict_keys))
+        st.n += 1
+        new = f"{st.process}-{st.n}"
+
+        async def write() -> _Outcome:
+            resp = await client.put(key, new.encode())
+            return "ok", new, None, resp.header
+
+        return await self._do(st, node, "write", key, new, write)
 
     async def _register_op(self, client: KVClient, node: str, st: _ClientState) -> CompletionType:
         rng = st.rng
@@ -261,7 +318,7 @@ class Workload:
             async def delete() -> _Outcome:
                 resp = await client.delete(key)
                 st.last[key] = None
-                return "ok", None, None, header_hlc(resp.header)
+                return "ok", None, None, resp.header
 
             return await self._do(st, node, "delete", key, None, delete)
         st.n += 1
@@ -271,7 +328,7 @@ class Workload:
             async def write() -> _Outcome:
                 resp = await client.put(key, new.encode())
                 st.last[key] = new
-                return "ok", new, None, header_hlc(resp.header)
+                return "ok", new, None, resp.header
 
             return await self._do(st, node, "write", key, new, write)
         expected = st.last.get(key)
@@ -282,7 +339,7 @@ class Workload:
             )
             if resp.swapped:
                 st.last[key] = new
-                return "ok", [expected, new], None, header_hlc(resp.header)
+                return "ok", [expected, new], None, resp.header
             current = resp.current.decode("utf-8", "replace") if resp.found else None
             st.last[key] = current
             return "fail", None, f"compare failed: current value {current!r}", None
@@ -296,8 +353,8 @@ class Workload:
             delta = rng.randint(1, 5)
 
             async def incr() -> _Outcome:
-                await client.increment(key, delta)
-                return "ok", delta, None, None
+                resp = await client.increment(key, delta)
+                return "ok", delta, None, resp.header
 
             return await self._do(st, node, "incr", key, delta, incr)
 

@@ -29,6 +29,11 @@ whose value differs from the final one is:
   real time than the winning one, that did not survive (e.g. LWW under clock skew).
 
 ``observed`` tells whether any ok read ever returned the write's value.
+
+Real-time precedence alone calls a partition's losing side "superseded" as soon as the
+winning write began after it, although the winner's side never saw it;
+:func:`harness.divergence.lww_discards` also takes the partition sides into account and
+counts those writes as discarded.
 """
 
 from __future__ import annotations

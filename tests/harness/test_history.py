@@ -79,6 +79,28 @@ def test_delete_with_hlc_round_trip(tmp_path: Path) -> None:
     assert read_history(copy) == events
 
 
+def test_log_index_round_trip_and_old_histories(tmp_path: Path) -> None:
+    path = tmp_path / "h.jsonl"
+    with HistoryWriter(path, clock=FakeClock()) as hw:
+        hw.invoke(0, "write", "k", "v", node="n1")
+        hw.complete("ok", 0, "v", log_index=42)
+        hw.invoke(0, "incr", "c", 2, node="n1")
+        hw.complete("ok", 0, 2)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[1]["log_index"] == 42 and "log_index" not in lines[3]
+    events = read_history(path)
+    assert events[1].log_index == 42 and events[3].log_index is None
+    ops = pair_operations(events)
+    assert [o.log_index for o in ops] == [42, None]
+    copy = tmp_path / "copy.jsonl"
+    write_history(copy, events)
+    assert read_history(copy) == events
+    # a history written before the field existed reads as before
+    old = tmp_path / "old.jsonl"
+    old.write_text(_line() + "\n" + _line(index=1, type="ok", value="x") + "\n")
+    assert [o.log_index for o in pair_operations(read_history(old))] == [None]
+
+
 def test_writer_flushes_regularly(tmp_path: Path) -> None:
     path = tmp_path / "h.jsonl"
     hw = HistoryWriter(path, flush_every=2)
@@ -145,6 +167,9 @@ def _line(**over: object) -> str:
         ([_line(type="ok", hlc=[1, -2, "n1"])], "h.jsonl:1: hlc must be [wall_ms, logical"),
         ([_line(type="ok", hlc=["1", 2, "n1"])], "h.jsonl:1: hlc must be [wall_ms, logical"),
         ([_line(hlc=[1, 2, "n1"])], "h.jsonl:1: hlc belongs on a completion"),
+        ([_line(type="ok", log_index=0)], "h.jsonl:1: log_index must be a positive integer"),
+        ([_line(type="ok", log_index="7")], "h.jsonl:1: log_index must be a positive"),
+        ([_line(log_index=7)], "h.jsonl:1: log_index belongs on a completion"),
         (['{"index": 0}'], "h.jsonl:1: missing field(s): time, process"),
     ],
 )

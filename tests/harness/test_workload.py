@@ -70,8 +70,14 @@ async def test_register_workload_deletes(store: str, tmp_path: Path) -> None:
         assert all(o.hlc is not None and o.hlc[2] == "n1" for o in mutations)
         stamps = [o.hlc for o in mutations if o.hlc is not None]
         assert len(set(stamps)) == len(stamps), "HLC timestamps are unique per node"
+        assert all(o.log_index is None for o in ops)
     else:
         assert all(o.hlc is None for o in mutations)
+        # every acknowledged mutation carries its raft log index, each a different one
+        acked_mutations = [o for o in ops if o.type == "ok" and o.f in ("write", "delete", "cas")]
+        indexes = [o.log_index for o in acked_mutations]
+        assert None not in indexes and len(set(indexes)) == len(indexes)
+        assert all(o.log_index is None for o in ops if o.f in ("read", "read-local"))
     res = check_register(register, timeout_s=30)
     assert res.valid is True, res.summary()
 
@@ -82,6 +88,48 @@ async def test_no_deletes_when_the_fraction_is_zero(tmp_path: Path) -> None:
     ops = await _run("gossip", tmp_path, 0.0, 100)
     assert [o for o in ops if o.f == "delete"] == []
     assert sum(1 for o in ops if o.f == "write") >= 20
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_conflict_keys_are_written_only_during_a_partition(tmp_path: Path) -> None:
+    cluster = LocalCluster("raft", 1, tmp_path / "cluster")
+    partitioned = True
+    try:
+        cluster.start()
+        await cluster.wait_ready(timeout=30)
+        async with KVClient(list(cluster.endpoints.values()), retries=50, retry_budget_s=30) as c:
+            await c.put("__ready__", b"1")
+        recorder = Recorder(tmp_path / "history.jsonl", time.monotonic_ns())
+        config = WorkloadConfig(kind="counter", keys=2, clients_per_node=3, seed=2, conflict_keys=2)
+        workload = Workload(
+            config,
+            cluster.endpoints,
+            recorder,
+            lambda _node: "minority" if partitioned else None,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(workload.run(stop))
+        try:
+            await eventually(lambda: workload.counts["ok"] >= 300 or task.done(), timeout=60)
+            partitioned = False
+            healed_ns = recorder.now()
+            await eventually(lambda: workload.counts["ok"] >= 500 or task.done(), timeout=60)
+        finally:
+            stop.set()
+            await task
+            recorder.close()
+    finally:
+        cluster.close()
+    ops = pair_operations(read_history(tmp_path / "history.jsonl"))
+    conflict = [o for o in ops if o.key in ("lww0", "lww1")]
+    assert {o.key for o in conflict} == {"lww0", "lww1"}  # ~30 of the first 300 operations
+    assert all(o.f == "write" and o.side == "minority" for o in conflict)
+    assert all(o.invoke_time < healed_ns for o in conflict), "a conflict write after the heal"
+    values = [o.value for o in conflict]
+    assert len(set(values)) == len(values), "written values are unique"
+    assert all(o.log_index is not None for o in conflict if o.type == "ok")
+    assert check_register(conflict, timeout_s=30).valid is True
 
 
 def test_delete_fraction_is_checked() -> None:
