@@ -27,6 +27,7 @@ non-member on the peer listener: PERMISSION_DENIED; each says what is needed.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
@@ -122,6 +123,14 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(uu, req, resp)
         if h.unary_stream is not None:
             inner_us = h.unary_stream
+            if not inspect.isasyncgenfunction(inner_us):
+                # one that writes its responses itself (the health service's Watch)
+
+                async def us_write(request: Any, context: Context) -> None:
+                    await deny(context)
+                    await inner_us(request, context)
+
+                return grpc.unary_stream_rpc_method_handler(us_write, req, resp)
 
             async def us(request: Any, context: Context) -> AsyncIterator[Any]:
                 await deny(context)

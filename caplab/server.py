@@ -9,11 +9,16 @@ On SIGTERM/SIGINT: mark the node NOT_SERVING, let the store hand over (raft lead
 transfer), stop accepting and finish in-flight requests within the grace period, then
 flush storage.
 
-Health follows the store: a backend with `health() -> (serving, reason)` is polled every
-`HEALTH_POLL_S` and the gRPC health status (service "") set to SERVING or NOT_SERVING on
-change, with a log line saying why. A backend with `failed_event` (an asyncio.Event) and
-`failed` (the reason) that sets it has failed for good: `serve` stops the node and
-returns exit status 1, so a supervisor restarts it from its durable state (fail-stop).
+Health follows the store: a backend with `health() -> (serving, reason)` is asked at start
+and then every `HEALTH_POLL_S`, and the gRPC health status of the node (service "") and
+of caplab.v1.KV set to SERVING or NOT_SERVING on every change (Watch sees each
+transition), with a log line saying why; what NOT_SERVING means per store: kv.proto,
+HEALTH. caplab.v1.Cluster (and caplab.v1.Admin, when served) are SERVING while the node
+runs: they answer without a quorum. All are NOT_SERVING once shutdown begins.
+
+A backend with `failed_event` (an asyncio.Event) and `failed` (the reason) that sets it
+has failed for good: `serve` stops the node and returns exit status 1, so a supervisor
+restarts it from its durable state (fail-stop).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from caplab.clock import SkewableClock
 from caplab.errors import Unavailable
 from caplab.logs import get_logger
 from caplab.security import server_credentials
-from caplab.servicer import AdminServicer, ClusterServicer, KVServicer
+from caplab.servicer import AdminServicer, ClusterServicer, KVServicer, MalformedRequests
 from caplab.store import BackendFactory, NodeConfig, StoreBackend
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import MAX_MESSAGE_BYTES
@@ -95,7 +100,10 @@ class NodeServer:
         client_auth: list[grpc.aio.ServerInterceptor] = []
         if config.client_tokens is not None:
             client_auth.append(ClientRoles(config.client_tokens))
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=client_auth)
+        # (who may call first; then a body that does not decode is INVALID_ARGUMENT)
+        self.server = grpc.aio.server(
+            options=SERVER_OPTIONS, interceptors=[*client_auth, MalformedRequests()]
+        )
         # The peer listener (``config.peer_listen``): peer services and forwarded requests,
         # members only when the node has certificates (see caplab.auth).
         self.peer_server: grpc.aio.Server | None = None
@@ -103,12 +111,16 @@ class NodeServer:
             members: list[grpc.aio.ServerInterceptor] = []
             if config.tls is not None:
                 members.append(MembersOnly())
-            self.peer_server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=members)
+            self.peer_server = grpc.aio.server(
+                options=SERVER_OPTIONS, interceptors=[*members, MalformedRequests()]
+            )
         self.peer_port = 0
         self._health = health.aio.HealthServicer()
         self._stopped = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
         self.serving: bool | None = None
+        # the health service names that follow the store; the others are SERVING while up
+        self.store_services = ["", kv_pb2.DESCRIPTOR.services_by_name["KV"].full_name]
         self.port = 0
 
     async def start(self) -> None:
@@ -142,11 +154,14 @@ class NodeServer:
             # a follower forwards client requests to its leader over the peer channel
             kv_pb2_grpc.add_KVServicer_to_server(KVServicer(self.backend), peer_server)
         await self.backend.start(peer_server)
+        # every health name answers from the first call on (never NOT_FOUND)
+        for name in service_names:
+            if name not in self.store_services and name.startswith("caplab."):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._update_health()
         await self.server.start()
         if self.peer_server is not None:
             await self.peer_server.start()
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.serving = True
         if hasattr(self.backend, "health"):
             self._health_task = asyncio.create_task(self._watch_health())
         log.info(
@@ -182,19 +197,28 @@ class NodeServer:
         await self.backend.close()
         log.info("node_stopped")
 
+    async def _update_health(self) -> None:
+        """Ask the store whether it can serve; on a change, set the health of the node and
+        of the services that follow the store, and log it."""
+        check = getattr(self.backend, "health", None)
+        serving, reason = (True, "") if check is None else check()
+        if serving == self.serving or self._stopped.is_set():
+            return
+        starting, self.serving = self.serving is None, serving
+        status = health_pb2.HealthCheckResponse
+        for name in self.store_services:
+            await self._health.set(name, status.SERVING if serving else status.NOT_SERVING)
+        if serving:
+            log.info("health_serving")
+        elif starting:  # (a raft node starts so until it hears from a leader)
+            log.info("health_not_serving", reason=reason)
+        else:
+            log.warning("health_not_serving", reason=reason)
+
     async def _watch_health(self) -> None:
-        check = self.backend.health  # type: ignore[attr-defined]
         while not self._stopped.is_set():
-            serving, reason = check()
-            if serving != self.serving:
-                self.serving = serving
-                status = health_pb2.HealthCheckResponse
-                await self._health.set("", status.SERVING if serving else status.NOT_SERVING)
-                if serving:
-                    log.info("health_serving")
-                else:
-                    log.warning("health_not_serving", reason=reason)
             await asyncio.sleep(HEALTH_POLL_S)
+            await self._update_health()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -1,15 +1,19 @@
 """gRPC servicers shared by both stores: protobuf <-> StoreBackend calls, nothing more.
 
 Validation (caplab.validation) and the error model (caplab.errors) are applied
-here, once, for every store.
+here, once, for every store. A request body that does not even decode (corrupt wire
+format, or a string field, such as a key, that is not valid UTF-8: the protobuf parser
+refuses it) is refused by :class:`MalformedRequests` before any servicer runs.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from caplab import errors, validation
 from caplab.logs import get_logger
@@ -18,6 +22,9 @@ from caplab.v1 import kv_pb2, kv_pb2_grpc
 
 T = TypeVar("T")
 log = get_logger("caplab.servicer")
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # (subscriptable in the stubs only)
 
 _CONSISTENCY = {
     kv_pb2.CONSISTENCY_DEFAULT: Consistency.DEFAULT,
@@ -213,3 +220,99 @@ class AdminServicer(kv_pb2_grpc.AdminServicer):
             return kv_pb2.SetClockSkewResponse(skew_ms=self.b.clock.skew_ms)
 
         return await _call(context, run)
+
+
+class _Malformed:
+    """What the guarded deserializer returns for a body that does not decode."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Refuse a request body that does not decode with INVALID_ARGUMENT (not applied).
+
+    grpc.aio deserializes a request outside the servicer, so a ``DecodeError`` (corrupt
+    wire format; a proto3 string field, such as a key, that is not valid UTF-8) became
+    status UNKNOWN, which clients read as "outcome unknown", with a traceback logged per
+    request. This interceptor gives every handler with a unary request (KV, Cluster,
+    Admin, health, on both listeners) a deserializer that returns a marker instead of
+    raising, and a behavior that answers the marker with INVALID_ARGUMENT and one warning
+    line. Streamed requests (the stores' peer streams, reflection) are left alone: the
+    peer services validate their own input.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        method: str = handler_call_details.method
+        key = (method, id(handler))
+        wrapped = self._cache.get(key)
+        if wrapped is None:
+            wrapped = _guard(method, handler)
+            if len(self._cache) < 1024:
+                self._cache[key] = wrapped
+        return wrapped
+
+
+def _guard(method: str, h: Any) -> Handler:
+    # (h: an aio handler with a unary request; the grpc stubs type handlers as synchronous)
+    parse = h.request_deserializer
+    resp = h.response_serializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return _Malformed(str(e) or "undecodable")
+
+    async def refuse(request: _Malformed, context: Context) -> None:
+        log.warning("malformed_request", method=method, reason=request.reason)
+        hint = ""
+        if "utf-8" in request.reason.lower():
+            hint = " (a string field, such as the key or the client id, is not valid UTF-8)"
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"malformed request to {method}: the body does not decode{hint}: "
+            f"{request.reason}; not applied",
+            trailing_metadata=((errors.OUTCOME_KEY, errors.NOT_APPLIED),),
+        )
+
+    if h.unary_unary is not None:
+        inner_uu = h.unary_unary
+
+        async def uu(request: Any, context: Context) -> Any:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(uu, deserialize, resp)
+    inner_us = h.unary_stream
+    assert inner_us is not None
+    if inspect.isasyncgenfunction(inner_us):  # a servicer that yields its responses (Dump)
+
+        async def us_gen(request: Any, context: Context) -> AsyncIterator[Any]:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for item in inner_us(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(us_gen, deserialize, resp)
+
+    async def us_write(request: Any, context: Context) -> None:
+        # one that writes its responses itself (the health service's Watch)
+        if isinstance(request, _Malformed):
+            await refuse(request, context)
+        await inner_us(request, context)
+
+    return grpc.unary_stream_rpc_method_handler(us_write, deserialize, resp)

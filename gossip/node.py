@@ -500,9 +500,13 @@ class GossipBackend:
         self.failed_event.set()
 
     def health(self) -> tuple[bool, str]:
-        """(serving, why not)."""
+        """(serving, why not): SERVING while the node runs (AP: it answers without any
+        quorum); NOT_SERVING once it stops for good, while its disk is full (writes are
+        refused), and while it shuts down."""
         if self.failed is not None:
             return False, f"failed: {self.failed}"
+        if self._stopping:
+            return False, "shutting down"
         if self.disk_full is not None:
             return False, f"disk full: {self.disk_full}"
         return True, ""

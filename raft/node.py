@@ -71,7 +71,14 @@ from raft.codec import MAX_ENTRIES_PER_APPEND, CodecError, from_pb, snapshot_fro
 from raft.core import RaftConfig, RaftCore, Ready, Role
 from raft.messages import Append, InstallSnapshot, Message
 from raft.pipeline import ReadyPipeline, Save, SyncPolicy
-from raft.statemachine import OVERFLOW, STALE, TYPE_CONFLICT, KvStateMachine, check_snapshot
+from raft.statemachine import (
+    OVERFLOW,
+    REUSED,
+    STALE,
+    TYPE_CONFLICT,
+    KvStateMachine,
+    check_snapshot,
+)
 from raft.storage import RaftStorage, RetryableStorageError
 
 log = get_logger("raft.node")
@@ -333,7 +340,6 @@ class RaftBackend:
         self._disk_busy = 0  # storage calls under way on the disk thread
         self._stopping = False
         self._view: tuple[Role, int, str | None] | None = None
-        self._no_leader_since: float | None = None
         self._compaction_failed_at = 0  # applied index of the last failed compaction
         #: why the disk refuses writes (full), while it does; cleared once a save succeeds
         self.disk_error: str | None = None
@@ -446,19 +452,23 @@ class RaftBackend:
         self.failed_event.set()
 
     def health(self) -> tuple[bool, str]:
-        """(serving, why not): NOT_SERVING while this node cannot make progress."""
+        """(serving, why not): SERVING iff this node can serve linearizable requests now
+        (itself, or by forwarding to its leader): it runs, its disk takes writes, and it
+        is in contact with a quorum: as leader, a majority (itself included) answered
+        within the last election timeout; as follower, it heard from its leader within
+        an election timeout. Cheap (no I/O): the server asks every 100 ms."""
         if self.failed is not None:
             return False, f"failed: {self.failed}"
+        if self._stopping:
+            return False, "shutting down"
         if self.disk_error is not None:
             return False, f"disk: {self.disk_error}"
-        now = time.monotonic()
-        if self.core.has_quorum_contact():
-            self._no_leader_since = None
-        elif self._no_leader_since is None:
-            self._no_leader_since = now
-        elif now - self._no_leader_since > self.opts.election_timeout_s:
-            return False, "no leader with a majority for longer than an election timeout"
-        return True, ""
+        core = self.core
+        if core.has_quorum_contact():
+            return True, ""
+        if core.role is Role.LEADER:
+            return False, "leader without a majority heard from within an election timeout"
+        return False, "no leader heard from within an election timeout (no quorum reachable?)"
 
     async def before_shutdown(self) -> None:
         """Hand leadership to the most up-to-date follower so a restart costs no election."""
@@ -826,7 +836,7 @@ class RaftBackend:
         self._queued.append((cmd.SerializeToString(), fut))
         self.wake.set()
         result, index = await fut
-        if result.status == TYPE_CONFLICT:
+        if result.status in (TYPE_CONFLICT, REUSED):
             raise errors.FailedPrecondition(result.message)
         if result.status == OVERFLOW:
             raise errors.OutOfRange(result.message)

@@ -9,8 +9,12 @@ most once and answered with the original result (Raft thesis §6.3), even when
 the client has several requests in flight that arrive out of order. A sequence
 at or below the session's low-water mark (evicted from the window) is refused
 as too old (it may or may not have been applied; the client has long given up
-on it). The table is part of the snapshot, so deduplication survives
-compaction and restarts. Sessions are evicted deterministically (least recent
+on it). A cached result remembers the operation (put, delete, cas, increment) and
+the key of its request: a command reusing the request id of another operation or key
+is refused (status REUSED, FAILED_PRECONDITION; not applied), not answered with the
+other request's result; like everything here it depends on the replicated state only,
+so every replica decides alike. The table is part of the snapshot, so deduplication
+survives compaction and restarts. Sessions are evicted deterministically (least recent
 last_index first, ties by client id) once there are more than `max_sessions`.
 
 The state digest is an XOR of SHA-256 hashes of (key, type, value), updated in
@@ -34,15 +38,26 @@ from caplab.validation import (
     check_request_id,
 )
 
-OK, TYPE_CONFLICT, OVERFLOW, STALE = 0, 1, 2, 3
+OK, TYPE_CONFLICT, OVERFLOW, STALE, REUSED = 0, 1, 2, 3, 4
+# How a refusal names an operation (the Command's oneof names), as gossip does.
+OP_NAMES = {"put": "put", "delete": "delete", "cas": "compare-and-swap", "increment": "increment"}
 DEFAULT_MAX_SESSIONS = 20_000
 DEFAULT_WINDOW = 128  # results remembered per client: its max requests in flight
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A request applied for a client: what it was and what it answered."""
+
+    op: str  # the Command's oneof name; "" if restored from a snapshot that lacked it
+    key: str
+    result: raft_pb2.CommandResult
 
 
 @dataclass(slots=True)
 class Session:
     low: int  # sequences <= low are too old to deduplicate: refused
-    results: dict[int, raft_pb2.CommandResult]  # sequence -> result, newest `window` of them
+    results: dict[int, Applied]  # sequence -> its request and result, newest `window`
     last_index: int  # log index of the last command applied for this client
 
 
@@ -105,11 +120,14 @@ class KvStateMachine:
     def apply(self, index: int, payload: bytes) -> raft_pb2.CommandResult:
         """Apply the command in the log entry at `index`; return its (possibly cached) result."""
         cmd = raft_pb2.Command.FromString(payload)
+        op = cmd.WhichOneof("op") or ""
         session = self.sessions.get(cmd.client_id) if cmd.client_id else None
         if session is not None:
             cached = session.results.get(cmd.sequence)
             if cached is not None:
-                return cached
+                if cached.op and (cached.op != op or cached.key != cmd.key):
+                    return _reused(cmd, cached)
+                return cached.result
             if cmd.sequence <= session.low:
                 return raft_pb2.CommandResult(
                     status=STALE,
@@ -124,7 +142,7 @@ class KvStateMachine:
                 if len(self.sessions) > self.max_sessions:
                     victim = min(self.sessions.items(), key=lambda kv: (kv[1].last_index, kv[0]))
                     del self.sessions[victim[0]]
-            session.results[cmd.sequence] = result
+            session.results[cmd.sequence] = Applied(op, cmd.key, result)
             session.last_index = index
             if len(session.results) > self.window:
                 oldest = min(session.results)
@@ -180,8 +198,8 @@ class KvStateMachine:
                 client_id=client_id,
                 low=sess.low,
                 results=[
-                    raft_pb2.SessionResult(sequence=q, result=r)
-                    for q, r in sorted(sess.results.items())
+                    raft_pb2.SessionResult(sequence=q, result=a.result, op=a.op, key=a.key)
+                    for q, a in sorted(sess.results.items())
                 ],
                 last_index=sess.last_index,
             )
@@ -198,7 +216,7 @@ class KvStateMachine:
             self._set(key, value, v.index)
         for s in snap.sessions:
             self.sessions[s.client_id] = Session(
-                s.low, {r.sequence: r.result for r in s.results}, s.last_index
+                s.low, {r.sequence: Applied(r.op, r.key, r.result) for r in s.results}, s.last_index
             )
 
 
@@ -225,8 +243,27 @@ def check_snapshot(data: bytes) -> None:
             if not s.client_id:
                 raise ValueError("a session has no client id")
             check_request_id(s.client_id, 1)
+            for r in s.results:
+                if r.op and r.op not in OP_NAMES:
+                    raise ValueError(f"a session result names an unknown operation {r.op!r}")
+                if r.op:
+                    check_key(r.key)
     except InvalidArgument as e:
         raise ValueError(f"state snapshot: {e.message}") from None
+
+
+def _reused(cmd: raft_pb2.Command, cached: Applied) -> raft_pb2.CommandResult:
+    """The refusal of a command whose request id an earlier, different request used (the
+    message as gossip's, naming what the id was used for)."""
+    used = OP_NAMES.get(cached.op, cached.op)
+    what = f"{'an' if used[:1] in tuple('aeiou') else 'a'} {used} of key {cached.key!r}"
+    if cached.op == (cmd.WhichOneof("op") or ""):
+        what += f" (not {cmd.key!r})"
+    return raft_pb2.CommandResult(
+        status=REUSED,
+        message=f"request sequence {cmd.sequence} of client {cmd.client_id!r} was already "
+        f"used for {what}; not applied (use a new sequence for a new request)",
+    )
 
 
 def _conflict(key: str, holds: str, op: str) -> raft_pb2.CommandResult:

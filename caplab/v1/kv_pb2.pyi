@@ -12,7 +12,9 @@ Every RPC either succeeds or fails with a standard gRPC status. The code
 tells a client whether the operation can have taken effect:
 
   DEFINITELY NOT APPLIED (safe to retry, recorded as `fail` in histories):
-    INVALID_ARGUMENT    bad input (key/value/delta limits below); fix the request.
+    INVALID_ARGUMENT    bad input (key/value/delta limits below), or a request
+                        body that does not decode (corrupt, or a string field,
+                        such as a key, that is not valid UTF-8); fix the request.
     FAILED_PRECONDITION the store cannot do this operation or consistency level
                         (e.g. the AP store refuses CompareAndSwap and
                         LINEARIZABLE reads), or the key holds the other type
@@ -24,6 +26,13 @@ tells a client whether the operation can have taken effect:
                         where known, the leader's id and address. Servers mark
                         these refusals with the trailing metadata entry
                         `caplab-outcome: not-applied`.
+                        Also UNAVAILABLE from the client's own gRPC library when
+                        no connection could be made ("nothing listening":
+                        connection refused, no route, the name does not resolve;
+                        details like "failed to connect to all addresses"): the
+                        request never left. Definitely not applied for a first
+                        attempt; after an attempt whose outcome was unknown, the
+                        operation's outcome stays unknown.
     RESOURCE_EXHAUSTED  overloaded (too many requests in flight); not applied.
     OUT_OF_RANGE        Increment would overflow a signed 64-bit counter; not applied.
     NOT_FOUND           (Cluster.Dump only) nothing to dump.
@@ -33,9 +42,10 @@ tells a client whether the operation can have taken effect:
     DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL, ABORTED,
     and UNAVAILABLE *without* `caplab-outcome: not-applied` (a transport error
     raised by the gRPC library after the request may have left the client,
-    e.g. a connection reset mid-call). Servers that know the outcome is
-    unknown (a Raft leader that lost leadership with the write in flight)
-    answer UNKNOWN with `caplab-outcome: unknown`.
+    e.g. a connection reset mid-call; not a connection never made, above).
+    Servers that know the outcome is unknown (a Raft leader that lost
+    leadership with the write in flight) answer UNKNOWN with
+    `caplab-outcome: unknown`.
 
 Reads never change state, so any failed read is simply a failed read.
 A retried mutation with the same (client_id, sequence) is applied at most
@@ -267,7 +277,11 @@ class RequestId(_message.Message):
     each client's last 128 applied mutations: a client may have up to 128
     mutations in flight, in any order; a retry of a sequence older than that
     window is answered UNKNOWN (it may have been applied long ago). See the
-    error model above for what gossip guarantees across nodes.
+    error model above for what gossip guarantees across nodes. A request id
+    reused for a different request (another operation, or on raft another key)
+    is refused with FAILED_PRECONDITION ("request sequence N of client C was
+    already used for a put ..."; not applied), never answered with the other
+    request's result.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

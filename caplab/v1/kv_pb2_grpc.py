@@ -26,7 +26,24 @@ if _version_not_supported:
 
 
 class KVStub:
-    """Missing associated documentation comment in .proto file."""
+    """HEALTH. Every node also serves the standard gRPC health service
+    (grpc.health.v1.Health, Check and Watch; no credentials needed). Service ""
+    (the node) and "caplab.v1.KV" say whether the node can serve its store's
+    requests now; "caplab.v1.Cluster" (and "caplab.v1.Admin" where served) are
+    SERVING while the node runs (they answer without a quorum). Every name is
+    NOT_SERVING once the node begins to shut down. The status is re-evaluated
+    every 100 ms and changes are pushed to Watch.
+    raft:   SERVING iff the node can serve linearizable requests (itself, or
+    by forwarding to its leader): as leader, a majority (itself
+    included) answered it within the last election timeout; as
+    follower, it heard from its leader within an election timeout.
+    NOT_SERVING without a known leader (election under way, or no
+    quorum reachable: the node is in a minority), while its disk
+    refuses writes, or after it failed. LOCAL reads still work then.
+    gossip: SERVING while the node runs, whatever it can reach (AP: it always
+    answers from its replica); NOT_SERVING only while its disk is
+    full (writes refused), after its storage failed, or on shutdown.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,7 +79,24 @@ class KVStub:
 
 
 class KVServicer:
-    """Missing associated documentation comment in .proto file."""
+    """HEALTH. Every node also serves the standard gRPC health service
+    (grpc.health.v1.Health, Check and Watch; no credentials needed). Service ""
+    (the node) and "caplab.v1.KV" say whether the node can serve its store's
+    requests now; "caplab.v1.Cluster" (and "caplab.v1.Admin" where served) are
+    SERVING while the node runs (they answer without a quorum). Every name is
+    NOT_SERVING once the node begins to shut down. The status is re-evaluated
+    every 100 ms and changes are pushed to Watch.
+    raft:   SERVING iff the node can serve linearizable requests (itself, or
+    by forwarding to its leader): as leader, a majority (itself
+    included) answered it within the last election timeout; as
+    follower, it heard from its leader within an election timeout.
+    NOT_SERVING without a known leader (election under way, or no
+    quorum reachable: the node is in a minority), while its disk
+    refuses writes, or after it failed. LOCAL reads still work then.
+    gossip: SERVING while the node runs, whatever it can reach (AP: it always
+    answers from its replica); NOT_SERVING only while its disk is
+    full (writes refused), after its storage failed, or on shutdown.
+    """
 
     def Put(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -133,7 +167,24 @@ def add_KVServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KV:
-    """Missing associated documentation comment in .proto file."""
+    """HEALTH. Every node also serves the standard gRPC health service
+    (grpc.health.v1.Health, Check and Watch; no credentials needed). Service ""
+    (the node) and "caplab.v1.KV" say whether the node can serve its store's
+    requests now; "caplab.v1.Cluster" (and "caplab.v1.Admin" where served) are
+    SERVING while the node runs (they answer without a quorum). Every name is
+    NOT_SERVING once the node begins to shut down. The status is re-evaluated
+    every 100 ms and changes are pushed to Watch.
+    raft:   SERVING iff the node can serve linearizable requests (itself, or
+    by forwarding to its leader): as leader, a majority (itself
+    included) answered it within the last election timeout; as
+    follower, it heard from its leader within an election timeout.
+    NOT_SERVING without a known leader (election under way, or no
+    quorum reachable: the node is in a minority), while its disk
+    refuses writes, or after it failed. LOCAL reads still work then.
+    gossip: SERVING while the node runs, whatever it can reach (AP: it always
+    answers from its replica); NOT_SERVING only while its disk is
+    full (writes refused), after its storage failed, or on shutdown.
+    """
 
     @staticmethod
     def Put(request,

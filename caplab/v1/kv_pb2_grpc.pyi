@@ -12,7 +12,9 @@ Every RPC either succeeds or fails with a standard gRPC status. The code
 tells a client whether the operation can have taken effect:
 
   DEFINITELY NOT APPLIED (safe to retry, recorded as `fail` in histories):
-    INVALID_ARGUMENT    bad input (key/value/delta limits below); fix the request.
+    INVALID_ARGUMENT    bad input (key/value/delta limits below), or a request
+                        body that does not decode (corrupt, or a string field,
+                        such as a key, that is not valid UTF-8); fix the request.
     FAILED_PRECONDITION the store cannot do this operation or consistency level
                         (e.g. the AP store refuses CompareAndSwap and
                         LINEARIZABLE reads), or the key holds the other type
@@ -24,6 +26,13 @@ tells a client whether the operation can have taken effect:
                         where known, the leader's id and address. Servers mark
                         these refusals with the trailing metadata entry
                         `caplab-outcome: not-applied`.
+                        Also UNAVAILABLE from the client's own gRPC library when
+                        no connection could be made ("nothing listening":
+                        connection refused, no route, the name does not resolve;
+                        details like "failed to connect to all addresses"): the
+                        request never left. Definitely not applied for a first
+                        attempt; after an attempt whose outcome was unknown, the
+                        operation's outcome stays unknown.
     RESOURCE_EXHAUSTED  overloaded (too many requests in flight); not applied.
     OUT_OF_RANGE        Increment would overflow a signed 64-bit counter; not applied.
     NOT_FOUND           (Cluster.Dump only) nothing to dump.
@@ -33,9 +42,10 @@ tells a client whether the operation can have taken effect:
     DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL, ABORTED,
     and UNAVAILABLE *without* `caplab-outcome: not-applied` (a transport error
     raised by the gRPC library after the request may have left the client,
-    e.g. a connection reset mid-call). Servers that know the outcome is
-    unknown (a Raft leader that lost leadership with the write in flight)
-    answer UNKNOWN with `caplab-outcome: unknown`.
+    e.g. a connection reset mid-call; not a connection never made, above).
+    Servers that know the outcome is unknown (a Raft leader that lost
+    leadership with the write in flight) answer UNKNOWN with
+    `caplab-outcome: unknown`.
 
 Reads never change state, so any failed read is simply a failed read.
 A retried mutation with the same (client_id, sequence) is applied at most
@@ -87,6 +97,25 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class KVStub:
+    """HEALTH. Every node also serves the standard gRPC health service
+    (grpc.health.v1.Health, Check and Watch; no credentials needed). Service ""
+    (the node) and "caplab.v1.KV" say whether the node can serve its store's
+    requests now; "caplab.v1.Cluster" (and "caplab.v1.Admin" where served) are
+    SERVING while the node runs (they answer without a quorum). Every name is
+    NOT_SERVING once the node begins to shut down. The status is re-evaluated
+    every 100 ms and changes are pushed to Watch.
+      raft:   SERVING iff the node can serve linearizable requests (itself, or
+              by forwarding to its leader): as leader, a majority (itself
+              included) answered it within the last election timeout; as
+              follower, it heard from its leader within an election timeout.
+              NOT_SERVING without a known leader (election under way, or no
+              quorum reachable: the node is in a minority), while its disk
+              refuses writes, or after it failed. LOCAL reads still work then.
+      gossip: SERVING while the node runs, whatever it can reach (AP: it always
+              answers from its replica); NOT_SERVING only while its disk is
+              full (writes refused), after its storage failed, or on shutdown.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -102,6 +131,25 @@ class KVStub:
 
 @_typing.type_check_only
 class KVAsyncStub(KVStub):
+    """HEALTH. Every node also serves the standard gRPC health service
+    (grpc.health.v1.Health, Check and Watch; no credentials needed). Service ""
+    (the node) and "caplab.v1.KV" say whether the node can serve its store's
+    requests now; "caplab.v1.Cluster" (and "caplab.v1.Admin" where served) are
+    SERVING while the node runs (they answer without a quorum). Every name is
+    NOT_SERVING once the node begins to shut down. The status is re-evaluated
+    every 100 ms and changes are pushed to Watch.
+      raft:   SERVING iff the node can serve linearizable requests (itself, or
+              by forwarding to its leader): as leader, a majority (itself
+              included) answered it within the last election timeout; as
+              follower, it heard from its leader within an election timeout.
+              NOT_SERVING without a known leader (election under way, or no
+              quorum reachable: the node is in a minority), while its disk
+              refuses writes, or after it failed. LOCAL reads still work then.
+      gossip: SERVING while the node runs, whatever it can reach (AP: it always
+              answers from its replica); NOT_SERVING only while its disk is
+              full (writes refused), after its storage failed, or on shutdown.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Put: _aio.UnaryUnaryMultiCallable[_kv_pb2.PutRequest, _kv_pb2.PutResponse]  # type: ignore[assignment]
     Get: _aio.UnaryUnaryMultiCallable[_kv_pb2.GetRequest, _kv_pb2.GetResponse]  # type: ignore[assignment]
@@ -113,6 +161,25 @@ class KVAsyncStub(KVStub):
     Increment: _aio.UnaryUnaryMultiCallable[_kv_pb2.IncrementRequest, _kv_pb2.IncrementResponse]  # type: ignore[assignment]
 
 class KVServicer(metaclass=_abc_1.ABCMeta):
+    """HEALTH. Every node also serves the standard gRPC health service
+    (grpc.health.v1.Health, Check and Watch; no credentials needed). Service ""
+    (the node) and "caplab.v1.KV" say whether the node can serve its store's
+    requests now; "caplab.v1.Cluster" (and "caplab.v1.Admin" where served) are
+    SERVING while the node runs (they answer without a quorum). Every name is
+    NOT_SERVING once the node begins to shut down. The status is re-evaluated
+    every 100 ms and changes are pushed to Watch.
+      raft:   SERVING iff the node can serve linearizable requests (itself, or
+              by forwarding to its leader): as leader, a majority (itself
+              included) answered it within the last election timeout; as
+              follower, it heard from its leader within an election timeout.
+              NOT_SERVING without a known leader (election under way, or no
+              quorum reachable: the node is in a minority), while its disk
+              refuses writes, or after it failed. LOCAL reads still work then.
+      gossip: SERVING while the node runs, whatever it can reach (AP: it always
+              answers from its replica); NOT_SERVING only while its disk is
+              full (writes refused), after its storage failed, or on shutdown.
+    """
+
     @_abc_1.abstractmethod
     def Put(
         self,

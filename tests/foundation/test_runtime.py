@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -12,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from caplab import errors
 from caplab.client import KVClient
 from caplab.server import NodeServer
-from caplab.v1 import kv_pb2
+from caplab.v1 import kv_pb2, kv_pb2_grpc
 from tests.foundation.memstore import MemBackend
 
 
@@ -149,3 +151,80 @@ async def test_dump_streams_in_key_order(mem_node: NodeServer) -> None:
         for k in ["b", "a", "c"]:
             await c.put(k, b"x")
         assert [e.key for e in await c.dump()] == ["a", "b", "c"]
+
+
+def _bad_utf8_key(request_id: bool = False) -> bytes:
+    """A PutRequest whose key (field 1, length-delimited) holds bytes that are not UTF-8
+    (or, with request_id, whose request_id.client_id does)."""
+    if request_id:
+        inner = b"\x0a\x02\xff\xfe\x10\x01"  # RequestId{client_id: ff fe, sequence: 1}
+        return b"\x0a\x01k\x1a" + bytes([len(inner)]) + inner
+    return b"\x0a\x02\xff\xfe"
+
+
+@pytest.mark.parametrize(
+    "method, body, fragment",
+    [
+        ("/caplab.v1.KV/Put", b"\xff\xff\xff", "does not decode"),
+        ("/caplab.v1.KV/Put", _bad_utf8_key(), "UTF-8"),
+        ("/caplab.v1.KV/Put", _bad_utf8_key(request_id=True), "UTF-8"),
+        ("/caplab.v1.KV/Get", _bad_utf8_key(), "UTF-8"),
+        ("/caplab.v1.KV/Delete", _bad_utf8_key(), "UTF-8"),
+        ("/caplab.v1.KV/CompareAndSwap", _bad_utf8_key(), "UTF-8"),
+        ("/caplab.v1.KV/Increment", _bad_utf8_key(), "UTF-8"),
+        ("/caplab.v1.Cluster/Status", b"\xff\xff\xff", "does not decode"),
+        ("/caplab.v1.Cluster/Dump", _bad_utf8_key(), "UTF-8"),  # start_after
+        ("/caplab.v1.Admin/SetClockSkew", b"\xff\xff\xff", "does not decode"),
+        ("/grpc.health.v1.Health/Check", _bad_utf8_key(), "UTF-8"),  # service
+    ],
+)
+async def test_undecodable_request_is_invalid_argument_without_traceback(
+    admin_node: NodeServer,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    body: bytes,
+    fragment: str,
+) -> None:
+    """A body the protobuf parser refuses (corrupt, or a string that is not UTF-8) was
+    status UNKNOWN ("outcome unknown") with a traceback logged by grpc per request."""
+    backend = admin_node.backend
+    assert isinstance(backend, MemBackend)
+    async with grpc.aio.insecure_channel(addr(admin_node)) as ch:
+        call: Any
+        if method.endswith("/Dump"):
+            call = ch.unary_stream(method, request_serializer=bytes, response_deserializer=bytes)
+        else:
+            call = ch.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            if method.endswith("/Dump"):
+                async for _ in call(body, timeout=5):
+                    pass
+            else:
+                await call(body, timeout=5)
+    e = info.value
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+    assert fragment in (e.details() or "")
+    assert "not applied" in (e.details() or "")
+    assert (errors.OUTCOME_KEY, errors.NOT_APPLIED) in tuple(e.trailing_metadata() or ())
+    err = errors.classify(e.code(), e.details() or "", e.trailing_metadata())
+    assert isinstance(err, errors.InvalidArgument) and err.definite
+    assert backend.applied == 0
+    tracebacks = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not tracebacks, tracebacks[0].getMessage()
+
+
+async def test_well_formed_calls_pass_the_decode_guard(mem_node: NodeServer) -> None:
+    """The guard hands good requests through, streams included (Dump yields, the health
+    service's Watch writes)."""
+    async with KVClient([addr(mem_node)]) as c:
+        await c.put("a", b"1")
+        await c.put("b", b"2")
+        assert [e.key for e in await c.dump()] == ["a", "b"]
+    async with grpc.aio.insecure_channel(addr(mem_node)) as ch:
+        dump = kv_pb2_grpc.ClusterStub(ch).Dump(kv_pb2.DumpRequest(start_after="a"))
+        assert [e.key async for e in dump] == ["b"]
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+        first = await watch.read()
+        assert isinstance(first, health_pb2.HealthCheckResponse)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

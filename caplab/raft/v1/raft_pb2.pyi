@@ -550,7 +550,9 @@ class CommandResult(_message.Message):
     CURRENT_FIELD_NUMBER: _builtins.int
     COUNTER_FIELD_NUMBER: _builtins.int
     status: _builtins.int
-    """0 ok, 1 type conflict (FAILED_PRECONDITION), 2 overflow (OUT_OF_RANGE)"""
+    """0 ok, 1 type conflict (FAILED_PRECONDITION), 2 overflow (OUT_OF_RANGE), 3 too old to
+    deduplicate (UNKNOWN), 4 request id reused for another operation (FAILED_PRECONDITION)
+    """
     message: _builtins.str
     flag: _builtins.bool
     """delete: existed; cas: swapped"""
@@ -611,13 +613,21 @@ class SessionResult(_message.Message):
     """A client's session: the results of its recently applied requests (a client may
     have several in flight), and the low-water mark at or below which a request
     is too old to be told apart from one already applied.
+    The op (the Command's oneof name: put, delete, cas, increment) and key of the request
+    are kept with its result: a request id reused for another operation or key is refused
+    (status 4), not answered with the other request's result. Empty in snapshots taken
+    before they were kept: such an entry answers any retry, as it did then.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
+    op: _builtins.str
+    key: _builtins.str
     @_builtins.property
     def result(self) -> Global___CommandResult: ...
     def __init__(
@@ -625,10 +635,12 @@ class SessionResult(_message.Message):
         *,
         sequence: _builtins.int = ...,
         result: Global___CommandResult | None = ...,
+        op: _builtins.str = ...,
+        key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "op", b"op", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
