@@ -534,9 +534,10 @@ class GossipBackend:
                 "not applied (retry with backoff)"
             )
 
-    async def _applied(self, rid: RequestId | None, op: str) -> Applied | None:
+    async def _applied(self, rid: RequestId | None, op: str, key: str) -> Applied | None:
         """The durable record answering a retry of ``rid`` (applied by any node), or None
-        if it is a new request."""
+        if it is a new request. A request id used before for another operation or key is
+        refused (raft refuses it the same way)."""
         if rid is None:
             return None
         try:
@@ -550,10 +551,11 @@ class GossipBackend:
             ) from None
         if rec is None:
             return None
-        if rec.op != op:
+        if rec.op != op or rec.key != key:
             raise errors.FailedPrecondition(
                 f"request sequence {rid.sequence} of client {rid.client_id!r} was already used "
-                f"for a {rec.op}; not applied"
+                f"for {'an' if rec.op[0] in 'aeiou' else 'a'} {rec.op} of key {rec.key!r}; "
+                "not applied"
             )
         self.counters["dedup_hits"] += 1
         durable = await self._visible(applied_key(rid.client_id, rid.sequence))
@@ -617,7 +619,7 @@ class GossipBackend:
     async def put(
         self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
     ) -> Header:
-        rec = await self._applied(rid, "put")
+        rec = await self._applied(rid, "put", key)
         if rec is not None:
             return self._header(rec.ts)
         self._check_writable()
@@ -630,7 +632,7 @@ class GossipBackend:
         return self._header(w.ts)
 
     async def delete(self, key: str, rid: RequestId | None, timeout: float | None) -> DeleteResult:
-        rec = await self._applied(rid, "delete")
+        rec = await self._applied(rid, "delete", key)
         if rec is not None:
             return DeleteResult(self._header(rec.ts), bool(rec.num))
         self._check_writable()
@@ -647,7 +649,7 @@ class GossipBackend:
     async def increment(
         self, key: str, delta: int, rid: RequestId | None, timeout: float | None
     ) -> IncrementResult:
-        rec = await self._applied(rid, "increment")
+        rec = await self._applied(rid, "increment", key)
         if rec is not None:
             return IncrementResult(self._header(rec.ts), rec.num)
         self._check_writable()

@@ -180,6 +180,12 @@ async def test_a_request_applied_on_two_nodes_counts_once(healed: Net) -> None:
     # the same id for another operation is refused, on any node
     with pytest.raises(Exception, match="already used"):
         await c3.kv().Put(kv_pb2.PutRequest(key="edge/x", value=b"v", request_id=rid))
+    # ... and for the same operation on another key (it answered with the first key's value)
+    with pytest.raises(Exception, match="already used for an increment of key 'edge/once'"):
+        await c3.kv().Increment(
+            kv_pb2.IncrementRequest(key="edge/other", delta=1, request_id=rid), timeout=3.0
+        )
+    assert (await c3.get("edge/other", kv_pb2.CONSISTENCY_LOCAL)).found is False
 
 
 async def test_a_wiped_node_keeps_the_increments_it_takes_after_its_restart(healed: Net) -> None:
