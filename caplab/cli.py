@@ -1,42 +1,28 @@
 """The `caplab` command line.
 
 Exit codes: 0 success; 1 the store refused or failed (one clear line, no
-traceback); 2 usage errors.
+traceback); 2 usage errors; 130 interrupted.
+
+Module-level imports stay at the standard library's argparse level (and caplab.kvcli,
+which is no heavier): every command imports what it drives when it runs, and
+`caplab kv ...` does not even register the harness's commands, so that a kv call starts
+in a fraction of a second (tests/foundation/test_cli.py checks what it imports).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from caplab import __version__, errors
-from caplab import loop as caplab_loop
+from caplab import __version__
+from caplab.kvcli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, add_kv
+from caplab.kvcli import hostport as _hostport
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad command line; exit code 2."""
-
-
-def _hostport(text: str) -> str:
-    if "://" in text or "/" in text:
-        raise argparse.ArgumentTypeError(
-            f"expected HOST:PORT, got {text!r}: a gRPC endpoint has no scheme or path "
-            "(e.g. 127.0.0.1:7101)"
-        )
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return text
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 
 def _peer(text: str) -> tuple[str, str]:
@@ -71,7 +57,7 @@ def _add_node(sub: Any) -> None:
     p.add_argument(
         "--peer-listen",
         type=_hostport,
-        default="",
+        default=None,
         metavar="HOST:PORT",
         help="where peers reach this node (required with --certs; --peer addresses name "
         "the other nodes' peer listeners); default: beside the clients on --listen",
@@ -123,6 +109,7 @@ def _add_node(sub: Any) -> None:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
+    from caplab import loop as caplab_loop
     from caplab.logs import configure_logging
     from caplab.server import load_backend_factory, serve
     from caplab.store import NodeConfig
@@ -143,7 +130,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         enable_admin=args.enable_admin,
         options=dict(args.options),
-        peer_listen=args.peer_listen,
+        peer_listen=args.peer_listen or "",
         tls=tls,
         client_tls=args.client_tls,
         client_tokens=tokens,
@@ -155,6 +142,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 def _node_security(args: argparse.Namespace) -> tuple[Any, Any]:
     """(member TLS files or None, client tokens or None) from the node's flags; refuses
     unsafe combinations with the reason and the way out."""
+    from caplab import errors
     from caplab.logs import get_logger
     from caplab.security import SecurityError, is_loopback, load_node_tls, load_tokens
 
@@ -232,7 +220,7 @@ def _add_certs(sub: Any) -> None:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from caplab import security
+    from caplab import errors, security
 
     root = Path(args.dir)
     clients = dict(args.client) or security.DEFAULT_CLIENTS
@@ -256,298 +244,73 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 # -- cluster --------------------------------------------------------------------
 def _add_cluster(sub: Any) -> None:
-    p = sub.add_parser("cluster", help="run N local nodes in the foreground until Ctrl-C")
+    p = sub.add_parser(
+        "cluster",
+        help="run N local nodes in the foreground until Ctrl-C, with a console on a terminal",
+    )
     p.add_argument("--store", choices=["raft", "gossip"], required=True)
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--base-port", type=int, default=None, help="first port (default: free ports)")
     p.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")
-    p.add_argument("--enable-admin", action="store_true")
+    p.add_argument(
+        "--enable-admin", action="store_true", help="serve Admin (always on with the console)"
+    )
     p.add_argument(
         "--insecure",
         action="store_true",
         help="no TLS between the nodes (default: mutual TLS, certificates made in DATA_DIR/certs)",
     )
+    p.add_argument(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a caplab> prompt to inspect the nodes and inject faults (status, kill, "
+        "partition, ...; peer links then go through local proxies); default: when stdin "
+        "is a terminal",
+    )
+    p.add_argument(
+        "--set",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        dest="options",
+        help="store tuning passed to every node (see `caplab node --set`)",
+    )
     p.set_defaults(func=_cmd_cluster)
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from harness.cluster import LocalCluster
+    from harness.console import ClusterOptions, run_console, run_headless
 
     if not 1 <= args.nodes <= 15:
         raise UsageError("--nodes must be between 1 and 15")
-    root = Path(args.data_dir or tempfile.mkdtemp(prefix=f"caplab-{args.store}-"))
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    with LocalCluster(
-        args.store,
-        args.nodes,
-        root,
+    opts = ClusterOptions(
+        store=args.store,
+        nodes=args.nodes,
+        root=Path(args.data_dir or tempfile.mkdtemp(prefix=f"caplab-{args.store}-")),
         base_port=args.base_port,
         enable_admin=args.enable_admin,
         secure=not args.insecure,
-    ) as cluster:
-        cluster.start()
-        asyncio.run(cluster.wait_ready())
-        eps = cluster.endpoints
-        print(f"{args.store} cluster of {args.nodes} nodes; data and logs in {root}")
-        if cluster.secure:
-            print(
-                f"peer traffic: mutual TLS (certificates in {cluster.certs}; client tokens in "
-                f"{cluster.certs / 'clients'})"
-            )
-        else:
-            print("peer traffic: NOT authenticated (--insecure)")
-        for node_id, ep in eps.items():
-            print(f"  {node_id}  {ep}")
-        flags = " ".join(f"--endpoint {ep}" for ep in eps.values())
-        print(f"try: caplab kv {flags} put hello world")
-        print("Ctrl-C stops every node.", flush=True)
-        while not stop:
-            for node in cluster.nodes.values():
-                if not node.running:
-                    print(f"node {node.node_id} exited; see {node.log_path}", file=sys.stderr)
-                    return EXIT_FAILED
-            time.sleep(0.2)
-        print("stopping...", flush=True)
-    return EXIT_OK
-
-
-# -- kv -------------------------------------------------------------------------
-def _client_security(args: argparse.Namespace) -> tuple[Any, str | None]:
-    """(TLS channel credentials or None, bearer token or None) from `caplab kv` flags."""
-    import grpc
-
-    def read(path: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as e:
-            raise UsageError(f"cannot read {path}: {e.strerror}") from None
-
-    if (args.cert_file is None) != (args.key_file is None):
-        raise UsageError("--cert and --key go together")
-    if args.cert_file is not None and args.ca is None:
-        raise UsageError("--cert needs --ca (certificates travel over TLS)")
-    creds = None
-    if args.ca is not None:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=read(args.ca),
-            private_key=read(args.key_file) if args.key_file else None,
-            certificate_chain=read(args.cert_file) if args.cert_file else None,
-        )
-    token = read(args.token_file).decode().strip() if args.token_file else None
-    return creds, token
-
-
-def _add_kv(sub: Any) -> None:
-    p = sub.add_parser("kv", help="talk to a cluster")
-    p.add_argument(
-        "--endpoint",
-        type=_hostport,
-        action="append",
-        default=None,
-        metavar="HOST:PORT",
-        help="a node to talk to (repeat for more); default: $CAPLAB_ENDPOINT (comma-separated)",
+        extra_args=tuple(f"--set={k}={v}" for k, v in args.options),
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeout", type=float, default=5.0, help="deadline per attempt (s)")
-    p.add_argument("--retries", type=int, default=2, help="retries of definite failures")
-    p.add_argument("--ca", metavar="FILE", help="TLS: the cluster's CA certificate (ca.crt)")
-    p.add_argument(
-        "--cert", dest="cert_file", metavar="FILE", help="TLS: a client certificate (with --key)"
-    )
-    p.add_argument(
-        "--key", dest="key_file", metavar="FILE", help="TLS: the client certificate's key"
-    )
-    p.add_argument(
-        "--token-file", metavar="FILE", help="send the bearer token in FILE (clients/NAME.token)"
-    )
-    ops = p.add_subparsers(dest="op", required=True, metavar="OP")
-    o = ops.add_parser("put", help="write a register")
-    o.add_argument("key")
-    o.add_argument("value")
-    o = ops.add_parser("get", help="read a key")
-    o.add_argument("key")
-    o.add_argument(
-        "--local", action="store_true", help="answer from the contacted node (may be stale)"
-    )
-    o.add_argument("--linearizable", action="store_true", help="insist on a linearizable read")
-    o = ops.add_parser("delete", help="delete a key")
-    o.add_argument("key")
-    o = ops.add_parser(
-        "cas", help="compare-and-swap (EXPECTED '-' with --absent: key must be absent)"
-    )
-    o.add_argument("key")
-    o.add_argument("expected")
-    o.add_argument("new")
-    o.add_argument("--absent", action="store_true", help="expect the key to be absent")
-    o = ops.add_parser("incr", help="add DELTA (default 1) to a counter")
-    o.add_argument("key")
-    o.add_argument("delta", nargs="?", type=int, default=1)
-    ops.add_parser("status", help="the contacted node's view of the cluster")
-    p.set_defaults(func=_cmd_kv)
-
-
-def _header(h: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"node": h.node_id}
-    if h.term or h.index:
-        out.update(term=h.term, index=h.index)
-    if h.HasField("hlc"):
-        out["hlc"] = f"{h.hlc.wall_ms}.{h.hlc.logical}@{h.hlc.node_id}"
-    if h.stale_possible:
-        out["stale_possible"] = True
-    if h.forwarded_by:
-        out["forwarded_by"] = h.forwarded_by
-    return out
-
-
-def _decode(v: bytes) -> str:
-    try:
-        return v.decode("utf-8")
-    except UnicodeDecodeError:
-        return "0x" + v.hex()
-
-
-async def _kv(args: argparse.Namespace) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
-
-    from caplab.client import KVClient
-    from caplab.v1 import kv_pb2
-
-    creds, token = _client_security(args)
-    async with KVClient(
-        args.endpoint, timeout=args.timeout, retries=args.retries, credentials=creds, token=token
-    ) as c:
-        if args.op == "put":
-            r = await c.put(args.key, args.value.encode())
-            return {"ok": True, "op": "put", "key": args.key, **_header(r.header)}
-        if args.op == "get":
-            if args.local and args.linearizable:
-                raise UsageError("--local and --linearizable exclude each other")
-            level = (
-                kv_pb2.CONSISTENCY_LOCAL
-                if args.local
-                else kv_pb2.CONSISTENCY_LINEARIZABLE
-                if args.linearizable
-                else kv_pb2.CONSISTENCY_DEFAULT
-            )
-            g = await c.get(args.key, level)
-            value = _decode(g.value) if isinstance(g.value, bytes) else g.value
-            return {
-                "ok": True,
-                "op": "get",
-                "key": args.key,
-                "found": g.found,
-                "value": value,
-                **_header(g.header),
-            }
-        if args.op == "delete":
-            d = await c.delete(args.key)
-            return {
-                "ok": True,
-                "op": "delete",
-                "key": args.key,
-                "existed": d.existed,
-                **_header(d.header),
-            }
-        if args.op == "cas":
-            expected = None if args.absent else args.expected.encode()
-            s = await c.cas(args.key, expected, args.new.encode())
-            return {
-                "ok": True,
-                "op": "cas",
-                "key": args.key,
-                "swapped": s.swapped,
-                "current": _decode(s.current) if s.found else None,
-                **_header(s.header),
-            }
-        if args.op == "incr":
-            i = await c.increment(args.key, args.delta)
-            return {
-                "ok": True,
-                "op": "incr",
-                "key": args.key,
-                "value": i.value,
-                **_header(i.header),
-            }
-        st = await c.status()
-        return {
-            "ok": True,
-            "op": "status",
-            "status": MessageToDict(st, preserving_proto_field_name=True),
-        }
-
-
-def _print_kv(result: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, sort_keys=True))
-        return
-    op = result["op"]
-    if op == "get":
-        print(result["value"] if result["found"] else "(absent)")
-    elif op == "cas":
-        print("swapped" if result["swapped"] else f"not swapped; current: {result['current']}")
-    elif op == "incr":
-        print(result["value"])
-    elif op == "status":
-        print(json.dumps(result["status"], indent=2, sort_keys=True))
-    elif op == "delete":
-        print("deleted" if result["existed"] else "deleted (was absent)")
-    else:
-        print("ok")
-
-
-def _endpoints(args: argparse.Namespace) -> list[str]:
-    """--endpoint, else $CAPLAB_ENDPOINT; a usage error saying how if neither is set."""
-    import os
-
-    if args.endpoint:
-        return list(args.endpoint)
-    env = os.environ.get("CAPLAB_ENDPOINT", "").strip()
-    if not env:
-        raise UsageError("no endpoint: pass --endpoint HOST:PORT or set CAPLAB_ENDPOINT")
-    try:
-        return [_hostport(e.strip()) for e in env.split(",") if e.strip()]
-    except argparse.ArgumentTypeError as e:
-        raise UsageError(f"CAPLAB_ENDPOINT: {e}") from None
-
-
-def _cmd_kv(args: argparse.Namespace) -> int:
-    args.endpoint = _endpoints(args)
-    try:
-        result = asyncio.run(_kv(args))
-    except errors.StoreError as e:
-        kind = "refused" if e.definite else "outcome unknown"
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "ok": False,
-                        "op": args.op,
-                        "code": e.code.name,
-                        "definite": e.definite,
-                        "error": e.message,
-                    }
-                )
-            )
-        else:
-            print(f"caplab: {kind} ({e.code.name}): {e.message}", file=sys.stderr)
-        return EXIT_FAILED
-    _print_kv(result, args.json)
-    return EXIT_OK
+    console = args.console if args.console is not None else sys.stdin.isatty()
+    return run_console(opts) if console else run_headless(opts)
 
 
 # -- main -----------------------------------------------------------------------
 Registrar = Callable[[Any], None]
 
 
-def _registrars() -> list[Registrar]:
-    regs: list[Registrar] = [_add_node, _add_certs, _add_cluster, _add_kv]
+CORE_COMMANDS = ("node", "certs", "cluster", "kv")
+
+
+def _registrars(command: str | None = None) -> list[Registrar]:
+    """The subcommands' registrars; only caplab's own when ``command`` is one of them (the
+    harness's modules import matplotlib, rich, yaml...: seconds of start-up)."""
+    regs: list[Registrar] = [_add_node, _add_certs, _add_cluster, add_kv]
+    if command in CORE_COMMANDS:
+        return regs
     # Later subcommands live with the code they drive.
     import importlib
 
@@ -569,7 +332,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (`caplab` itself takes no option with a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of `caplab`; given ``argv``, only what parsing it needs."""
     parser = _Parser(
         prog="caplab",
         description="See the CAP trade-off: a Raft (CP) and a gossip (AP) key-value store, "
@@ -579,13 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    for reg in _registrars():
+    for reg in _registrars(None if argv is None else _command_word(argv)):
         reg(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
@@ -593,11 +363,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"caplab: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except errors.StoreError as e:
-        print(f"caplab: {e.message}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        # a StoreError if caplab.errors was imported at all (it imports grpc: not here)
+        errors = sys.modules.get("caplab.errors")
+        if errors is not None and isinstance(e, errors.StoreError):
+            print(f"caplab: {e.message}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
 
 
 if __name__ == "__main__":

@@ -129,13 +129,15 @@ _BY_CODE: dict[grpc.StatusCode, type[StoreError]] = {
 }
 
 # Messages of transport failures raised by grpc before any byte of the request
-# reached a server: the connection could not be established.
+# reached a server: the connection could not be established (nothing listening, or the
+# name did not resolve). UNAVAILABLE, definitely not applied (kv.proto's error table).
 _NEVER_CONNECTED_HINTS = (
     "failed to connect to all addresses",
     "connection refused",
     "connect failed",
     "no route to host",
     "dns resolution failed",
+    "errors resolving",  # grpc 1.85: "errors resolving HOST:PORT: [... Domain name not found]"
 )
 
 

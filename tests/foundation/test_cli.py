@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import subprocess
 import sys
+from pathlib import Path
 
+import grpc
 import pytest
 
-from caplab.cli import main
+from caplab import errors, kvcli
+from caplab.cli import build_parser, main
+from caplab.client import KVClient
 from caplab.server import NodeServer
+from caplab.v1 import kv_pb2
+from caplab.validation import MAX_VALUE_BYTES
 from harness.cluster import free_ports
 
 
-async def run_cli(*args: str) -> tuple[int, str, str]:
+async def run_cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "caplab.cli",
         *args,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await proc.communicate()
+    out, err = await proc.communicate(stdin)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -34,6 +43,14 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
         ["kv"],
         ["kv", "--endpoint", "nohostport", "get", "k"],
         ["kv", "--endpoint", "http://127.0.0.1:1", "get", "k"],  # not "outcome unknown"
+        ["kv", "get", "k", "--endpoint", "grpc://127.0.0.1:1"],  # after OP too
+        ["kv", "--endpoint", "127.0.0.1:1/kv", "get", "k"],
+        ["kv", "--endpoint", "127.0.0.1:1", "put", "k"],  # no value
+        ["kv", "--endpoint", "127.0.0.1:1", "put", "k", "v", "--file", "/dev/null"],
+        ["kv", "--endpoint", "127.0.0.1:1", "put", "k", "--file", "/nonexistent/value"],
+        ["kv", "--endpoint", "127.0.0.1:1", "get", "k", "--local", "--linearizable"],
+        ["kv", "--endpoint", "127.0.0.1:1", "get", "k", "--timeout", "0"],
+        ["kv", "--endpoint", "127.0.0.1:1", "get", "\udcff"],  # argv bytes that are not UTF-8
         ["kv", "--endpoint", "127.0.0.1:1", "frobnicate"],
         ["kv", "--endpoint", "127.0.0.1:1", "incr", "k", "notanumber"],
         ["node", "--store", "raft", "--id", "a", "--listen", "127.0.0.1:1"],
@@ -101,19 +118,264 @@ async def test_kv_refusal_exits_1_with_one_line(mem_node: NodeServer) -> None:
 
 
 async def test_kv_unreachable_exits_1() -> None:
+    """Nothing listening: UNAVAILABLE, definitely not applied (kv.proto's error table),
+    for a write too."""
     port = free_ports(1)[0]
     rc, _, err = await run_cli(
-        "kv", "--endpoint", f"127.0.0.1:{port}", "--retries", "0", "get", "k"
+        "kv", "--endpoint", f"127.0.0.1:{port}", "--retries", "0", "put", "k", "v"
     )
-    assert rc == 1 and "refused" in err and "Traceback" not in err
+    assert rc == 1 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("caplab: not applied (UNAVAILABLE): could not connect to 127.0.0.1:")
+    assert "Connection refused" in err
+    rc, out, _ = await run_cli("kv", "put", "k", "v", "--endpoint", f"127.0.0.1:{port}", "--json")
+    doc = json.loads(out)
+    assert rc == 1 and (doc["code"], doc["definite"]) == ("UNAVAILABLE", True)
+
+
+def test_a_name_that_does_not_resolve_is_not_applied() -> None:
+    """grpc 1.85 reports it as "errors resolving ...": the request never left (it was
+    classified "outcome unknown")."""
+    details = (
+        "errors resolving nosuchhost.invalid:1: [field:hostname lookup error:address lookup "
+        "failed for nosuchhost.invalid:1: Domain name not found]"
+    )
+    err = errors.classify(grpc.StatusCode.UNAVAILABLE, details, ())
+    assert isinstance(err, errors.TransportError) and err.definite
+    assert kvcli.failure_line(err, "put", ["nosuchhost.invalid:1"]).startswith(
+        "not applied (UNAVAILABLE): could not connect to nosuchhost.invalid:1"
+    )
+    reset = errors.classify(grpc.StatusCode.UNAVAILABLE, "Socket closed", ())
+    assert not reset.definite
+    assert "outcome unknown" in kvcli.failure_line(reset, "put", ["h:1"])
+
+
+def _kv_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser(argv).parse_args(argv)
 
 
 def test_the_endpoint_may_come_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    monkeypatch.delenv("CAPLAB_ENDPOINTS", raising=False)
     monkeypatch.delenv("CAPLAB_ENDPOINT", raising=False)
+    args = _kv_args(["kv", "get", "k"])
+    assert kvcli.endpoints(args) == ["127.0.0.1:7001"] == [kvcli.DEFAULT_ENDPOINT]
+    monkeypatch.setenv("CAPLAB_ENDPOINT", "127.0.0.1:7201")  # the older name: an alias
+    assert kvcli.endpoints(args) == ["127.0.0.1:7201"]
+    monkeypatch.setenv("CAPLAB_ENDPOINTS", "127.0.0.1:7101, 127.0.0.1:7102,")
+    assert kvcli.endpoints(args) == ["127.0.0.1:7101", "127.0.0.1:7102"]
+    args = _kv_args(["kv", "--endpoint", "h:1", "get", "k", "--endpoint", "h:2"])
+    assert kvcli.endpoints(args) == ["h:1", "h:2"]  # flags win, before and after OP
+    monkeypatch.setenv("CAPLAB_ENDPOINTS", "http://127.0.0.1:1")
     assert main(["kv", "get", "k"]) == 2
-    assert "CAPLAB_ENDPOINT" in capsys.readouterr().err
-    monkeypatch.setenv("CAPLAB_ENDPOINT", "http://127.0.0.1:1")
+    err = capsys.readouterr().err
+    assert "CAPLAB_ENDPOINTS" in err and "without http://" in err
+    monkeypatch.delenv("CAPLAB_ENDPOINTS")
+    monkeypatch.setenv("CAPLAB_ENDPOINT", "127.0.0.1:1/x")
     assert main(["kv", "get", "k"]) == 2
-    assert "no scheme" in capsys.readouterr().err
+    assert "without a path" in capsys.readouterr().err
+
+
+# every kind of common flag: repeated, boolean, float, int, and string (file) flags
+FLAG_KINDS: list[tuple[list[str], dict[str, object]]] = [
+    (["--endpoint", "h:1", "--endpoint", "h:2"], {"endpoint": ["h:1", "h:2"]}),
+    (["--json"], {"json": True}),
+    (["--timeout", "1.5"], {"timeout": 1.5}),
+    (["--retries", "0"], {"retries": 0}),
+    (
+        ["--ca", "ca.crt", "--cert", "c.crt", "--key", "c.key", "--token-file", "t"],
+        {"ca": "ca.crt", "cert_file": "c.crt", "key_file": "c.key", "token_file": "t"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("flags", "expected"), FLAG_KINDS)
+@pytest.mark.parametrize("op", [["put", "k", "v"], ["get", "k"], ["incr", "k"], ["status"]])
+def test_common_flags_go_before_or_after_the_operation(
+    flags: list[str], expected: dict[str, object], op: list[str]
+) -> None:
+    defaults = {"endpoint": ["127.0.0.1:7001"], "json": False, "timeout": 5.0, "retries": 2}
+    defaults |= {"ca": None, "cert_file": None, "key_file": None, "token_file": None}
+    for argv in (["kv", *flags, *op], ["kv", *op, *flags]):
+        args = _kv_args(argv)
+        args.endpoint = kvcli.endpoints(args)
+        got = {k: getattr(args, k) for k in defaults}
+        assert got == defaults | expected, argv
+        assert args.op == op[0]
+    # a flag before OP is not reset by OP's parser; both places: the later one wins
+    args = _kv_args(["kv", "--timeout", "2", "--json", "get", "k", "--timeout", "3"])
+    assert (args.timeout, args.json) == (3.0, True)
+
+
+async def test_flags_after_the_operation_against_a_node(mem_node: NodeServer) -> None:
+    ep = f"127.0.0.1:{mem_node.port}"
+    rc, out, _ = await run_cli("kv", "put", "k", "v", "--json", "--endpoint", ep)
+    assert rc == 0 and json.loads(out)["ok"] is True
+    rc, out, _ = await run_cli("kv", "--json", "get", "k", "--endpoint", ep, "--retries", "0")
+    doc = json.loads(out)
+    assert rc == 0 and (doc["found"], doc["value"]) == (True, "v")
+
+
+async def test_a_1_mib_value_from_stdin_or_a_file(mem_node: NodeServer, tmp_path: Path) -> None:
+    ep = f"127.0.0.1:{mem_node.port}"
+    blob = bytes(range(256)) * (MAX_VALUE_BYTES // 256)  # 1 MiB, not UTF-8
+    assert len(blob) == MAX_VALUE_BYTES
+    rc, out, err = await run_cli("kv", "--endpoint", ep, "put", "blob", "-", stdin=blob)
+    assert (rc, out.strip()) == (0, "ok"), err
+    path = tmp_path / "value"
+    path.write_bytes(blob[::-1])
+    rc, out, err = await run_cli("kv", "put", "file", "--file", str(path), "--endpoint", ep)
+    assert (rc, out.strip()) == (0, "ok"), err
+    async with KVClient([ep]) as c:
+        assert (await c.get("blob")).value == blob
+        assert (await c.get("file")).value == blob[::-1]
+    rc, out, _ = await run_cli("kv", "--endpoint", ep, "get", "blob")
+    assert rc == 0 and out.strip() == "0x" + blob.hex()
+    # one byte more: refused by the node, with the limit
+    rc, _, err = await run_cli("kv", "--endpoint", ep, "put", "big", "-", stdin=blob + b"x")
+    assert rc == 1 and "INVALID_ARGUMENT" in err and "1 MiB" in err
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub: argparse.ArgumentParser = action.choices[name]
+            return sub
+    raise AssertionError(f"no subcommand {name}")
+
+
+def test_help_describes_every_flag_and_the_exit_codes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv in (["kv"], *(["kv", op] for op in kvcli.OPS_HELP)):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--help"])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        sub = build_parser(argv)
+        for name in argv:
+            sub = _subparser(sub, name)
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in text, (argv, flag)
+            if action.option_strings and action.help is not argparse.SUPPRESS:
+                assert action.help, (argv, action.option_strings)
+        assert "exit codes:" in text, argv
+        for code in ("0 ", "1 ", "2 ", "130"):
+            assert f"\n  {code}" in text, (argv, code)
+        for words in ("not applied", "outcome unknown", "usage error", "absent"):
+            assert words in text, (argv, words)
+    with pytest.raises(SystemExit):
+        main(["kv", "--help"])
+    text = capsys.readouterr().out
+    for words in ("CAPLAB_ENDPOINTS", "127.0.0.1:7001", "put KEY -", "--file PATH"):
+        assert words in text
+
+
+def test_status_is_a_readable_table() -> None:
+    raft = kv_pb2.StatusResponse(
+        node_id="n1",
+        store=kv_pb2.STORE_KIND_RAFT,
+        address="127.0.0.1:7001",
+        role="leader",
+        term=7,
+        leader_id="n1",
+        leader_address="127.0.0.1:7001",
+        commit_index=42,
+        applied_index=41,
+        first_index=3,
+        keys=5,
+        clock_skew_ms=-250,
+        version="9.9.9",
+        members=[
+            kv_pb2.Member(
+                node_id="n3",
+                address="127.0.0.1:7003",
+                state=kv_pb2.MEMBER_STATE_ALIVE,
+                match_index=40,
+            ),
+            kv_pb2.Member(
+                node_id="n2",
+                address="127.0.0.1:7002",
+                state=kv_pb2.MEMBER_STATE_DEAD,
+                match_index=12,
+            ),
+        ],
+        counters={"elections_started": 2, "snapshots_sent": 0},
+    )
+    lines = kvcli.status_table(raft).splitlines()
+    fields = {line[:13].strip(): line[14:] for line in lines if not line.startswith(" ")}
+    assert fields["node"] == "n1" and fields["store"] == "raft" and fields["role"] == "leader"
+    assert fields["term"] == "7" and fields["leader"] == "n1 at 127.0.0.1:7001"
+    assert (fields["commit"], fields["applied"]) == ("42", "41")
+    assert fields["clock skew"] == "-250 ms" and fields["version"] == "9.9.9"
+    assert fields["members"] == "2 besides this node" and "hlc" not in fields
+    members = [line.split() for line in lines if line.startswith("  ")]
+    assert members[:3] == [
+        ["NODE", "ADDRESS", "STATE", "MATCH", "INDEX"],
+        ["n2", "127.0.0.1:7002", "dead", "12"],
+        ["n3", "127.0.0.1:7003", "alive", "40"],
+    ]
+    assert members[3:] == [["elections_started", "2"]]  # zero counters left out
+
+    gossip = kv_pb2.StatusResponse(
+        node_id="g1",
+        store=kv_pb2.STORE_KIND_GOSSIP,
+        role="replica",
+        hlc=kv_pb2.HlcTimestamp(wall_ms=1700000000000, logical=3, node_id="g1"),
+        members=[kv_pb2.Member(node_id="g2", state=kv_pb2.MEMBER_STATE_SUSPECT, incarnation=4)],
+    )
+    text = kvcli.status_table(gossip)
+    assert "hlc           1700000000000.3@g1" in text and "term" not in text
+    assert text.splitlines()[-1].split() == ["g2", "-", "suspect", "4", "never"]
+
+
+async def test_status_against_a_node(mem_node: NodeServer) -> None:
+    ep = f"127.0.0.1:{mem_node.port}"
+    rc, out, _ = await run_cli("kv", "status", "--endpoint", ep)
+    assert rc == 0 and out.splitlines()[0] == "node          m1"
+    assert "keys          0" in out
+    rc, out, _ = await run_cli("kv", "status", "--endpoint", ep, "--json")
+    assert rc == 0 and json.loads(out)["status"]["node_id"] == "m1"
+
+
+HEAVY = "{'harness', 'matplotlib', 'rich', 'cryptography', 'yaml', 'numpy', 'jsonschema'}"
+
+
+def _modules_after(code: str) -> list[str]:
+    script = (
+        "import sys\n"
+        f"{code}\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {HEAVY}))\n"
+        "print('grpc' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    return [*json.loads(out[0].replace("'", '"')), f"grpc={out[1]}"]
+
+
+def test_caplab_kv_imports_nothing_heavy() -> None:
+    """`caplab kv` starts in a fraction of a second: nothing of the harness (matplotlib,
+    rich, yaml...) is imported, not even to register the harness's subcommands; the module
+    itself imports no grpc either."""
+    assert _modules_after("from caplab import cli") == ["grpc=False"]
+    parsed = "from caplab import cli\ncli.build_parser(A).parse_args(A)"
+    argv = "A = ['kv', '--endpoint', '127.0.0.1:1', 'get', 'x']"
+    assert _modules_after(f"{argv}\n{parsed}") == ["grpc=False"]
+    run = (
+        "from caplab import cli\n"
+        "A = ['kv', '--endpoint', '127.0.0.1:1', '--retries', '0', 'put', 'x', 'y']\n"
+        "assert cli.main(A) == 1"
+    )
+    assert _modules_after(run) == ["grpc=True"]
+    # the harness's commands are still there when asked for
+    assert "harness" in _modules_after("from caplab import cli\ncli.build_parser(['demo'])")
+
+
+def test_node_runs_insecure_without_peer_listen() -> None:
+    """--peer-listen's default went through HOST:PORT parsing: `caplab node --insecure`
+    without --peer-listen was a usage error although the README documents it."""
+    argv = ["node", "--store", "raft", "--id", "a", "--listen", "127.0.0.1:7001"]
+    args = build_parser(argv).parse_args([*argv, "--data-dir", "d", "--insecure"])
+    assert not args.peer_listen

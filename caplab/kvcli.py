@@ -1,0 +1,535 @@
+"""`caplab kv`: talk to a cluster from a shell, etcdctl-style; and the small pieces every
+`caplab` command shares (:class:`UsageError`, the exit codes, HOST:PORT parsing).
+
+Start-up matters for a command typed (or scripted) hundreds of times: this module imports
+nothing but the standard library at module level. grpc, the generated code and
+:mod:`caplab.client` are imported when a kv command runs, and nothing of the harness
+(matplotlib, rich, yaml, cryptography) ever is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from caplab.client import KVClient
+    from caplab.v1 import kv_pb2
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+
+# `caplab cluster` picks free ports unless given --base-port; the README's examples start
+# it with --base-port 7001, whose first node this is.
+DEFAULT_ENDPOINT = "127.0.0.1:7001"
+ENV_ENDPOINTS = "CAPLAB_ENDPOINTS"
+ENV_ENDPOINT_ALIAS = "CAPLAB_ENDPOINT"  # the older, singular name; still read
+
+
+class UsageError(Exception):
+    """Bad command line; exit code 2."""
+
+
+def hostport(text: str) -> str:
+    """``HOST:PORT`` as gRPC takes it, or :class:`argparse.ArgumentTypeError` saying how
+    to fix it (a URL's scheme or path is the usual mistake)."""
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        example = rest.split("/")[0] or DEFAULT_ENDPOINT
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT, got {text!r}: give host:port, without {scheme}:// "
+            f"(a gRPC endpoint has no scheme or path), e.g. {example}"
+        )
+    if "/" in text:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT, got {text!r}: give host:port, without a path "
+            f"(a gRPC endpoint has no scheme or path), e.g. {text.split('/')[0]}"
+        )
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+# -- the command line -------------------------------------------------------------
+EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}    success (a `get` of an absent key too: it prints "(absent)"; with --json,
+       "found": false)
+  {EXIT_FAILED}    the operation failed; one line on stderr (with --json, one object on stdout:
+       "ok": false, "code", "definite") says which of:
+         refused, not applied   the store refused it before applying anything
+                                (INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE,
+                                RESOURCE_EXHAUSTED, UNAVAILABLE marked not-applied),
+                                or nothing was listening (connection refused, name not
+                                resolved: UNAVAILABLE, not applied): safe to retry
+         outcome unknown        it may or may not have been applied (timeout, connection
+                                lost mid-call, UNKNOWN/INTERNAL): read before retrying
+  {EXIT_USAGE}    usage error (bad flag, bad endpoint, unreadable file); nothing was sent
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+
+KV_EPILOG = f"""\
+endpoints:
+  --endpoint HOST:PORT (repeat it for several nodes), else ${ENV_ENDPOINTS} (comma-separated,
+  like ETCDCTL_ENDPOINTS; ${ENV_ENDPOINT_ALIAS} is read too), else {DEFAULT_ENDPOINT}: the
+  first node of `caplab cluster --base-port 7001` (without --base-port, the cluster picks
+  free ports and prints them). Requests go to the first endpoint and move to the next one
+  after a refusal that applied nothing.
+
+flags:
+  The connection and output flags may come before or after OP:
+  `caplab kv --json get k` and `caplab kv get k --json` are the same.
+
+values:
+  put KEY VALUE         VALUE as given (UTF-8)
+  put KEY -             the bytes of standard input, as they are (a trailing newline too)
+  put KEY --file PATH   the bytes of PATH
+  Values are at most 1 MiB. `get` prints a value as UTF-8 text, or as 0x-prefixed hex
+  when it is not UTF-8.
+
+{EXIT_CODES}
+
+examples:
+  caplab cluster --store raft --base-port 7001      # nodes on 7001-7003
+  caplab kv put greeting hello                      # to {DEFAULT_ENDPOINT}
+  caplab kv get greeting --endpoint 127.0.0.1:7002
+  head -c 1048576 /dev/urandom | caplab kv put blob -
+  CAPLAB_ENDPOINTS=127.0.0.1:7001,127.0.0.1:7002 caplab kv status"""
+
+OPS_HELP = {
+    "put": ("write a register", "Write KEY's register (a counter key refuses it)."),
+    "get": (
+        "read a key",
+        "Read KEY: a register prints its value, a counter its number. The store's own "
+        "consistency by default: linearizable on raft, this node's state on gossip.",
+    ),
+    "delete": ("delete a key", "Delete KEY (a register or a counter)."),
+    "cas": (
+        "compare-and-swap (raft only)",
+        "Set KEY to NEW if it holds EXPECTED (or, with --absent, if it is absent; EXPECTED "
+        "is then ignored, write '-'). Prints 'swapped' or the current value. The gossip "
+        "store refuses it (FAILED_PRECONDITION).",
+    ),
+    "incr": ("add DELTA (default 1) to a counter", "Add DELTA (may be negative) to KEY's counter."),
+    "status": (
+        "the contacted node's view of the cluster",
+        "The node of the first endpoint that answers: its role, term and leader (raft), "
+        "log indexes, keys, members and their states, clock (gossip), injected clock "
+        "skew, version. --json prints the StatusResponse as JSON.",
+    ),
+}
+
+
+def _common_flags(after_op: bool) -> argparse.ArgumentParser:
+    """The flags every kv operation takes, as a parent parser. Added twice: to `kv` (before
+    OP) with their defaults, and to each OP (after it) with no defaults, so that a flag
+    given before OP is not reset by the OP's parser; --endpoint after OP collects into its
+    own list, appended to the one before OP."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after_op else value
+
+    parent = argparse.ArgumentParser(add_help=False)
+    g = parent.add_argument_group("connection and output (before or after OP)")
+    g.add_argument(
+        "--endpoint",
+        dest="endpoint_after_op" if after_op else "endpoint",
+        type=hostport,
+        action="append",
+        default=default(None),
+        metavar="HOST:PORT",
+        help=f"a node to talk to (repeat for more); default: ${ENV_ENDPOINTS}, else "
+        f"{DEFAULT_ENDPOINT}",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print one JSON object (errors too, on stdout)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=default(5.0),
+        metavar="SECONDS",
+        help="deadline of each attempt (default: 5)",
+    )
+    g.add_argument(
+        "--retries",
+        type=int,
+        default=default(2),
+        metavar="N",
+        help="retries after a failure that applied nothing, or of a write whose outcome is "
+        "unknown (the store applies it at most once); default: 2",
+    )
+    g.add_argument(
+        "--ca", default=default(None), metavar="FILE", help="TLS: the cluster's CA (ca.crt)"
+    )
+    g.add_argument(
+        "--cert",
+        dest="cert_file",
+        default=default(None),
+        metavar="FILE",
+        help="TLS: a client certificate (with --key and --ca)",
+    )
+    g.add_argument(
+        "--key",
+        dest="key_file",
+        default=default(None),
+        metavar="FILE",
+        help="TLS: the client certificate's key",
+    )
+    g.add_argument(
+        "--token-file",
+        default=default(None),
+        metavar="FILE",
+        help="send the bearer token in FILE (clients/NAME.token of `caplab certs`)",
+    )
+    return parent
+
+
+def add_kv(sub: Any) -> None:
+    """Register `caplab kv` on the subparsers object of `caplab`."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "kv",
+        help="talk to a cluster (put, get, delete, cas, incr, status)",
+        description="Talk to a caplab cluster (either store) through its gRPC interface.",
+        epilog=KV_EPILOG,
+        formatter_class=raw,
+        parents=[_common_flags(after_op=False)],
+    )
+    after = [_common_flags(after_op=True)]
+    ops = p.add_subparsers(dest="op", required=True, metavar="OP")
+
+    def op(name: str) -> argparse.ArgumentParser:
+        short, long = OPS_HELP[name]
+        o: argparse.ArgumentParser = ops.add_parser(
+            name,
+            help=short,
+            description=long,
+            epilog=EXIT_CODES,
+            formatter_class=raw,
+            parents=after,
+        )
+        return o
+
+    o = op("put")
+    o.add_argument("key")
+    o.add_argument(
+        "value",
+        nargs="?",
+        help="the value; '-' reads it from standard input (the bytes as they are)",
+    )
+    o.add_argument("--file", metavar="PATH", help="read the value from PATH (instead of VALUE)")
+    o = op("get")
+    o.add_argument("key")
+    o.add_argument(
+        "--local", action="store_true", help="answer from the contacted node (may be stale)"
+    )
+    o.add_argument(
+        "--linearizable",
+        action="store_true",
+        help="insist on a linearizable read (raft; gossip refuses it)",
+    )
+    o = op("delete")
+    o.add_argument("key")
+    o = op("cas")
+    o.add_argument("key")
+    o.add_argument("expected", help="the value KEY must hold ('-' with --absent)")
+    o.add_argument("new", help="the value to write")
+    o.add_argument("--absent", action="store_true", help="expect the key to be absent")
+    o = op("incr")
+    o.add_argument("key")
+    o.add_argument("delta", nargs="?", type=int, default=1, help="an integer (default: 1)")
+    op("status")
+    p.set_defaults(func=cmd_kv)
+
+
+# -- running it ---------------------------------------------------------------------
+def endpoints(args: argparse.Namespace) -> list[str]:
+    """--endpoint (before and after OP), else $CAPLAB_ENDPOINTS, else $CAPLAB_ENDPOINT,
+    else the default."""
+    given = [*(args.endpoint or ()), *getattr(args, "endpoint_after_op", ())]
+    if given:
+        return given
+    for name in (ENV_ENDPOINTS, ENV_ENDPOINT_ALIAS):
+        env = os.environ.get(name, "").strip()
+        if env:
+            try:
+                eps = [hostport(e.strip()) for e in env.split(",") if e.strip()]
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"${name}: {e}") from None
+            if eps:
+                return eps
+    return [DEFAULT_ENDPOINT]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if path == "-" else _read_file(path)
+    except OSError as e:
+        raise UsageError(f"{what}: cannot read {path}: {e.strerror}") from None
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _put_value(args: argparse.Namespace) -> bytes:
+    if args.file is not None and args.value is not None:
+        raise UsageError("put: give VALUE or --file PATH, not both")
+    if args.file is not None:
+        return _read(args.file, "--file")
+    if args.value is None:
+        raise UsageError("put: no value: give VALUE, '-' (standard input) or --file PATH")
+    if args.value == "-":
+        return _read("-", "put")
+    value: bytes = args.value.encode("utf-8", "surrogateescape")
+    return value
+
+
+def _client_security(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """(TLS channel credentials or None, bearer token or None) from the flags."""
+    if (args.cert_file is None) != (args.key_file is None):
+        raise UsageError("--cert and --key go together")
+    if args.cert_file is not None and args.ca is None:
+        raise UsageError("--cert needs --ca (certificates travel over TLS)")
+    creds = None
+    if args.ca is not None:
+        import grpc
+
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(args.ca, "--ca"),
+            private_key=_read(args.key_file, "--key") if args.key_file else None,
+            certificate_chain=_read(args.cert_file, "--cert") if args.cert_file else None,
+        )
+    token = _read(args.token_file, "--token-file").decode().strip() if args.token_file else None
+    return creds, token
+
+
+class Outcome:
+    """What a kv operation prints: ``doc`` with --json, else ``text``."""
+
+    __slots__ = ("doc", "text")
+
+    def __init__(self, doc: dict[str, Any], text: str) -> None:
+        self.doc = doc
+        self.text = text
+
+
+def _header(h: kv_pb2.ResponseHeader) -> dict[str, Any]:
+    out: dict[str, Any] = {"node": h.node_id}
+    if h.term or h.index:
+        out.update(term=h.term, index=h.index)
+    if h.HasField("hlc"):
+        out["hlc"] = f"{h.hlc.wall_ms}.{h.hlc.logical}@{h.hlc.node_id}"
+    if h.stale_possible:
+        out["stale_possible"] = True
+    if h.forwarded_by:
+        out["forwarded_by"] = h.forwarded_by
+    return out
+
+
+def _decode(v: bytes) -> str:
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + v.hex()
+
+
+async def _run_op(c: KVClient, args: argparse.Namespace, value: bytes | None) -> Outcome:
+    from caplab.v1 import kv_pb2
+
+    op, key = args.op, str(getattr(args, "key", ""))
+    if op == "put":
+        assert value is not None
+        r = await c.put(key, value)
+        return Outcome({"ok": True, "op": op, "key": key, **_header(r.header)}, "ok")
+    if op == "get":
+        level = (
+            kv_pb2.CONSISTENCY_LOCAL
+            if args.local
+            else kv_pb2.CONSISTENCY_LINEARIZABLE
+            if args.linearizable
+            else kv_pb2.CONSISTENCY_DEFAULT
+        )
+        g = await c.get(key, level)
+        shown = _decode(g.value) if isinstance(g.value, bytes) else g.value
+        doc = {"ok": True, "op": op, "key": key, "found": g.found, "value": shown}
+        return Outcome({**doc, **_header(g.header)}, str(shown) if g.found else "(absent)")
+    if op == "delete":
+        d = await c.delete(key)
+        doc = {"ok": True, "op": op, "key": key, "existed": d.existed}
+        return Outcome(
+            {**doc, **_header(d.header)}, "deleted" if d.existed else "deleted (was absent)"
+        )
+    if op == "cas":
+        expected = None if args.absent else args.expected.encode("utf-8", "surrogateescape")
+        s = await c.cas(key, expected, args.new.encode("utf-8", "surrogateescape"))
+        current = _decode(s.current) if s.found else None
+        doc = {"ok": True, "op": op, "key": key, "swapped": s.swapped, "current": current}
+        text = "swapped" if s.swapped else f"not swapped; current: {current}"
+        return Outcome({**doc, **_header(s.header)}, text)
+    if op == "incr":
+        i = await c.increment(key, args.delta)
+        doc = {"ok": True, "op": op, "key": key, "value": i.value}
+        return Outcome({**doc, **_header(i.header)}, str(i.value))
+    st = await c.status()
+    if not args.json:
+        return Outcome({}, status_table(st))
+    from google.protobuf.json_format import MessageToDict
+
+    return Outcome(
+        {"ok": True, "op": op, "status": MessageToDict(st, preserving_proto_field_name=True)}, ""
+    )
+
+
+async def _kv(args: argparse.Namespace, value: bytes | None) -> Outcome:
+    from caplab.client import KVClient
+
+    creds, token = _client_security(args)
+    async with KVClient(
+        args.endpoint, timeout=args.timeout, retries=args.retries, credentials=creds, token=token
+    ) as c:
+        return await _run_op(c, args, value)
+
+
+def cmd_kv(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    args.endpoint = endpoints(args)
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    if args.retries < 0:
+        raise UsageError("--retries cannot be negative")
+    if args.op == "get" and args.local and args.linearizable:
+        raise UsageError("--local and --linearizable exclude each other")
+    try:
+        getattr(args, "key", "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("KEY is not valid UTF-8 (keys are UTF-8 text)") from None
+    value = _put_value(args) if args.op == "put" else None
+
+    from caplab import errors
+
+    try:
+        outcome = asyncio.run(_kv(args, value))
+    except errors.StoreError as e:
+        if args.json:
+            doc = {
+                "ok": False,
+                "op": args.op,
+                "code": e.code.name,
+                "definite": e.definite,
+                "error": e.message,
+            }
+            print(json.dumps(doc))
+        else:
+            print(f"caplab: {failure_line(e, args.op, args.endpoint)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(outcome.doc, sort_keys=True) if args.json else outcome.text)
+    return EXIT_OK
+
+
+def failure_line(e: Any, op: str, eps: list[str]) -> str:
+    """One line saying whether the failed operation can have taken effect."""
+    from caplab import errors
+
+    code = e.code.name
+    if isinstance(e, errors.TransportError):
+        where = ", ".join(eps)
+        return (
+            f"not applied ({code}): could not connect to {where} (is a node listening "
+            f"there?): {e.message}"
+        )
+    if e.definite:
+        return f"refused, not applied ({code}): {e.message}"
+    if op in ("get", "status"):
+        return f"failed ({code}): {e.message}"
+    return f"outcome unknown ({code}): {e.message}; it may have been applied"
+
+
+# -- status -------------------------------------------------------------------------
+def _ago(unix_ms: int, now_ms: int) -> str:
+    if not unix_ms:
+        return "never"
+    return f"{max(0, now_ms - unix_ms) / 1000:.1f} s ago"
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+
+
+def status_table(st: kv_pb2.StatusResponse) -> str:
+    """A StatusResponse for people: one field a line, then the members as a table."""
+    import time
+
+    from caplab.v1 import kv_pb2
+
+    raft = st.store == kv_pb2.STORE_KIND_RAFT
+    gossip = st.store == kv_pb2.STORE_KIND_GOSSIP
+    store = "raft" if raft else "gossip" if gossip else "?"
+    lines: list[list[str]] = [
+        ["node", st.node_id],
+        ["store", store],
+        ["address", st.address or "-"],
+        ["role", st.role or "-"],
+    ]
+    if raft:
+        leader = st.leader_id or "(none known)"
+        if st.leader_address:
+            leader += f" at {st.leader_address}"
+        lines += [
+            ["term", str(st.term)],
+            ["leader", leader],
+            ["commit", str(st.commit_index)],
+            ["applied", str(st.applied_index)],
+            ["first index", str(st.first_index)],
+        ]
+    if st.HasField("hlc"):
+        lines.append(["hlc", f"{st.hlc.wall_ms}.{st.hlc.logical}@{st.hlc.node_id}"])
+    lines += [
+        ["keys", str(st.keys)],
+        ["state digest", st.state_digest.hex()[:16] or "-"],
+        ["clock skew", f"{st.clock_skew_ms} ms"],
+        ["version", st.version or "-"],
+    ]
+    out = [f"{k:<13} {v}" for k, v in lines]
+    n = len(st.members)
+    out.append(f"members       {n or 'none'} besides this node")
+    if st.members:
+        state_names = {
+            kv_pb2.MEMBER_STATE_ALIVE: "alive",
+            kv_pb2.MEMBER_STATE_SUSPECT: "suspect",
+            kv_pb2.MEMBER_STATE_DEAD: "dead",
+        }
+        now_ms = int(time.time() * 1000)
+        head = ["NODE", "ADDRESS", "STATE"]
+        if raft:
+            head.append("MATCH INDEX")
+        if gossip:
+            head += ["INCARNATION", "LAST SYNC"]
+        rows = [head]
+        for m in sorted(st.members, key=lambda m: m.node_id):
+            row = [m.node_id, m.address or "-", state_names.get(m.state, "?")]
+            if raft:
+                row.append(str(m.match_index) if st.role == "leader" else "-")
+            if gossip:
+                row += [str(m.incarnation), _ago(m.last_sync_unix_ms, now_ms)]
+            rows.append(row)
+        out += _table(rows)
+    nonzero = sorted((k, v) for k, v in st.counters.items() if v)
+    if st.counters:
+        zero = len(st.counters) - len(nonzero)
+        out.append(f"counters      {len(nonzero)} non-zero ({zero} zero; --json lists all)")
+        out += _table([[k, str(v)] for k, v in nonzero]) if nonzero else []
+    return "\n".join(out)
