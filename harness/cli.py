@@ -212,7 +212,7 @@ def _check_register(ops: Any, timeout: float) -> int:
 
 def _check_counter(ops: Any) -> int:
     """Final reads are the runner's (processes from FINAL_READ_PROCESS on), if any."""
-    from harness.runner import counter_verdict
+    from harness.checks import counter_verdict
 
     verdict = counter_verdict(ops)
     print(verdict["summary"])

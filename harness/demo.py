@@ -12,16 +12,22 @@ force); the phase follows from the elapsed time and those actions. Rendering use
 ``rich.live.Live`` display on a terminal and a plain line every few seconds otherwise.
 
 When the run is over, :func:`harness.report.build_report` writes the report into the output
-folder; the side-by-side table and the verdict are printed. Exit code: 0, also when a store
-gave up availability or consistency as designed; 1 when a checker found a real violation
-(raft not linearizable, increments lost, replicas not converged) or the run failed; 2 on
-usage errors; 130 when interrupted.
+folder; the side-by-side table and the verdict (two columns: what CP gave up, what AP gave
+up) are printed within 100 columns. The previous report in the folder stays until the new
+one is complete (the report is written under temporary names and renamed into place); the
+previous run's ``results.json`` goes at once, so an interrupted run is never mistaken for a
+finished one (on Ctrl-C ``results.json`` says ``"status": "interrupted"``; ``caplab report``
+then labels the report INTERRUPTED). Exit code: 0, also when a store gave up availability
+or consistency as designed; 1 when a checker found a real violation (raft not linearizable,
+increments lost, replicas not converged) or the run failed; 2 on usage errors; 130 when
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -47,16 +53,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = ROOT / "scenarios" / "majority-minority.yaml"
 STORES = ("raft", "gossip")
-REPORT_FILES = (
-    "report.html",
-    "summary.json",
-    "results.json",
-    "timeline.png",
-    "latency.png",
-    "throughput.png",
-    "divergence.png",
-    "availability.png",
-)
+WIDTH = 100  # the final printout fits in this many columns
 
 
 class DemoUsageError(ValueError):
@@ -166,6 +163,7 @@ class StoreProgress:
     fault: str | None = None  # the fault in force, in words
     faults_seen: int = 0
     healed_at_s: float | None = None
+    final_reads: bool = False  # the runner's final reads began (the clients have stopped)
     recent: collections.deque[float] = dataclasses.field(
         default_factory=collections.deque
     )  # completion times (s) of the last second
@@ -179,7 +177,10 @@ class StoreProgress:
                 self._nemesis(str(ev.get("f")), ev.get("value"), t)
             return
         proc = ev.get("process")
-        if not isinstance(proc, int) or proc >= 1_000_000 or kind == "invoke":
+        if isinstance(proc, int) and proc >= 1_000_000:
+            self.final_reads = True
+            return
+        if not isinstance(proc, int) or kind == "invoke":
             return
         err = str(ev.get("error") or "")
         if kind == "fail" and err.startswith("FAILED_PRECONDITION"):
@@ -247,22 +248,26 @@ class Watcher:
         return 0.0 if self.t0 is None else self.clock() - self.t0
 
     def phase(self) -> str:
+        """What the run is doing, always starting with one of: ``starting nodes``,
+        ``running``, ``checking``, ``writing the report``."""
         if self.reporting:
-            return "building the report"
+            return "writing the report"
         if self.t0 is None:
             waited = self.clock() - self.started
             return (
-                f"starting {len(self.stores)} x {self.scenario.nodes} nodes and waiting for "
+                f"starting nodes: {len(self.stores)} x {self.scenario.nodes}, waiting for "
                 f"them to accept writes ({waited:.0f} s)"
             )
+        if any(p.final_reads for p in self.stores.values()):
+            return "checking: final reads, then the checkers"
         if self.elapsed >= self.scenario.duration:
-            return "clients stopped: healing, waiting for convergence, final reads, checking"
+            return "checking: clients stopped; healing, waiting for the replicas to converge"
         faults = [p.fault for p in self.stores.values() if p.fault]
         if faults:
-            return f"fault in force: {faults[0]}"
+            return f"running: fault in force: {faults[0]}"
         if any(p.healed_at_s is not None for p in self.stores.values()):
-            return "healed: replicas converging, clients still running"
-        return "running, no fault yet"
+            return "running: healed, replicas catching up"
+        return "running: no fault yet"
 
     def render(self) -> Group:
         sc = self.scenario
@@ -289,13 +294,13 @@ class Watcher:
         return Group(head, table)
 
     def line(self) -> str:
-        parts = [f"[{self.elapsed:5.1f}s] {self.phase()}"]
-        for p in self.stores.values():
-            parts.append(
-                f"{p.store}: {p.ops_per_s(self.elapsed):.0f} ops/s "
-                f"ok={p.ok} fail={p.fail} info={p.info}"
-            )
-        return " | ".join(parts)
+        """Two short lines (within 100 columns): the phase, then the stores' figures."""
+        stores = " | ".join(
+            f"{p.store}: {p.ops_per_s(self.elapsed):.0f} ops/s ok={p.ok} fail={p.fail} "
+            f"info={p.info}"
+            for p in self.stores.values()
+        )
+        return f"[{self.elapsed:5.1f}s] {self.phase()}\n          {stores}"
 
 
 class _Display(threading.Thread):
@@ -325,35 +330,69 @@ class _Display(threading.Thread):
             w.poll()
             phase = w.phase()
             now = w.clock()
-            if phase != last_phase or now - last_print >= 5.0:
+            what = phase.split(" (")[0]  # not the counter of seconds waited
+            if what != last_phase or now - last_print >= 5.0:
                 self.console.print(w.line(), highlight=False, soft_wrap=True)
-                last_phase, last_print = phase, now
+                last_phase, last_print = what, now
 
 
 # -- the command ----------------------------------------------------------------------------
 def clean_out(out: Path) -> None:
-    """Remove what a previous demo left in ``out`` (the runner replaces the store folders
-    anyway); other files are left alone."""
+    """Remove what a previous run left in ``out`` that would be mistaken for this run's:
+    the store folders (the runner replaces them anyway) and ``results.json``. The previous
+    report (report.html, summary.json, plots) stays until the new one replaces it."""
     for s in STORES:
         if (out / s).is_dir():
             shutil.rmtree(out / s)
-    for name in REPORT_FILES:
-        (out / name).unlink(missing_ok=True)
+    (out / "results.json").unlink(missing_ok=True)
 
 
-def side_by_side(report: Report) -> Table:
-    """The final table: one column per store."""
+def mark_unfinished(out: Path, status: str = "interrupted") -> None:
+    """Say in ``results.json`` that the run did not finish (``interrupted`` or ``failed``),
+    unless the runner already did."""
+    path = out / "results.json"
+    if not path.exists():
+        with contextlib.suppress(OSError):
+            path.write_text(json.dumps({"status": status}) + "\n", encoding="utf-8")
+
+
+def side_by_side(report: Report, width: int = WIDTH) -> Table:
+    """The final table: one column per store (fits in ``width`` <= :data:`WIDTH` columns)."""
     from harness.report import key_rows
 
     summary = report.summary
-    table = Table(title="caplab demo: side by side", title_justify="left")
-    table.add_column("")
+    width = min(width, WIDTH)
+    table = Table(title="caplab demo: side by side", title_justify="left", width=width)
+    table.add_column("", ratio=9, overflow="fold")
     for s in summary["stores"]:
-        table.add_column(s)
+        table.add_column(s, ratio=8, overflow="fold")
     for label, cells in key_rows(summary):
         styled = [f"[bold red]{c}[/]" if c.startswith("VIOLATION") else c for c in cells]
         table.add_row(label, *styled)
     return table
+
+
+def verdict_block(report: Report, width: int = WIDTH) -> Group:
+    """The verdict: headline, violations first (red), one column per store (fits in
+    ``width`` <= :data:`WIDTH` columns)."""
+    width = min(width, WIDTH)
+    parts = report.summary["verdict_parts"]
+    style = {"violation": "bold red", "ok": "bold green"}.get(parts["status"], "bold yellow")
+    items: list[Any] = [Text(parts["headline"], style=style)]
+    if parts["note"]:
+        items.append(Text(parts["note"], style="yellow"))
+    for v in parts["violations"]:
+        items.append(Text(f"- {v}", style="bold red"))
+    cols = Table.grid(padding=(0, 2), expand=False)
+    cells = []
+    for col in parts["columns"]:
+        cols.add_column(width=width // max(1, len(parts["columns"])) - 2, overflow="fold")
+        lines = "\n".join(f"- {x}" for x in col["lines"])
+        cells.append(Text.assemble((col["title"], "bold"), "\n", lines))
+    if cells:
+        cols.add_row(*cells)
+        items.append(cols)
+    return Group(*items)
 
 
 def run_demo(
@@ -373,7 +412,7 @@ def run_demo(
     clean_out(out)
     console.print(
         f"[bold]caplab demo[/]: {scenario.name} on raft and gossip, {scenario.nodes} nodes each, "
-        f"{scenario.duration:g} s of workload; output in {out}"
+        f"{scenario.duration:g} s of workload; output in {out.resolve()}"
     )
     if scenario.description:
         console.print(f"  {scenario.description}", highlight=False)
@@ -388,19 +427,28 @@ def run_demo(
     except KeyboardInterrupt:
         display.stop.set()
         display.join()
-        console.print("[red]interrupted; every node was stopped[/]")
+        mark_unfinished(out, "interrupted")
+        console.print(
+            "[red]interrupted; every node was stopped[/] (the previous report, if any, is "
+            f"unchanged; `caplab report {out}` shows what was recorded)",
+            highlight=False,
+        )
         return EXIT_INTERRUPTED
     except (RuntimeError, TimeoutError, OSError, ReportError) as e:
         display.stop.set()
         display.join()
+        mark_unfinished(out, "failed")
         console.print(f"[red]caplab demo: the run failed: {e}[/]", highlight=False)
         return EXIT_FAILED
     display.stop.set()
     display.join()
-    console.print(side_by_side(report))
-    style = "bold red" if not report.valid else "bold green"
-    console.print(Text(report.verdict, style=style))
-    console.print(f"report: {report.html_path}  ({time.monotonic() - started:.0f} s in all)")
+    console.print(side_by_side(report, console.width))
+    console.print(verdict_block(report, console.width))
+    console.print(
+        f"report: {report.html_path.resolve()}  ({time.monotonic() - started:.0f} s in all)",
+        highlight=False,
+        soft_wrap=True,
+    )
     if not report.valid:
         console.print("[bold red]a checker found a violation (see the report)[/]")
         return EXIT_FAILED

@@ -20,7 +20,12 @@ During the run, per store:
 * every ~100 ms each node's ``Cluster.Status`` is sampled into ``digests.jsonl``:
   ``{"time_ns", "digests": {node: hex | null}, "leaders": {node: id}, "terms": {node: n}}``
   (leaders/terms on raft only; null when the node did not answer); on gossip also
-  ``"tombstones"`` and ``"tombstones_collected"`` ({node: n}, its Status counters).
+  ``"tombstones"`` and ``"tombstones_collected"`` ({node: n}, its Status counters); on
+  raft also ``"applied"`` ({node: applied_index}). Every ~250 ms, while no node holds more
+  than :data:`DUMP_MAX_KEYS` keys, the sample also carries each node's ``Cluster.Dump``
+  digested: ``"differing_keys"`` (keys the dumped replicas disagree on), ``"dump_ms"``
+  and, on gossip, ``"seen"`` ({node: {key: HLC or counter components}}); see
+  :mod:`harness.divergence`, which turns them into each node's lag.
 
 When ``duration`` has passed the clients stop; whatever fault is still in force is undone
 (heal, resume, restart, skew 0; recorded), the runner waits up to ``converge_timeout`` for
@@ -87,6 +92,16 @@ from hdrh.histogram import HdrHistogram
 
 from caplab import errors
 from caplab.client import KVClient
+from harness.checks import (  # the checker dispatch (shared with the report)
+    FAULT_ACTIONS,
+    FINAL_READ_PROCESS,
+    FINAL_REGISTER_READ_PROCESS,
+    RECOVERY_ACTIONS,
+    counter_verdict,
+    fault_window,
+    final_reads_from_history,
+    run_checkers,
+)
 from harness.cluster import LocalCluster, free_ports
 from harness.history import NEMESIS, Json, Operation, pair_operations, read_history
 from harness.nemesis import Nemesis
@@ -96,6 +111,7 @@ from harness.workload import (
     Recorder,
     Workload,
     WorkloadConfig,
+    conflict_keys,
     counter_keys,
     final_counter_reads,
     final_register_reads,
@@ -103,11 +119,9 @@ from harness.workload import (
 )
 
 SCHEMA_VERSION = 1
-FINAL_READ_PROCESS = 1_000_000  # process ids of the final (LOCAL, after the run) reads
-FINAL_REGISTER_READ_PROCESS = FINAL_READ_PROCESS + 1000  # ... of registers (gossip only)
 SAMPLE_INTERVAL_S = 0.1
-FAULT_ACTIONS = frozenset({"partition", "kill", "pause"})
-RECOVERY_ACTIONS = frozenset({"heal", "restart", "resume"})
+DUMP_INTERVAL_S = 0.25  # Cluster.Dump of every node at most this often ...
+DUMP_MAX_KEYS = 2000  # ... and only while no node holds more keys than this
 
 
 def _now_s(t0_ns: int) -> float:
@@ -232,6 +246,7 @@ class StoreRun:
                 op_timeout=sc.op_timeout,
                 seed=sc.seed,
                 delete_fraction=sc.delete_fraction,
+                conflict_keys=sc.conflict_keys,
             ),
             self.cluster.endpoints,
             self.recorder,
@@ -332,11 +347,13 @@ class StoreRun:
                 self.recorder,
                 first_process=FINAL_READ_PROCESS,
             )
-        if self.store == "gossip" and self.scenario.workload in ("register", "both"):
+        if self.store == "gossip" and (
+            self.scenario.workload in ("register", "both") or self.scenario.conflict_keys
+        ):
             # the converged value of every register decides which writes lost (LWW)
             self.final_registers = await final_register_reads(
                 self.cluster.endpoints,
-                register_keys(self.scenario.keys),
+                register_keys(self.scenario.keys) + conflict_keys(self.scenario.conflict_keys),
                 self.recorder,
                 first_process=FINAL_REGISTER_READ_PROCESS,
             )
@@ -436,7 +453,13 @@ class StoreRun:
         return None
 
     async def _sample_digests(self) -> None:
+        """Every ~100 ms each node's Status into ``digests.jsonl``; every ~250 ms, while the
+        store holds at most :data:`DUMP_MAX_KEYS` keys, also each node's Dump: how many keys
+        the replicas disagree on and (gossip) what each node has seen of every key
+        (:mod:`harness.divergence`)."""
         assert self.cluster is not None and self._status_client is not None
+        from harness.divergence import differing_keys, dump_views
+
         client, eps = self._status_client, self.cluster.endpoints
 
         async def one(node: str) -> tuple[str, Any]:
@@ -445,20 +468,44 @@ class StoreRun:
             except (errors.StoreError, TimeoutError):
                 return node, None
 
+        async def dump(node: str) -> tuple[str, Any]:
+            try:
+                return node, await asyncio.wait_for(client.dump(endpoint=eps[node]), 1.0)
+            except errors.StoreError as e:  # NOT_FOUND: nothing to dump
+                return node, [] if e.code.name == "NOT_FOUND" else None
+            except TimeoutError:
+                return node, None
+
         next_at = time.monotonic()
+        last_dump = -math.inf
+        most_keys: int | None = None  # keys of the fullest node at the last sample
         while not self._sampling.is_set():
             t_ns = max(0, time.monotonic_ns() - self.t0_ns)
-            answers = await asyncio.gather(*(one(n) for n in eps))
+            # the dumps, when due, run alongside the Status calls: a sample takes the longer
+            # of the two, not their sum
+            dumping = (
+                most_keys is not None
+                and most_keys <= DUMP_MAX_KEYS
+                and time.monotonic() - last_dump >= DUMP_INTERVAL_S
+            )
+            if dumping:
+                last_dump = time.monotonic()
+            status_and_dumps = await asyncio.gather(
+                *(one(n) for n in eps), *(dump(n) for n in eps if dumping)
+            )
+            answers, dumped = status_and_dumps[: len(eps)], status_and_dumps[len(eps) :]
             digests: dict[str, str | None] = {}
             sample: dict[str, Any] = {"time_ns": t_ns, "digests": digests}
             leaders: dict[str, str | None] = {}
             terms: dict[str, int | None] = {}
+            applied: dict[str, int | None] = {}
             tombs: dict[str, int | None] = {}
             collected: dict[str, int | None] = {}
             for node, st in answers:
                 digests[node] = st.state_digest.hex() if st is not None else None
                 leaders[node] = (st.leader_id or None) if st is not None else None
                 terms[node] = st.term if st is not None else None
+                applied[node] = st.applied_index if st is not None else None
                 tombs[node] = st.counters.get("tombstones") if st is not None else None
                 collected[node] = (
                     st.counters.get("tombstones_collected") if st is not None else None
@@ -466,9 +513,17 @@ class StoreRun:
             if self.store == "raft":
                 sample["leaders"] = leaders
                 sample["terms"] = terms
+                sample["applied"] = applied
             else:
                 sample["tombstones"] = tombs
                 sample["tombstones_collected"] = collected
+            most_keys = max((st.keys for _, st in answers if st is not None), default=None)
+            if dumping:
+                dumps = {n: entries for n, entries in dumped if entries is not None}
+                sample["dump_ms"] = round((time.monotonic() - last_dump) * 1000, 1)
+                sample["differing_keys"] = differing_keys(dumps) if len(dumps) > 1 else None
+                if self.store != "raft":
+                    sample["seen"] = {n: dump_views(entries) for n, entries in dumps.items()}
             self._latest_digests = digests
             self._latest_tombstones = tombs
             self._latest_time_ns = t_ns
@@ -550,27 +605,6 @@ class _Counts:
             "unsupported": self.refused_unsupported,
             "availability": round(self.ok / total, 4) if total else None,
         }
-
-
-def fault_window(faults: Sequence[Mapping[str, Any]]) -> tuple[float, float] | None:
-    """(start, end) in seconds: the first fault action to the last recovery action."""
-    starts = [f["t_s"] for f in faults if f["action"] in FAULT_ACTIONS and "error" not in f]
-    skews = [f for f in faults if f["action"] == "clock-skew" and "error" not in f]
-    starts += [f["t_s"] for f in skews if f["description"].get("skew_ms")]
-    if not starts:
-        return None
-    start = min(starts)
-    ends = [
-        f.get("done_s", f["t_s"])
-        for f in faults
-        if f["t_s"] >= start
-        and (
-            f["action"] in RECOVERY_ACTIONS
-            or (f["action"] == "clock-skew" and not f.get("description", {}).get("skew_ms"))
-        )
-    ]
-    end = max(ends) if ends else max(f["t_s"] for f in faults)
-    return start, max(start, end)
 
 
 def _latency(ops: Sequence[Operation]) -> dict[str, Any]:
@@ -766,123 +800,6 @@ def check_store(run: StoreRun) -> dict[str, Any]:
     return results
 
 
-def run_checkers(
-    store: str,
-    ops: Sequence[Operation],
-    samples: Sequence[Mapping[str, Any]],
-    window: tuple[float, float] | None,
-    final_reads: Mapping[str, Mapping[str, int | None]],
-    final_registers: Mapping[str, Mapping[str, str | None]] | None = None,
-    *,
-    nodes: Sequence[str] | None = None,
-    end_s: float | None = None,
-    tombstone_timeout: float = 0.0,
-) -> dict[str, dict[str, Any]]:
-    """Per-checker verdicts and figures. ``valid`` is True, False or "unknown"; checkers
-    that only measure (stale reads, LWW losers) report ``valid: null``, as does the
-    tombstone checker when the run did not wait for collection (``tombstone_timeout`` 0).
-    ``nodes``: every node whose final register reads must be there (default: those read);
-    ``end_s``: when the workload stopped (default: the last client operation's invoke)."""
-    out: dict[str, dict[str, Any]] = {}
-    register_ops = [op for op in ops if op.f in ("read", "write", "cas", "delete")]
-    if register_ops and store == "raft":
-        out["linearizable"] = _linearizable(register_ops)
-    out.update(_extra_checkers(store, ops, samples, window, final_reads))
-    if store == "gossip":
-        if final_registers:
-            out["final_state"] = _final_state(ops, final_registers, nodes)
-        if any("tombstones" in s for s in samples):
-            if end_s is None:
-                client = [o.invoke_time for o in ops if _is_client(o)]
-                end_s = max(client, default=0) / 1e9
-            out["tombstones"] = _tombstones(ops, samples, end_s, tombstone_timeout)
-        out.update(_staleness(ops, final_registers or {}))
-    else:
-        out["stale_local_reads"] = _stale_reads_figures(ops, ("read-local",))
-    return out
-
-
-def _is_client(op: Operation) -> bool:
-    return isinstance(op.process, int) and op.process < FINAL_READ_PROCESS
-
-
-def _final_state(
-    ops: Sequence[Operation],
-    final_registers: Mapping[str, Mapping[str, str | None]],
-    nodes: Sequence[str] | None,
-) -> dict[str, Any]:
-    """No acknowledged delete undone, the last acknowledged write on every replica."""
-    from harness.checker.final_state import check_final_registers, describe_write
-
-    res = check_final_registers([o for o in ops if _is_client(o)], final_registers, nodes)
-    return {
-        "valid": res.valid,
-        "keys": len(res.keys),
-        "acknowledged_writes": res.acknowledged,
-        "acknowledged_deletes": res.deletes_acknowledged,
-        "deleted_keys": list(res.deleted_keys),
-        "verdicts": {k: r.verdict for k, r in res.keys.items()},
-        "last_writes": {
-            k: None if r.last is None else describe_write(r.last) for k, r in res.keys.items()
-        },
-        "violations": [f"{k.key}: {k.verdict}: {k.reason}" for k in res.violations],
-        "summary": res.summary(),
-    }
-
-
-def _tombstones(
-    ops: Sequence[Operation],
-    samples: Sequence[Mapping[str, Any]],
-    end_s: float,
-    timeout_s: float,
-) -> dict[str, Any]:
-    """Tombstones held and collected (Status counters), and whether all went in time."""
-    from harness.checker.tombstones import check_tombstones
-
-    res = check_tombstones(samples, int(end_s * 1e9), timeout_s=timeout_s)
-    deletes = [o for o in ops if _is_client(o) and o.f == "delete"]
-    at = res.all_collected_at_ns
-    return {
-        "valid": res.valid,
-        "acknowledged_deletes": sum(1 for o in deletes if o.type == "ok"),
-        "indeterminate_deletes": sum(1 for o in deletes if o.type == "info"),
-        "max_held": res.max_held,
-        "held_at_end": dict(res.held_at_end),
-        "collected": dict(res.collected),
-        "collected_total": res.collected_total,
-        "all_collected_at_s": None if at is None else round(at / 1e9, 3),
-        "all_collected_after_stop_s": None if at is None else round(at / 1e9 - end_s, 3),
-        "waited_s": timeout_s,
-        "summary": res.summary(),
-    }
-
-
-def _linearizable(ops: Sequence[Operation]) -> dict[str, Any]:
-    from harness.checker.linearizable import check_register, describe, fmt_time
-
-    res = check_register(ops, timeout_s=60.0)
-    entry: dict[str, Any] = {
-        "valid": res.valid,
-        "operations": res.operations,
-        "keys": len(res.per_key),
-        "elapsed_s": round(res.elapsed_s, 3),
-        "unknown_keys": list(res.unknown_keys),
-        "summary": res.summary(),
-    }
-    cex = res.counterexample
-    if cex is not None:
-        entry["counterexample"] = {
-            "key": cex.key,
-            "op": f"{describe(cex.op)} by {cex.op.process} on {cex.op.node} at "
-            f"{fmt_time(cex.op.invoke_time)}",
-            "state": cex.state,
-            "reason": cex.reason,
-            "prefix_length": len(cex.prefix),
-            "concurrent": [describe(o) for o in cex.concurrent],
-        }
-    return entry
-
-
 @dataclass(slots=True)
 class RunResult:
     """What :func:`run_scenario` produced."""
@@ -912,6 +829,9 @@ async def run_async(
     """Run ``scenario`` on ``stores`` side by side (common t0) and check them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # results.json marks a finished run (the report reads it): an old one must not vouch
+    # for this run, which writes "status": "interrupted"/"failed" if it does not finish
+    (out_dir / "results.json").unlink(missing_ok=True)
     runs = [StoreRun(scenario, s, out_dir, secure=secure) for s in stores]
     try:
         await asyncio.gather(*(r.setup() for r in runs))
@@ -925,6 +845,18 @@ async def run_async(
             await r.end()
 
         await asyncio.gather(*(drive(r) for r in runs))
+    except BaseException as e:
+        cut = isinstance(e, KeyboardInterrupt | asyncio.CancelledError)
+        status = {
+            "status": "interrupted" if cut else "failed",
+            "error": repr(e)[:500],
+            "scenario": scenario.summary(),
+        }
+        with contextlib.suppress(OSError):
+            (out_dir / "results.json").write_text(
+                json.dumps({"schema_version": SCHEMA_VERSION, **status}) + "\n", encoding="utf-8"
+            )
+        raise
     finally:
         await asyncio.shield(asyncio.gather(*(r.close() for r in runs)))
     result = RunResult(scenario, out_dir, t0_unix)
@@ -934,6 +866,7 @@ async def run_async(
         "schema_version": SCHEMA_VERSION,
         "scenario": scenario.summary(),
         "t0_unix_ns": t0_unix,
+        "status": "complete",
         "valid": result.valid,
         "stores": result.stores,
     }
@@ -969,143 +902,13 @@ def run_scenario(
         raise KeyboardInterrupt from None
 
 
-def final_reads_from_history(ops: Sequence[Operation]) -> dict[str, dict[str, int]]:
-    """key -> node -> value of the final counter reads recorded by the runner (processes
-    from :data:`FINAL_READ_PROCESS` on)."""
-    out: dict[str, dict[str, int]] = {}
-    for op in ops:
-        if (
-            op.f == "read-counter"
-            and op.type == "ok"
-            and isinstance(op.process, int)
-            and op.process >= FINAL_READ_PROCESS
-            and op.key is not None
-            and op.node is not None
-            and isinstance(op.result, int)
-        ):
-            out.setdefault(op.key, {})[op.node] = op.result
-    return out
-
-
-def counter_verdict(
-    ops: Sequence[Operation], final_reads: Mapping[str, Mapping[str, int]] | None = None
-) -> dict[str, Any]:
-    """Counter bounds per key (harness.checker.counter): final reads (key -> node -> value;
-    default: taken from the history) and run-time reads within what the increments allow."""
-    from harness.checker.counter import check_counter
-
-    finals = final_reads if final_reads is not None else final_reads_from_history(ops)
-    keys = sorted({op.key for op in ops if op.f in ("incr", "read-counter") and op.key})
-    per_key: dict[str, Any] = {}
-    lines: list[str] = []
-    valid = True
-    for key in keys:
-        res = check_counter(ops, finals.get(key, {}), key=key)
-        valid = valid and res.valid
-        b = res.bounds
-        per_key[key] = {
-            "valid": res.valid,
-            "acknowledged": b.acknowledged,
-            "lower": b.lower,
-            "upper": b.upper,
-            "ok": b.ok_count,
-            "info": b.info_count,
-            "fail": b.fail_count,
-            "final_reads": dict(res.final_reads),
-            "reads_checked": res.reads_checked,
-            "violations": [v.reason for v in (*res.violations, *res.read_violations)][:20],
-        }
-        lines.append(
-            f"{key}: {'ok' if res.valid else 'VIOLATION'}; final reads "
-            f"{dict(res.final_reads)} within [{b.lower}, {b.upper}] "
-            f"({b.acknowledged} acknowledged)"
-        )
-        lines += [f"  {v}" for v in per_key[key]["violations"]]
-    summary = f"counter: {valid} ({len(keys)} keys)"
-    return {"valid": valid, "keys": per_key, "summary": "\n".join([summary, *lines])}
-
-
-def _extra_checkers(
-    store: str,
-    ops: Sequence[Operation],
-    samples: Sequence[Mapping[str, Any]],
-    window: tuple[float, float] | None,
-    final_reads: Mapping[str, Mapping[str, int | None]],
-) -> dict[str, dict[str, Any]]:
-    """Counter bounds, convergence, and (when available) staleness measurements."""
-    from harness.checker.convergence import check_convergence
-
-    out: dict[str, dict[str, Any]] = {}
-    if any(op.f in ("incr", "read-counter") for op in ops):
-        by_key: dict[str, dict[str, int]] = {}
-        for node, values in final_reads.items():
-            for key, v in values.items():
-                if v is not None:
-                    by_key.setdefault(key, {})[node] = v
-        out["counter"] = counter_verdict(ops, by_key)
-    heal_ns = int(window[1] * 1e9) if window is not None else None
-    conv = check_convergence(((int(s["time_ns"]), s["digests"]) for s in samples), heal_ns)
-    out["convergence"] = {
-        "valid": conv.converged,
-        "max_divergence": conv.max_divergence,
-        "heal_time_s": None if heal_ns is None else heal_ns / 1e9,
-        "converged_at_s": None if conv.converged_at_ns is None else conv.converged_at_ns / 1e9,
-        "time_to_converge_s": (
-            None if conv.time_to_converge_ns is None else conv.time_to_converge_ns / 1e9
-        ),
-    }
-    return out
-
-
-def _stale_reads_figures(ops: Sequence[Operation], read_fs: tuple[str, ...]) -> dict[str, Any]:
-    """Reads that returned a value older than a write completed before they began."""
-    from harness.checker.staleness import stale_reads
-
-    sr = stale_reads(ops, read_fs=read_fs)
-    return {
-        "valid": None,
-        "read_functions": list(read_fs),
-        "reads_checked": sr.reads_checked,
-        "stale": sr.stale_count,
-        "stale_fraction": round(sr.stale_count / sr.reads_checked, 4) if sr.reads_checked else None,
-        "per_key": dict(sr.per_key),
-        "max_lag_ms": sr.max_lag_ns / 1e6,
-        "unexplained": len(sr.unexplained),
-    }
-
-
-def _staleness(
-    ops: Sequence[Operation], final_registers: Mapping[str, Mapping[str, str | None]]
-) -> dict[str, dict[str, Any]]:
-    """Stale reads and LWW losers (harness.checker.staleness): measured, never failed."""
-    from collections import Counter
-
-    from harness.checker.linearizable import describe
-    from harness.checker.staleness import lww_losers
-
-    out: dict[str, dict[str, Any]] = {
-        "stale_reads": _stale_reads_figures(ops, ("read", "read-local"))
-    }
-    finals: dict[str, Json] = {}
-    disagreements: list[str] = []
-    keys = sorted({k for values in final_registers.values() for k in values})
-    for key in keys:
-        seen = Counter(v[key] for v in final_registers.values() if key in v)
-        if len(seen) > 1:
-            disagreements.append(key)
-        finals[key] = seen.most_common(1)[0][0]
-    if finals:
-        lw = lww_losers(ops, finals)
-        out["lww_losers"] = {
-            "valid": None,
-            "acknowledged_writes": lw.acknowledged,
-            "losers": len(lw.losers),
-            "lost": len(lw.lost),
-            "superseded": lw.superseded,
-            "per_key": dict(lw.per_key),
-            "observed_before_lost": len(lw.observed),
-            "final_values": finals,
-            "final_disagreements": disagreements,
-            "examples": [f"{describe(o)} by {o.process} on {o.node}" for o in lw.losers[:5]],
-        }
-    return out
+__all__ = [
+    "FAULT_ACTIONS",
+    "FINAL_READ_PROCESS",
+    "FINAL_REGISTER_READ_PROCESS",
+    "RECOVERY_ACTIONS",
+    "counter_verdict",
+    "fault_window",
+    "final_reads_from_history",
+    "run_checkers",
+]

@@ -90,7 +90,7 @@ def test_watcher_phases_fault_and_rates(tmp_path: Path) -> None:
     clock = FakeClock()
     w = Watcher(tmp_path, sc, clock=clock)
     w.poll()
-    assert w.phase().startswith("starting 2 x 3 nodes")
+    assert w.phase().startswith("starting nodes: 2 x 3")
     (tmp_path / "raft").mkdir()
     lines = [_ev(0, 0.1, 0, "invoke", "write"), _ev(1, 0.2, 0, "ok", "write")]
     lines += [
@@ -119,7 +119,7 @@ def test_watcher_phases_fault_and_rates(tmp_path: Path) -> None:
     raft = w.stores["raft"]
     assert (raft.ok, raft.fail, raft.info) == (2, 1, 0)  # a failed compare is an answer
     assert raft.fault == "partition majority-minority (minority: n1)"
-    assert w.phase() == "fault in force: partition majority-minority (minority: n1)"
+    assert w.phase() == "running: fault in force: partition majority-minority (minority: n1)"
     assert raft.ops_per_s(w.elapsed) == 3.0
     clock.now = 105.0  # nothing new for 4 s: the rate drops to 0
     assert raft.ops_per_s(w.elapsed) == 0.0
@@ -127,10 +127,16 @@ def test_watcher_phases_fault_and_rates(tmp_path: Path) -> None:
         fh.write(_ev(8, 5.0, "nemesis", "invoke", "heal"))
         fh.write(_ev(9, 5.1, "nemesis", "ok", "heal", value={"healed": "majority-minority"}))
     w.poll()
-    assert raft.fault is None and w.phase().startswith("healed")
+    assert raft.fault is None and w.phase().startswith("running: healed")
     clock.now = 111.0
-    assert w.phase().startswith("clients stopped")
-    assert "raft:" in w.line()
+    assert w.phase().startswith("checking: clients stopped")
+    with open(tmp_path / "raft" / "history.jsonl", "a") as fh:  # the runner's final reads
+        fh.write(_ev(10, 11.0, 1_000_000, "invoke", "read-counter"))
+    w.poll()
+    assert w.phase().startswith("checking: final reads")
+    w.reporting = True
+    assert w.phase() == "writing the report"
+    assert "raft:" in w.line() and all(len(x) <= 100 for x in w.line().splitlines())
 
 
 def _fake_runner(valid: bool) -> Any:
@@ -141,24 +147,59 @@ def _fake_runner(valid: bool) -> Any:
     return run
 
 
-def _console() -> tuple[Console, io.StringIO]:
+def _console(width: int = 120) -> tuple[Console, io.StringIO]:
     buf = io.StringIO()
-    return Console(file=buf, width=120, force_terminal=False, color_system=None), buf
+    return Console(file=buf, width=width, force_terminal=False, color_system=None), buf
 
 
 def test_run_demo_prints_table_verdict_and_report(tmp_path: Path) -> None:
-    console, buf = _console()
+    console, buf = _console(width=200)
     out = tmp_path / "demo-out"
     (out / "raft").mkdir(parents=True)
     (out / "raft" / "stale.txt").write_text("from an earlier demo")
     sc = demo_scenario(DEFAULT_SCENARIO, 3, None)
     assert run_demo(sc, out, console, runner=_fake_runner(True)) == 0
     text = buf.getvalue()
-    assert "side by side" in text and "availability during fault, minority" in text
-    assert "Raft refused 100% of requests on the minority side" in text
-    assert f"report: {out / 'report.html'}" in text
+    assert "side by side" in text and "Consistency checks" in text and "minority side" in text
+    assert "CP (raft) gave up availability" in text and "AP (gossip) gave up" in text
+    assert "minority refused 100% of requests for 4.0 s" in text
+    assert f"report: {(out / 'report.html').resolve()}" in text
     assert not (out / "raft" / "stale.txt").exists()
     assert (out / "summary.json").exists()
+    # the printout fits in 100 columns (but for the lines naming the output folder)
+    wide = [x for x in text.splitlines() if len(x) > 100 and str(tmp_path) not in x]
+    assert not wide, wide
+
+
+def _runner_that_fails(exc: BaseException) -> Any:
+    """Writes part of a run, then fails as ``exc`` (Ctrl-C, a crash)."""
+
+    def run(scenario: Scenario, store: str, out: Path) -> None:
+        write_run(out, finished=False)
+        raise exc
+
+    return run
+
+
+def test_a_new_run_keeps_the_previous_report_until_it_is_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "demo-out"
+    sc = demo_scenario(DEFAULT_SCENARIO, 3, None)
+    console, _ = _console()
+    assert run_demo(sc, out, console, runner=_fake_runner(True)) == 0
+    good = (out / "report.html").read_bytes()
+    for exc, rc in ((KeyboardInterrupt(), 130), (RuntimeError("node n2 died"), 1)):
+        console, buf = _console()
+        assert run_demo(sc, out, console, runner=_runner_that_fails(exc)) == rc, buf.getvalue()
+        assert (out / "report.html").read_bytes() == good
+        assert (out / "summary.json").exists() and (out / "timeline.png").exists()
+        # the folder says the run did not finish; its report says so, not "violation"
+        status = json.loads((out / "results.json").read_text())["status"]
+        assert status == ("interrupted" if rc == 130 else "failed")
+        assert cli_main(["report", str(out)]) == 1
+        html = (out / "report.html").read_text()
+        assert "VIOLATION FOUND" not in html
+        assert ("INTERRUPTED" if rc == 130 else "RUN DID NOT FINISH") in html
+        good = (out / "report.html").read_bytes()
 
 
 def test_run_demo_exits_1_on_a_violation(tmp_path: Path) -> None:

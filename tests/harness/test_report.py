@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +17,19 @@ import jsonschema
 import pytest
 
 from caplab.cli import main as cli_main
+from harness.divergence import LagPoint
 from harness.history import HistoryWriter
 from harness.report import (
+    REPORT_FILES,
     build_report,
     build_summary,
-    divergence_interval,
+    detail_rows,
     key_rows,
     pct,
     validate_summary,
 )
+from harness.report.figures import episode_lag
+from harness.report.plots import PALETTE, side_colors
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,6 +55,10 @@ def write_store(root: Path, store: str) -> None:
     the partition fail after 2 ms, except the one at 5.5 s, which times out (info, after
     0.4 s); the majority's ops at 2.0 and 2.5 s fail after 5 ms (new election), from 3.0 s
     on they succeed in 10 ms. gossip: everything succeeds in 1 ms.
+
+    Digest samples every 0.1 s say what each node has seen: raft's ``applied`` index (n1
+    stays at what it had at 2.0 s until 6.3 s), gossip's ``seen`` HLC of r0 (n1 stays at
+    what it had at 2.0 s until 6.5 s); the others see every write acknowledged before.
     """
     d = root / store
     (d / "logs").mkdir(parents=True)
@@ -88,10 +98,17 @@ def write_store(root: Path, store: str) -> None:
             else:
                 add(t + 0.010, "ok", process, "write", key, value, node=node)
     items.sort(key=lambda x: (x[0], x[1]))
+    acked: list[tuple[int, Any]] = []  # (completion ns, raft log index / gossip HLC)
     with HistoryWriter(d / "history.jsonl") as w:
         for t, _, (args, kw) in items:
             etype, process, f, key, value = args
-            w.append(etype, process, f, key, value, time=t, **kw)
+            client_ok = etype == "ok" and isinstance(process, int)
+            if store == "raft" and client_ok:
+                kw["log_index"] = len(acked) + 1
+            ev = w.append(etype, process, f, key, value, time=t, **kw)
+            if client_ok:
+                acked.append((t, ev.log_index if store == "raft" else list(kw["hlc"])))
+    cut_until = 6.3 if store == "raft" else 6.5
     with open(d / "digests.jsonl", "w", encoding="utf-8") as fh:
         for k in range(81):
             t = k / 10
@@ -99,16 +116,35 @@ def write_store(root: Path, store: str) -> None:
                 digests = {"n1": "bb", "n2": "aa", "n3": "aa"}
             else:
                 digests = {"n1": "aa", "n2": "aa", "n3": "aa"}
-            fh.write(json.dumps({"time_ns": _ns(t), "digests": digests}) + "\n")
+            sample: dict[str, Any] = {"time_ns": _ns(t), "digests": digests}
+            view: dict[str, Any] = {}
+            for n in SIDES:
+                cut = n == "n1" and 2.0 <= t < cut_until - 1e-9
+                upto = _ns(2.0) if cut else _ns(t)
+                got = [a for done, a in acked if done < upto]
+                view[n] = max(got) if got else None
+            if store == "raft":
+                sample["applied"] = {n: v or 0 for n, v in view.items()}
+            else:
+                sample["seen"] = {n: ({"r0": v} if v else {}) for n, v in view.items()}
+            fh.write(json.dumps(sample) + "\n")
 
 
-def write_run(root: Path, *, raft_results: dict[str, Any] | None = None) -> Path:
-    """A synthetic run folder with both stores (no results.json unless given for raft)."""
+def write_run(
+    root: Path, *, raft_results: dict[str, Any] | None = None, finished: bool = True
+) -> Path:
+    """A synthetic run folder with both stores (no per-store results.json unless given for
+    raft); ``finished``: the top-level results.json of a run that finished."""
     root.mkdir(parents=True, exist_ok=True)
     for store in ("raft", "gossip"):
         write_store(root, store)
     if raft_results is not None:
         (root / "raft" / "results.json").write_text(json.dumps(raft_results))
+    if finished:
+        scenario = {"name": "synthetic", "nodes": 3, "workload": "register"}
+        (root / "results.json").write_text(
+            json.dumps({"status": "complete", "scenario": scenario, "stores": {}})
+        )
     return root
 
 
@@ -183,40 +219,74 @@ def test_unavailability_window(run_dir: Path) -> None:
     assert ep["minority_write_after_s"] is None
 
 
-def test_divergence_duration_and_convergence(run_dir: Path) -> None:
+def test_replica_lag_and_one_time_to_converge(run_dir: Path) -> None:
     s = build_summary(run_dir)
-    (ep,) = s["stores"]["gossip"]["episodes"]
+    g = s["stores"]["gossip"]
+    (ep,) = g["episodes"]
     d = ep["divergence"]
-    assert d["diverged"] and d["max_distinct_digests"] == 2
-    assert d["diverged_from_s"] == pytest.approx(2.3)
-    assert d["converged_at_s"] == pytest.approx(6.5)
-    assert d["diverged_for_s"] == pytest.approx(4.2, abs=1e-6)
-    assert d["one_digest_after_heal_s"] == pytest.approx(0.5, abs=1e-6)
-    assert s["stores"]["raft"]["episodes"][0]["divergence"]["diverged"] is False
-    assert s["stores"]["gossip"]["convergence"]["valid"] is True
+    # n1 saw nothing from 2.0 s until 6.5 s: at 6.4 s it lacked the 27 writes acknowledged
+    # since (3 x 9), the oldest acknowledged at 2.001 s
+    assert d["diverged"] and d["max_missing_writes"] == 27
+    assert d["max_behind_ms"] == pytest.approx(6400 - 2001, abs=2)
+    assert d["time_to_converge_s"] == pytest.approx(0.5, abs=1e-6)
+    # the checker, the table and the verdict show the same figure
+    assert g["checkers"]["convergence"]["time_to_converge_s"] == d["time_to_converge_s"]
+    assert g["convergence"]["time_to_converge_s"] == d["time_to_converge_s"]
+    rows = dict(key_rows(s))
+    assert rows["Every replica caught up after the heal"] == ["in 0.30 s", "in 0.50 s"]
+    assert "converged 0.50 s after the heal" in s["verdict"]
+    assert "converged 0.30" not in s["verdict"] and "0.30 s" not in str(
+        s["verdict_parts"]["columns"][0]
+    )
+    assert set(g["lag"]["missing"]) == {"n1", "n2", "n3"}
+    assert max(g["lag"]["missing"]["n1"]) == 27 and max(g["lag"]["missing"]["n2"]) == 0
+    raft = s["stores"]["raft"]["episodes"][0]["divergence"]
+    assert raft["time_to_converge_s"] == pytest.approx(0.3, abs=1e-6)
+    # raft's minority fell behind (and refused): the table says so, never "raft diverged"
+    assert rows["Most acknowledged writes a replica lacked"][0].endswith(
+        "(the minority: refused meanwhile)"
+    )
+    assert "diverged" not in " ".join(s["verdict_parts"]["columns"][0]["lines"])
 
 
-def test_divergence_interval_never_converged() -> None:
-    samples = [{"time_ns": _ns(t / 10), "digests": {"a": "x", "b": "y"}} for t in range(30)]
-    d = divergence_interval(samples, 1.0, 2.0)
-    assert d["diverged"] and d["converged_at_s"] is None and d["diverged_for_s"] is None
+def test_episode_lag_never_converged() -> None:
+    points = [
+        LagPoint(
+            t_s=t / 10,
+            missing={"a": 0, "b": t},
+            oldest_ms={"a": 0.0, "b": 50.0 * t},
+            differing_keys=None,
+        )
+        for t in range(30)
+    ]
+    d = episode_lag(points, 1.0, 2.0, 3.0)
+    # never caught up: the peak is taken until the end of the run (3.0 s)
+    assert d["diverged"] and d["max_missing_writes"] == 29 and d["time_to_converge_s"] is None
 
 
-def test_verdict_in_plain_words(run_dir: Path) -> None:
+def test_verdict_two_columns_in_plain_words(run_dir: Path) -> None:
     s = build_summary(run_dir)
-    v = s["verdict"]
-    assert s["valid"] is True and s["violations"] == []
-    assert v.startswith("Raft refused 100% of requests on the minority side for 4.0 s")
-    assert "took 1.0 s to accept writes again" in v
-    assert "stayed linearizable" in v
-    assert "gossip answered 100% on both sides" in v
-    assert "diverged for 4.2 s and converged 0.50 s after heal" in v
+    parts = s["verdict_parts"]
+    assert s["valid"] is True and s["violations"] == [] and parts["status"] == "ok"
+    raft, gossip = parts["columns"]
+    assert raft["title"] == "CP (raft) gave up availability"
+    assert raft["lines"] == [
+        "minority refused 100% of requests for 4.0 s (failing fast, median 2 ms)",
+        "majority unavailable for 1.0 s during the election (75% answered during the fault)",
+        "histories linearizable",
+    ]
+    assert gossip["title"] == "AP (gossip) gave up consistency"
+    assert gossip["lines"][0] == "answered 100% on both sides"
+    assert gossip["lines"][1] == "replicas diverged by up to 27 acknowledged writes, 4.4 s behind"
+    assert gossip["lines"][2] == "converged 0.50 s after the heal"
+    assert s["verdict"].startswith("CP (raft) gave up availability: minority refused 100%")
 
 
-def add_gossip_delete(root: Path, final: str | None) -> None:
+def add_gossip_delete(root: Path, final: str | None, *, delete: bool = True) -> None:
     """Append to the synthetic gossip run: n1 deletes r0 at 7.9 s (after every write, also
-    by its HLC timestamp), then every node's final read of r0 returns ``final``; the
-    samples carry tombstone counters: one tombstone per node from 7.9 s to 9 s."""
+    by its HLC timestamp; unless ``delete`` is False), then every node's final read of r0
+    returns ``final``; the samples carry tombstone counters: one tombstone per node from
+    7.9 s to 9 s."""
     from harness.history import read_history
     from harness.runner import FINAL_REGISTER_READ_PROCESS
 
@@ -236,8 +306,9 @@ def add_gossip_delete(root: Path, final: str | None) -> None:
                 time=e.time,
                 hlc=e.hlc,
             )
-        w.append("invoke", 0, "delete", "r0", None, node="n1", time=_ns(7.9))
-        w.append("ok", 0, "delete", "r0", None, node="n1", time=_ns(7.901), hlc=(7900, 0, "n1"))
+        if delete:
+            w.append("invoke", 0, "delete", "r0", None, node="n1", time=_ns(7.9))
+            w.append("ok", 0, "delete", "r0", None, node="n1", time=_ns(7.901), hlc=(7900, 0, "n1"))
         for i, node in enumerate(("n1", "n2", "n3")):
             pid = FINAL_REGISTER_READ_PROCESS + i
             w.append("invoke", pid, "read", "r0", None, node=node, time=_ns(8.5))
@@ -270,30 +341,47 @@ def test_deletes_final_state_and_tombstones(run_dir: Path) -> None:
     t = g["tombstones"]
     assert (t["valid"], t["max_held"], t["collected"]) == (None, 1, 3)
     assert t["all_collected_after_stop_s"] == pytest.approx(9.0 - 8.501, abs=0.002)
-    assert (
-        "every register ended as its last acknowledged write (1 acknowledged delete, "
-        in (s["verdict"])
-    )
-    assert "its tombstones were all collected 0.50 s after the clients stopped" in s["verdict"]
     rows = dict(key_rows(s))
-    assert rows["deletes acknowledged"] == ["0 / 0", "1 / 1"]
-    assert rows["last acked write on every replica"] == ["-", "yes (1 of 1 key deleted)"]
-    assert rows["tombstones"] == [
+    assert rows["Acknowledged writes and increments kept"] == ["-", "registers: yes"]
+    more = dict(detail_rows(s))
+    assert more["deletes acknowledged"] == ["0 / 0", "1 / 1"]
+    assert more["tombstones"] == [
         "-",
         "3 collected, 3 held at the end; none left 0.50 s after the stop",
     ]
+    # these samples carry no per-node view: the lag is "not measured", not "none"
+    assert rows["Most acknowledged writes a replica lacked"][1] == "not measured"
+    assert "replica lag not measured" in s["verdict"]
 
 
 def test_resurrected_key_is_a_violation(run_dir: Path) -> None:
     add_gossip_delete(run_dir, "2-15")  # n3's write at 7.5 s, older than the delete
     s = build_summary(run_dir)
     assert s["valid"] is False
-    assert s["violations"][0].startswith("gossip: final_state violated (r0: RESURRECTION: ")
-    assert s["verdict"].startswith("VIOLATION: gossip: final_state violated")
-    assert (
-        "Gossip's replicas did NOT end with the last acknowledged write of 1 key" in (s["verdict"])
+    assert s["violations"][0].startswith(
+        "gossip: replicas did not end with the last acknowledged write of 1 key (r0: "
     )
-    assert dict(key_rows(s))["last acked write on every replica"][1] == "VIOLATION (1 key)"
+    assert s["verdict"].startswith("VIOLATION: gossip: replicas did not end")
+    rows = dict(key_rows(s))
+    assert rows["Acknowledged writes and increments kept"][1] == "registers: VIOLATION (1 key)"
+    assert rows["Consistency checks"][1] == "VIOLATION: final_state"
+
+
+def test_lww_discards_count_and_one_example(run_dir: Path) -> None:
+    """r0 ends as n3's write at 7.5 s (the greatest HLC): n1's and n2's concurrent writes
+    at 7.5 s were acknowledged and discarded by last-writer-wins."""
+    add_gossip_delete(run_dir, "2-15", delete=False)
+    s = build_summary(run_dir)
+    validate_summary(s)
+    lww = s["stores"]["gossip"]["lww"]
+    assert lww["discarded"] == 2
+    assert {d["lost_value"] for d in lww["discards"]} == {"0-15", "1-15"}
+    assert {d["winner_value"] for d in lww["discards"]} == {"2-15"}
+    cell = dict(key_rows(s))["Acknowledged writes discarded by LWW"]
+    assert cell[0] == "none (no last-writer-wins)"
+    assert cell[1].startswith("2 of ")
+    assert "key r0: '0-15' (n1, acked at 7.50 s) lost to '2-15' (n3, acked at 7.50 s)" in cell[1]
+    assert "2 acknowledged writes discarded by LWW" in s["verdict"]
 
 
 def test_pct_never_rounds_up_to_100() -> None:
@@ -306,12 +394,78 @@ def test_violation_comes_first_and_fails_cli(tmp_path: Path) -> None:
     run = write_run(tmp_path / "bad", raft_results=raft_results(valid=False))
     s = build_summary(run)
     assert s["valid"] is False
-    assert s["violations"] and s["violations"][0].startswith("raft: linearizable violated")
-    assert s["verdict"].startswith("VIOLATION")
-    assert "Raft was NOT linearizable" in s["verdict"]
+    assert s["violations"] == [
+        "raft: NOT linearizable (read of '0-3' after '1-5' was acknowledged)"
+    ]
+    assert s["verdict"].startswith("VIOLATION: raft: NOT linearizable")
+    assert "histories NOT linearizable" in s["verdict"]
     assert cli_main(["report", str(run)]) == 1
     html = (run / "report.html").read_text()
-    assert "Counterexample" in html and "Violation found" in html
+    assert "Counterexample" in html and "VIOLATION FOUND" in html
+    assert 'class="verdict violation"' in html
+
+
+def _never_converges(run: Path) -> None:
+    """Gossip's n1 keeps another digest to the end: with a finished run, a convergence
+    violation."""
+    path = run / "gossip" / "digests.jsonl"
+    lines = path.read_text().splitlines()
+    out = []
+    for line in lines:
+        obj = json.loads(line)
+        if obj["time_ns"] >= _ns(2.3):
+            obj["digests"]["n1"] = "bb"
+        out.append(json.dumps(obj))
+    path.write_text("\n".join(out) + "\n")
+
+
+def test_interrupted_run_is_labelled_interrupted_not_violation(tmp_path: Path) -> None:
+    finished = write_run(tmp_path / "finished")
+    _never_converges(finished)
+    s = build_summary(finished)
+    assert s["status"] == "complete" and s["verdict_parts"]["status"] == "violation"
+    assert "gossip: replicas did not converge to one state after the heal" in s["violations"]
+
+    for marker in (None, {"status": "interrupted", "scenario": {"name": "x", "nodes": 3}}):
+        run = write_run(tmp_path / f"cut-{marker is None}", finished=False)
+        _never_converges(run)
+        if marker is not None:
+            (run / "results.json").write_text(json.dumps(marker))
+        rep = build_report(run)
+        s = rep.summary
+        validate_summary(s)
+        assert s["status"] == "interrupted" and rep.status == "interrupted"
+        assert s["violations"] == [] and "convergence" not in s["stores"]["gossip"]["checkers"]
+        assert s["verdict"].startswith("INTERRUPTED: The run was interrupted")
+        html = rep.html_path.read_text()
+        assert 'class="verdict interrupted"' in html and "INTERRUPTED" in html
+        assert "VIOLATION FOUND" not in html and "? nodes per store" not in html
+        assert "3 nodes per store" in html
+        assert cli_main(["report", str(run)]) == 1  # not a finished, passing run
+
+
+def test_previous_report_survives_a_failed_build(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_report(run_dir)
+    before = {n: (run_dir / n).read_bytes() for n in REPORT_FILES}
+    from harness.report import html as report_html
+
+    def broken(*args: Any, **kw: Any) -> str:
+        raise RuntimeError("disk full, say")
+
+    monkeypatch.setattr(report_html, "render_html", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_report(run_dir)
+    assert {n: (run_dir / n).read_bytes() for n in REPORT_FILES} == before
+    assert not [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]
+
+
+def test_one_colour_one_meaning() -> None:
+    assert len(set(PALETTE.values())) == len(PALETTE)
+    colors = side_colors(["n1", "n2", "n3", "n4"], {"n1": "minority", "n2": "majority"})
+    assert len(set(colors.values())) == 4
+    assert PALETTE["timeout"] not in colors.values() and PALETTE["minority"] != PALETTE["timeout"]
 
 
 def test_results_json_is_reused(tmp_path: Path) -> None:
@@ -368,7 +522,9 @@ def test_build_report_writes_everything(run_dir: Path) -> None:
     for name in ("timeline", "latency", "throughput", "divergence", "availability"):
         _check_png(run_dir / f"{name}.png")
     html = _check_html(rep.html_path)
-    assert "Raft refused 100% of requests" in html
+    assert "minority refused 100% of requests" in html
+    assert 'class="scroll"' in html and "<details><summary>All figures side by side" in html
+    assert len(key_rows(rep.summary)) <= 10
     assert 'href="raft/history.jsonl"' in html and 'href="gossip/logs/n1.log"' in html
     doc = json.loads(rep.summary_path.read_text())
     validate_summary(doc)
@@ -379,7 +535,8 @@ def test_build_report_writes_everything(run_dir: Path) -> None:
 def test_report_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["report", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "Raft refused" in out and "report.html" in out
+    assert "CP (raft) gave up availability" in out
+    assert f"report: {(run_dir / 'report.html').resolve()}" in out
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli_main(["report", str(empty)]) == 2
@@ -390,17 +547,17 @@ def test_single_store_run(tmp_path: Path) -> None:
     shutil.rmtree(run / "raft")
     rep = build_report(run)
     assert list(rep.summary["stores"]) == ["gossip"]
-    assert rep.verdict.startswith("Gossip answered 100% on both sides")
+    assert rep.verdict.startswith("AP (gossip) gave up consistency: answered 100% on both sides")
 
 
 # -- integration: a short real run, opened in headless Chromium -------------------------------
 def chromium_dump_dom(html: Path, profile: Path) -> str:
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.fail(
-            "chromium is not installed: the report test opens report.html in Debian's headless "
-            "Chromium (apt-get install -y chromium; .ci/run does it)"
-        )
+        hint = "chromium is not installed (apt-get install -y chromium): report.html not opened"
+        if os.environ.get("CAPLAB_REQUIRE_BROWSER"):  # .ci/run sets it
+            pytest.fail(hint)
+        pytest.skip(hint)
     proc = subprocess.run(
         [
             exe,
@@ -442,9 +599,58 @@ def test_report_of_a_real_run(tmp_path: Path) -> None:
     dom = chromium_dump_dom(rep.html_path, tmp_path / "chromium-profile")
     assert 'id="verdict"' in dom
     start = dom.index('id="verdict"')
-    text = dom[dom.index(">", start) + 1 : dom.index("</p>", start)]
-    assert text.strip() == rep.verdict.replace("&", "&amp;").replace("<", "&lt;").replace(
-        ">", "&gt;"
-    ).replace('"', "&quot;").replace("'", "&#x27;") or text.strip().startswith(rep.verdict[:30])
-    assert "Raft" in text and "gossip" in text.lower()
+    text = dom[start : dom.index("</section>", start)]
+    assert "CP (raft) gave up availability" in text and "AP (gossip) gave up consistency" in text
     assert rep.valid, rep.summary["violations"]
+
+
+def test_layers_import_no_runner_and_no_circle() -> None:
+    """The report reads run folders without the runner; the checker dispatch is shared."""
+    code = (
+        "import sys, harness.report, harness.report.plots, harness.report.html\n"
+        "import harness.checks\n"
+        "assert 'harness.runner' not in sys.modules, 'the report imports the runner'\n"
+        "import harness.runner\n"
+        "assert harness.runner.run_checkers is harness.checks.run_checkers\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(("exc", "status"), [("cancel", "interrupted"), ("crash", "failed")])
+def test_runner_marks_an_unfinished_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: str, status: str
+) -> None:
+    """SIGTERM/Ctrl-C (the run task cancelled) or a crash: results.json says the run did not
+    finish, replacing the previous run's; the report then says INTERRUPTED, not violation."""
+    import asyncio
+
+    from harness import runner
+    from harness.scenario import Scenario
+
+    class CutShort:
+        def __init__(self, scenario: Scenario, store: str, out: Path, **kw: Any) -> None:
+            self.store = store
+
+        async def setup(self) -> None:
+            write_store(tmp_path / "run", self.store)
+            if exc == "cancel":
+                raise asyncio.CancelledError
+            raise RuntimeError("node n2 exited")
+
+        async def close(self) -> None:
+            return None
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"status": "complete", "stores": {}}))
+    monkeypatch.setattr(runner, "StoreRun", CutShort)
+    sc = Scenario(name="cut", duration=8.0, nodes=3, store="raft")
+    with pytest.raises(KeyboardInterrupt if exc == "cancel" else RuntimeError):
+        runner.run_scenario(sc, "raft", run)
+    marker = json.loads((run / "results.json").read_text())
+    assert marker["status"] == status and marker["scenario"]["nodes"] == 3
+    s = build_summary(run)
+    assert s["status"] == status and s["verdict_parts"]["status"] == status
