@@ -2,10 +2,12 @@
 
 Each node gets a free port, its own data directory and a log file. Nodes can be
 stopped (SIGTERM), killed (SIGKILL), paused (SIGSTOP), resumed (SIGCONT) and
-restarted with the same identity and data. No process outlives the cluster: every
-node runs in its own process group and `close()` kills what is left; an atexit
-hook covers interpreter exits, and nodes started with CAPLAB_EXIT_WITH_PARENT=1
-(as here) exit by themselves when their parent process dies.
+restarted with the same identity and data. A node that exits by itself (not through
+`kill`/`stop`) is reported once by `LocalCluster.unexpected_exits()`; the others keep
+running. No process outlives the cluster: every node runs in its own process group and
+`close()` kills what is left; an atexit hook covers interpreter exits, and nodes started
+with CAPLAB_EXIT_WITH_PARENT=1 (as here) exit by themselves when their parent process
+dies.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from caplab.security import channel_credentials, ensure_dev_certs
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _kill_all_at_exit() -> None:
@@ -108,6 +111,10 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     paused: bool = False
     starts: int = 0
+    # True once kill()/stop() ended the process on purpose (an exit then is no news);
+    # exit_reported: its unexpected exit was already returned by unexpected_exits()
+    expected_exit: bool = False
+    exit_reported: bool = False
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -118,25 +125,41 @@ class NodeProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit code of the last process (negative: killed by that signal), None while
+        it runs or before the first start."""
+        return None if self.proc is None else self.proc.poll()
+
     def start(self) -> None:
         if self.running:
             return
+        self._reap()  # a previous process that died by itself
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.args,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            # Own process group (so signals reach the whole node), set up by Popen in C:
-            # running Python code between fork and exec (preexec_fn) in a process with
-            # gRPC threads can crash the child.
-            process_group=0,
-        )
+        # A child inherits the starting thread's signal mask: a node started from a thread
+        # that blocks SIGTERM/SIGINT (harness.console's loop) would ignore a graceful stop.
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        try:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                # Own process group (so signals reach the whole node), set up by Popen in C:
+                # running Python code between fork and exec (preexec_fn) in a process with
+                # gRPC threads can crash the child.
+                process_group=0,
+            )
+        finally:
+            if mask & _STOP_SIGNALS:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _LIVE.add(self.proc)
         self.paused = False
+        self.expected_exit = False
+        self.exit_reported = False
         self.starts += 1
 
     def signal(self, sig: int) -> None:
@@ -155,6 +178,7 @@ class NodeProcess:
         """SIGKILL: no chance to flush or hand over."""
         if self.proc is None:
             return
+        self.expected_exit = True
         self.signal(signal.SIGKILL)
         self.proc.wait()
         self.paused = False
@@ -164,6 +188,7 @@ class NodeProcess:
         """SIGTERM and wait for a graceful exit (SIGKILL after timeout)."""
         if self.proc is None:
             return None
+        self.expected_exit = True
         if self.paused:
             self.signal(signal.SIGCONT)
             self.paused = False
@@ -318,9 +343,24 @@ class LocalCluster:
         ca = (self.certs / "ca.crt").read_bytes()
         return grpc.aio.secure_channel(address, channel_credentials(ca))
 
+    def unexpected_exits(self) -> list[NodeProcess]:
+        """Nodes whose process ended by itself since the last call (each reported once; not
+        those ended by `kill`/`stop`). Their log files are closed; `start` runs them again."""
+        out = []
+        for node in self.nodes.values():
+            if node.proc is None or node.expected_exit or node.exit_reported:
+                continue
+            if node.proc.poll() is not None:
+                node.exit_reported = True
+                node.paused = False
+                node._reap()
+                out.append(node)
+        return out
+
     def close(self) -> None:
         """Stop every node gracefully, SIGKILL what does not exit."""
         for node in self.nodes.values():
+            node.expected_exit = True
             if node.paused:
                 node.resume()
             node.signal(signal.SIGTERM)
