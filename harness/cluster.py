@@ -314,8 +314,15 @@ class LocalCluster:
         for node in self.nodes.values():
             node.start()
 
-    async def wait_ready(self, timeout: float = 30.0, nodes: Sequence[str] | None = None) -> None:
-        """Poll gRPC health until every (given) node answers SERVING."""
+    async def wait_ready(
+        self, timeout: float = 30.0, nodes: Sequence[str] | None = None, *, serving: bool = False
+    ) -> None:
+        """Poll gRPC health until every (given) node answers: the process is up. A raft node
+        that cannot reach a majority answers NOT_SERVING (e.g. restarted while most of the
+        cluster is down), which counts as up unless ``serving`` asks for SERVING."""
+        wanted = {health_pb2.HealthCheckResponse.SERVING}
+        if not serving:
+            wanted.add(health_pb2.HealthCheckResponse.NOT_SERVING)
         deadline = time.monotonic() + timeout
         for node_id in nodes or list(self.nodes):
             node = self.nodes[node_id]
@@ -329,7 +336,7 @@ class LocalCluster:
                         )
                     try:
                         r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                        if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        if r.status in wanted:
                             break
                     except grpc.aio.AioRpcError:
                         pass

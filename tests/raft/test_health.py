@@ -77,3 +77,17 @@ async def test_health_is_not_serving_without_quorum_and_serving_again_with_it(
             seen.append(r.status)
         watch.cancel()
     assert seen[0] == SERVING and NOT_SERVING in seen  # Watch saw both transitions
+
+
+@pytest.mark.integration
+async def test_a_node_restarted_without_a_majority_is_ready_but_not_serving(net3: Net) -> None:
+    """``LocalCluster.wait_ready`` waited for SERVING: a raft node restarted while most of
+    the cluster is down (the console's ``restart``) timed out although it was up."""
+    for node in net3.cluster.nodes.values():
+        node.kill()
+    lone = next(iter(net3.eps))
+    net3.cluster.nodes[lone].start()
+    await net3.cluster.wait_ready(timeout=15.0, nodes=[lone])
+    assert (await statuses(net3.eps[lone]))["caplab.v1.KV"] == NOT_SERVING
+    with pytest.raises(TimeoutError):
+        await net3.cluster.wait_ready(timeout=1.0, nodes=[lone], serving=True)
