@@ -41,8 +41,9 @@ the heal (the oldest write a node misses, if any, completed at or after the heal
 
 LWW discards (:func:`lww_discards`). Given each register's converged value, an ``ok``
 write-like operation ``w`` whose value is not the final one is *superseded* when some
-``ok`` write-like operation ``w2`` of the key followed it in real time (``w`` completed
-before ``w2`` began) and could have seen it: both were made on the same side of a
+``ok`` or ``info`` (it may have taken effect) write-like operation ``w2`` of the key
+followed it in real time (``w`` completed before ``w2`` began) and could have seen it:
+both were made on the same side of a
 partition, or either was made while no partition was in force. Otherwise ``w`` was
 *discarded*: nobody who could have read it overwrote it; last-writer-wins merged it away
 (the losing side's last writes in a partition, or a write concurrent with the winner).
@@ -339,7 +340,7 @@ class LwwDiscard:
             return f"the {s} side" if s else "no partition"
 
         def ts(h: Hlc | None) -> str:
-            return "no timestamp" if h is None else f"{h[0]}.{h[1]}@{h[2]}"
+            return f"{h[0]}.{h[1]}@{h[2]}"
 
         def val(v: Json) -> str:
             return "absent (delete)" if v is None else repr(v)
@@ -347,10 +348,15 @@ class LwwDiscard:
         return (
             f"{self.key}: {val(self.lost_value)} written on {self.lost_node} "
             f"({side(self.lost_side)}) and acknowledged at {self.lost_at_s:.3f}s "
-            f"with timestamp {ts(self.lost_hlc)} was "
+            + ("" if self.lost_hlc is None else f"with timestamp {ts(self.lost_hlc)} ")
+            + "was "
             f"discarded for {val(self.winner_value)} written on {self.winner_node} "
-            f"({side(self.winner_side)}) at {self.winner_at_s:.3f}s with the later timestamp "
-            f"{ts(self.winner_hlc)}."
+            f"({side(self.winner_side)}) at {self.winner_at_s:.3f}s "
+            + (
+                "(a write whose outcome was unknown to its client; it took effect)."
+                if self.winner_hlc is None
+                else f"with the later timestamp {ts(self.winner_hlc)}."
+            )
         )
 
     def to_json(self) -> dict[str, Json]:
@@ -417,8 +423,10 @@ def lww_discards(
             continue  # the initial state, or a value nobody wrote: nothing to compare with
         winner = max(winners, key=lambda w: (w.type == "ok", _hlc_key(w)))
         oks = [w for w in writes if w.type == "ok"]
+        # A write whose outcome is unknown (info) may have taken effect: invoked after ``w``
+        # completed on w's side, it may have overwritten ``w`` in order, so w is not counted.
         last_invoke: dict[str | None, float] = {}
-        for w in oks:
+        for w in writes:
             last_invoke[w.side] = max(last_invoke.get(w.side, -math.inf), w.invoke_time)
         for w in oks:
             if written_value(w) == final or _superseded(w, last_invoke):

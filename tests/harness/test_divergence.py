@@ -244,7 +244,7 @@ def _partition_history(*, heal_write: bool) -> list[Operation]:
         op("write", 11.0, 11.1, "a1", key="lww0", node="n1", side="majority", hlc=(11100, 0, "n1")),
         op("write", 12.0, 12.1, "b1", key="lww0", node="n4", side="minority", hlc=(12100, 0, "n4")),
         op("write", 13.0, 13.1, "a2", key="lww0", node="n2", side="majority", hlc=(13100, 0, "n2")),
-        op("write", 13.5, None, "b2", key="lww0", node="n5", side="minority", type="info"),
+        op("write", 12.05, None, "b2", key="lww0", node="n5", side="minority", type="info"),
         op("write", 14.0, 14.1, "z", key="lww1", node="n1", side="majority", hlc=(14100, 0, "n1")),
     ]
     if heal_write:  # after the heal (no side): supersedes every write before it
@@ -364,3 +364,19 @@ async def test_a_partitioned_run_shows_lag_and_discards(tmp_path: Path) -> None:
             assert both_sides <= {d.key for d in discards}
         else:
             assert all("applied" in s for s in samples)
+
+
+def test_a_later_write_of_unknown_outcome_on_the_same_side_is_no_discard() -> None:
+    """b2 (same side, invoked after b1 completed, timed out) won: b1 was overwritten in
+    order, not discarded by LWW (it was reported as discarded 'for' b2)."""
+    ops = [
+        op("write", 12.0, 12.1, "b1", node="n4", side="minority", hlc=(12100, 0, "n4")),
+        op("write", 13.5, None, "b2", node="n4", side="minority", type="info"),
+    ]
+    assert lww_discards(ops, {"k": "b2"}) == []
+    # a concurrent write of unknown outcome that won, from the other side: a discard,
+    # described without a timestamp it does not have
+    other = [ops[0], op("write", 12.05, None, "a1", node="n1", side="majority", type="info")]
+    (d,) = lww_discards(other, {"k": "a1"})
+    assert d.lost_value == "b1" and d.winner_hlc is None
+    assert "no timestamp" not in d.describe() and "outcome was unknown" in d.describe()
