@@ -84,7 +84,9 @@ def _caught_up_cell(s: Mapping[str, Any]) -> str:
     if not s["lag"]["t_s"]:
         return "not measured"
     ttcs = [e["divergence"]["time_to_converge_s"] for e in healed]
-    return ", ".join("not within the run" if t is None else f"in {secs(t)}" for t in ttcs)
+    conv = (s.get("checkers") or {}).get("convergence") or {}
+    unknown = "not measured" if conv.get("valid") is True else "not within the run"
+    return ", ".join(unknown if t is None else f"in {secs(t)}" for t in ttcs)
 
 
 def _stale_cell(s: Mapping[str, Any]) -> str:

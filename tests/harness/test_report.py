@@ -282,6 +282,26 @@ def test_verdict_two_columns_in_plain_words(run_dir: Path) -> None:
     assert s["verdict"].startswith("CP (raft) gave up availability: minority refused 100%")
 
 
+def test_an_unmeasured_time_to_converge_is_no_false_alarm(run_dir: Path) -> None:
+    """No sample after the heal in which every node answered with its view (a Dump timed
+    out, or too many keys to dump) while the convergence checker saw one state at the end:
+    the verdict said "did NOT converge after the heal"."""
+    import copy as _copy
+
+    from harness.report.tables import _caught_up_cell
+    from harness.report.verdict import gossip_lines
+
+    s = _copy.deepcopy(build_summary(run_dir)["stores"]["gossip"])
+    for e in s["episodes"]:
+        e["divergence"]["time_to_converge_s"] = None
+    assert s["checkers"]["convergence"]["valid"] is True
+    assert "converged (the time after the heal was not measured)" in gossip_lines(s)[2]
+    assert _caught_up_cell(s) == "not measured"
+    s["checkers"]["convergence"]["valid"] = False
+    assert "did NOT converge after the heal" in gossip_lines(s)[2]
+    assert _caught_up_cell(s) == "not within the run"
+
+
 def add_gossip_delete(root: Path, final: str | None, *, delete: bool = True) -> None:
     """Append to the synthetic gossip run: n1 deletes r0 at 7.9 s (after every write, also
     by its HLC timestamp; unless ``delete`` is False), then every node's final read of r0
