@@ -23,7 +23,8 @@ During the run, per store:
   ``"tombstones"`` and ``"tombstones_collected"`` ({node: n}, its Status counters); on
   raft also ``"applied"`` ({node: applied_index}). Every ~250 ms, while no node holds more
   than :data:`DUMP_MAX_KEYS` keys, the sample also carries each node's ``Cluster.Dump``
-  digested: ``"differing_keys"`` (keys the dumped replicas disagree on), ``"dump_ms"``
+  digested: ``"differing_keys"`` (keys the replicas disagree on; null unless every node
+  answered), ``"dump_ms"``
   and, on gossip, ``"seen"`` ({node: {key: HLC or counter components}}); see
   :mod:`harness.divergence`, which turns them into each node's lag.
 
@@ -521,7 +522,10 @@ class StoreRun:
             if dumping:
                 dumps = {n: entries for n, entries in dumped if entries is not None}
                 sample["dump_ms"] = round((time.monotonic() - last_dump) * 1000, 1)
-                sample["differing_keys"] = differing_keys(dumps) if len(dumps) > 1 else None
+                # only when every node's Dump answered: two agreeing nodes say nothing of a
+                # third that was paused or slow
+                whole = len(dumps) == len(eps) > 1
+                sample["differing_keys"] = differing_keys(dumps) if whole else None
                 if self.store != "raft":
                     sample["seen"] = {n: dump_views(entries) for n, entries in dumps.items()}
             self._latest_digests = digests
