@@ -339,7 +339,7 @@ class LwwDiscard:
         def side(s: str | None) -> str:
             return f"the {s} side" if s else "no partition"
 
-        def ts(h: Hlc | None) -> str:
+        def ts(h: Hlc) -> str:
             return f"{h[0]}.{h[1]}@{h[2]}"
 
         def val(v: Json) -> str:
