@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -67,8 +68,10 @@ exit codes:
                                 resolved: UNAVAILABLE, not applied): safe to retry
          outcome unknown        it may or may not have been applied (timeout, connection
                                 lost mid-call, UNKNOWN/INTERNAL): read before retrying
-  {EXIT_USAGE}    usage error (bad flag, bad endpoint, unreadable file); nothing was sent
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+  {EXIT_USAGE}    usage error (bad flag, bad endpoint, unreadable file, a value over 1 MiB);
+       nothing was sent
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); stderr says "interrupted", and for a write "outcome
+       unknown": it may have been applied"""
 
 KV_EPILOG = f"""\
 endpoints:
@@ -86,8 +89,15 @@ values:
   put KEY VALUE         VALUE as given (UTF-8)
   put KEY -             the bytes of standard input, as they are (a trailing newline too)
   put KEY --file PATH   the bytes of PATH
-  Values are at most 1 MiB. `get` prints a value as UTF-8 text, or as 0x-prefixed hex
-  when it is not UTF-8.
+  put KEY -- -5         a value starting with '-' after `--` (`--` ends the flags,
+                        wherever it is: `put KEY --json -- -5` too)
+  Values are at most 1 MiB (a larger one is a usage error, before anything is read
+  beyond the limit). `get` prints a value as UTF-8 text, or as 0x-prefixed hex when it
+  is not UTF-8 (so the text "0x6869" and the bytes "hi" look alike there); with --json
+  it is unambiguous: "value" is the text and "encoding" is "utf-8" when it is valid
+  UTF-8, else "value_hex" is the hex (no 0x) and "encoding" is "hex"; a counter's "value"
+  is a number, with "type": "counter". cas --json shows the current value the same way
+  ("current" or "current_hex", and "current_encoding").
 
 {EXIT_CODES}
 
@@ -117,9 +127,65 @@ OPS_HELP = {
         "the contacted node's view of the cluster",
         "The node of the first endpoint that answers: its role, term and leader (raft), "
         "log indexes, keys, members and their states, clock (gossip), injected clock "
-        "skew, version. --json prints the StatusResponse as JSON.",
+        "skew, version. The leader's and the members' addresses shown are their peer "
+        "addresses (members only), not client endpoints. --json prints the StatusResponse "
+        "as JSON.",
     ),
 }
+
+
+class _OpParser(argparse.ArgumentParser):
+    """The parser of one operation (`caplab kv put ...`). Flags and operands may be mixed
+    in any order, and ``--`` ends the flags wherever it is: everything after it is an
+    operand, so a value starting with '-' works (`put k --json -- -5`). argparse alone
+    fills an optional operand (put's VALUE, incr's DELTA) with nothing when a flag comes
+    between it and the KEY, and (Python 3.13.0) drops a value that is itself '--'. A
+    usage error is reported by this parser, with this operation's usage."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        head, tail = argv, []
+        if "--" in argv:
+            cut = argv.index("--")
+            head, tail = argv[:cut], argv[cut + 1 :]
+        operands = self._get_positional_actions()
+        saved = [(a.nargs, a.default) for a in operands]
+        usage = self.usage
+        if usage is None:  # with the operands, in the errors of the first pass too
+            self.usage = self.format_usage().removeprefix("usage: ").rstrip("\n")
+        try:
+            for a in operands:  # the flags first, with the operands switched off
+                a.nargs, a.default = argparse.SUPPRESS, argparse.SUPPRESS
+            ns, rest = super().parse_known_args(head, namespace)
+        finally:
+            for a, (nargs, default) in zip(operands, saved, strict=True):
+                a.nargs, a.default = nargs, default
+            self.usage = usage
+        unknown = [w for w in rest if w[:1] == "-" and w != "-" and not _NEGATIVE_NUMBER.match(w)]
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        words = [*rest, *tail]
+        missing = []
+        for a in operands:
+            if words:
+                try:
+                    setattr(ns, a.dest, self._get_value(a, words.pop(0)))
+                except argparse.ArgumentError as e:
+                    self.error(str(e))
+            elif a.nargs == "?":
+                setattr(ns, a.dest, a.default)
+            else:
+                missing.append(str(a.metavar or a.dest))
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        if words:
+            self.error(f"unrecognized arguments: {' '.join(words)}")
+        return ns, []
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's: an operand, not a flag
 
 
 def _common_flags(after_op: bool) -> argparse.ArgumentParser:
@@ -202,7 +268,7 @@ def add_kv(sub: Any) -> None:
         parents=[_common_flags(after_op=False)],
     )
     after = [_common_flags(after_op=True)]
-    ops = p.add_subparsers(dest="op", required=True, metavar="OP")
+    ops = p.add_subparsers(dest="op", required=True, metavar="OP", parser_class=_OpParser)
 
     def op(name: str) -> argparse.ArgumentParser:
         short, long = OPS_HELP[name]
@@ -279,15 +345,43 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
+def _read_value(path: str, what: str) -> bytes:
+    """A value from PATH ('-': standard input), at most 1 MiB: a larger one is refused
+    before it is read (a regular file) or after reading one byte more than the limit (a
+    pipe), never held in memory whole."""
+    from caplab.validation import MAX_VALUE_BYTES
+
+    def too_big(size: str) -> UsageError:
+        return UsageError(
+            f"{what}: the value is {size} bytes; the limit is {MAX_VALUE_BYTES} bytes (1 MiB); "
+            "nothing was sent"
+        )
+
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_VALUE_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size  # 0 for a pipe: read, with the limit
+                if size > MAX_VALUE_BYTES:
+                    raise too_big(str(size))
+                data = f.read(MAX_VALUE_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"{what}: cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_VALUE_BYTES:
+        raise too_big(f"more than {MAX_VALUE_BYTES}")
+    return data
+
+
 def _put_value(args: argparse.Namespace) -> bytes:
     if args.file is not None and args.value is not None:
         raise UsageError("put: give VALUE or --file PATH, not both")
     if args.file is not None:
-        return _read(args.file, "--file")
+        return _read_value(args.file, "--file")
     if args.value is None:
         raise UsageError("put: no value: give VALUE, '-' (standard input) or --file PATH")
     if args.value == "-":
-        return _read("-", "put")
+        return _read_value("-", "put: standard input")
     value: bytes = args.value.encode("utf-8", "surrogateescape")
     return value
 
@@ -341,6 +435,15 @@ def _decode(v: bytes) -> str:
         return "0x" + v.hex()
 
 
+def _encoded(v: bytes, name: str, encoding: str = "encoding") -> dict[str, str]:
+    """A value for --json, unambiguously: ``{name: text, encoding: "utf-8"}`` when it is
+    UTF-8, else ``{name + "_hex": hex digits, encoding: "hex"}``."""
+    try:
+        return {name: v.decode("utf-8"), encoding: "utf-8"}
+    except UnicodeDecodeError:
+        return {f"{name}_hex": v.hex(), encoding: "hex"}
+
+
 async def _run_op(c: KVClient, args: argparse.Namespace, value: bytes | None) -> Outcome:
     from caplab.v1 import kv_pb2
 
@@ -358,9 +461,14 @@ async def _run_op(c: KVClient, args: argparse.Namespace, value: bytes | None) ->
             else kv_pb2.CONSISTENCY_DEFAULT
         )
         g = await c.get(key, level)
-        shown = _decode(g.value) if isinstance(g.value, bytes) else g.value
-        doc = {"ok": True, "op": op, "key": key, "found": g.found, "value": shown}
-        return Outcome({**doc, **_header(g.header)}, str(shown) if g.found else "(absent)")
+        doc: dict[str, Any] = {"ok": True, "op": op, "key": key, "found": g.found}
+        if isinstance(g.value, bytes):
+            doc |= {"type": "register", **_encoded(g.value, "value")}
+            shown = _decode(g.value)
+        else:
+            doc |= {"type": "counter", "value": g.value} if g.found else {"value": None}
+            shown = str(g.value)
+        return Outcome({**doc, **_header(g.header)}, shown if g.found else "(absent)")
     if op == "delete":
         d = await c.delete(key)
         doc = {"ok": True, "op": op, "key": key, "existed": d.existed}
@@ -371,7 +479,8 @@ async def _run_op(c: KVClient, args: argparse.Namespace, value: bytes | None) ->
         expected = None if args.absent else args.expected.encode("utf-8", "surrogateescape")
         s = await c.cas(key, expected, args.new.encode("utf-8", "surrogateescape"))
         current = _decode(s.current) if s.found else None
-        doc = {"ok": True, "op": op, "key": key, "swapped": s.swapped, "current": current}
+        doc = {"ok": True, "op": op, "key": key, "swapped": s.swapped}
+        doc |= _encoded(s.current, "current", "current_encoding") if s.found else {"current": None}
         text = "swapped" if s.swapped else f"not swapped; current: {current}"
         return Outcome({**doc, **_header(s.header)}, text)
     if op == "incr":
@@ -419,6 +528,10 @@ def cmd_kv(args: argparse.Namespace) -> int:
 
     try:
         outcome = asyncio.run(_kv(args, value))
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the call: a mutation may have reached the store already
+        print(f"caplab: {interrupted_line(args.op)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except errors.StoreError as e:
         if args.json:
             doc = {
@@ -434,6 +547,14 @@ def cmd_kv(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(json.dumps(outcome.doc, sort_keys=True) if args.json else outcome.text)
     return EXIT_OK
+
+
+def interrupted_line(op: str) -> str:
+    """What Ctrl-C during a call means: for a mutation, that nobody knows whether it was
+    applied."""
+    if op in ("get", "status"):
+        return "interrupted"
+    return "interrupted: outcome unknown (the request may have been applied)"
 
 
 def failure_line(e: Any, op: str, eps: list[str]) -> str:
@@ -485,9 +606,14 @@ def status_table(st: kv_pb2.StatusResponse) -> str:
         ["role", st.role or "-"],
     ]
     if raft:
+        # leader_address is where this node reaches the leader: the leader's own client
+        # address when it is this node, else the --peer address of it, its peer listener
+        # (members only, mutual TLS): not where a client connects, so labelled as such.
         leader = st.leader_id or "(none known)"
-        if st.leader_address:
-            leader += f" at {st.leader_address}"
+        if st.leader_id and st.leader_id == st.node_id:
+            leader += " (this node)"
+        elif st.leader_id and st.leader_address:
+            leader += f" (peer address {st.leader_address})"
         lines += [
             ["term", str(st.term)],
             ["leader", leader],
@@ -513,7 +639,7 @@ def status_table(st: kv_pb2.StatusResponse) -> str:
             kv_pb2.MEMBER_STATE_DEAD: "dead",
         }
         now_ms = int(time.time() * 1000)
-        head = ["NODE", "ADDRESS", "STATE"]
+        head = ["NODE", "PEER ADDRESS", "STATE"]  # their --peer addresses, not clients
         if raft:
             head.append("MATCH INDEX")
         if gossip:

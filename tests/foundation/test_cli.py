@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -231,9 +235,139 @@ async def test_a_1_mib_value_from_stdin_or_a_file(mem_node: NodeServer, tmp_path
         assert (await c.get("file")).value == blob[::-1]
     rc, out, _ = await run_cli("kv", "--endpoint", ep, "get", "blob")
     assert rc == 0 and out.strip() == "0x" + blob.hex()
-    # one byte more: refused by the node, with the limit
+    # one byte more: a usage error, nothing sent
     rc, _, err = await run_cli("kv", "--endpoint", ep, "put", "big", "-", stdin=blob + b"x")
-    assert rc == 1 and "INVALID_ARGUMENT" in err and "1 MiB" in err
+    assert rc == 2 and "1 MiB" in err and "nothing was sent" in err
+    async with KVClient([ep]) as c:
+        assert not (await c.get("big")).found
+
+
+class _EndlessZeros(io.RawIOBase):
+    """Standard input that never ends (`head -c 300M /dev/zero |`), counting what is read;
+    fails the test once far more than a value was read."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = len(buf)
+        self.read_bytes += n
+        assert self.read_bytes <= 4 * MAX_VALUE_BYTES, "standard input read without a limit"
+        buf[:n] = bytes(n)
+        return n
+
+
+def test_a_value_over_the_limit_is_refused_without_reading_it_all(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`head -c 300M /dev/zero | caplab kv put k -` read all of it (1.27 GB) before the
+    node refused it: now at most 1 MiB + 1 byte is read, and a larger file is refused from
+    its size, before reading it."""
+    raw = _EndlessZeros()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(raw)))
+    assert main(["kv", "--endpoint", "127.0.0.1:1", "put", "k", "-"]) == 2
+    assert raw.read_bytes <= MAX_VALUE_BYTES + 1 + io.DEFAULT_BUFFER_SIZE
+    err = capsys.readouterr().err
+    assert f"more than {MAX_VALUE_BYTES} bytes" in err and "1 MiB" in err
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: a size without the bytes
+    assert main(["kv", "--endpoint", "127.0.0.1:1", "put", "k", "--file", str(big)]) == 2
+    err = capsys.readouterr().err
+    assert f"--file: the value is {1 << 30} bytes; the limit is {MAX_VALUE_BYTES}" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["put", "k3", "--json", "--", "-5"], {"key": "k3", "value": "-5", "json": True}),
+        (["put", "k4", "--", "-5"], {"key": "k4", "value": "-5", "json": False}),
+        (["--json", "put", "k4", "--", "-6"], {"key": "k4", "value": "-6", "json": True}),
+        (["put", "--", "k", "-x"], {"key": "k", "value": "-x"}),
+        (["put", "k", "--json", "--timeout", "3", "--", "--json"], {"value": "--json"}),
+        (["put", "k", "--", "--"], {"value": "--"}),
+        (["put", "k", "--json", "v"], {"value": "v", "json": True}),  # a flag between
+        (["cas", "k", "--json", "--", "-a", "-b"], {"expected": "-a", "new": "-b"}),
+        (["incr", "k", "--json", "--", "-5"], {"delta": -5, "json": True}),
+        (["incr", "k", "--json"], {"delta": 1}),
+    ],
+)
+def test_values_starting_with_a_dash_after_double_dash(
+    argv: list[str], expected: dict[str, object]
+) -> None:
+    """`put k3 --json -- -5` was "unrecognized arguments: -- -5": argparse filled the
+    optional VALUE with nothing before --json."""
+    args = _kv_args(["kv", *argv])
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["put", "k", "-x"],
+        ["put", "k", "--", "-x", "--json"],  # after --, --json is a (second) value
+        ["cas", "k", "-a", "--", "-b"],
+        ["incr", "k", "--", "x"],
+        ["get"],
+        ["get", "k", "--timeout", "x"],
+    ],
+)
+def test_a_usage_error_of_an_operation_shows_its_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["kv", "--endpoint", "127.0.0.1:1", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: caplab kv {argv[0]} ")
+    assert f"\ncaplab kv {argv[0]}: error: " in err
+    assert "key" in err.split("error:")[0]  # the operands are in the usage
+
+
+async def test_a_dash_value_after_a_flag_against_a_node(mem_node: NodeServer) -> None:
+    ep = f"127.0.0.1:{mem_node.port}"
+    rc, out, err = await run_cli("kv", "put", "k3", "--json", "--endpoint", ep, "--", "-5")
+    assert rc == 0 and json.loads(out)["ok"] is True, err
+    rc, out, _ = await run_cli("kv", "get", "k3", "--endpoint", ep)
+    assert (rc, out) == (0, "-5\n")
+
+
+async def test_get_json_says_how_the_value_is_encoded(mem_node: NodeServer) -> None:
+    """The text "0x6869" and the bytes b"hi" both came out as "value": "0x6869"."""
+    ep = f"127.0.0.1:{mem_node.port}"
+    async with KVClient([ep]) as c:
+        await c.put("text", b"0x6869")
+        await c.put("bytes", b"\xffhi")
+        await c.increment("n", 3)
+
+    async def get(key: str, *more: str) -> dict[str, object]:
+        rc, out, _ = await run_cli("kv", "--endpoint", ep, "--json", "get", key, *more)
+        assert rc == 0
+        doc: dict[str, object] = json.loads(out)
+        return {k: v for k, v in doc.items() if k in ("found", "type", "encoding") or "val" in k}
+
+    assert await get("text") == {
+        "found": True,
+        "type": "register",
+        "value": "0x6869",
+        "encoding": "utf-8",
+    }
+    assert await get("bytes") == {
+        "found": True,
+        "type": "register",
+        "value_hex": "ff6869",
+        "encoding": "hex",
+    }
+    assert await get("n") == {"found": True, "type": "counter", "value": 3}
+    assert await get("absent", "--local") == {"found": False, "value": None}
+    rc, out, _ = await run_cli("kv", "--endpoint", ep, "--json", "cas", "bytes", "x", "y")
+    doc = json.loads(out)
+    assert rc == 0 and doc["swapped"] is False
+    assert (doc["current_hex"], doc["current_encoding"]) == ("ff6869", "hex")
+    assert "current" not in doc
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -306,13 +440,13 @@ def test_status_is_a_readable_table() -> None:
     lines = kvcli.status_table(raft).splitlines()
     fields = {line[:13].strip(): line[14:] for line in lines if not line.startswith(" ")}
     assert fields["node"] == "n1" and fields["store"] == "raft" and fields["role"] == "leader"
-    assert fields["term"] == "7" and fields["leader"] == "n1 at 127.0.0.1:7001"
+    assert fields["term"] == "7" and fields["leader"] == "n1 (this node)"
     assert (fields["commit"], fields["applied"]) == ("42", "41")
     assert fields["clock skew"] == "-250 ms" and fields["version"] == "9.9.9"
     assert fields["members"] == "2 besides this node" and "hlc" not in fields
     members = [line.split() for line in lines if line.startswith("  ")]
     assert members[:3] == [
-        ["NODE", "ADDRESS", "STATE", "MATCH", "INDEX"],
+        ["NODE", "PEER", "ADDRESS", "STATE", "MATCH", "INDEX"],
         ["n2", "127.0.0.1:7002", "dead", "12"],
         ["n3", "127.0.0.1:7003", "alive", "40"],
     ]
@@ -328,6 +462,24 @@ def test_status_is_a_readable_table() -> None:
     text = kvcli.status_table(gossip)
     assert "hlc           1700000000000.3@g1" in text and "term" not in text
     assert text.splitlines()[-1].split() == ["g2", "-", "suspect", "4", "never"]
+
+
+def test_status_does_not_present_a_peer_address_as_the_leaders() -> None:
+    """A follower knows its leader by the --peer address, the leader's peer listener
+    (members only, mutual TLS): "leader n3 at 127.0.0.1:17106" sent clients there."""
+    follower = kv_pb2.StatusResponse(
+        node_id="n1",
+        store=kv_pb2.STORE_KIND_RAFT,
+        address="127.0.0.1:7001",
+        role="follower",
+        leader_id="n3",
+        leader_address="127.0.0.1:17106",
+    )
+    lines = kvcli.status_table(follower).splitlines()
+    assert "leader        n3 (peer address 127.0.0.1:17106)" in lines
+    assert not any(" at 127.0.0.1:17106" in line for line in lines)
+    follower.leader_id, follower.leader_address = "", ""
+    assert "leader        (none known)" in kvcli.status_table(follower).splitlines()
 
 
 async def test_status_against_a_node(mem_node: NodeServer) -> None:
@@ -379,3 +531,46 @@ def test_node_runs_insecure_without_peer_listen() -> None:
     argv = ["node", "--store", "raft", "--id", "a", "--listen", "127.0.0.1:7001"]
     args = build_parser(argv).parse_args([*argv, "--data-dir", "d", "--insecure"])
     assert not args.peer_listen
+
+
+def _interrupt_a_call_that_hangs(op: list[str]) -> tuple[int, str, str]:
+    """Run `caplab kv OP` against a server that accepts the connection, and even the call,
+    but never answers; once the request has arrived, send SIGINT (Ctrl-C)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        argv = ["kv", "--endpoint", f"127.0.0.1:{port}", "--timeout", "60", *op]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "caplab.cli", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            server.settimeout(30)
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(bytes.fromhex("000000040000000000"))  # HTTP/2: empty SETTINGS
+                received, deadline = b"", time.monotonic() + 30
+                method = f"/caplab.v1.KV/{op[0].capitalize()}".encode()
+                while method not in received:
+                    assert time.monotonic() < deadline, received
+                    conn.settimeout(max(0.1, deadline - time.monotonic()))
+                    chunk = conn.recv(65536)
+                    assert chunk, "the client closed the connection"
+                    received += chunk
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_ctrl_c_says_whether_the_request_may_have_been_applied() -> None:
+    """Ctrl-C during a call exited 130 without a word."""
+    rc, out, err = _interrupt_a_call_that_hangs(["put", "k", "v"])
+    assert (rc, out) == (130, "")
+    assert err == "caplab: interrupted: outcome unknown (the request may have been applied)\n"
+    rc, out, err = _interrupt_a_call_that_hangs(["get", "k"])
+    assert (rc, out, err) == (130, "", "caplab: interrupted\n")
