@@ -815,11 +815,28 @@ async def _watch(cluster: LocalCluster, say: Callable[[str], None]) -> None:
         await asyncio.sleep(0.25)
 
 
+def _interruption(e: SystemError) -> BaseException | None:
+    """The KeyboardInterrupt or _Terminate inside a SystemError, if that is what it is.
+
+    After readline returns on a signal, ``input()`` checks the signals once more with the
+    interrupt already raised; a nudge (SIGUSR1, see :class:`_Signals`) that arrived
+    meanwhile then runs with that exception set and CPython wraps it: "SystemError:
+    _on_nudge returned a result with an exception set" (the console exited 1)."""
+    cause = e.__cause__ or e.__context__
+    return cause if isinstance(cause, KeyboardInterrupt | _Terminate) else None
+
+
 def _repl(runner: _LoopThread, console: Console, screen: _Screen) -> None:
     nodes = list(console.cluster.nodes)
     while True:
         try:
-            line = screen.read()
+            try:
+                line = screen.read()
+            except SystemError as e:
+                cause = _interruption(e)
+                if cause is None:
+                    raise
+                raise cause from None
         except EOFError:  # Ctrl-D
             screen.say("")
             return
@@ -837,6 +854,16 @@ def _repl(runner: _LoopThread, console: Console, screen: _Screen) -> None:
             screen.say(f"error: {e}")
         except KeyboardInterrupt:
             screen.say("interrupted (the command may have taken effect); `quit` stops the nodes")
+        except SystemError as e:
+            cause = _interruption(e)
+            if isinstance(cause, _Terminate):
+                raise cause from None
+            if cause is None:
+                screen.say(f"error: SystemError: {e}")
+            else:
+                screen.say(
+                    "interrupted (the command may have taken effect); `quit` stops the nodes"
+                )
         except Exception as e:  # a bug or an unexpected failure: say it, keep the prompt
             screen.say(f"error: {type(e).__name__}: {e}")
 

@@ -5,10 +5,10 @@ that diverges and converges after the heal)."""
 from __future__ import annotations
 
 import os
-import pty
 import re
 import select
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -200,10 +200,18 @@ class Terminal:
 
     def __init__(self, args: list[str]) -> None:
         env = {**os.environ, "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
-        pid, fd = pty.fork()
-        if pid == 0:  # the child: exec at once
-            os.execve(sys.executable, [sys.executable, "-m", "caplab.cli", *args], env)
-        self.pid, self.fd = pid, fd
+        # a new session whose controlling terminal is the pty (setsid --ctty), started
+        # without pty.fork(): forking this multi-threaded process warns (and may deadlock)
+        fd, tty = os.openpty()
+        self.proc = subprocess.Popen(
+            ["setsid", "--ctty", sys.executable, "-m", "caplab.cli", *args],
+            stdin=tty,
+            stdout=tty,
+            stderr=tty,
+            env=env,
+        )
+        os.close(tty)
+        self.pid, self.fd = self.proc.pid, fd
         self.buffer = b""
         self.exit_status: int | None = None
 
@@ -238,22 +246,25 @@ class Terminal:
 
     def exited(self) -> bool:
         if self.exit_status is None:
-            with_status = os.waitpid(self.pid, os.WNOHANG)
-            if with_status[0] == self.pid:
-                self.exit_status = os.waitstatus_to_exitcode(with_status[1])
-            else:  # drain the terminal so the child never blocks writing to it
-                while select.select([self.fd], [], [], 0)[0]:
-                    try:
-                        if not os.read(self.fd, 65536):
-                            break
-                    except OSError:
-                        break
+            # read the terminal so the child never blocks writing to it (kept for messages)
+            while select.select([self.fd], [], [], 0)[0]:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                self.buffer = (self.buffer + chunk)[-20000:]
+            self.exit_status = self.proc.poll()
         return self.exit_status is not None
+
+    def output(self) -> str:
+        return _ANSI.sub(b"", self.buffer).decode(errors="replace")
 
     def close(self) -> None:
         if self.exit_status is None:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
+            self.proc.kill()
+            self.proc.wait()
         os.close(self.fd)
 
 
@@ -282,7 +293,7 @@ async def _quit(term: Terminal, keys: bytes, data: Path) -> None:
     os.write(term.fd, keys)
     term.expect(r"stopping\.\.\.")
     await eventually(term.exited, 30.0)
-    assert term.exit_status == 0
+    assert term.exit_status == 0, term.output()
     assert processes_mentioning(data) == [], "a node outlived `caplab cluster`"
 
 
