@@ -20,8 +20,9 @@ compromised member cannot put into the other replicas what the client path would
   so no total is negative);
 * Applied records: a known operation, the key written (a client key, or empty in the
   records of an older version's exactly-once table, which add nothing: ``delta`` 0), a
-  component name as above; ``delta`` and ``num`` are sint64 on the wire, so within int64
-  by construction;
+  component name as above, a payload digest of at most ``crdt.MAX_DIGEST_BYTES`` (empty
+  in records written before digests were kept, and for deletes); ``delta`` and ``num``
+  are sint64 on the wire, so within int64 by construction;
 * membership: node ids as above, known states, incarnations at most
   ``messages.MAX_INCARNATION`` (``gossip.membership`` also bounds their steps);
 * anti-entropy: levels within the deepest Merkle tree, indices strictly increasing and
@@ -47,6 +48,7 @@ from caplab.validation import MAX_CLIENT_ID_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTE
 from gossip.crdt import (
     APPLIED_PREFIX,
     COMPONENT_MAX,
+    MAX_DIGEST_BYTES,
     STABLE_PREFIX,
     Applied,
     Counter,
@@ -267,7 +269,13 @@ OPS = ("put", "delete", "increment")
 
 def applied_to_pb(v: Applied) -> pb.Applied:
     return pb.Applied(
-        ts=ts_to_pb(v.ts), component=v.component, op=v.op, key=v.key, delta=v.delta, num=v.num
+        ts=ts_to_pb(v.ts),
+        component=v.component,
+        op=v.op,
+        key=v.key,
+        delta=v.delta,
+        num=v.num,
+        digest=v.digest,
     )
 
 
@@ -296,8 +304,14 @@ def applied_from_pb(a: pb.Applied, key: str | None = None) -> Applied:
         logical > DEFAULT_MAX_LOGICAL
     ):
         _check_ts(t, _what("applied record", key))
+    digest = a.digest
+    if len(digest) > MAX_DIGEST_BYTES:
+        raise CodecError(
+            f"{_what('applied record', key)}: payload digest of {len(digest)} bytes "
+            f"(limit {MAX_DIGEST_BYTES})"
+        )
     # (delta and num are sint64 on the wire: within int64 by construction)
-    return Applied(Timestamp(wall, logical, node), comp, op, written, a.delta, a.num)
+    return Applied(Timestamp(wall, logical, node), comp, op, written, a.delta, a.num, digest)
 
 
 _APPLIED_AT = len(APPLIED_PREFIX)
@@ -336,7 +350,7 @@ def entry_from_pb(e: pb.Entry) -> Entry:
     if e.HasField("applied"):
         a = e.applied
         t = a.ts
-        op, comp, written, delta = a.op, a.component, a.key, a.delta
+        op, comp, written, delta, digest = a.op, a.component, a.key, a.delta, a.digest
         node, wall, logical = t.node, t.wall_ms, t.logical
         # hot path (one record per write with a request id): as applied_from_pb, inline
         head, _, seq = key.rpartition("\x00")  # head: the prefix and the client id
@@ -354,10 +368,12 @@ def entry_from_pb(e: pb.Entry) -> Entry:
             and logical <= DEFAULT_MAX_LOGICAL
             and 0 < len(written) <= _KEY_CHARS
             and "\x00" not in written
+            and len(digest) <= MAX_DIGEST_BYTES
         ):
             _check_key(key, "record")
             return key, applied_from_pb(a, key)  # raises, or measures the long strings
-        return key, Applied(Timestamp(wall, logical, node), comp, op, written, delta, a.num)
+        ts = Timestamp(wall, logical, node)
+        return key, Applied(ts, comp, op, written, delta, a.num, digest)
     if e.HasField("counter"):
         if not 0 < len(key) <= _KEY_CHARS or "\x00" in key:
             _check_key(key, "counter")
@@ -396,6 +412,8 @@ def _add_entries(out: Any, entries: tuple[Entry, ...]) -> None:
                 a.delta = v.delta
             if v.num:
                 a.num = v.num
+            if v.digest:
+                a.digest = v.digest
         else:
             add(key=k, counter=counter_to_pb(v))
 

@@ -49,12 +49,15 @@ member it holds dead.
 Exactly once. A write with a request id (``rid``: client id, sequence) also writes an
 Applied record (``crdt.Applied``: who applied it, what, the answer) into the replicated
 state, in the same delta: a retry reaching any replica that holds the record is answered
-from it (``lookup``), not applied again. The same request applied on two nodes before
-either heard of the other is merged as one when the two records meet: every replica that
-sees both writes the same settlement of the later application (``_settle``: the opposite
-amount, in a counter component of its own), so settling is idempotent and needs no
-coordination. Records are collected like tombstones (``gossip.collection``); a request
-older than its client's window raises ``RequestTooOldError``.
+from it (``lookup``), not applied again. The record keeps the digest of the request's
+payload (``crdt.payload_digest``), so the caller can refuse a request id reused for the
+same operation and key with another payload (see ``gossip.node``). The same request
+applied on two nodes before either heard of the other is merged as one when the two
+records meet: every replica that sees both writes the same settlement of the later
+application (``_settle``: the opposite amount, in a counter component of its own), so
+settling is idempotent and needs no coordination. Records are collected like tombstones
+(``gossip.collection``); a request older than its client's window raises
+``RequestTooOldError``.
 
 Peer input. Peer messages are validated by ``gossip.codec`` (keys, value sizes,
 timestamps, counter totals, record contents, incarnations, anti-entropy hashes: a
@@ -108,7 +111,9 @@ from gossip.crdt import (
     increment_delta,
     is_reserved,
     parse_applied_key,
+    payload_digest,
     put_delta,
+    same_application,
     stable_key,
 )
 from gossip.deltaflow import DeltaFlow, DeltaLog
@@ -357,7 +362,9 @@ class GossipCore:
         self._check_key(key, rid)
         ts = self._hlc.now(self._clocks(now_ms, wall_ms))
         delta = put_delta(self._state, key, value, ts)
-        self._record(delta, rid, Applied(ts, self.component, "put", key, 0, 0))
+        if rid is not None:
+            digest = payload_digest("put", value)
+            delta[applied_key(*rid)] = Applied(ts, self.component, "put", key, 0, 0, digest)
         self._apply_local(delta, now_ms)
         return Write(key, ts, delta)
 
@@ -414,7 +421,10 @@ class GossipCore:
             # 2**64 increments of the largest size would be needed; refuse all the same
             raise ValueOutOfRangeError(f"counter {key!r}: this node's total would pass 2**127")
         ts = self._hlc.now(self._clocks(now_ms, wall_ms))
-        self._record(d, rid, Applied(ts, self.component, "increment", key, delta, value))
+        if rid is not None:
+            digest = payload_digest("increment", delta=delta)
+            rec = Applied(ts, self.component, "increment", key, delta, value, digest)
+            d[applied_key(*rid)] = rec
         self._apply_local(d, now_ms)
         return Write(key, ts, d)
 
@@ -482,7 +492,7 @@ class GossipCore:
                 if isinstance(v, Applied):
                     if cur is None and coll.settled(k, v):
                         continue  # its client moved on, and every replica may drop it
-                    if isinstance(cur, Applied) and cur != v:
+                    if isinstance(cur, Applied) and cur != v and not same_application(cur, v):
                         # one request applied on two nodes: the later application is
                         # settled (see "Exactly once")
                         settle.append((k, v if cur.ts < v.ts else cur))

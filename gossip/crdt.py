@@ -83,6 +83,11 @@ class Applied:
     retry of the same request reaching another node is recognized there, and two
     applications made before either node heard of the other meet and are merged as one
     (see ``gossip/core.py``, "Exactly once"). Join: the earliest application wins.
+
+    ``digest`` (``payload_digest``) tells a retry (same payload) from a request id reused
+    for another payload with the same operation and key, which is refused. Empty for a
+    delete (no payload) and in records written before it was kept: payload unknown, any
+    retry of the operation and key is answered from the record, as it was then.
     """
 
     ts: Timestamp  # HLC timestamp of the application (that of the write it made)
@@ -91,6 +96,24 @@ class Applied:
     key: str  # the key it wrote
     delta: int  # increment: the amount added; 0 otherwise
     num: int  # the answer: increment -> the counter after it; delete -> 1 if it existed
+    digest: bytes = b""  # payload_digest of the request; b"": none (delete) or unknown
+
+
+DIGEST_BYTES = 8  # of a request's payload (``payload_digest``)
+MAX_DIGEST_BYTES = 32  # the longest a peer may send (``gossip.codec``)
+
+
+def payload_digest(op: str, value: bytes = b"", delta: int = 0) -> bytes:
+    """A short, stable digest of what a request carries besides its operation and key:
+    put: ``value``; increment: ``delta``; delete: nothing (b""). Every node
+    and version computes the same bytes (a canonical encoding, as raft's)."""
+    if op == "put":
+        data = b"P" + value
+    elif op == "increment":
+        data = b"I" + delta.to_bytes(16, "big", signed=True)
+    else:
+        return b""
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
 Value = Register | Counter | Applied
@@ -183,10 +206,24 @@ def merge_counter(a: Counter, b: Counter) -> Counter:
 
 
 def merge_applied(a: Applied, b: Applied) -> Applied:
-    """Join of two applications of one request: the earliest (timestamps are unique)."""
+    """Join of two applications of one request: the earliest (timestamps are unique).
+
+    Equal timestamps: the same application. A copy that lost its digest (relayed by a
+    version that did not keep it) yields to one that has it; otherwise (corrupt or
+    forged) the smaller encoding wins, deterministically."""
     if a.ts != b.ts:
         return a if a.ts < b.ts else b
-    return a if encode_value(a) <= encode_value(b) else b  # corrupt or forged: deterministic
+    if bool(a.digest) != bool(b.digest):
+        return a if a.digest else b
+    return a if encode_value(a) <= encode_value(b) else b
+
+
+def same_application(a: Applied, b: Applied) -> bool:
+    """``a`` and ``b`` are copies of one application, but for a digest one of them lost
+    (relayed by a version that did not keep it): not two applications to settle."""
+    if a.ts != b.ts or (a.digest and b.digest and a.digest != b.digest):
+        return False
+    return (a.component, a.op, a.key, a.delta, a.num) == (b.component, b.op, b.key, b.delta, b.num)
 
 
 _RANK = {Applied: 0, Register: 1, Counter: 2}
@@ -296,6 +333,10 @@ def _enc_str(s: str) -> bytes:
     return len(b).to_bytes(4, "big") + b
 
 
+def _enc_bytes(b: bytes) -> bytes:
+    return len(b).to_bytes(4, "big") + b
+
+
 def encode_value(v: Value) -> bytes:
     """Canonical byte encoding of a value (equal values <=> equal bytes).
 
@@ -319,6 +360,8 @@ def encode_value(v: Value) -> bytes:
                 _enc_str(v.key),
                 v.delta.to_bytes(16, "big", signed=True),
                 v.num.to_bytes(16, "big", signed=True),
+                # (only when there is one: a record without has its older encoding)
+                _enc_bytes(v.digest) if v.digest else b"",
             )
         )
     parts = [b"C"]
@@ -376,9 +419,16 @@ def decode_value(buf: bytes) -> Value:
             key, pos = _dec_str(buf, pos)
             delta, pos = _dec_int128(buf, pos)
             num, pos = _dec_int128(buf, pos)
-            if pos != len(buf):
-                raise DecodeError("record length mismatch")
-            return Applied(Timestamp(wall, logical, node), component, op, key, delta, num)
+            digest = b""
+            if pos != len(buf):  # (absent in records written before digests were kept)
+                if pos + 4 > len(buf):
+                    raise DecodeError("truncated digest length")
+                end = pos + 4 + int.from_bytes(buf[pos : pos + 4], "big")
+                if end != len(buf) or end == pos + 4:
+                    raise DecodeError("record length mismatch")
+                digest = buf[pos + 4 : end]
+            ts = Timestamp(wall, logical, node)
+            return Applied(ts, component, op, key, delta, num, digest)
         if tag == b"C":
             pos = 1
             maps: list[dict[str, int]] = []

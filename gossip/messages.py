@@ -155,7 +155,8 @@ def _value_size(v: Value) -> int:
         n = 22 + len(v.ts.node.encode())
         return n if v.value is None else n + 4 + len(v.value)
     if isinstance(v, Applied):
-        return 65 + sum(len(x.encode()) for x in (v.ts.node, v.component, v.op, v.key))
+        n = 65 + sum(len(x.encode()) for x in (v.ts.node, v.component, v.op, v.key))
+        return n + 4 + len(v.digest) if v.digest else n
     n = 9
     for m in (v.p, v.n):
         for k, a in m.items():

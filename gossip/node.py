@@ -85,7 +85,16 @@ from gossip.core import (
     Write,
     WrongTypeError,
 )
-from gossip.crdt import Applied, Counter, Register, Value, applied_key, is_reserved, saturate
+from gossip.crdt import (
+    Applied,
+    Counter,
+    Register,
+    Value,
+    applied_key,
+    is_reserved,
+    payload_digest,
+    saturate,
+)
 from gossip.hlc import Timestamp
 from gossip.messages import ALIVE, DEAD, SUSPECT, Message
 from gossip.pipeline import Batch, Pipeline
@@ -534,9 +543,13 @@ class GossipBackend:
                 "not applied (retry with backoff)"
             )
 
-    async def _applied(self, rid: RequestId | None, op: str, key: str) -> Applied | None:
+    async def _applied(
+        self, rid: RequestId | None, op: str, key: str, value: bytes = b"", delta: int = 0
+    ) -> Applied | None:
         """The durable record answering a retry of ``rid`` (applied by any node), or None
-        if it is a new request. A request id used before for another operation or key is
+        if it is a new request. A request id used before for another operation or key, or
+        for this operation and key with another payload (``value`` of a put, ``delta`` of
+        an increment; compared by ``crdt.payload_digest``, when the record has one), is
         refused (raft refuses it the same way)."""
         if rid is None:
             return None
@@ -551,11 +564,18 @@ class GossipBackend:
             ) from None
         if rec is None:
             return None
-        if rec.op != op or rec.key != key:
+        # (a record of an older version's per-node table has no key: it answers any
+        # retry of its operation; one without a digest, any retry of its operation and key)
+        refused: str | None = None
+        if rec.op != op or (rec.key and rec.key != key):
+            refused = ""
+        elif rec.digest and rec.digest != payload_digest(op, value, delta):
+            refused = " with another value" if op == "put" else " with another delta"
+        if refused is not None:
             raise errors.FailedPrecondition(
                 f"request sequence {rid.sequence} of client {rid.client_id!r} was already used "
-                f"for {'an' if rec.op[0] in 'aeiou' else 'a'} {rec.op} of key {rec.key!r}; "
-                "not applied"
+                f"for {'an' if rec.op[0] in 'aeiou' else 'a'} {rec.op} of key {rec.key!r}"
+                f"{refused}; not applied"
             )
         self.counters["dedup_hits"] += 1
         durable = await self._visible(applied_key(rid.client_id, rid.sequence))
@@ -619,7 +639,7 @@ class GossipBackend:
     async def put(
         self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
     ) -> Header:
-        rec = await self._applied(rid, "put", key)
+        rec = await self._applied(rid, "put", key, value=value)
         if rec is not None:
             return self._header(rec.ts)
         self._check_writable()
@@ -649,7 +669,7 @@ class GossipBackend:
     async def increment(
         self, key: str, delta: int, rid: RequestId | None, timeout: float | None
     ) -> IncrementResult:
-        rec = await self._applied(rid, "increment", key)
+        rec = await self._applied(rid, "increment", key, delta=delta)
         if rec is not None:
             return IncrementResult(self._header(rec.ts), rec.num)
         self._check_writable()

@@ -10,12 +10,18 @@ the client has several requests in flight that arrive out of order. A sequence
 at or below the session's low-water mark (evicted from the window) is refused
 as too old (it may or may not have been applied; the client has long given up
 on it). A cached result remembers the operation (put, delete, cas, increment) and
-the key of its request: a command reusing the request id of another operation or key
-is refused (status REUSED, FAILED_PRECONDITION; not applied), not answered with the
-other request's result; like everything here it depends on the replicated state only,
-so every replica decides alike. The table is part of the snapshot, so deduplication
-survives compaction and restarts. Sessions are evicted deterministically (least recent
-last_index first, ties by client id) once there are more than `max_sessions`.
+the key of its request: a command reusing the request id of another operation or key is
+refused (status REUSED, FAILED_PRECONDITION; not applied), not answered with the other
+request's result. So is one reusing it for the same operation and key with another
+payload: a cached result also keeps a short digest of its request's payload
+(``payload_digest``: the value, the delta, the compare-and-swap's operands; none for a
+delete). An empty digest (a result restored from a snapshot taken before digests were
+kept) means "payload unknown": any retry of that operation and key is answered from it,
+as it was then. Like everything here it depends on the replicated state only (the digest
+is computed from the committed command), so every replica decides alike. The table is
+part of the snapshot, so deduplication survives compaction and restarts. Sessions are
+evicted deterministically (least recent last_index first, ties by client id) once there
+are more than `max_sessions`.
 
 The state digest is an XOR of SHA-256 hashes of (key, type, value), updated in
 O(1) per change: two replicas have equal digests iff their key/value states are
@@ -43,6 +49,14 @@ OK, TYPE_CONFLICT, OVERFLOW, STALE, REUSED = 0, 1, 2, 3, 4
 OP_NAMES = {"put": "put", "delete": "delete", "cas": "compare-and-swap", "increment": "increment"}
 DEFAULT_MAX_SESSIONS = 20_000
 DEFAULT_WINDOW = 128  # results remembered per client: its max requests in flight
+DIGEST_BYTES = 8  # of a request's payload (``payload_digest``)
+MAX_DIGEST_BYTES = 32  # the longest a snapshot may carry (``check_snapshot``)
+# What a refusal says differs when only the payload does, per operation.
+_OTHER_PAYLOAD = {
+    "put": "another value",
+    "increment": "another delta",
+    "cas": "other operands",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +66,7 @@ class Applied:
     op: str  # the Command's oneof name; "" if restored from a snapshot that lacked it
     key: str
     result: raft_pb2.CommandResult
+    digest: bytes = b""  # payload_digest of the request; b"": unknown (or a delete)
 
 
 @dataclass(slots=True)
@@ -65,6 +80,29 @@ class Session:
 class Slot:
     value: bytes | int  # bytes: register, int: counter
     index: int  # log index of the last change
+
+
+def payload_digest(cmd: raft_pb2.Command) -> bytes:
+    """A short, stable digest of what ``cmd`` carries besides its operation and key:
+    put: the value; increment: the delta; cas: whether the key must be absent, the
+    expected value and the new value; delete: nothing (b""). Equal payloads, equal
+    digests, on every replica and version (a canonical encoding, not protobuf's)."""
+    op = cmd.WhichOneof("op")
+    if op == "put":
+        data = b"P" + cmd.put
+    elif op == "increment":
+        data = b"I" + cmd.increment.to_bytes(16, "big", signed=True)
+    elif op == "cas":
+        c = cmd.cas
+        expected = b"\x00" if c.expected_absent else b"\x01" + _len_prefixed(c.expected)
+        data = b"C" + expected + c.new_value
+    else:
+        return b""
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def _len_prefixed(b: bytes) -> bytes:
+    return len(b).to_bytes(4, "big") + b
 
 
 def _key_hash(key: str, value: bytes | int) -> int:
@@ -127,6 +165,8 @@ class KvStateMachine:
             if cached is not None:
                 if cached.op and (cached.op != op or cached.key != cmd.key):
                     return _reused(cmd, cached)
+                if cached.digest and cached.digest != payload_digest(cmd):
+                    return _reused(cmd, cached, other_payload=True)
                 return cached.result
             if cmd.sequence <= session.low:
                 return raft_pb2.CommandResult(
@@ -142,7 +182,7 @@ class KvStateMachine:
                 if len(self.sessions) > self.max_sessions:
                     victim = min(self.sessions.items(), key=lambda kv: (kv[1].last_index, kv[0]))
                     del self.sessions[victim[0]]
-            session.results[cmd.sequence] = Applied(op, cmd.key, result)
+            session.results[cmd.sequence] = Applied(op, cmd.key, result, payload_digest(cmd))
             session.last_index = index
             if len(session.results) > self.window:
                 oldest = min(session.results)
@@ -198,7 +238,9 @@ class KvStateMachine:
                 client_id=client_id,
                 low=sess.low,
                 results=[
-                    raft_pb2.SessionResult(sequence=q, result=a.result, op=a.op, key=a.key)
+                    raft_pb2.SessionResult(
+                        sequence=q, result=a.result, op=a.op, key=a.key, digest=a.digest
+                    )
                     for q, a in sorted(sess.results.items())
                 ],
                 last_index=sess.last_index,
@@ -216,7 +258,9 @@ class KvStateMachine:
             self._set(key, value, v.index)
         for s in snap.sessions:
             self.sessions[s.client_id] = Session(
-                s.low, {r.sequence: Applied(r.op, r.key, r.result) for r in s.results}, s.last_index
+                s.low,
+                {r.sequence: Applied(r.op, r.key, r.result, r.digest) for r in s.results},
+                s.last_index,
             )
 
 
@@ -225,8 +269,10 @@ def check_snapshot(data: bytes) -> None:
     it decodes (strings are valid UTF-8), every key obeys ``check_key`` and holds a
     register of at most MAX_VALUE_BYTES or a counter (a sint64: always within int64), and
     every session's client id obeys ``check_request_id`` (non-empty, at most
-    MAX_CLIENT_ID_BYTES). Run on a snapshot received from a peer before it replaces the
-    state (RaftCore's ``snapshot_check``)."""
+    MAX_CLIENT_ID_BYTES), and every cached result names a known operation, a key obeying
+    ``check_key`` when it does, and a payload digest of at most MAX_DIGEST_BYTES. Run on
+    a snapshot received from a peer before it replaces the state (RaftCore's
+    ``snapshot_check``)."""
     try:
         snap = raft_pb2.StateSnapshot.FromString(data)
     except DecodeError as e:
@@ -248,16 +294,25 @@ def check_snapshot(data: bytes) -> None:
                     raise ValueError(f"a session result names an unknown operation {r.op!r}")
                 if r.op:
                     check_key(r.key)
+                if len(r.digest) > MAX_DIGEST_BYTES:
+                    raise ValueError(
+                        f"a session result's payload digest is longer than {MAX_DIGEST_BYTES} bytes"
+                    )
     except InvalidArgument as e:
         raise ValueError(f"state snapshot: {e.message}") from None
 
 
-def _reused(cmd: raft_pb2.Command, cached: Applied) -> raft_pb2.CommandResult:
+def _reused(
+    cmd: raft_pb2.Command, cached: Applied, other_payload: bool = False
+) -> raft_pb2.CommandResult:
     """The refusal of a command whose request id an earlier, different request used (the
-    message as gossip's, naming what the id was used for)."""
+    message as gossip's, naming what the id was used for): another operation or key, or
+    (``other_payload``) the same operation and key with another payload."""
     used = OP_NAMES.get(cached.op, cached.op)
     what = f"{'an' if used[:1] in tuple('aeiou') else 'a'} {used} of key {cached.key!r}"
-    if cached.op == (cmd.WhichOneof("op") or ""):
+    if other_payload:
+        what += f" with {_OTHER_PAYLOAD.get(cached.op, 'another payload')}"
+    elif cached.op == (cmd.WhichOneof("op") or ""):
         what += f" (not {cmd.key!r})"
     return raft_pb2.CommandResult(
         status=REUSED,

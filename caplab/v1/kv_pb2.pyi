@@ -278,10 +278,13 @@ class RequestId(_message.Message):
     mutations in flight, in any order; a retry of a sequence older than that
     window is answered UNKNOWN (it may have been applied long ago). See the
     error model above for what gossip guarantees across nodes. A request id
-    reused for a different request (another operation, or on raft another key)
-    is refused with FAILED_PRECONDITION ("request sequence N of client C was
-    already used for a put ..."; not applied), never answered with the other
-    request's result.
+    reused for a different request (another operation, another key, or the same
+    operation and key with another payload: another value or delta, on raft also
+    another compare-and-swap) is refused with FAILED_PRECONDITION ("request
+    sequence N of client C was already used for a put ..."; not applied), never
+    answered with the other request's result. Both stores check this. (Results
+    recorded by versions that did not keep the payload's digest answer a retry of
+    the same operation and key whatever its payload.)
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from gossip.core import GossipConfig, GossipCore, ValueOutOfRangeError
-from gossip.crdt import Counter, Register, Value, WrongTypeError, applied_key
+from gossip.crdt import Counter, Register, Value, WrongTypeError, applied_key, payload_digest
 from gossip.hlc import Timestamp
 from gossip.messages import (
     ALIVE,
@@ -547,3 +547,33 @@ def test_records_out_of_their_window_stay_until_the_writers_mark_covers_them() -
         b.step(m, 20)
     assert b.digest() == a.digest()
     assert b.record_count() == a.record_count() == 10
+
+
+def test_records_keep_a_digest_of_the_payload_and_copies_without_it_are_no_duplicates() -> None:
+    """Each record keeps the digest of its request's payload (put: the value, increment:
+    the delta; a delete has none). A copy that lost it (relayed by an older version, which
+    does not know the field) is the same application: the join keeps the digest, and it
+    is not settled as a second application (that would undo the increment)."""
+    a = core("a")
+    a.put("k", b"first", 1, rid=("cl", 1))
+    a.increment("n", 5, 2, rid=("cl", 2))
+    a.delete("k", 3, rid=("cl", 3))
+    put, inc, dele = (a.lookup("cl", i) for i in (1, 2, 3))
+    assert put is not None and put.digest == payload_digest("put", b"first")
+    assert inc is not None and inc.digest == payload_digest("increment", delta=5)
+    assert dele is not None and dele.digest == b""
+    stripped: list[tuple[str, Value]] = [
+        (applied_key("cl", i), dataclasses.replace(r, digest=b"")) for i, r in ((1, put), (2, inc))
+    ]
+    for m in _deltas_from("b", "a", stripped):
+        a.step(m, 10)
+    assert (a.lookup("cl", 1), a.lookup("cl", 2)) == (put, inc)
+    assert a.stats.duplicates_merged == 0 and a.get("n") == Counter({"a": 5}, {})
+    # a replica that heard the stripped copy first takes the digest when it arrives
+    b = core("b")
+    for m in _deltas_from("a", "b", stripped):
+        b.step(m, 10)
+    assert b.lookup("cl", 1) == stripped[0][1]
+    for m in _deltas_from("a", "b", [(applied_key("cl", 1), put)]):
+        b.step(m, 11)
+    assert b.lookup("cl", 1) == put and b.stats.duplicates_merged == 0

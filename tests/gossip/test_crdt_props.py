@@ -3,12 +3,17 @@ Merkle roots/diffs reflect exactly the state differences."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossip.crdt import (
     Applied,
     Counter,
+    DecodeError,
     Register,
     Value,
     WrongTypeError,
@@ -18,10 +23,13 @@ from gossip.crdt import (
     increment_delta,
     merge_state,
     merge_value,
+    payload_digest,
     put_delta,
+    same_application,
 )
 from gossip.hlc import HLC, ClockDriftError, Timestamp
 from gossip.merkle import MerkleTree, differing_keys
+from gossip.messages import entry_size
 
 NODES = ("a", "b", "c")
 KEYS = tuple(f"k{i}" for i in range(8))
@@ -38,6 +46,7 @@ applieds = st.builds(
     st.sampled_from(KEYS),
     st.integers(-(2**63), 2**63 - 1),
     st.integers(-(2**63), 2**63 - 1),
+    st.sampled_from((b"", b"\x01" * 8, b"\x02" * 8)),  # none (old or delete), or a digest
 )
 values: st.SearchStrategy[Value] = st.one_of(registers, counters)
 # every kind, Applied records included (they live under reserved keys only)
@@ -282,9 +291,55 @@ wide_counters = st.builds(
 
 
 @given(st.one_of(all_values, wide_counters))
+def test_entry_size_is_the_encodings(v: Value) -> None:
+    assert entry_size("k", v) == 4 + 1 + len(encode_value(v))
+
+
+@given(st.one_of(all_values, wide_counters))
 def test_encoding_round_trips(v: Value) -> None:
     assert decode_value(encode_value(v)) == v or (
         isinstance(v, Counter)  # zero totals are not encoded (they join as absent)
         and decode_value(encode_value(v))
         == Counter({k: a for k, a in v.p.items() if a}, {k: a for k, a in v.n.items() if a})
     )
+
+
+def test_applied_records_without_a_digest_keep_their_older_encoding() -> None:
+    """A record without a payload digest (written before digests were kept, or a delete)
+    encodes as it did then, so stored records decode (digest empty: payload unknown) and
+    Merkle hashes of such records are unchanged; one with a digest appends it."""
+    ts = Timestamp(5, 1, "n1")
+    old = Applied(ts, "n1", "put", "k", 0, 0)
+    legacy = (
+        b"A"
+        + (5).to_bytes(8, "big")
+        + (1).to_bytes(8, "big")
+        + b"".join(len(s).to_bytes(4, "big") + s for s in (b"n1", b"n1", b"put", b"k"))
+        + bytes(32)
+    )
+    assert encode_value(old) == legacy and decode_value(legacy) == old and old.digest == b""
+    new = Applied(ts, "n1", "put", "k", 0, 0, payload_digest("put", b"v"))
+    assert len(new.digest) == 8
+    assert encode_value(new) == legacy + (8).to_bytes(4, "big") + new.digest
+    assert decode_value(encode_value(new)) == new
+    for bad in (legacy + b"\x00", legacy + bytes(4), legacy + (9).to_bytes(4, "big") + bytes(8)):
+        with pytest.raises(DecodeError):
+            decode_value(bad)
+    # a copy that lost its digest (relayed by an older version) is the same application:
+    # the join keeps the digest, and it is no duplicate to settle
+    assert merge_value(old, new) == merge_value(new, old) == new
+    assert same_application(old, new) and same_application(new, old)
+    other = dataclasses.replace(new, digest=payload_digest("put", b"w"))
+    assert not same_application(new, other)
+    assert not same_application(old, dataclasses.replace(old, ts=Timestamp(5, 2, "n1")))
+
+
+def test_payload_digests_are_stable_and_tell_payloads_apart() -> None:
+    assert payload_digest("put", b"first") == payload_digest("put", b"first")
+    assert payload_digest("put", b"first") != payload_digest("put", b"second")
+    assert payload_digest("increment", delta=1) != payload_digest("increment", delta=100)
+    assert payload_digest("increment", delta=1) != payload_digest("increment", delta=-1)
+    assert payload_digest("increment", delta=-(2**63)) != payload_digest("put", b"")
+    assert payload_digest("delete") == b""  # no payload
+    # fixed bytes: every node and version must compute the same (blake2b-64)
+    assert payload_digest("put", b"v").hex() == hashlib.blake2b(b"Pv", digest_size=8).hexdigest()

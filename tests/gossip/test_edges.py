@@ -10,6 +10,7 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
 import pytest_asyncio
 
@@ -186,6 +187,49 @@ async def test_a_request_applied_on_two_nodes_counts_once(healed: Net) -> None:
             kv_pb2.IncrementRequest(key="edge/other", delta=1, request_id=rid), timeout=3.0
         )
     assert (await c3.get("edge/other", kv_pb2.CONSISTENCY_LOCAL)).found is False
+
+
+async def test_a_request_id_reused_with_another_payload_is_refused_on_any_node(
+    healed: Net,
+) -> None:
+    """The reviewer's repro: incr k delta=1 rid R -> 1; incr k delta=100 rid R -> 1;
+    put k 'first' rid R2 -> ok; put k 'second' rid R2 -> ok but never written. Now the
+    second of each pair is refused (FAILED_PRECONDITION) on the node that applied the
+    first and on the others (the digest travels with the replicated record)."""
+    net = healed
+    c1, c2, c3 = (net.clients[n] for n in NODES)
+    r1 = kv_pb2.RequestId(client_id="edge-payload", sequence=1)
+    r2 = kv_pb2.RequestId(client_id="edge-payload", sequence=2)
+    inc = kv_pb2.IncrementRequest(key="edge/payload-n", delta=1, request_id=r1)
+    assert (await c1.kv().Increment(inc, timeout=3.0)).value == 1
+    put = kv_pb2.PutRequest(key="edge/payload-k", value=b"first", request_id=r2)
+    await c1.kv().Put(put, timeout=3.0)
+    await eventually(lambda: _everyone(net, "edge/payload-k", b"first"), 20.0)
+    await eventually(net.converged, 20.0)
+    for c in (c1, c2, c3):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await c.kv().Increment(
+                kv_pb2.IncrementRequest(key="edge/payload-n", delta=100, request_id=r1),
+                timeout=3.0,
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            "request sequence 1 of client 'edge-payload' was already used for an increment "
+            "of key 'edge/payload-n' with another delta; not applied"
+        ) in (info.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await c.kv().Put(
+                kv_pb2.PutRequest(key="edge/payload-k", value=b"second", request_id=r2),
+                timeout=3.0,
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "for a put of key 'edge/payload-k' with another value; not applied" in (
+            info.value.details() or ""
+        )
+        assert (await c.kv().Increment(inc, timeout=3.0)).value == 1  # a true retry
+    await eventually(net.converged, 20.0)
+    assert await _everyone(net, "edge/payload-k", b"first")
+    assert await _everyone(net, "edge/payload-n", 1)
 
 
 async def test_a_wiped_node_keeps_the_increments_it_takes_after_its_restart(healed: Net) -> None:

@@ -15,8 +15,10 @@ from caplab.clock import SkewableClock
 from caplab.store import Consistency, NodeConfig
 from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
+from gossip.crdt import Applied, Register, applied_key
+from gossip.hlc import Timestamp
 from gossip.node import GossipBackend, GossipOptions, build_backend
-from gossip.storage import DiskFullError, FatalStorageError
+from gossip.storage import CommitBatch, DedupEntry, DiskFullError, FatalStorageError, GossipStorage
 from tests.polling import eventually
 
 
@@ -235,3 +237,71 @@ async def test_an_unreadable_store_stops_start_up_with_one_line_naming_the_file(
         await b2.start(grpc.aio.server())
     assert str(current) in e.value.message and "\n" not in e.value.message
     assert "cannot start" in e.value.message
+
+
+async def test_a_request_id_reused_with_another_payload_is_refused(tmp_path: Path) -> None:
+    """The reviewer's repro: incr k delta=1 rid R -> 1; incr k delta=100 rid R -> 1;
+    put k 'first' rid R2 -> ok; put k 'second' rid R2 -> ok, never written (get: 'first').
+    The second of each pair is now refused, also after a restart (the digest is stored
+    with the record); true retries are still answered."""
+    b = await _backend(tmp_path)
+    assert (await b.increment("n", 1, RequestId("c", 1), None)).value == 1
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        await b.increment("n", 100, RequestId("c", 1), None)
+    assert str(refused.value.message) == (
+        "request sequence 1 of client 'c' was already used for an increment of key 'n' "
+        "with another delta; not applied"
+    )
+    await b.put("k", b"first", RequestId("c", 2), None)
+    with pytest.raises(
+        errors.FailedPrecondition,
+        match=r"^request sequence 2 of client 'c' was already used for a put of key 'k' "
+        r"with another value; not applied$",
+    ):
+        await b.put("k", b"second", RequestId("c", 2), None)
+    assert (await b.increment("n", 1, RequestId("c", 1), None)).value == 1  # a true retry
+    await b.put("k", b"first", RequestId("c", 2), None)
+    await b.delete("gone", RequestId("c", 3), None)
+    await b.before_shutdown()
+    await b.close()
+
+    b2 = await _backend(tmp_path)
+    with pytest.raises(errors.FailedPrecondition, match="with another delta"):
+        await b2.increment("n", 100, RequestId("c", 1), None)
+    with pytest.raises(errors.FailedPrecondition, match="with another value"):
+        await b2.put("k", b"second", RequestId("c", 2), None)
+    assert not (await b2.delete("gone", RequestId("c", 3), None)).existed  # no payload
+    assert (await b2.get("n", Consistency.LOCAL, None)).value == 1
+    assert (await b2.get("k", Consistency.LOCAL, None)).value == b"first"
+    await b2.close()
+
+
+async def test_records_written_before_payload_digests_still_answer_retries(
+    tmp_path: Path,
+) -> None:
+    """Records without a digest (an earlier version's, stored before it kept one; and the
+    per-node exactly-once table of older versions still, which kept no key either) answer
+    a retry of their operation (and key) from the record, whatever its payload."""
+    s = GossipStorage(tmp_path)
+    s.load()
+    ts = Timestamp(SkewableClock().wall_ms(), 0, "n1")
+    s.commit(
+        CommitBatch(
+            kv={
+                "k": Register(ts, b"first"),
+                applied_key("old", 1): Applied(ts, "n1", "put", "k", 0, 0),
+            },
+            dedup={("legacy", 1): DedupEntry("legacy", 1, "increment", ts, 7)},
+            hlc=ts,
+        )
+    )
+    s.close()
+    b = await _backend(tmp_path)
+    h = await b.put("k", b"second", RequestId("old", 1), None)  # answered from the record
+    assert h.hlc is not None and (h.hlc.wall_ms, h.hlc.logical) == (ts.wall_ms, ts.logical)
+    with pytest.raises(errors.FailedPrecondition, match="already used for a put of key 'k'"):
+        await b.put("other", b"x", RequestId("old", 1), None)  # the key is known
+    assert (await b.increment("n", 3, RequestId("legacy", 1), None)).value == 7
+    assert (await b.get("k", Consistency.LOCAL, None)).value == b"first"
+    assert (await b.get("n", Consistency.LOCAL, None)).value is None
+    await b.close()

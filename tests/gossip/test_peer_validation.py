@@ -27,12 +27,25 @@ from gossip.codec import (
     MAX_LIST,
     MAX_UPDATES,
     CodecError,
+    applied_from_pb,
+    applied_to_pb,
+    entry_from_pb,
+    entry_to_pb,
     from_pb,
     to_pb,
 )
 from gossip.common import GossipConfig
 from gossip.core import GossipCore
-from gossip.crdt import COMPONENT_MAX, Applied, Counter, Register, applied_key, stable_key
+from gossip.crdt import (
+    COMPONENT_MAX,
+    MAX_DIGEST_BYTES,
+    Applied,
+    Counter,
+    Register,
+    applied_key,
+    payload_digest,
+    stable_key,
+)
 from gossip.hlc import Timestamp
 from gossip.membership import Membership
 from gossip.messages import (
@@ -310,6 +323,7 @@ def test_counter_components_and_totals_are_bounded() -> None:
         ({"component": ""}, "empty counter component"),
         ({"component": "c" * (MAX_COMPONENT_BYTES + 1)}, "longer than"),
         ({"key": "", "op": "increment", "delta": 5}, "an amount added to no key"),
+        ({"digest": b"d" * (MAX_DIGEST_BYTES + 1)}, "payload digest of 33 bytes"),
     ],
     ids=[
         "op-unknown",
@@ -319,6 +333,7 @@ def test_counter_components_and_totals_are_bounded() -> None:
         "component-empty",
         "component-long",
         "amount-to-no-key",
+        "digest-long",
     ],
 )
 def test_applied_records_are_bounded(fields: dict[str, object], match: str) -> None:
@@ -331,6 +346,37 @@ def test_applied_records_are_bounded(fields: dict[str, object], match: str) -> N
             a.delta = bad
     got = _entries(_deltas(_rec(rid, op="increment", delta=-(2**63), num=2**63 - 1)))[rid]
     assert isinstance(got, Applied) and (got.delta, got.num) == (-(2**63), 2**63 - 1)
+
+
+def test_applied_records_round_trip_with_and_without_a_digest() -> None:
+    """The payload digest travels with a record through every conversion (the in-place
+    encoder and the inline decoder of the hot path, and the slow path a long client id
+    takes); a record without one (an older version's, or a delete) stays without."""
+    ts = Timestamp(T, 3, "b")
+    records = [
+        Applied(ts, "b", "put", "k", 0, 0, payload_digest("put", b"v")),
+        Applied(ts, "b", "increment", "c", -5, 7, payload_digest("increment", delta=-5)),
+        Applied(ts, "b", "increment", "c", 2, 9, b"\xff" * MAX_DIGEST_BYTES),  # the longest
+        Applied(ts, "b", "put", "k", 0, 0),  # written before digests were kept
+        Applied(ts, "b", "delete", "k", 0, 1),
+        Applied(ts, "b", "put", "", 0, 0),  # an older version's exactly-once table
+    ]
+    for client in ("c", "long-client-" + "x" * 100):  # hot path, slow path
+        entries = tuple((applied_key(client, i + 1), r) for i, r in enumerate(records))
+        m = from_pb(
+            pb.GossipMessage.FromString(to_pb(Deltas("b", "a", entries, 1)).SerializeToString())
+        )
+        assert isinstance(m, Deltas) and m.entries == entries
+        for k, r in entries:
+            assert entry_from_pb(entry_to_pb(k, r)) == (k, r)
+            assert applied_from_pb(applied_to_pb(r), k) == r
+    # a record with a digest reaches another replica with it (anti-entropy)
+    a, b = _core("a"), _core("b")
+    w = b.put("k", b"first", T, rid=("cl", 1), wall_ms=T)
+    rec = w.delta[applied_key("cl", 1)]
+    assert isinstance(rec, Applied) and rec.digest == payload_digest("put", b"first")
+    _anti_entropy({"a": a, "b": b}, "b", "a", T)
+    assert a.lookup("cl", 1) == rec and a.digest() == b.digest()
 
 
 # ---------------------------------------------------------------------------- messages

@@ -35,6 +35,7 @@ VALUES: dict[str, Value] = {
     "": Register(T1, b"the empty key"),
     applied_key("client-1", 2**64 - 1): Applied(T2, "n1/0a1b2c3d", "increment", "counter", -7, BIG),
     applied_key("client-2", 1): Applied(T1, "n2", "delete", "register", 0, 1),
+    applied_key("client-2", 2): Applied(T2, "n2", "put", "register", 0, 0, b"\x00\xff" * 4),
 }
 
 

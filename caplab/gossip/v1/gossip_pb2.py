@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x61plab/gossip/v1/gossip.proto\x12\x10\x63\x61plab.gossip.v1\";\n\tTimestamp\x12\x0f\n\x07wall_ms\x18\x01 \x01(\x03\x12\x0f\n\x07logical\x18\x02 \x01(\x04\x12\x0c\n\x04node\x18\x03 \x01(\t\"U\n\x08Register\x12\'\n\x02ts\x18\x01 \x01(\x0b\x32\x1b.caplab.gossip.v1.Timestamp\x12\x11\n\ttombstone\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\"\xff\x02\n\x07\x43ounter\x12+\n\x01p\x18\x01 \x03(\x0b\x32 .caplab.gossip.v1.Counter.PEntry\x12+\n\x01n\x18\x02 \x03(\x0b\x32 .caplab.gossip.v1.Counter.NEntry\x12\x34\n\x06p_high\x18\x03 \x03(\x0b\x32$.caplab.gossip.v1.Counter.PHighEntry\x12\x34\n\x06n_high\x18\x04 \x03(\x0b\x32$.caplab.gossip.v1.Counter.NHighEntry\x1a(\n\x06PEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a(\n\x06NEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a,\n\nPHighEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a,\n\nNHighEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"z\n\x07\x41pplied\x12\'\n\x02ts\x18\x01 \x01(\x0b\x32\x1b.caplab.gossip.v1.Timestamp\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x12\x12\x0b\n\x03num\x18\x06 \x01(\x12\"\xa9\x01\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x08register\x18\x02 \x01(\x0b\x32\x1a.caplab.gossip.v1.RegisterH\x00\x12,\n\x07\x63ounter\x18\x03 \x01(\x0b\x32\x19.caplab.gossip.v1.CounterH\x00\x12,\n\x07\x61pplied\x18\x04 \x01(\x0b\x32\x19.caplab.gossip.v1.AppliedH\x00\x42\x07\n\x05value\"Y\n\x06Member\x12\x0c\n\x04node\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.caplab.gossip.v1.MemberState\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\"?\n\x06\x44\x65ltas\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.caplab.gossip.v1.Entry\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x18\n\tDeltasAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"I\n\x08\x41\x65Hashes\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05level\x18\x02 \x01(\r\x12\x0f\n\x07indices\x18\x03 \x03(\r\x12\x0e\n\x06hashes\x18\x04 \x03(\x0c\"_\n\x07\x41\x65Items\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06leaves\x18\x02 \x03(\r\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.caplab.gossip.v1.Entry\x12\r\n\x05reply\x18\x04 \x01(\x08\"Z\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x30\n\x0egossip_updates\x18\x03 \x03(\x0b\x32\x18.caplab.gossip.v1.Member\"X\n\x07PingReq\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x30\n\x0egossip_updates\x18\x03 \x03(\x0b\x32\x18.caplab.gossip.v1.Member\"g\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x30\n\x0egossip_updates\x18\x04 \x03(\x0b\x32\x18.caplab.gossip.v1.Member\"\xa3\x03\n\rGossipMessage\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12*\n\x06\x64\x65ltas\x18\x03 \x01(\x0b\x32\x18.caplab.gossip.v1.DeltasH\x00\x12\x31\n\ndeltas_ack\x18\x04 \x01(\x0b\x32\x1b.caplab.gossip.v1.DeltasAckH\x00\x12\x30\n\nae_request\x18\x05 \x01(\x0b\x32\x1a.caplab.gossip.v1.AeHashesH\x00\x12\x31\n\x0b\x61\x65_response\x18\x06 \x01(\x0b\x32\x1a.caplab.gossip.v1.AeHashesH\x00\x12-\n\x08\x61\x65_items\x18\x07 \x01(\x0b\x32\x19.caplab.gossip.v1.AeItemsH\x00\x12&\n\x04ping\x18\x08 \x01(\x0b\x32\x16.caplab.gossip.v1.PingH\x00\x12-\n\x08ping_req\x18\t \x01(\x0b\x32\x19.caplab.gossip.v1.PingReqH\x00\x12$\n\x03\x61\x63k\x18\n \x01(\x0b\x32\x15.caplab.gossip.v1.AckH\x00\x42\x06\n\x04\x62ody\":\n\x05\x42\x61tch\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.caplab.gossip.v1.GossipMessage\"\n\n\x08\x42\x61tchAck*t\n\x0bMemberState\x12\x1c\n\x18MEMBER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMBER_STATE_ALIVE\x10\x01\x12\x18\n\x14MEMBER_STATE_SUSPECT\x10\x02\x12\x15\n\x11MEMBER_STATE_DEAD\x10\x03\x32M\n\nGossipPeer\x12?\n\x06Stream\x12\x17.caplab.gossip.v1.Batch\x1a\x1a.caplab.gossip.v1.BatchAck(\x01\x42*Z(caplab.dev/gen/caplab/gossip/v1;gossipv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x61plab/gossip/v1/gossip.proto\x12\x10\x63\x61plab.gossip.v1\";\n\tTimestamp\x12\x0f\n\x07wall_ms\x18\x01 \x01(\x03\x12\x0f\n\x07logical\x18\x02 \x01(\x04\x12\x0c\n\x04node\x18\x03 \x01(\t\"U\n\x08Register\x12\'\n\x02ts\x18\x01 \x01(\x0b\x32\x1b.caplab.gossip.v1.Timestamp\x12\x11\n\ttombstone\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x0c\"\xff\x02\n\x07\x43ounter\x12+\n\x01p\x18\x01 \x03(\x0b\x32 .caplab.gossip.v1.Counter.PEntry\x12+\n\x01n\x18\x02 \x03(\x0b\x32 .caplab.gossip.v1.Counter.NEntry\x12\x34\n\x06p_high\x18\x03 \x03(\x0b\x32$.caplab.gossip.v1.Counter.PHighEntry\x12\x34\n\x06n_high\x18\x04 \x03(\x0b\x32$.caplab.gossip.v1.Counter.NHighEntry\x1a(\n\x06PEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a(\n\x06NEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a,\n\nPHighEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a,\n\nNHighEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x8a\x01\n\x07\x41pplied\x12\'\n\x02ts\x18\x01 \x01(\x0b\x32\x1b.caplab.gossip.v1.Timestamp\x12\x11\n\tcomponent\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x12\x12\x0b\n\x03num\x18\x06 \x01(\x12\x12\x0e\n\x06\x64igest\x18\x07 \x01(\x0c\"\xa9\x01\n\x05\x45ntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x08register\x18\x02 \x01(\x0b\x32\x1a.caplab.gossip.v1.RegisterH\x00\x12,\n\x07\x63ounter\x18\x03 \x01(\x0b\x32\x19.caplab.gossip.v1.CounterH\x00\x12,\n\x07\x61pplied\x18\x04 \x01(\x0b\x32\x19.caplab.gossip.v1.AppliedH\x00\x42\x07\n\x05value\"Y\n\x06Member\x12\x0c\n\x04node\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.caplab.gossip.v1.MemberState\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\"?\n\x06\x44\x65ltas\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.caplab.gossip.v1.Entry\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x18\n\tDeltasAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"I\n\x08\x41\x65Hashes\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05level\x18\x02 \x01(\r\x12\x0f\n\x07indices\x18\x03 \x03(\r\x12\x0e\n\x06hashes\x18\x04 \x03(\x0c\"_\n\x07\x41\x65Items\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06leaves\x18\x02 \x03(\r\x12&\n\x05items\x18\x03 \x03(\x0b\x32\x17.caplab.gossip.v1.Entry\x12\r\n\x05reply\x18\x04 \x01(\x08\"Z\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x30\n\x0egossip_updates\x18\x03 \x03(\x0b\x32\x18.caplab.gossip.v1.Member\"X\n\x07PingReq\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x30\n\x0egossip_updates\x18\x03 \x03(\x0b\x32\x18.caplab.gossip.v1.Member\"g\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x30\n\x0egossip_updates\x18\x04 \x03(\x0b\x32\x18.caplab.gossip.v1.Member\"\xa3\x03\n\rGossipMessage\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12*\n\x06\x64\x65ltas\x18\x03 \x01(\x0b\x32\x18.caplab.gossip.v1.DeltasH\x00\x12\x31\n\ndeltas_ack\x18\x04 \x01(\x0b\x32\x1b.caplab.gossip.v1.DeltasAckH\x00\x12\x30\n\nae_request\x18\x05 \x01(\x0b\x32\x1a.caplab.gossip.v1.AeHashesH\x00\x12\x31\n\x0b\x61\x65_response\x18\x06 \x01(\x0b\x32\x1a.caplab.gossip.v1.AeHashesH\x00\x12-\n\x08\x61\x65_items\x18\x07 \x01(\x0b\x32\x19.caplab.gossip.v1.AeItemsH\x00\x12&\n\x04ping\x18\x08 \x01(\x0b\x32\x16.caplab.gossip.v1.PingH\x00\x12-\n\x08ping_req\x18\t \x01(\x0b\x32\x19.caplab.gossip.v1.PingReqH\x00\x12$\n\x03\x61\x63k\x18\n \x01(\x0b\x32\x15.caplab.gossip.v1.AckH\x00\x42\x06\n\x04\x62ody\":\n\x05\x42\x61tch\x12\x31\n\x08messages\x18\x01 \x03(\x0b\x32\x1f.caplab.gossip.v1.GossipMessage\"\n\n\x08\x42\x61tchAck*t\n\x0bMemberState\x12\x1c\n\x18MEMBER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMBER_STATE_ALIVE\x10\x01\x12\x18\n\x14MEMBER_STATE_SUSPECT\x10\x02\x12\x15\n\x11MEMBER_STATE_DEAD\x10\x03\x32M\n\nGossipPeer\x12?\n\x06Stream\x12\x17.caplab.gossip.v1.Batch\x1a\x1a.caplab.gossip.v1.BatchAck(\x01\x42*Z(caplab.dev/gen/caplab/gossip/v1;gossipv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COUNTER_PHIGHENTRY']._serialized_options = b'8\001'
   _globals['_COUNTER_NHIGHENTRY']._loaded_options = None
   _globals['_COUNTER_NHIGHENTRY']._serialized_options = b'8\001'
-  _globals['_MEMBERSTATE']._serialized_start=2016
-  _globals['_MEMBERSTATE']._serialized_end=2132
+  _globals['_MEMBERSTATE']._serialized_start=2033
+  _globals['_MEMBERSTATE']._serialized_end=2149
   _globals['_TIMESTAMP']._serialized_start=51
   _globals['_TIMESTAMP']._serialized_end=110
   _globals['_REGISTER']._serialized_start=112
@@ -56,32 +56,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COUNTER_PHIGHENTRY']._serialized_end=537
   _globals['_COUNTER_NHIGHENTRY']._serialized_start=539
   _globals['_COUNTER_NHIGHENTRY']._serialized_end=583
-  _globals['_APPLIED']._serialized_start=585
-  _globals['_APPLIED']._serialized_end=707
-  _globals['_ENTRY']._serialized_start=710
-  _globals['_ENTRY']._serialized_end=879
-  _globals['_MEMBER']._serialized_start=881
-  _globals['_MEMBER']._serialized_end=970
-  _globals['_DELTAS']._serialized_start=972
-  _globals['_DELTAS']._serialized_end=1035
-  _globals['_DELTASACK']._serialized_start=1037
-  _globals['_DELTASACK']._serialized_end=1061
-  _globals['_AEHASHES']._serialized_start=1063
-  _globals['_AEHASHES']._serialized_end=1136
-  _globals['_AEITEMS']._serialized_start=1138
-  _globals['_AEITEMS']._serialized_end=1233
-  _globals['_PING']._serialized_start=1235
-  _globals['_PING']._serialized_end=1325
-  _globals['_PINGREQ']._serialized_start=1327
-  _globals['_PINGREQ']._serialized_end=1415
-  _globals['_ACK']._serialized_start=1417
-  _globals['_ACK']._serialized_end=1520
-  _globals['_GOSSIPMESSAGE']._serialized_start=1523
-  _globals['_GOSSIPMESSAGE']._serialized_end=1942
-  _globals['_BATCH']._serialized_start=1944
-  _globals['_BATCH']._serialized_end=2002
-  _globals['_BATCHACK']._serialized_start=2004
-  _globals['_BATCHACK']._serialized_end=2014
-  _globals['_GOSSIPPEER']._serialized_start=2134
-  _globals['_GOSSIPPEER']._serialized_end=2211
+  _globals['_APPLIED']._serialized_start=586
+  _globals['_APPLIED']._serialized_end=724
+  _globals['_ENTRY']._serialized_start=727
+  _globals['_ENTRY']._serialized_end=896
+  _globals['_MEMBER']._serialized_start=898
+  _globals['_MEMBER']._serialized_end=987
+  _globals['_DELTAS']._serialized_start=989
+  _globals['_DELTAS']._serialized_end=1052
+  _globals['_DELTASACK']._serialized_start=1054
+  _globals['_DELTASACK']._serialized_end=1078
+  _globals['_AEHASHES']._serialized_start=1080
+  _globals['_AEHASHES']._serialized_end=1153
+  _globals['_AEITEMS']._serialized_start=1155
+  _globals['_AEITEMS']._serialized_end=1250
+  _globals['_PING']._serialized_start=1252
+  _globals['_PING']._serialized_end=1342
+  _globals['_PINGREQ']._serialized_start=1344
+  _globals['_PINGREQ']._serialized_end=1432
+  _globals['_ACK']._serialized_start=1434
+  _globals['_ACK']._serialized_end=1537
+  _globals['_GOSSIPMESSAGE']._serialized_start=1540
+  _globals['_GOSSIPMESSAGE']._serialized_end=1959
+  _globals['_BATCH']._serialized_start=1961
+  _globals['_BATCH']._serialized_end=2019
+  _globals['_BATCHACK']._serialized_start=2021
+  _globals['_BATCHACK']._serialized_end=2031
+  _globals['_GOSSIPPEER']._serialized_start=2151
+  _globals['_GOSSIPPEER']._serialized_end=2228
 # @@protoc_insertion_point(module_scope)

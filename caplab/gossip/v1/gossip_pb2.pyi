@@ -254,6 +254,7 @@ class Applied(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     NUM_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     component: _builtins.str
     """counter component of the node that applied it"""
     op: _builtins.str
@@ -264,6 +265,12 @@ class Applied(_message.Message):
     """increment: the amount added"""
     num: _builtins.int
     """the answer: increment -> the counter after it; delete -> 1 if it existed"""
+    digest: _builtins.bytes
+    """Digest of the request's payload (put: the value; increment: the delta), at most 32
+    bytes: a retry with the same id, operation and key but another payload is refused.
+    Empty for deletes (no payload) and in records written before it was kept (unknown:
+    any retry of that operation and key is answered from the record, as before).
+    """
     @_builtins.property
     def ts(self) -> Global___Timestamp:
         """HLC timestamp of the application (that of the write it made)"""
@@ -277,10 +284,11 @@ class Applied(_message.Message):
         key: _builtins.str = ...,
         delta: _builtins.int = ...,
         num: _builtins.int = ...,
+        digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ts", b"ts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "delta", b"delta", "key", b"key", "num", b"num", "op", b"op", "ts", b"ts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "delta", b"delta", "digest", b"digest", "key", b"key", "num", b"num", "op", b"op", "ts", b"ts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

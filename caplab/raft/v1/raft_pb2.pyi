@@ -617,6 +617,11 @@ class SessionResult(_message.Message):
     are kept with its result: a request id reused for another operation or key is refused
     (status 4), not answered with the other request's result. Empty in snapshots taken
     before they were kept: such an entry answers any retry, as it did then.
+    The digest of the request's payload (put: the value; increment: the delta; cas: the
+    expected value or its absence, and the new value; delete: none, empty) is kept too: a
+    request id reused for the same operation and key with another payload is refused the
+    same way. Empty (unknown payload: any retry of that operation and key is answered, as
+    before) in snapshots taken before it was kept, and for deletes. At most 32 bytes.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -625,9 +630,11 @@ class SessionResult(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     OP_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     op: _builtins.str
     key: _builtins.str
+    digest: _builtins.bytes
     @_builtins.property
     def result(self) -> Global___CommandResult: ...
     def __init__(
@@ -637,10 +644,11 @@ class SessionResult(_message.Message):
         result: Global___CommandResult | None = ...,
         op: _builtins.str = ...,
         key: _builtins.str = ...,
+        digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "op", b"op", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "key", b"key", "op", b"op", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
