@@ -45,6 +45,7 @@ from caplab import errors
 from caplab.client import KVClient
 from caplab.v1 import kv_pb2
 from harness.cluster import LocalCluster, NodeProcess, free_ports
+from harness.nemesis import from_groups
 from harness.proxy import LinkMode, ProxyNet
 
 T = TypeVar("T")
@@ -523,14 +524,7 @@ class Console:
             case ProcessCommand():
                 return await self._process_command(cmd)
             case Partition(groups=groups):
-                cut = [
-                    (a, b)
-                    for i, ga in enumerate(groups)
-                    for j, gb in enumerate(groups)
-                    if i != j
-                    for a in ga
-                    for b in gb
-                ]
+                cut = from_groups(list(self.cluster.nodes), groups).blocked
                 self.net.apply(cut, LinkMode.DROP)
                 self.groups = groups
                 sides = " | ".join(",".join(g) for g in groups)
