@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,39 @@ async def test_dump_states_writes_status_and_entries(tmp_path: Path) -> None:
         assert doc["status"]["nodeId"] == node and doc["status"]["stateDigest"]
         if node == "n1":  # the readiness write went to n1 (the others may still get it)
             assert "__caplab_ready__" in [e["key"] for e in doc["entries"]]
+
+
+SMOKE = Path(__file__).resolve().parents[2] / "scenarios" / "smoke.yaml"
+
+
+async def test_the_sampler_stops_only_on_agreeing_replicas(tmp_path: Path) -> None:
+    """After convergence and the tombstone wait, a node's background write made the last
+    sample disagree; the sampler stopped there and the convergence checker failed the run
+    (seed 6 of gossip-crash-restart-short). The end waits for agreement again."""
+    import types
+
+    from harness.scenario import load_scenario
+
+    sc = load_scenario(SMOKE)
+    run = StoreRun(sc, "gossip", tmp_path)
+    run.cluster = types.SimpleNamespace(nodes={"n1": 0, "n2": 0, "n3": 0})  # type: ignore[assignment]
+
+    def sample(digests: dict[str, str | None]) -> None:
+        run._latest_digests = digests
+        run._latest_time_ns = time.monotonic_ns() - run.t0_ns
+        run._samples_taken += 1
+
+    sample({"n1": "a", "n2": "a", "n3": "a"})
+    assert await run._agree_at_the_end(0.5)
+    sample({"n1": "a", "n2": "a", "n3": "b"})  # n3's stable mark, not yet spread
+
+    async def spread() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            sample({"n1": "b", "n2": "b", "n3": "b"})
+
+    task = asyncio.create_task(spread())
+    assert await run._agree_at_the_end(5.0)
+    await task
+    sample({"n1": "a", "n2": "b", "n3": "b"})
+    assert not await run._agree_at_the_end(0.3)  # never again: the evidence is dumped
