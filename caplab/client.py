@@ -93,9 +93,13 @@ class KVClient:
         max_inflight_mutations: int = 128,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        session: bool = False,
     ) -> None:
         """``credentials``: TLS to the nodes (``caplab.security.channel_credentials``);
-        ``token``: a bearer token sent with every call (nodes with ``--client-auth``)."""
+        ``token``: a bearer token sent with every call (nodes with ``--client-auth``);
+        ``session``: this client is one session (kv.proto SESSION, READ_MY_WRITES,
+        MONOTONIC_READS): every request carries the latest ``session_token`` a response
+        gave (the stores merge it with what they answer), one operation at a time."""
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
         self.endpoints = list(endpoints)
@@ -111,6 +115,8 @@ class KVClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._credentials = credentials
         self._interceptors = [] if token is None else [_BearerToken(token)]
+        self.session = session
+        self.session_token = b""  # the latest ResponseHeader.session_token (session only)
 
     # -- plumbing -----------------------------------------------------------
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
@@ -198,19 +204,46 @@ class KVClient:
             raise
         raise AssertionError("unreachable")
 
+    # -- sessions -----------------------------------------------------------
+    def _token(self) -> bytes:
+        return self.session_token if self.session else b""
+
+    def _saw(self, header: kv_pb2.ResponseHeader) -> None:
+        if self.session and header.session_token:
+            self.session_token = header.session_token
+
     # -- KV -----------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> kv_pb2.PutResponse:
         async with self._window:
-            req = kv_pb2.PutRequest(key=key, value=value, request_id=self.next_request_id())
-            return await self._run(
+            req = kv_pb2.PutRequest(
+                key=key,
+                value=value,
+                request_id=self.next_request_id(),
+                session_token=self._token(),
+            )
+            resp: kv_pb2.PutResponse = await self._run(
                 lambda ep: self.kv(ep).Put(req, timeout=self.timeout), idempotent=True
             )
+            self._saw(resp.header)
+            return resp
 
-    async def get(self, key: str, consistency: int = kv_pb2.CONSISTENCY_DEFAULT) -> GetResult:
-        req = kv_pb2.GetRequest(key=key, consistency=consistency)  # type: ignore[arg-type]
+    async def get(
+        self,
+        key: str,
+        consistency: int = kv_pb2.CONSISTENCY_DEFAULT,
+        *,
+        max_staleness_ms: int = 0,
+    ) -> GetResult:
+        req = kv_pb2.GetRequest(
+            key=key,
+            consistency=consistency,  # type: ignore[arg-type]
+            max_staleness_ms=max_staleness_ms,
+            session_token=self._token(),
+        )
         resp: kv_pb2.GetResponse = await self._run(
             lambda ep: self.kv(ep).Get(req, timeout=self.timeout), idempotent=True, mutation=False
         )
+        self._saw(resp.header)
         value: bytes | int | None = None
         if resp.found:
             value = resp.counter if resp.type == kv_pb2.VALUE_TYPE_COUNTER else resp.value
@@ -218,10 +251,14 @@ class KVClient:
 
     async def delete(self, key: str) -> kv_pb2.DeleteResponse:
         async with self._window:
-            req = kv_pb2.DeleteRequest(key=key, request_id=self.next_request_id())
-            return await self._run(
+            req = kv_pb2.DeleteRequest(
+                key=key, request_id=self.next_request_id(), session_token=self._token()
+            )
+            resp: kv_pb2.DeleteResponse = await self._run(
                 lambda ep: self.kv(ep).Delete(req, timeout=self.timeout), idempotent=True
             )
+            self._saw(resp.header)
+            return resp
 
     async def cas(
         self, key: str, expected: bytes | None, new: bytes
@@ -233,18 +270,28 @@ class KVClient:
                 expected_absent=expected is None,
                 new_value=new,
                 request_id=self.next_request_id(),
+                session_token=self._token(),
             )
-            return await self._run(
+            resp: kv_pb2.CompareAndSwapResponse = await self._run(
                 lambda ep: self.kv(ep).CompareAndSwap(req, timeout=self.timeout),
                 idempotent=True,
             )
+            self._saw(resp.header)
+            return resp
 
     async def increment(self, key: str, delta: int = 1) -> kv_pb2.IncrementResponse:
         async with self._window:
-            req = kv_pb2.IncrementRequest(key=key, delta=delta, request_id=self.next_request_id())
-            return await self._run(
+            req = kv_pb2.IncrementRequest(
+                key=key,
+                delta=delta,
+                request_id=self.next_request_id(),
+                session_token=self._token(),
+            )
+            resp: kv_pb2.IncrementResponse = await self._run(
                 lambda ep: self.kv(ep).Increment(req, timeout=self.timeout), idempotent=True
             )
+            self._saw(resp.header)
+            return resp
 
     # -- Cluster / Admin ----------------------------------------------------
     async def status(self, endpoint: str | None = None) -> kv_pb2.StatusResponse:

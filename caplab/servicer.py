@@ -17,7 +17,16 @@ from google.protobuf.message import DecodeError
 
 from caplab import errors, validation
 from caplab.logs import get_logger
-from caplab.store import FORWARDED_BY_KEY, Consistency, Header, StoreBackend, forwarded_by
+from caplab.store import (
+    BASIC_LEVELS,
+    FORWARDED_BY_KEY,
+    MAX_SESSION_TOKEN_BYTES,
+    Consistency,
+    Header,
+    StoreBackend,
+    forwarded_by,
+    session_token,
+)
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 
 T = TypeVar("T")
@@ -26,11 +35,19 @@ log = get_logger("caplab.servicer")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # (subscriptable in the stubs only)
 
-_CONSISTENCY = {
-    kv_pb2.CONSISTENCY_DEFAULT: Consistency.DEFAULT,
-    kv_pb2.CONSISTENCY_LINEARIZABLE: Consistency.LINEARIZABLE,
-    kv_pb2.CONSISTENCY_LOCAL: Consistency.LOCAL,
-}
+_CONSISTENCY = {c.value: c for c in Consistency}
+_LEVEL_NAMES = ", ".join(c.name for c in Consistency)
+_STORE_NAMES: dict[int, str] = {kv_pb2.STORE_KIND_RAFT: "raft", kv_pb2.STORE_KIND_GOSSIP: "gossip"}
+
+
+def _session(token: bytes) -> None:
+    """Validate the request's session token and make it the backend's (store.session_token)."""
+    if len(token) > MAX_SESSION_TOKEN_BYTES:
+        raise errors.InvalidArgument(
+            f"session_token is {len(token)} bytes; at most {MAX_SESSION_TOKEN_BYTES} "
+            "(pass back the latest token a response gave)"
+        )
+    session_token.set(token)
 
 
 def header_pb(h: Header, store: int) -> kv_pb2.ResponseHeader:
@@ -41,6 +58,7 @@ def header_pb(h: Header, store: int) -> kv_pb2.ResponseHeader:
         index=h.index,
         stale_possible=h.stale_possible,
         forwarded_by=h.forwarded_by,
+        session_token=h.session_token,
     )
     if h.hlc is not None:
         out.hlc.CopyFrom(
@@ -104,6 +122,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     ) -> kv_pb2.PutResponse:
         async def run() -> kv_pb2.PutResponse:
             key = validation.check_key(request.key)
+            _session(request.session_token)
             value = validation.check_value(request.value)
             h = await self.b.put(key, value, _rid(request.request_id), _timeout(context))
             return kv_pb2.PutResponse(header=header_pb(h, self.b.kind))
@@ -115,13 +134,32 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     ) -> kv_pb2.GetResponse:
         async def run() -> kv_pb2.GetResponse:
             key = validation.check_key(request.key)
+            _session(request.session_token)
             consistency = _CONSISTENCY.get(request.consistency)
             if consistency is None:
                 raise errors.InvalidArgument(
-                    f"unknown consistency level {request.consistency}; "
-                    "use DEFAULT, LINEARIZABLE or LOCAL"
+                    f"unknown consistency level {request.consistency}; use one of {_LEVEL_NAMES}"
                 )
-            r = await self.b.get(key, consistency, _timeout(context))
+            levels = getattr(self.b, "consistency_levels", BASIC_LEVELS)
+            if consistency not in levels:
+                store = _STORE_NAMES.get(self.b.kind, "this store")
+                raise errors.FailedPrecondition(
+                    f"{store} does not offer {consistency.name} reads (it serves "
+                    f"{', '.join(sorted(c.name for c in levels if c.value))}); not served"
+                )
+            if consistency is Consistency.BOUNDED_STALENESS:
+                if request.max_staleness_ms == 0:
+                    raise errors.InvalidArgument(
+                        "BOUNDED_STALENESS needs max_staleness_ms > 0 (the bound)"
+                    )
+                r = await self.b.get(
+                    key,
+                    consistency,
+                    _timeout(context),
+                    max_staleness_ms=request.max_staleness_ms,
+                )
+            else:
+                r = await self.b.get(key, consistency, _timeout(context))
             out = kv_pb2.GetResponse(header=header_pb(r.header, self.b.kind))
             if isinstance(r.value, bytes):
                 out.found, out.type, out.value = True, kv_pb2.VALUE_TYPE_REGISTER, r.value
@@ -136,6 +174,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     ) -> kv_pb2.DeleteResponse:
         async def run() -> kv_pb2.DeleteResponse:
             key = validation.check_key(request.key)
+            _session(request.session_token)
             r = await self.b.delete(key, _rid(request.request_id), _timeout(context))
             return kv_pb2.DeleteResponse(header=header_pb(r.header, self.b.kind), existed=r.existed)
 
@@ -146,6 +185,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     ) -> kv_pb2.CompareAndSwapResponse:
         async def run() -> kv_pb2.CompareAndSwapResponse:
             key = validation.check_key(request.key)
+            _session(request.session_token)
             if request.expected_absent and request.expected:
                 raise errors.InvalidArgument(
                     "expected_absent is set, so expected must be empty (it cannot both be absent "
@@ -174,6 +214,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     ) -> kv_pb2.IncrementResponse:
         async def run() -> kv_pb2.IncrementResponse:
             key = validation.check_key(request.key)
+            _session(request.session_token)
             delta = validation.check_delta(request.delta)
             r = await self.b.increment(key, delta, _rid(request.request_id), _timeout(context))
             return kv_pb2.IncrementResponse(header=header_pb(r.header, self.b.kind), value=r.value)

@@ -30,10 +30,32 @@ FORWARDED_BY_KEY = "caplab-forwarded-by"
 forwarded_by: ContextVar[str] = ContextVar("caplab_forwarded_by", default="")
 
 
+# The session token of the request being served (kv.proto: the mutations' and Get's
+# ``session_token``; empty when the client keeps no session). Set by the servicer per
+# request, like ``forwarded_by``; a backend that keeps sessions reads it.
+session_token: ContextVar[bytes] = ContextVar("caplab_session_token", default=b"")
+
+MAX_SESSION_TOKEN_BYTES = 16 * 1024
+
+
 class Consistency(Enum):
+    """kv.proto ``Consistency`` (Terry's read guarantees), strongest first."""
+
     DEFAULT = 0
-    LINEARIZABLE = 1
-    LOCAL = 2
+    LINEARIZABLE = 1  # strong
+    LOCAL = 2  # eventual
+    BOUNDED_STALENESS = 3
+    SESSION = 4
+    CONSISTENT_PREFIX = 5
+    MONOTONIC_READS = 6
+    READ_MY_WRITES = 7
+
+
+# What a backend serves (or refuses with its own reason) unless it says otherwise
+# (``StoreBackend.consistency_levels``); the runtime refuses the rest.
+BASIC_LEVELS: frozenset[Consistency] = frozenset(
+    {Consistency.DEFAULT, Consistency.LINEARIZABLE, Consistency.LOCAL}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +75,7 @@ class Header:
     hlc: Hlc | None = None  # gossip
     stale_possible: bool = False
     forwarded_by: str = ""
+    session_token: bytes = b""  # what the session has seen now (kv.proto ResponseHeader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +161,9 @@ class StoreBackend(Protocol):
 
     kind: int  # kv_pb2.StoreKind value
     clock: SkewableClock
+    # The read levels this backend handles (serves, waits for, or refuses with its own
+    # reason); the runtime answers the others FAILED_PRECONDITION. Default BASIC_LEVELS.
+    consistency_levels: frozenset[Consistency]
 
     async def start(self, server: grpc.aio.Server) -> None:
         """Open storage, register peer services on `server`, start background work."""
@@ -157,7 +183,12 @@ class StoreBackend(Protocol):
     ) -> Header: ...
 
     async def get(
-        self, key: str, consistency: Consistency, timeout: float | None
+        self,
+        key: str,
+        consistency: Consistency,
+        timeout: float | None,
+        *,
+        max_staleness_ms: int = 0,  # BOUNDED_STALENESS only (> 0, checked by the runtime)
     ) -> ReadResult: ...
 
     async def delete(

@@ -120,13 +120,36 @@ class _ConsistencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Consisten
     CONSISTENCY_DEFAULT: _Consistency.ValueType  # 0
     """The store's natural level: LINEARIZABLE on raft, LOCAL on gossip."""
     CONSISTENCY_LINEARIZABLE: _Consistency.ValueType  # 1
-    """The read reflects every write that completed before it began. Raft serves
-    it through the leader (ReadIndex); gossip refuses it with
+    """[strong] The read reflects every write that completed before it began. Raft
+    serves it through the leader (ReadIndex); gossip refuses it with
     FAILED_PRECONDITION (an always-available store cannot offer it).
     """
+    CONSISTENCY_STRONG: _Consistency.ValueType  # 1
     CONSISTENCY_LOCAL: _Consistency.ValueType  # 2
-    """Answer from this node's own state right now; possibly stale. Always
-    available on both stores; the response header says so (stale_possible).
+    """[eventual] Answer from this node's own state right now; possibly stale.
+    Always available on both stores; the response header says so (stale_possible).
+    """
+    CONSISTENCY_EVENTUAL: _Consistency.ValueType  # 2
+    CONSISTENCY_BOUNDED_STALENESS: _Consistency.ValueType  # 3
+    """[bounded staleness] The value read was current at most
+    GetRequest.max_staleness_ms ago (> 0 required).
+    """
+    CONSISTENCY_SESSION: _Consistency.ValueType  # 4
+    """[session] Read-my-writes, monotonic reads and monotonic writes within one
+    session: pass GetRequest.session_token (and the mutations' session_token),
+    the latest ResponseHeader.session_token this session received.
+    """
+    CONSISTENCY_CONSISTENT_PREFIX: _Consistency.ValueType  # 5
+    """[consistent prefix] The state read is some prefix of one global order of
+    the writes: no write seen without every write ordered before it.
+    """
+    CONSISTENCY_MONOTONIC_READS: _Consistency.ValueType  # 6
+    """Monotonic reads alone (through the session token): never an older version
+    than this session read before.
+    """
+    CONSISTENCY_READ_MY_WRITES: _Consistency.ValueType  # 7
+    """Read-my-writes alone (through the session token): every write this session
+    made is visible.
     """
 
 class Consistency(_Consistency, metaclass=_ConsistencyEnumTypeWrapper):
@@ -135,13 +158,36 @@ class Consistency(_Consistency, metaclass=_ConsistencyEnumTypeWrapper):
 CONSISTENCY_DEFAULT: Consistency.ValueType  # 0
 """The store's natural level: LINEARIZABLE on raft, LOCAL on gossip."""
 CONSISTENCY_LINEARIZABLE: Consistency.ValueType  # 1
-"""The read reflects every write that completed before it began. Raft serves
-it through the leader (ReadIndex); gossip refuses it with
+"""[strong] The read reflects every write that completed before it began. Raft
+serves it through the leader (ReadIndex); gossip refuses it with
 FAILED_PRECONDITION (an always-available store cannot offer it).
 """
+CONSISTENCY_STRONG: Consistency.ValueType  # 1
 CONSISTENCY_LOCAL: Consistency.ValueType  # 2
-"""Answer from this node's own state right now; possibly stale. Always
-available on both stores; the response header says so (stale_possible).
+"""[eventual] Answer from this node's own state right now; possibly stale.
+Always available on both stores; the response header says so (stale_possible).
+"""
+CONSISTENCY_EVENTUAL: Consistency.ValueType  # 2
+CONSISTENCY_BOUNDED_STALENESS: Consistency.ValueType  # 3
+"""[bounded staleness] The value read was current at most
+GetRequest.max_staleness_ms ago (> 0 required).
+"""
+CONSISTENCY_SESSION: Consistency.ValueType  # 4
+"""[session] Read-my-writes, monotonic reads and monotonic writes within one
+session: pass GetRequest.session_token (and the mutations' session_token),
+the latest ResponseHeader.session_token this session received.
+"""
+CONSISTENCY_CONSISTENT_PREFIX: Consistency.ValueType  # 5
+"""[consistent prefix] The state read is some prefix of one global order of
+the writes: no write seen without every write ordered before it.
+"""
+CONSISTENCY_MONOTONIC_READS: Consistency.ValueType  # 6
+"""Monotonic reads alone (through the session token): never an older version
+than this session read before.
+"""
+CONSISTENCY_READ_MY_WRITES: Consistency.ValueType  # 7
+"""Read-my-writes alone (through the session token): every write this session
+made is visible.
 """
 Global___Consistency: _TypeAlias = Consistency  # noqa: Y015
 
@@ -233,6 +279,7 @@ class ResponseHeader(_message.Message):
     HLC_FIELD_NUMBER: _builtins.int
     STALE_POSSIBLE_FIELD_NUMBER: _builtins.int
     FORWARDED_BY_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """the node that answered (after any forwarding: the leader)"""
     store: Global___StoreKind.ValueType
@@ -247,6 +294,11 @@ class ResponseHeader(_message.Message):
     """
     forwarded_by: _builtins.str
     """The node the client contacted, when it forwarded the request elsewhere."""
+    session_token: _builtins.bytes
+    """Session guarantees: what this session has now seen, including this answer
+    (opaque, store-specific, at most 16 KiB). Pass the latest one back in the
+    session's next request. Empty when the store keeps no session state.
+    """
     @_builtins.property
     def hlc(self) -> Global___HlcTimestamp:
         """gossip: the HLC timestamp of the write (for reads: of the value read). Unset on raft."""
@@ -261,10 +313,11 @@ class ResponseHeader(_message.Message):
         hlc: Global___HlcTimestamp | None = ...,
         stale_possible: _builtins.bool = ...,
         forwarded_by: _builtins.str = ...,
+        session_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forwarded_by", b"forwarded_by", "hlc", b"hlc", "index", b"index", "node_id", b"node_id", "stale_possible", b"stale_possible", "store", b"store", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forwarded_by", b"forwarded_by", "hlc", b"hlc", "index", b"index", "node_id", b"node_id", "session_token", b"session_token", "stale_possible", b"stale_possible", "store", b"store", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -316,8 +369,11 @@ class PutRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     value: _builtins.bytes
+    session_token: _builtins.bytes
+    """the session's latest token (monotonic writes, read-my-writes)"""
     @_builtins.property
     def request_id(self) -> Global___RequestId: ...
     def __init__(
@@ -326,10 +382,11 @@ class PutRequest(_message.Message):
         key: _builtins.str = ...,
         value: _builtins.bytes = ...,
         request_id: Global___RequestId | None = ...,
+        session_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "request_id", b"request_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "request_id", b"request_id", "session_token", b"session_token", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -361,17 +418,25 @@ class GetRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_MS_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     consistency: Global___Consistency.ValueType
+    max_staleness_ms: _builtins.int
+    """BOUNDED_STALENESS: the bound (> 0)"""
+    session_token: _builtins.bytes
+    """SESSION, MONOTONIC_READS, READ_MY_WRITES"""
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         consistency: Global___Consistency.ValueType = ...,
+        max_staleness_ms: _builtins.int = ...,
+        session_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "key", b"key", "max_staleness_ms", b"max_staleness_ms", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,7 +489,10 @@ class DeleteRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    session_token: _builtins.bytes
+    """the session's latest token (monotonic writes, read-my-writes)"""
     @_builtins.property
     def request_id(self) -> Global___RequestId: ...
     def __init__(
@@ -432,10 +500,11 @@ class DeleteRequest(_message.Message):
         *,
         key: _builtins.str = ...,
         request_id: Global___RequestId | None = ...,
+        session_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "request_id", b"request_id", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,6 +543,7 @@ class CompareAndSwapRequest(_message.Message):
     EXPECTED_ABSENT_FIELD_NUMBER: _builtins.int
     NEW_VALUE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     expected: _builtins.bytes
     """The value the register must hold for the swap to happen. When
@@ -482,6 +552,8 @@ class CompareAndSwapRequest(_message.Message):
     """
     expected_absent: _builtins.bool
     new_value: _builtins.bytes
+    session_token: _builtins.bytes
+    """the session's latest token (monotonic writes, read-my-writes)"""
     @_builtins.property
     def request_id(self) -> Global___RequestId: ...
     def __init__(
@@ -492,10 +564,11 @@ class CompareAndSwapRequest(_message.Message):
         expected_absent: _builtins.bool = ...,
         new_value: _builtins.bytes = ...,
         request_id: Global___RequestId | None = ...,
+        session_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "expected_absent", b"expected_absent", "key", b"key", "new_value", b"new_value", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "expected_absent", b"expected_absent", "key", b"key", "new_value", b"new_value", "request_id", b"request_id", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -540,9 +613,12 @@ class IncrementRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     delta: _builtins.int
     """may be negative; the result must stay within int64"""
+    session_token: _builtins.bytes
+    """the session's latest token (monotonic writes, read-my-writes)"""
     @_builtins.property
     def request_id(self) -> Global___RequestId: ...
     def __init__(
@@ -551,10 +627,11 @@ class IncrementRequest(_message.Message):
         key: _builtins.str = ...,
         delta: _builtins.int = ...,
         request_id: Global___RequestId | None = ...,
+        session_token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "key", b"key", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "key", b"key", "request_id", b"request_id", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,6 +13,7 @@ import grpc
 from caplab.clock import SkewableClock
 from caplab.errors import FailedPrecondition, Unavailable
 from caplab.store import (
+    BASIC_LEVELS,
     CasResult,
     Consistency,
     DeleteResult,
@@ -27,6 +28,7 @@ from caplab.validation import RequestId, check_counter_result
 
 class MemBackend:
     kind: int = kv_pb2.STORE_KIND_RAFT
+    consistency_levels = BASIC_LEVELS
 
     def __init__(self, config: NodeConfig, clock: SkewableClock) -> None:
         self.config = config
@@ -70,7 +72,14 @@ class MemBackend:
             self.data[key] = value
         return self._h()
 
-    async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
+    async def get(
+        self,
+        key: str,
+        consistency: Consistency,
+        timeout: float | None,
+        *,
+        max_staleness_ms: int = 0,
+    ) -> ReadResult:
         return ReadResult(self._h(), self.data.get(key))
 
     async def delete(self, key: str, rid: RequestId | None, timeout: float | None) -> DeleteResult:
