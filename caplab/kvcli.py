@@ -223,6 +223,13 @@ def _common_flags(after_op: bool) -> argparse.ArgumentParser:
         help="deadline of each attempt (default: 5)",
     )
     g.add_argument(
+        "--session-token",
+        default=default(None),
+        metavar="HEX",
+        help="act as one session (SESSION, READ_MY_WRITES, MONOTONIC_READS): send this "
+        "token, the 'session_token' a previous call printed with --json",
+    )
+    g.add_argument(
         "--retries",
         type=int,
         default=default(2),
@@ -299,6 +306,20 @@ def add_kv(sub: Any) -> None:
         "--linearizable",
         action="store_true",
         help="insist on a linearizable read (raft; gossip refuses it)",
+    )
+    o.add_argument(
+        "--consistency",
+        choices=sorted(LEVELS),
+        metavar="LEVEL",
+        help="the read guarantee (README: 'The consistency spectrum'): "
+        + ", ".join(sorted(LEVELS)),
+    )
+    o.add_argument(
+        "--max-staleness-ms",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="the bound of --consistency bounded-staleness",
     )
     o = op("delete")
     o.add_argument("key")
@@ -415,6 +436,20 @@ class Outcome:
         self.text = text
 
 
+# --consistency names -> kv.proto Consistency values (aliases as in the proto)
+LEVELS = {
+    "strong": 1,
+    "linearizable": 1,
+    "bounded-staleness": 3,
+    "session": 4,
+    "consistent-prefix": 5,
+    "monotonic-reads": 6,
+    "read-my-writes": 7,
+    "eventual": 2,
+    "local": 2,
+}
+
+
 def _header(h: kv_pb2.ResponseHeader) -> dict[str, Any]:
     out: dict[str, Any] = {"node": h.node_id}
     if h.term or h.index:
@@ -425,6 +460,8 @@ def _header(h: kv_pb2.ResponseHeader) -> dict[str, Any]:
         out["stale_possible"] = True
     if h.forwarded_by:
         out["forwarded_by"] = h.forwarded_by
+    if h.session_token:
+        out["session_token"] = h.session_token.hex()
     return out
 
 
@@ -454,13 +491,15 @@ async def _run_op(c: KVClient, args: argparse.Namespace, value: bytes | None) ->
         return Outcome({"ok": True, "op": op, "key": key, **_header(r.header)}, "ok")
     if op == "get":
         level = (
-            kv_pb2.CONSISTENCY_LOCAL
+            LEVELS[args.consistency]
+            if args.consistency
+            else kv_pb2.CONSISTENCY_LOCAL
             if args.local
             else kv_pb2.CONSISTENCY_LINEARIZABLE
             if args.linearizable
             else kv_pb2.CONSISTENCY_DEFAULT
         )
-        g = await c.get(key, level)
+        g = await c.get(key, level, max_staleness_ms=args.max_staleness_ms)
         doc: dict[str, Any] = {"ok": True, "op": op, "key": key, "found": g.found}
         if isinstance(g.value, bytes):
             doc |= {"type": "register", **_encoded(g.value, "value")}
@@ -502,8 +541,14 @@ async def _kv(args: argparse.Namespace, value: bytes | None) -> Outcome:
 
     creds, token = _client_security(args)
     async with KVClient(
-        args.endpoint, timeout=args.timeout, retries=args.retries, credentials=creds, token=token
+        args.endpoint,
+        timeout=args.timeout,
+        retries=args.retries,
+        credentials=creds,
+        token=token,
+        session=args.session_token is not None,
     ) as c:
+        c.session_token = bytes.fromhex(args.session_token or "")
         return await _run_op(c, args, value)
 
 
@@ -516,8 +561,15 @@ def cmd_kv(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be positive")
     if args.retries < 0:
         raise UsageError("--retries cannot be negative")
-    if args.op == "get" and args.local and args.linearizable:
-        raise UsageError("--local and --linearizable exclude each other")
+    if args.op == "get" and sum(map(bool, (args.local, args.linearizable, args.consistency))) > 1:
+        raise UsageError("--local, --linearizable and --consistency exclude each other")
+    if args.op == "get" and (args.max_staleness_ms < 0 or args.max_staleness_ms >= 2**32):
+        raise UsageError("--max-staleness-ms must be between 0 and 2**32 - 1")
+    if args.session_token is not None:
+        try:
+            bytes.fromhex(args.session_token)
+        except ValueError:
+            raise UsageError("--session-token takes the hex digits a --json answer gave") from None
     try:
         getattr(args, "key", "").encode("utf-8")
     except UnicodeEncodeError:

@@ -53,6 +53,10 @@ async def run_cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str
         ["kv", "--endpoint", "127.0.0.1:1", "put", "k", "v", "--file", "/dev/null"],
         ["kv", "--endpoint", "127.0.0.1:1", "put", "k", "--file", "/nonexistent/value"],
         ["kv", "--endpoint", "127.0.0.1:1", "get", "k", "--local", "--linearizable"],
+        ["kv", "--endpoint", "127.0.0.1:1", "get", "k", "--local", "--consistency", "session"],
+        ["kv", "--endpoint", "127.0.0.1:1", "get", "k", "--consistency", "psychic"],
+        ["kv", "--endpoint", "127.0.0.1:1", "get", "k", "--max-staleness-ms", "-1"],
+        ["kv", "--endpoint", "127.0.0.1:1", "--session-token", "zz", "get", "k"],
         ["kv", "--endpoint", "127.0.0.1:1", "get", "k", "--timeout", "0"],
         ["kv", "--endpoint", "127.0.0.1:1", "get", "\udcff"],  # argv bytes that are not UTF-8
         ["kv", "--endpoint", "127.0.0.1:1", "frobnicate"],
