@@ -343,6 +343,12 @@ class GossipCore:
         a ``Register`` with ``value is None`` if deleted."""
         return self._state.get(key)
 
+    def collected_ts(self, key: str) -> Timestamp | None:
+        """The timestamp of ``key``'s tombstone if this replica collected it (held by
+        every member) within the last ``collected_memory_ms``; else None."""
+        c = self._collection.collected.get(key)
+        return None if c is None else c.ts
+
     # ------------------------------------------------------------------ client writes
 
     # ``rid`` (client_id, sequence): the write also records its application (an Applied
@@ -652,6 +658,18 @@ class GossipCore:
                     self._flow.send_deltas(p, now)
         self._ae.tick(now)
 
+    def witness(self, ts: Timestamp, wall_ms: int) -> Timestamp:
+        """A receive event for a timestamp a client's session saw (its session token):
+        the clock moves past ``ts``, so the session's next write here is ordered after it.
+        One further ahead than ``max_drift_ms`` is followed all the same (counted as a
+        clock jump), as when merging it: the value it names is in the cluster."""
+        try:
+            return self._hlc.update(ts, wall_ms)
+        except ClockDriftError:
+            self.stats.clock_jumps += 1
+            self.stats.max_clock_jump_ms = max(self.stats.max_clock_jump_ms, ts.wall_ms - wall_ms)
+            return self._hlc.observe(ts, wall_ms)
+
     def start_anti_entropy(self, now_ms: int, peer: str | None = None) -> None:
         """Start an anti-entropy round now (with ``peer``, or as the timer would)."""
         self._now = max(self._now, now_ms)
@@ -672,9 +690,10 @@ class GossipCore:
         self._send(DeltasAck(self.node_id, msg.frm, msg.seq))
 
     def _on_deltas_ack(self, msg: DeltasAck) -> None:
+        # (no last_sync_ms: an ack proves p holds what we sent, not that we hold p's
+        # writes; bounded-staleness reads rely on last_sync_ms meaning the latter)
         p = msg.frm
         now = self._now
-        self.last_sync_ms[p] = now
         if (
             self._flow.on_ack(p, msg.seq, now)
             and self._members.members[p].state != DEAD

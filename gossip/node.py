@@ -22,8 +22,14 @@ after a batch is durable does the flusher acknowledge its client writes and send
 messages, so an ack to a client, a DeltasAck or an anti-entropy reply always covers
 durable data, and every message is sent after everything produced before it is durable.
 
-Reads answer from the local replica at once (AP): every response is ``stale_possible``.
-CompareAndSwap and LINEARIZABLE reads are refused with FAILED_PRECONDITION. Durable
+Reads answer from the local replica (AP): every response is ``stale_possible``. LOCAL
+(DEFAULT) reads answer at once. SESSION, MONOTONIC_READS and READ_MY_WRITES reads wait
+until the replica holds the version of the key the session's token names (see "session
+tokens" below), and BOUNDED_STALENESS reads until this node has synced with every peer
+within the bound (``_fresh_within``); both refuse with UNAVAILABLE just before the deadline
+(sticky availability). Every response carries the session's updated token, and a write
+carrying one is timestamped after everything the token names. CompareAndSwap,
+LINEARIZABLE and CONSISTENT_PREFIX reads are refused with FAILED_PRECONDITION. Durable
 before visible: the core applies a change to its replica at once, so a key whose latest
 change is still in a batch not yet durable is read from that batch once it is durable
 (the value it committed), never before: a crash cannot erase a value a client has read.
@@ -64,6 +70,7 @@ from caplab.gossip.v1 import gossip_pb2_grpc as pb_grpc
 from caplab.logs import get_logger
 from caplab.peer import InboundStreams, StreamSender, peer_channel
 from caplab.store import (
+    MAX_SESSION_TOKEN_BYTES,
     CasResult,
     Consistency,
     DeleteResult,
@@ -73,9 +80,10 @@ from caplab.store import (
     NodeConfig,
     ReadResult,
     parse_int_options,
+    session_token,
 )
 from caplab.v1 import kv_pb2
-from caplab.validation import RequestId
+from caplab.validation import MAX_KEY_BYTES, RequestId
 from gossip.codec import CodecError, from_pb, to_pb
 from gossip.core import (
     GossipConfig,
@@ -95,7 +103,7 @@ from gossip.crdt import (
     payload_digest,
     saturate,
 )
-from gossip.hlc import Timestamp
+from gossip.hlc import DEFAULT_MAX_LOGICAL, MAX_NODE_ID_BYTES, MAX_WALL_MS, Timestamp
 from gossip.messages import ALIVE, DEAD, SUSPECT, Message
 from gossip.pipeline import Batch, Pipeline
 from gossip.storage import DiskFullError, GossipStorage, StorageError
@@ -131,6 +139,147 @@ LINEARIZABLE_REFUSAL = (
     "local replica, which may not have seen the latest writes yet, so it cannot offer "
     "LINEARIZABLE reads; use LOCAL (or DEFAULT), or a CP store such as raft"
 )
+
+
+# -- session tokens ----------------------------------------------------------------------
+# A gossip session token (kv.proto ``session_token``) maps each register key the session
+# wrote or read to the HLC timestamp of the version it wrote or saw. Version 1:
+#
+#   0x01                                  format version
+#   uvarint N, then N node ids            each: uvarint length, UTF-8 (1..128 bytes)
+#   uvarint K, then K entries             least recently used first, each:
+#       uvarint key length, UTF-8 key     (1..1024 bytes, no repeats)
+#       uvarint wall_ms, uvarint logical, uvarint node index (into the node ids)
+#
+# At most SESSION_KEYS (256) keys and MAX_SESSION_TOKEN_BYTES (16 KiB): the keys this
+# session used least recently drop out first, and with them the guarantees on those keys
+# (a read of a dropped key is served as if the session had never touched it). Counters
+# carry no single write timestamp (their per-node totals would not fit), so the session
+# guarantees cover registers only: counter operations leave the token as it came (an
+# increment still orders the node's clock after the token, see ``_session_begin``).
+SESSION_TOKEN_VERSION = 1
+SESSION_KEYS = 256
+SESSION_POLL_S = 0.02  # how often a sticky read looks again at the replica
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def uvarint(self, limit: int) -> int:
+        n = shift = 0
+        while True:
+            if self.pos >= len(self.data) or shift > 63:
+                raise ValueError("truncated or overlong varint")
+            b = self.data[self.pos]
+            self.pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        if n > limit:
+            raise ValueError(f"value {n} above {limit}")
+        return n
+
+    def text(self, max_bytes: int) -> str:
+        size = self.uvarint(max_bytes)
+        if size == 0 or self.pos + size > len(self.data):
+            raise ValueError("empty or truncated string")
+        raw = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return raw.decode("utf-8")
+
+
+def decode_session_token(token: bytes) -> dict[str, Timestamp]:
+    """The keys of a session token (least recently used first); a malformed token is
+    INVALID_ARGUMENT (the runtime already refused one above 16 KiB). Empty: no session."""
+    if not token:
+        return {}
+    try:
+        r = _Reader(token)
+        if r.uvarint(0xFF) != SESSION_TOKEN_VERSION:
+            raise ValueError(f"unknown version {token[0]} (this node reads version 1)")
+        nodes = [r.text(MAX_NODE_ID_BYTES) for _ in range(r.uvarint(SESSION_KEYS))]
+        out: dict[str, Timestamp] = {}
+        for _ in range(r.uvarint(SESSION_KEYS)):
+            key = r.text(MAX_KEY_BYTES)
+            wall = r.uvarint(MAX_WALL_MS - 1)
+            logical = r.uvarint(DEFAULT_MAX_LOGICAL)
+            node = r.uvarint(len(nodes) - 1) if nodes else -1
+            if node < 0 or key in out:
+                raise ValueError(f"bad entry for key {key!r}")
+            out[key] = Timestamp(wall, logical, nodes[node])
+        if r.pos != len(token):
+            raise ValueError(f"{len(token) - r.pos} trailing bytes")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.InvalidArgument(
+            f"malformed gossip session_token ({e}); pass back the latest "
+            "ResponseHeader.session_token this session received, or none"
+        ) from None
+    return out
+
+
+def encode_session_token(keys: dict[str, Timestamp]) -> bytes:
+    """``keys`` (least recently used first) as a token: the most recent SESSION_KEYS
+    that fit in MAX_SESSION_TOKEN_BYTES."""
+    items = list(keys.items())[-SESSION_KEYS:]
+    while True:
+        nodes = sorted({ts.node for _, ts in items})
+        index = {n: i for i, n in enumerate(nodes)}
+        parts = [_uvarint(SESSION_TOKEN_VERSION), _uvarint(len(nodes))]
+        for n in nodes:
+            raw = n.encode()
+            parts += [_uvarint(len(raw)), raw]
+        parts.append(_uvarint(len(items)))
+        for key, ts in items:
+            raw = key.encode()
+            parts += [
+                _uvarint(len(raw)),
+                raw,
+                _uvarint(ts.wall_ms),
+                _uvarint(ts.logical),
+                _uvarint(index[ts.node]),
+            ]
+        out = b"".join(parts)
+        if len(out) <= MAX_SESSION_TOKEN_BYTES:
+            return out
+        items = items[max(1, len(items) // 8) :]  # drop the least recently used
+
+
+def _session_note(keys: dict[str, Timestamp], key: str, ts: Timestamp | None) -> bytes:
+    """The token after this answer: ``key`` saw ``ts`` (None: untouched), now the most
+    recently used; a key never goes back to an older timestamp."""
+    if ts is not None:
+        old = keys.pop(key, None)
+        keys[key] = ts if old is None or ts > old else old
+    return encode_session_token(keys)
+
+
+CONSISTENT_PREFIX_REFUSAL = (
+    "The gossip store cannot offer CONSISTENT_PREFIX reads: each key's latest version "
+    "spreads on its own (delta gossip and anti-entropy carry keys independently, in no "
+    "global order), so a replica may hold a later write without an earlier one and there "
+    "is no single order whose prefix it has applied; use SESSION (causal per key for your "
+    "session) or a CP store such as raft"
+)
+GOSSIP_LEVELS: frozenset[Consistency] = frozenset(Consistency)
+SESSION_LEVELS = frozenset(
+    {Consistency.SESSION, Consistency.MONOTONIC_READS, Consistency.READ_MY_WRITES}
+)
+DEFAULT_WAIT_S = 5.0  # how long a sticky read waits when the call has no deadline
 
 
 _MAY_BE_ZERO = frozenset({"commit_gap_us"})
@@ -282,6 +431,9 @@ class GossipPeerServicer(pb_grpc.GossipPeerServicer):
 
 class GossipBackend:
     """The AP store as the shared runtime sees it (caplab.store.StoreBackend)."""
+
+    # every level: served, waited for, or refused with the gossip store's own reason
+    consistency_levels = GOSSIP_LEVELS
 
     kind: int = kv_pb2.STORE_KIND_GOSSIP
 
@@ -622,12 +774,22 @@ class GossipBackend:
             ) from None
         return Pipeline.durable_value(b, key)
 
-    def _header(self, ts: Timestamp | None) -> Header:
+    def _header(self, ts: Timestamp | None, token: bytes = b"") -> Header:
         return Header(
             node_id=self.id,
             hlc=None if ts is None else Hlc(ts.wall_ms, ts.logical, ts.node),
             stale_possible=True,
+            session_token=token,
         )
+
+    def _session_begin(self) -> dict[str, Timestamp]:
+        """The request's session (its token, decoded). Before a write: the clock moves
+        past everything the session saw, so the write is ordered after it (monotonic
+        writes, writes-follow-reads per key), even on a node that has not seen it yet."""
+        keys = decode_session_token(session_token.get())
+        if keys:
+            self.core.witness(max(keys.values()), self.clock.wall_ms())
+        return keys
 
     @staticmethod
     def _type_error(e: WrongTypeError) -> errors.FailedPrecondition:
@@ -639,9 +801,10 @@ class GossipBackend:
     async def put(
         self, key: str, value: bytes, rid: RequestId | None, timeout: float | None
     ) -> Header:
+        sess = self._session_begin()
         rec = await self._applied(rid, "put", key, value=value)
         if rec is not None:
-            return self._header(rec.ts)
+            return self._header(rec.ts, _session_note(sess, key, rec.ts))
         self._check_writable()
         try:
             now, wall = self._clocks()
@@ -649,12 +812,15 @@ class GossipBackend:
         except WrongTypeError as e:
             raise self._type_error(e) from None
         await asyncio.shield(self._enqueue_write(w))
-        return self._header(w.ts)
+        return self._header(w.ts, _session_note(sess, key, w.ts))
 
     async def delete(self, key: str, rid: RequestId | None, timeout: float | None) -> DeleteResult:
+        sess = self._session_begin()
         rec = await self._applied(rid, "delete", key)
         if rec is not None:
-            return DeleteResult(self._header(rec.ts), bool(rec.num))
+            return DeleteResult(
+                self._header(rec.ts, _session_note(sess, key, rec.ts)), bool(rec.num)
+            )
         self._check_writable()
         cur = self.core.get(key)
         existed = isinstance(cur, Register) and cur.value is not None
@@ -664,14 +830,16 @@ class GossipBackend:
         except WrongTypeError as e:
             raise self._type_error(e) from None
         await asyncio.shield(self._enqueue_write(w))
-        return DeleteResult(self._header(w.ts), existed)
+        return DeleteResult(self._header(w.ts, _session_note(sess, key, w.ts)), existed)
 
     async def increment(
         self, key: str, delta: int, rid: RequestId | None, timeout: float | None
     ) -> IncrementResult:
+        sess = self._session_begin()  # (counters: the token passes through unchanged)
+        token = _session_note(sess, key, None)
         rec = await self._applied(rid, "increment", key, delta=delta)
         if rec is not None:
-            return IncrementResult(self._header(rec.ts), rec.num)
+            return IncrementResult(self._header(rec.ts, token), rec.num)
         self._check_writable()
         try:
             now, wall = self._clocks()
@@ -688,7 +856,7 @@ class GossipBackend:
         v = self.core.get(key)
         value = v.value if isinstance(v, Counter) else 0
         await asyncio.shield(self._enqueue_write(w))
-        return IncrementResult(self._header(w.ts), value)
+        return IncrementResult(self._header(w.ts, token), value)
 
     async def compare_and_swap(
         self,
@@ -701,17 +869,130 @@ class GossipBackend:
         raise errors.FailedPrecondition(CAS_REFUSAL)
 
     # -- reads -------------------------------------------------------------------------
-    async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
+    async def get(
+        self,
+        key: str,
+        consistency: Consistency,
+        timeout: float | None,
+        *,
+        max_staleness_ms: int = 0,
+    ) -> ReadResult:
         if consistency is Consistency.LINEARIZABLE:
             raise errors.FailedPrecondition(LINEARIZABLE_REFUSAL)
-        v = await self._visible(key)
+        if consistency is Consistency.CONSISTENT_PREFIX:
+            raise errors.FailedPrecondition(CONSISTENT_PREFIX_REFUSAL)
+        sess = decode_session_token(session_token.get())
+        # refuse a little before the call's deadline, so the client gets the reason
+        wait = DEFAULT_WAIT_S if timeout is None else max(0.0, timeout - min(0.1, timeout / 10))
+        if consistency in SESSION_LEVELS:
+            v = await self._sticky_read(key, sess.get(key), wait)
+        else:
+            if consistency is Consistency.BOUNDED_STALENESS:
+                await self._fresh_within(max_staleness_ms, wait)
+            v = await self._visible(key)
         if isinstance(v, Register):
-            return ReadResult(self._header(v.ts), v.value)
+            return ReadResult(self._header(v.ts, _session_note(sess, key, v.ts)), v.value)
+        token = _session_note(sess, key, None)
         if isinstance(v, Counter):
             # A counter has no single write timestamp: the clock now bounds every increment.
             # Outside int64 (concurrent increments merged): saturated, see kv.proto.
-            return ReadResult(self._header(self.core.hlc_now), saturate(v.value))
-        return ReadResult(self._header(None), None)
+            return ReadResult(self._header(self.core.hlc_now, token), saturate(v.value))
+        return ReadResult(self._header(None, token), None)
+
+    async def _sticky_read(self, key: str, need: Timestamp | None, wait: float) -> Value | None:
+        """SESSION, MONOTONIC_READS, READ_MY_WRITES: the local value of ``key`` once this
+        replica holds the version the session wrote or saw (``need``; None: at once). A
+        later version is as good (LWW: it superseded the session's). Waits up to ``wait``
+        seconds for gossip to bring it, then refuses: sticky availability. (A counter, or
+        a key the token dropped, carries no session guarantee: served at once.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            v = await self._visible(key)
+            if need is None or isinstance(v, Counter):
+                return v
+            if isinstance(v, Register) and v.ts >= need:
+                return v
+            if v is None and self._gone(key, need):
+                return v
+            left = deadline - loop.time()
+            if left <= 0:
+                raise errors.Unavailable(
+                    f"sticky availability: this node ({self.id}) has not yet seen the "
+                    f"session's write/read of {key!r} at {need.wall_ms}.{need.logical}@"
+                    f"{need.node} (it may be on the other side of a partition); not served "
+                    "(retry, or read from the node the session used)"
+                )
+            await asyncio.sleep(min(SESSION_POLL_S, left))  # polls the replica
+
+    def _gone(self, key: str, need: Timestamp) -> bool:
+        """``key`` is absent here because its tombstone, at or after ``need``, was
+        collected: known while the node remembers the collection; after that memory
+        (``collected_memory_ms``) lapsed, presumed when ``need`` is older than it and this
+        node synced with every peer since (a version any of them held would be here).
+        The presumption is the guarantee's one weak spot: documented, not proven."""
+        core = self.core
+        ts = core.collected_ts(key)
+        if ts is not None:
+            return ts >= need
+        horizon = core.hlc_now.wall_ms - self.opts.collected_memory_ms
+        return need.wall_ms < horizon and not self._stale_peers(self.opts.collected_memory_ms)
+
+    def _stale_peers(self, bound_ms: int) -> list[tuple[str, int | None]]:
+        """The peers this node has not synced with in the last ``bound_ms`` ms (by its
+        monotonic clock), with how long ago it last did (None: never)."""
+        core = self.core
+        now = _monotonic_ms()
+        out: list[tuple[str, int | None]] = []
+        for p in sorted(core.member_states()):
+            if p == self.id:
+                continue
+            t = core.last_sync_ms.get(p)
+            if t is None or now - t > bound_ms:
+                out.append((p, None if t is None else now - t))
+        return out
+
+    async def _fresh_within(self, bound_ms: int, wait: float) -> None:
+        """BOUNDED_STALENESS: return once this node has synced with every peer it knows
+        (alive or not: a peer it cannot reach may hold writes it lacks) within the last
+        ``bound_ms`` ms; meanwhile it starts an anti-entropy round with each stale peer.
+        After ``wait`` seconds: UNAVAILABLE naming the peer and how long ago.
+
+        The claim: a sync with peer p at time t (an anti-entropy round with p completed,
+        or a Deltas batch received from p; ``GossipCore.last_sync_ms``; an ack of our own
+        Deltas does not count) means this replica then held the writes p had shipped to
+        it, so the value read misses at most the writes made (or reaching any peer) in
+        the last ``bound_ms`` ms plus one message delay. Times are this node's monotonic
+        clock only: no assumption on the other nodes' clocks or on skew. Not covered: a
+        write that reached no peer but a node this one does not know, and a Deltas batch
+        from a peer whose stream to this node is backlogged (the batch is p's oldest
+        unacknowledged range, not its latest write); an anti-entropy round that found
+        equal roots would be the strict proof, at the cost of refusing under steady
+        writes. The spectrum's bounded-staleness checker measures what was served."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        kicked: dict[str, float] = {}
+        retry = self.opts.ae_round_timeout_ms / 1000
+        while True:
+            stale = self._stale_peers(bound_ms)
+            if not stale:
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                peer, ago = stale[0]
+                since = "never" if ago is None else f"{ago} ms ago"
+                raise errors.Unavailable(
+                    f"bounded staleness: node {self.id} last synced with peer {peer} {since}, "
+                    f"more than the {bound_ms} ms bound (it may be partitioned away or down); "
+                    "not served (retry, or read from another node or with LOCAL)"
+                )
+            now = loop.time()
+            for peer, _ in stale:
+                if now - kicked.get(peer, -retry) >= retry:
+                    kicked[peer] = now
+                    self.core.start_anti_entropy(_monotonic_ms(), peer)
+            self.collect()
+            await asyncio.sleep(min(SESSION_POLL_S, left))  # polls the sync times
 
     # -- introspection -------------------------------------------------------------------
     async def status(self) -> kv_pb2.StatusResponse:

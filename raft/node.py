@@ -21,6 +21,10 @@ including the leader) and applied. Followers forward writes to the leader (the b
 raises `Redirect`, the servicer forwards the original request; never twice) and serve
 linearizable reads themselves through ReadIndex (thesis §6.4). A node that knows no
 leader, or a leader without a majority within an election timeout, refuses at once.
+The weaker read levels (get) are served from this node's own applied state: at once
+(LOCAL, CONSISTENT_PREFIX), or once it has applied the session token's index (SESSION,
+MONOTONIC_READS, READ_MY_WRITES) or can vouch for a staleness bound (BOUNDED_STALENESS),
+waiting up to the deadline and then refusing with the reason.
 
 Failure: a full disk (RetryableStorageError) makes the node refuse writes and reads
 with the reason, fail what was in flight as outcome unknown, report NOT_SERVING, and
@@ -63,6 +67,7 @@ from caplab.store import (
     ReadResult,
     forwarded_by,
     parse_int_options,
+    session_token,
 )
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import RequestId
@@ -94,6 +99,31 @@ ROLE_NAMES = {
 
 
 _MAY_BE_ZERO = frozenset({"inline_sync_max"})
+
+# Session tokens (kv.proto GetRequest.session_token, ResponseHeader.session_token): on
+# raft, 8 bytes big-endian, the highest log index the session has seen (a write's index,
+# or the index a read was served at). A replica that has applied that index holds every
+# write the session made or read: read-my-writes, monotonic reads. Monotonic writes need
+# nothing: a new entry goes after every committed one.
+SESSION_TOKEN_BYTES = 8
+_SESSION_LEVELS = frozenset(
+    {Consistency.SESSION, Consistency.MONOTONIC_READS, Consistency.READ_MY_WRITES}
+)
+
+
+def _session_index() -> int:
+    """The log index the request's session token names (0: none); INVALID_ARGUMENT if
+    the token is not a raft token."""
+    token = session_token.get()
+    if not token:
+        return 0
+    if len(token) != SESSION_TOKEN_BYTES:
+        raise errors.InvalidArgument(
+            f"malformed session_token: {len(token)} bytes, a raft session token is "
+            f"{SESSION_TOKEN_BYTES} (pass back the latest ResponseHeader.session_token a raft "
+            "node gave; a token from another store does not apply)"
+        )
+    return int.from_bytes(token, "big")
 
 
 @dataclass(frozen=True)
@@ -294,6 +324,9 @@ class RaftBackend:
     """The CP store as the shared runtime sees it (caplab.store.StoreBackend), and the
     pipeline's Sink: tokens are futures, resolved on the event loop."""
 
+    # Every level (see get): LINEARIZABLE through ReadIndex, the others from local state.
+    consistency_levels = frozenset(Consistency)
+
     kind: int = kv_pb2.STORE_KIND_RAFT
 
     def __init__(self, config: NodeConfig, clock: SkewableClock) -> None:
@@ -346,6 +379,13 @@ class RaftBackend:
         #: why the node stopped working (fatal); the server exits non-zero on it
         self.failed: str | None = None
         self.failed_event = asyncio.Event()
+        # Set (and replaced) whenever this node may have made progress: applied entries,
+        # heard from its leader, ticked. Reads that wait for local state to catch up
+        # (session tokens, bounded staleness) wait on it; no busy loop.
+        self._progress = asyncio.Event()
+        # What this follower last heard from the leader of its current term, by the local
+        # monotonic clock (see _bounded_ok): (term, leader, when received, leader's commit).
+        self._heard: tuple[int, str, float, int] | None = None
 
     @property
     def core(self) -> RaftCore:
@@ -530,6 +570,7 @@ class RaftBackend:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             self.core.tick()
             self.wake.set()
+            self._notify_progress()
 
     def receive(self, msgs: list[Message]) -> Awaitable[None] | None:
         """Step peer messages, then answer at once if the fast path can (see answer_now)."""
@@ -540,6 +581,13 @@ class RaftBackend:
             if core.last_refusal is not refusal:  # a message correct Raft cannot send
                 refusal = core.last_refusal
                 log.warning("peer_message_refused", sender=m.frm, reason=refusal)
+            elif (
+                isinstance(m, Append)
+                and m.term == core.term
+                and core.role is Role.FOLLOWER
+                and core.leader_id == m.frm
+            ):
+                self._heard_from_leader(m)
         try:
             rest = self.answer_now()
         except Exception as e:
@@ -547,7 +595,20 @@ class RaftBackend:
             self.fail(f"the fast path failed: {e!r}")
             rest = None
         self.wake.set()  # (after the answer's sender was woken: it goes first)
+        self._notify_progress()
         return rest
+
+    def _heard_from_leader(self, m: Append) -> None:
+        """An Append (or heartbeat) from the leader of the current term arrived: note when
+        (local monotonic clock) and the commit index it carried (BOUNDED_STALENESS)."""
+        commit = m.commit
+        if self._heard is not None and self._heard[:2] == (m.term, m.frm):
+            commit = max(commit, self._heard[3])  # (a leader's commit only grows in its term)
+        self._heard = (m.term, m.frm, time.monotonic(), commit)
+
+    def _notify_progress(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
 
     def _send(self, m: Message) -> None:
         link = self.links.get(m.to)
@@ -573,6 +634,7 @@ class RaftBackend:
                 await self._run(rd, save, begun=True)
             elif (rd2 := core.ready()) is not None:
                 await self._run(rd2, None, begun=False)
+            self._notify_progress()
             await self._maybe_compact()
             self._log_role()
             if (
@@ -735,6 +797,7 @@ class RaftBackend:
             log.exception("pipeline_failed")
             self.fail(f"applying committed entries failed: {e!r}")
             return
+        self._notify_progress()
         if self.core.has_ready():
             self.wake.set()
 
@@ -817,12 +880,22 @@ class RaftBackend:
         return resp
 
     def _header(self, index: int, stale: bool = False) -> Header:
-        return Header(node_id=self.id, term=self.core.term, index=index, stale_possible=stale)
+        """The response header; its session token is what the session has now seen: the
+        highest of the request's token and this response's index."""
+        seen = max(_session_index(), index)
+        return Header(
+            node_id=self.id,
+            term=self.core.term,
+            index=index,
+            stale_possible=stale,
+            session_token=seen.to_bytes(8, "big"),
+        )
 
     # -- client requests ---------------------------------------------------------------
     async def _propose(
         self, key: str, rid: RequestId | None, **op: Any
     ) -> tuple[pb.CommandResult, Header]:
+        _session_index()  # a malformed token is refused here, before forwarding too
         self._route_write()
         if self.pipe.in_flight + len(self._queued) >= self.opts.max_pending:
             raise errors.Overloaded(
@@ -874,9 +947,41 @@ class RaftBackend:
         result, header = await self._propose(key, rid, increment=delta)
         return IncrementResult(header, result.counter)
 
-    async def get(self, key: str, consistency: Consistency, timeout: float | None) -> ReadResult:
-        if consistency is Consistency.LOCAL:
-            return ReadResult(self._header(self.pipe.applied, stale=True), self.sm.get(key))
+    async def get(
+        self,
+        key: str,
+        consistency: Consistency,
+        timeout: float | None,
+        *,
+        max_staleness_ms: int = 0,
+    ) -> ReadResult:
+        seen = _session_index()  # (validates the token for every level)
+        if consistency in (Consistency.LOCAL, Consistency.CONSISTENT_PREFIX):
+            # A replica's applied state is always a prefix of the one log: consistent prefix.
+            return self._local_read(key)
+        if consistency in _SESSION_LEVELS:
+            await self._wait_local(
+                lambda: self.pipe.applied >= seen,
+                timeout,
+                lambda: (
+                    f"node {self.id} has applied up to index {self.pipe.applied}, the session "
+                    f"has seen index {seen}; it may be cut off from the leader (partitioned) "
+                    f"or lagging; {consistency.name} read not served (retry, or on another node)"
+                ),
+            )
+            return self._local_read(key)
+        if consistency is Consistency.BOUNDED_STALENESS:
+            bound = max_staleness_ms / 1000
+            await self._wait_local(
+                lambda: self._bounded_ok(bound) is None,
+                timeout,
+                lambda: (
+                    f"node {self.id} cannot vouch that its state is at most "
+                    f"{max_staleness_ms} ms stale: {self._bounded_ok(bound)}; "
+                    "BOUNDED_STALENESS read not served (retry, or on another node)"
+                ),
+            )
+            return self._local_read(key)
         # Linearizable reads are served here, on the leader or on a follower that knows
         # it (which asks it for a read point, ReadIndex): no forwarding, and reads spread
         # over every node. The pipeline answers once this state machine reached the point.
@@ -893,6 +998,90 @@ class RaftBackend:
         self.wake.set()
         index = await fut
         return ReadResult(self._header(index), self.sm.get(key))
+
+    def _local_read(self, key: str) -> ReadResult:
+        return ReadResult(self._header(self.pipe.applied, stale=True), self.sm.get(key))
+
+    async def _wait_local(
+        self, ready: Callable[[], bool], timeout: float | None, why: Callable[[], str]
+    ) -> None:
+        """Return once ``ready()`` holds, re-checked whenever the node made progress (see
+        _progress), up to just before the request's deadline (without one, up to
+        forward_timeout_ms); then raise Unavailable(why()) ("sticky availability": the
+        answer arrives before the client's deadline does)."""
+        if ready():
+            return
+        budget = self.opts.forward_timeout_ms / 1000 if timeout is None else timeout
+        budget -= min(0.1, budget / 10)  # margin: answer before the client gives up
+        deadline = time.monotonic() + budget
+        while not ready():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.failed is not None:
+                raise errors.Unavailable(why())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
+
+    def _bounded_ok(self, bound_s: float) -> str | None:
+        """None if this node's applied state is at most ``bound_s`` stale now, else why not.
+
+        Leader: with a majority heard from within an election timeout (and no transfer
+        under way) it is the leader, and every acknowledged write was applied here before
+        it was acknowledged: stale by 0 (as far as check-quorum's lease holds).
+
+        Follower: it heard from the leader of its current term at local time ``t`` (an
+        Append or heartbeat) that the leader's commit index was then ``c``, and has
+        applied up to ``c``. Every write acknowledged before the leader sent that message
+        has an index <= c, so this state is current as of the send time. Clock
+        assumption: only this node's local monotonic clock is used (no cross-node clock
+        comparison, immune to wall-clock skew); the message was sent before it was
+        received, so the true staleness is (now - t) PLUS the one-way network delay of
+        that message (and the leader's time between reading its commit index and
+        sending), which this node cannot measure; the bound is checked against now - t
+        only. Rate drift of monotonic clocks over a bound's span is negligible.
+
+        The claim, then: staleness <= bound + one election timeout + that delay. A leader
+        cut off from its majority keeps believing it leads (and keeps its followers'
+        clocks fresh) until check-quorum makes it step down, within an election timeout;
+        meanwhile a new majority may commit writes it never sees. A bound below the
+        election timeout therefore promises less than it says: the spectrum's bounded
+        staleness checker measures what was actually served.
+        """
+        core = self.core
+        if core.role is Role.LEADER:
+            if core.transferring_to is not None:
+                return f"leadership is being transferred to {core.transferring_to}"
+            if not core.has_quorum_contact():
+                return "it leads but heard from no majority within an election timeout"
+            return None
+        heard = self._heard
+        leader = core.leader_id
+        if (
+            core.role is not Role.FOLLOWER
+            or heard is None
+            or leader is None
+            or heard[:2] != (core.term, leader)
+        ):
+            last = ""
+            if heard is not None:
+                ago = (time.monotonic() - heard[2]) * 1000
+                last = f"; last heard from leader {heard[1]} (term {heard[0]}) {ago:.0f} ms ago"
+            return (
+                f"it knows no current leader ({ROLE_NAMES[core.role]}, term {core.term}){last}; "
+                "it may be cut off from the leader"
+            )
+        _, _, at, commit = heard
+        ago = time.monotonic() - at
+        if ago > bound_s:
+            return (
+                f"last heard from leader {leader} {ago * 1000:.0f} ms ago, bound "
+                f"{bound_s * 1000:.0f} ms; it may be cut off from the leader"
+            )
+        if self.pipe.applied < commit:
+            return (
+                f"it has applied up to index {self.pipe.applied}, the leader's commit index "
+                f"was {commit} when last heard from {ago * 1000:.0f} ms ago"
+            )
+        return None
 
     # -- introspection -------------------------------------------------------------------
     async def status(self) -> kv_pb2.StatusResponse:

@@ -577,3 +577,15 @@ def test_records_keep_a_digest_of_the_payload_and_copies_without_it_are_no_dupli
     for m in _deltas_from("a", "b", [(applied_key("cl", 1), put)]):
         b.step(m, 11)
     assert b.lookup("cl", 1) == put and b.stats.duplicates_merged == 0
+
+
+def test_an_ack_of_our_deltas_is_no_sync_from_the_peer() -> None:
+    """Bounded-staleness reads trust ``last_sync_ms[p]`` to mean this node received p's
+    writes; an ack of our own Deltas proves only that p received ours (issue 16)."""
+    from gossip.messages import Deltas, DeltasAck
+
+    a = core()
+    a.step(DeltasAck("b", "a", 1), 50)
+    assert "b" not in a.last_sync_ms
+    a.step(Deltas("b", "a", (), 1), 60)
+    assert a.last_sync_ms["b"] == 60
