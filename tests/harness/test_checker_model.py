@@ -3,7 +3,6 @@ and a toy FIFO queue model run through the same generic search."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,34 +11,9 @@ import pytest
 from harness.checker.linearizable import check_linearizable, check_register
 from harness.checker.model import COUNTER, REGISTER, CounterModel, Model, RegisterModel
 from harness.history import HistoryError, Json, Operation
+from tests.harness.test_checker_linearizable import op
 
-MS = 1_000_000
-
-
-def op(
-    f: str,
-    start: float,
-    end: float | None,
-    value: Json = None,
-    result: Json = None,
-    *,
-    type: str = "ok",
-    key: str = "k",
-    process: int = 0,
-) -> Operation:
-    """An operation from start to end (in ms); end None = info."""
-    t = "info" if end is None else type
-    return Operation(
-        process=process,
-        node=None,
-        f=f,
-        key=key,
-        value=value,
-        result=result,
-        type=t,  # type: ignore[arg-type]
-        invoke_time=int(start * MS),
-        complete_time=math.inf if end is None else int(end * MS),
-    )
+MS = 1_000_000  # the op builder's unit (ms), shared with the linearizability tests
 
 
 # -- register -------------------------------------------------------------------------------
