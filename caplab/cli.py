@@ -40,6 +40,18 @@ def _option(text: str) -> tuple[str, str]:
 
 
 # -- node -----------------------------------------------------------------------
+def _add_set(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument(
+        "--set",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        dest="options",
+        help=help_text,
+    )
+
+
 def _add_node(sub: Any) -> None:
     p = sub.add_parser("node", help="run one node in the foreground")
     p.add_argument("--store", choices=["raft", "gossip"], required=True)
@@ -96,15 +108,7 @@ def _add_node(sub: Any) -> None:
     p.add_argument("--log-format", choices=["console", "json"], default="console")
     p.add_argument("--log-level", default="info")
     p.add_argument("--grace", type=float, default=5.0, help="shutdown grace period in seconds")
-    p.add_argument(
-        "--set",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        dest="options",
-        help="store tuning, e.g. --set heartbeat_ms=50 (see the store's docs)",
-    )
+    _add_set(p, "store tuning, e.g. --set heartbeat_ms=50 (see the store's docs)")
     p.set_defaults(func=_cmd_node)
 
 
@@ -268,15 +272,7 @@ def _add_cluster(sub: Any) -> None:
         "partition, ...; peer links then go through local proxies); default: when stdin "
         "is a terminal",
     )
-    p.add_argument(
-        "--set",
-        type=_option,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        dest="options",
-        help="store tuning passed to every node (see `caplab node --set`)",
-    )
+    _add_set(p, "store tuning passed to every node (see `caplab node --set`)")
     p.set_defaults(func=_cmd_cluster)
 
 

@@ -508,16 +508,7 @@ class GossipCore:
                     max_ts = v.ts
             accepted.append((k, v))
         if max_ts is not None:
-            try:
-                self._hlc.update(max_ts, wall)
-            except ClockDriftError:
-                # Follow it all the same: a value merged into the replica with a timestamp
-                # the clock has not reached would beat the later local writes (their
-                # acknowledgement would then be a lie on this very node).
-                self.stats.clock_jumps += 1
-                lead = max_ts.wall_ms - wall
-                self.stats.max_clock_jump_ms = max(self.stats.max_clock_jump_ms, lead)
-                self._hlc.observe(max_ts, wall)
+            self.witness(max_ts, wall)
         res = apply_delta(state, accepted)
         changed = res.changed
         log = self._log
@@ -659,10 +650,13 @@ class GossipCore:
         self._ae.tick(now)
 
     def witness(self, ts: Timestamp, wall_ms: int) -> Timestamp:
-        """A receive event for a timestamp a client's session saw (its session token):
-        the clock moves past ``ts``, so the session's next write here is ordered after it.
-        One further ahead than ``max_drift_ms`` is followed all the same (counted as a
-        clock jump), as when merging it: the value it names is in the cluster."""
+        """A receive event: the clock moves past ``ts`` (the newest timestamp merged, or
+        one a client's session saw, so its next write here is ordered after it).
+
+        One further ahead than ``max_drift_ms`` is followed all the same, counted as a
+        clock jump: a value in the replica (or the cluster) with a timestamp the clock has
+        not reached would beat later local writes (their acknowledgement would then be a
+        lie on this very node)."""
         try:
             return self._hlc.update(ts, wall_ms)
         except ClockDriftError:

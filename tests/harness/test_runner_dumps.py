@@ -56,7 +56,7 @@ async def test_the_sampler_stops_only_on_agreeing_replicas(tmp_path: Path) -> No
     assert await run._agree_at_the_end(0.5)
     sample({"n1": "a", "n2": "a", "n3": "b"})  # n3's stable mark, not yet spread
 
-    async def spread() -> None:
+    async def spread() -> None:  # the sampler's cadence (not a wait for a condition)
         for _ in range(3):
             await asyncio.sleep(0.05)
             sample({"n1": "b", "n2": "b", "n3": "b"})
