@@ -140,6 +140,11 @@ class KVClient:
     def endpoint(self) -> str:
         return self.endpoints[self._current % len(self.endpoints)]
 
+    def move_to(self, endpoint: str) -> None:
+        """Send the next requests to ``endpoint`` (one of ``endpoints``): a client that
+        roams between nodes keeps one session (token, request ids, channels)."""
+        self._current = self.endpoints.index(endpoint)
+
     def kv(self, endpoint: str | None = None) -> kv_pb2_grpc.KVAsyncStub:
         return kv_pb2_grpc.KVStub(self._channel(endpoint or self.endpoint))
 

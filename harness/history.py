@@ -44,6 +44,14 @@ Optional fields (omitted from the file when null):
                the event's position). A replica has applied the write iff its
                ``applied_index`` is at least this. Histories written before this field
                existed simply lack it.
+``consistency`` str, on invokes of a client that picked a read guarantee (a spectrum
+               workload): the level it asks for (``strong``, ``bounded_staleness``,
+               ``session``, ``consistent_prefix``, ``monotonic_reads``, ``read_my_writes``,
+               ``eventual``: :data:`harness.workload.LEVELS`), on its writes too, so that a
+               session's operations can be grouped by level. Its ``strong`` reads are
+               ``read``, every other level's are ``read-local``.
+``roaming``    true, on invokes of a client that moves to another node between operations
+               (its ``node`` changes; a pinned client's never does).
 
 Unknown extra fields are rejected so that a typo cannot silently drop data.
 
@@ -79,7 +87,7 @@ NEMESIS_FUNCTIONS: frozenset[str] = frozenset(
     {"partition", "heal", "kill", "restart", "pause", "resume", "clock-skew"}
 )
 _REQUIRED = ("index", "time", "process", "node", "type", "f", "key", "value", "error")
-_OPTIONAL = ("latency_ns", "side", "hlc", "log_index")
+_OPTIONAL = ("latency_ns", "side", "hlc", "log_index", "consistency", "roaming")
 Hlc: TypeAlias = tuple[int, int, str]  # (wall_ms, logical, node): ordered as LWW orders them
 
 
@@ -104,6 +112,8 @@ class Event:
     side: str | None = None
     hlc: Hlc | None = None  # ok completions of a gossip write/delete: its HLC timestamp
     log_index: int | None = None  # ok completions of a raft mutation: its log index
+    consistency: str | None = None  # invokes of a spectrum client: its read guarantee
+    roaming: bool = False  # invokes of a client that moves between nodes
 
     def to_json(self) -> dict[str, Json]:
         """The JSON object written for this event (optional fields omitted when null)."""
@@ -126,6 +136,10 @@ class Event:
             out["hlc"] = list(self.hlc)
         if self.log_index is not None:
             out["log_index"] = self.log_index
+        if self.consistency is not None:
+            out["consistency"] = self.consistency
+        if self.roaming:
+            out["roaming"] = True
         return out
 
 
@@ -153,6 +167,8 @@ class Operation:
     side: str | None = None
     hlc: Hlc | None = None  # the completion's HLC timestamp (gossip writes), if any
     log_index: int | None = None  # the completion's raft log index (raft mutations), if any
+    consistency: str | None = None  # the invoke's read guarantee (spectrum clients)
+    roaming: bool = False  # the invoke came from a client that moves between nodes
 
 
 def _bad(path: str | os.PathLike[str] | None, line: int | None, msg: str) -> HistoryError:
@@ -257,6 +273,20 @@ def event_from_json(
             )
         if etype == "invoke":
             raise _bad(path, line, "log_index belongs on a completion, not on an invoke")
+    consistency = obj.get("consistency")
+    if consistency is not None:
+        if not isinstance(consistency, str) or not consistency:
+            raise _bad(
+                path, line, f"consistency must be a level name, got {json.dumps(consistency)}"
+            )
+        if etype != "invoke":
+            raise _bad(path, line, "consistency belongs on an invoke, not on a completion")
+    roaming = obj.get("roaming")
+    if roaming is not None:
+        if not isinstance(roaming, bool):
+            raise _bad(path, line, f"roaming must be true or false, got {json.dumps(roaming)}")
+        if roaming and etype != "invoke":
+            raise _bad(path, line, "roaming belongs on an invoke, not on a completion")
     problem = _check_value(f, etype, obj["value"])
     if problem is not None:
         raise _bad(path, line, problem)
@@ -274,6 +304,8 @@ def event_from_json(
         side=side,
         hlc=hlc,
         log_index=log_index,
+        consistency=consistency,
+        roaming=bool(roaming),
     )
 
 
@@ -367,9 +399,22 @@ class HistoryWriter:
         node: str | None = None,
         side: str | None = None,
         time: int | None = None,
+        consistency: str | None = None,
+        roaming: bool = False,
     ) -> Event:
         """Record the invocation of ``f`` by ``process``."""
-        return self.append("invoke", process, f, key, value, node=node, side=side, time=time)
+        return self.append(
+            "invoke",
+            process,
+            f,
+            key,
+            value,
+            node=node,
+            side=side,
+            time=time,
+            consistency=consistency,
+            roaming=roaming,
+        )
 
     def complete(
         self,
@@ -413,6 +458,8 @@ class HistoryWriter:
         time: int | None = None,
         hlc: Hlc | None = None,
         log_index: int | None = None,
+        consistency: str | None = None,
+        roaming: bool = False,
     ) -> Event:
         """Validate and append one event; returns it."""
         if self._fh is None:
@@ -451,6 +498,8 @@ class HistoryWriter:
             "side": side,
             "hlc": None if hlc is None else list(hlc),
             "log_index": log_index,
+            "consistency": consistency,
+            "roaming": roaming or None,
         }
         ev = event_from_json(ev_obj, path=self.path, line=self.count + 1)
         if type == "invoke":
@@ -541,6 +590,8 @@ def pair_operations(events: Sequence[Event]) -> list[Operation]:
             side=inv.side,
             hlc=ev.hlc,
             log_index=ev.log_index,
+            consistency=inv.consistency,
+            roaming=inv.roaming,
         )
     for pos, inv in open_.values():
         ops[pos] = Operation(
@@ -557,5 +608,7 @@ def pair_operations(events: Sequence[Event]) -> list[Operation]:
             index=inv.index,
             complete_index=None,
             side=inv.side,
+            consistency=inv.consistency,
+            roaming=inv.roaming,
         )
     return [op for op in ops if op is not None]

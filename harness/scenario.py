@@ -17,6 +17,13 @@ A scenario is a YAML mapping (unknown fields are refused, with file and line)::
     conflict_keys: 4                 # registers lww0.. written from both sides of a
                                      # partition, only while one is in force, so that
                                      # last-writer-wins decides them (0 .. 100, default 0)
+    read_levels: [strong, session, eventual]  # the consistency spectrum: each level gets
+                                     # clients_per_node clients on every node, reading at
+                                     # that guarantee (harness.workload.LEVELS; default:
+                                     # none, reads at the store's default, 1 in 5 LOCAL)
+    roam: 0.4                        # share of each level's clients that move to a random
+                                     # node before every operation (0 .. 1, default 0)
+    max_staleness: 1s                # bounded_staleness reads' bound (default 1s)
     seed: 1                          # randomness of shapes, targets, workloads (default 0)
     partition_mode: drop             # drop | reject: how partitions cut links (default drop)
     converge_timeout: 10s            # after the run: wait this long for replicas to agree
@@ -65,6 +72,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from harness.nemesis import SHAPES, make_partition
+from harness.workload import LEVELS
 
 T = TypeVar("T")
 
@@ -90,6 +98,9 @@ TOP_FIELDS = (
     "conflict_keys",
     "tombstone_timeout",
     "node_options",
+    "read_levels",
+    "roam",
+    "max_staleness",
     "faults",
 )
 FAULT_FIELDS = (
@@ -163,6 +174,9 @@ class Scenario:
     conflict_keys: int = 0  # registers lww0.. written from both sides during partitions
     tombstone_timeout: float = 0.0  # gossip: wait for tombstone collection (0: do not)
     node_options: tuple[tuple[str, str, int], ...] = ()  # (store, name, value) for --set
+    read_levels: tuple[str, ...] = ()  # harness.workload.LEVELS names; () = mixed reads
+    roam: float = 0.0  # share of each level's clients that roam between nodes
+    max_staleness: float = 1.0  # seconds, bounded_staleness reads
     faults: tuple[Fault, ...] = ()
 
     @property
@@ -198,6 +212,9 @@ class Scenario:
             "delete_fraction": self.delete_fraction,
             "conflict_keys": self.conflict_keys,
             "seed": self.seed,
+            "read_levels": list(self.read_levels),
+            "roam": self.roam,
+            "max_staleness_ms": round(self.max_staleness * 1000),
             "partition_mode": self.partition_mode,
             "tombstone_timeout_s": self.tombstone_timeout,
             "node_options": {
@@ -350,7 +367,12 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             "tombstone_timeout", lambda n: ctx.duration(n, "tombstone_timeout"), 0.0
         ),
         node_options=get("node_options", lambda n: _parse_node_options(ctx, n), ()),
+        read_levels=get("read_levels", lambda n: _parse_levels(ctx, n), ()),
+        roam=get("roam", lambda n: ctx.fraction(n, "roam", 1.0), 0.0),
+        max_staleness=get("max_staleness", lambda n: ctx.duration(n, "max_staleness"), 1.0),
     )
+    if "max_staleness" in top and not 0.001 <= sc.max_staleness <= 86_400:
+        raise ctx.err(top["max_staleness"][1], "max_staleness must be between 1ms and 24h")
     if sc.op_timeout <= 0:
         raise ctx.err(top["op_timeout"][1], "op_timeout must be positive")
     faults: list[Fault] = []
@@ -512,6 +534,18 @@ def _undo(f: Fault, at: float) -> Fault:
     if f.action == "pause":
         return Fault(at, "resume", target="paused", line=f.line)
     return Fault(at, "clock-skew", target="skewed", skew_ms=0, line=f.line)
+
+
+def _parse_levels(ctx: _Ctx, node: Node) -> tuple[str, ...]:
+    if not isinstance(node, SequenceNode):
+        raise ctx.err(node, f"read_levels must be a list; allowed: {', '.join(LEVELS)}")
+    out: list[str] = []
+    for item in node.value:
+        level = ctx.choice(item, "read level", tuple(LEVELS))
+        if level in out:
+            raise ctx.err(item, f"read level {level!r} listed twice")
+        out.append(level)
+    return tuple(out)
 
 
 def _parse_node_options(ctx: _Ctx, node: Node) -> tuple[tuple[str, str, int], ...]:

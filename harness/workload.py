@@ -38,6 +38,18 @@ last-writer-wins between the two sides' last writes: the losing side's acknowled
 are discarded (:func:`harness.divergence.lww_discards`), instead of being superseded in
 real time by the writes that keep coming after the heal, as on ``r0..``.
 
+Read guarantees (``levels``, the consistency spectrum): each name in ``levels`` gets
+``clients_per_node`` clients on every node, whose register reads ask for that level
+(:data:`LEVELS`; ``strong`` reads are recorded as ``read``, every other level's as
+``read-local``, each invoke carrying ``consistency``). A share ``roam`` of each level's
+clients (spread evenly over the nodes) *roam*: before every operation they move to a
+node picked at random (invokes carry ``roaming``), the case session guarantees are for.
+The session levels carry a session token (kv.proto ``session_token``) and keep exactly what
+their guarantee needs: ``session`` the token of every answer, ``read_my_writes`` only that
+of its writes, ``monotonic_reads`` only that of its reads, so that each shows the
+anomalies of the other. ``bounded_staleness`` reads pass ``max_staleness_ms``. Without
+``levels``, one read in five is LOCAL and the rest use the store's default, as above.
+
 The ``ok`` of a mutation (write, cas, delete, incr) on a store that applies its writes at
 log positions (raft) carries that position: ``log_index`` in the history (the response
 header's ``index``), so that a replica's ``applied_index`` tells whether it has the write.
@@ -46,6 +58,7 @@ header's ``index``), so that a replica's ``applied_index`` tells whether it has 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -59,6 +72,31 @@ from caplab.v1 import kv_pb2
 from harness.history import CompletionType, Event, HistoryWriter, Hlc, Json, Process
 
 WORKLOADS = ("register", "counter", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """A read guarantee a spectrum client asks for."""
+
+    consistency: int  # kv_pb2.Consistency
+    f: str  # how its reads are recorded: "read" (linearizability-checked) or "read-local"
+    # The session token this client keeps (None: it carries none): from the answers to
+    # its reads, its writes, or both. Weaker than "both" on purpose: each single session
+    # guarantee then shows the anomalies of the other.
+    token_from: frozenset[str] | None = None
+
+
+_READS = frozenset({"read"})
+_WRITES = frozenset({"write"})
+LEVELS: dict[str, Level] = {  # strongest first (Terry's Table 2 order)
+    "strong": Level(kv_pb2.CONSISTENCY_STRONG, "read"),
+    "bounded_staleness": Level(kv_pb2.CONSISTENCY_BOUNDED_STALENESS, "read-local"),
+    "session": Level(kv_pb2.CONSISTENCY_SESSION, "read-local", _READS | _WRITES),
+    "read_my_writes": Level(kv_pb2.CONSISTENCY_READ_MY_WRITES, "read-local", _WRITES),
+    "monotonic_reads": Level(kv_pb2.CONSISTENCY_MONOTONIC_READS, "read-local", _READS),
+    "consistent_prefix": Level(kv_pb2.CONSISTENCY_CONSISTENT_PREFIX, "read-local"),
+    "eventual": Level(kv_pb2.CONSISTENCY_EVENTUAL, "read-local"),
+}
 DEFAULT_DELETE_FRACTION = 0.15
 MAX_DELETE_FRACTION = 0.5  # the other half of the register operations are reads
 CONFLICT_FRACTION = 0.1  # of the operations of a client on one side of a partition
@@ -100,8 +138,20 @@ class Recorder:
         *,
         node: str | None = None,
         side: str | None = None,
+        consistency: str | None = None,
+        roaming: bool = False,
     ) -> Event:
-        return self.writer.invoke(process, f, key, value, node=node, side=side, time=self.now())
+        return self.writer.invoke(
+            process,
+            f,
+            key,
+            value,
+            node=node,
+            side=side,
+            time=self.now(),
+            consistency=consistency,
+            roaming=roaming,
+        )
 
     def complete(
         self,
@@ -131,8 +181,22 @@ class WorkloadConfig:
     seed: int = 0
     delete_fraction: float = DEFAULT_DELETE_FRACTION  # of the register operations
     conflict_keys: int = 0  # registers lww0.. written from both sides during partitions
+    levels: tuple[str, ...] = ()  # read guarantees (LEVELS), clients_per_node clients each
+    roam: float = 0.0  # share of each level's clients that move node before every operation
+    max_staleness_ms: int = 1000  # bounded_staleness reads
 
     def __post_init__(self) -> None:
+        unknown = [lv for lv in self.levels if lv not in LEVELS]
+        if unknown:
+            raise ValueError(
+                f"unknown read level(s) {', '.join(unknown)}; allowed: {', '.join(LEVELS)}"
+            )
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"read levels repeat: {', '.join(self.levels)}")
+        if not 0.0 <= self.roam <= 1.0:
+            raise ValueError(f"roam must be between 0 and 1, got {self.roam}")
+        if self.max_staleness_ms < 1:
+            raise ValueError(f"max_staleness_ms must be >= 1, got {self.max_staleness_ms}")
         if not 0.0 <= self.delete_fraction <= MAX_DELETE_FRACTION:
             raise ValueError(
                 f"delete_fraction must be between 0 and {MAX_DELETE_FRACTION}, "
@@ -182,9 +246,7 @@ class Workload:
         self.recorder = recorder
         self.side_of = side_of
         self.client_prefix = client_prefix
-        self.pins: list[str] = [
-            node for node in self.endpoints for _ in range(config.clients_per_node)
-        ]
+        self.pins: list[ClientSpec] = _layout(list(self.endpoints), config)
         self.counts: dict[str, int] = {"ok": 0, "fail": 0, "info": 0}
 
     @property
@@ -193,20 +255,25 @@ class Workload:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every client until ``stop`` is set (each finishes its operation in flight)."""
-        await asyncio.gather(*(self._client(i, node, stop) for i, node in enumerate(self.pins)))
+        await asyncio.gather(*(self._client(i, spec, stop) for i, spec in enumerate(self.pins)))
 
-    async def _client(self, index: int, node: str, stop: asyncio.Event) -> None:
+    async def _client(self, index: int, spec: ClientSpec, stop: asyncio.Event) -> None:
         cfg = self.config
         rng = random.Random(cfg.seed * 1_000_003 + index)
         n_clients = self.clients
         interval = n_clients / cfg.rate if cfg.rate > 0 else 0.0
-        state = _ClientState(process=index, rng=rng)
+        level = LEVELS[spec.level] if spec.level is not None else None
+        state = _ClientState(process=index, rng=rng, spec=spec, level=level)
+        nodes = list(self.endpoints) if spec.roaming else [spec.node]
+        node = spec.node
         async with KVClient(
-            [self.endpoints[node]],
+            [self.endpoints[n] for n in nodes],
             timeout=cfg.op_timeout,
             retries=0,
             client_id=f"{self.client_prefix}{index}-{cfg.seed}",
+            session=level is not None and level.token_from is not None,
         ) as client:
+            state.client = client
             next_at = time.monotonic() + rng.uniform(0, interval)
             while not stop.is_set():
                 if interval:
@@ -218,6 +285,9 @@ class Workload:
                         except TimeoutError:
                             pass
                     next_at = max(next_at + interval, time.monotonic())
+                if spec.roaming:
+                    node = rng.choice(nodes)
+                    client.move_to(self.endpoints[node])
                 kind = cfg.kind
                 if (
                     cfg.conflict_keys
@@ -250,8 +320,18 @@ class Workload:
     ) -> CompletionType:
         rec = self.recorder
         pid = state.process
-        rec.invoke(pid, f, key, value, node=node, side=self.side_of(node))
+        rec.invoke(
+            pid,
+            f,
+            key,
+            value,
+            node=node,
+            side=self.side_of(node),
+            consistency=state.spec.level,
+            roaming=state.spec.roaming,
+        )
         header: kv_pb2.ResponseHeader | None = None
+        token = state.client.session_token if state.client is not None else b""
         try:
             result = await asyncio.wait_for(call(), self.config.op_timeout + 2.0)
             ctype, out, err, header = result
@@ -263,6 +343,11 @@ class Workload:
             raise
         except Exception as e:  # anything unexpected: the outcome is unknown
             ctype, out, err = "info", None, _error_text(e)
+        keep = state.level.token_from if state.level is not None else None
+        if keep is not None and state.client is not None:
+            kind = "read" if f.startswith("read") else "write"
+            if kind not in keep:  # this guarantee does not need what this answer saw
+                state.client.session_token = token
         if ctype == "ok" and f in ("write", "cas", "incr"):
             out = value
         hlc: Hlc | None = None
@@ -292,14 +377,21 @@ class Workload:
         key = rng.choice(register_keys(self.config.keys))
         r = rng.random()
         if r < 0.5:
-            # One read in five asks for LOCAL consistency: on raft it may be stale, and the
-            # harness counts such stale reads instead of checking them for linearizability.
-            local = r < 0.1
-            f = "read-local" if local else "read"
-            level = kv_pb2.CONSISTENCY_LOCAL if local else kv_pb2.CONSISTENCY_DEFAULT
+            # Without a level, one read in five asks for LOCAL consistency: on raft it may
+            # be stale, and the harness counts such stale reads instead of checking them
+            # for linearizability.
+            staleness = 0
+            if st.level is not None:
+                f, level = st.level.f, st.level.consistency
+                if level == kv_pb2.CONSISTENCY_BOUNDED_STALENESS:
+                    staleness = self.config.max_staleness_ms
+            elif r < 0.1:
+                f, level = "read-local", kv_pb2.CONSISTENCY_LOCAL
+            else:
+                f, level = "read", kv_pb2.CONSISTENCY_DEFAULT
 
             async def read() -> _Outcome:
-                g = await client.get(key, level)
+                g = await client.get(key, level, max_staleness_ms=staleness)
                 v = g.value
                 text: str | None
                 if v is None:
@@ -366,10 +458,36 @@ class Workload:
         return await self._do(st, node, "read-counter", key, None, read)
 
 
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    """One client of a workload: its home node, read level and whether it roams."""
+
+    node: str  # where it starts (a pinned client stays there)
+    level: str | None = None  # a LEVELS name; None: the mixed default/LOCAL reads
+    roaming: bool = False
+
+
+def _layout(nodes: list[str], cfg: WorkloadConfig) -> list[ClientSpec]:
+    """``clients_per_node`` clients per node (per level, with levels); within each level
+    the ``roam`` share of them roams, spread evenly over the nodes."""
+    if not cfg.levels:
+        return [ClientSpec(node) for node in nodes for _ in range(cfg.clients_per_node)]
+    out: list[ClientSpec] = []
+    for level in cfg.levels:
+        homes = [node for _ in range(cfg.clients_per_node) for node in nodes]
+        for k, node in enumerate(homes):
+            roams = math.floor((k + 1) * cfg.roam) > math.floor(k * cfg.roam)
+            out.append(ClientSpec(node, level, roams))
+    return out
+
+
 @dataclass(slots=True)
 class _ClientState:
     process: int
     rng: random.Random
+    spec: ClientSpec = ClientSpec("")
+    level: Level | None = None
+    client: KVClient | None = None  # set by the client loop (its session token)
     n: int = 0
     last: dict[str, str | None] = field(default_factory=dict)  # last value seen per key
 

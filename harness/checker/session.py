@@ -68,23 +68,28 @@ The guarantees (Terry et al., 1994, restated for single-key reads and writes):
                        ``k`` it read earlier (the write must be placed after what it
                        followed). Across keys too when both carry a ``log_index``.
 ``consistent_prefix``  with one global order of all writes (``log_index``, else ``hlc``),
-                       a session sees a growing prefix of that order with no gaps: once it
-                       read a version at position ``P``, each of its later ``ok`` reads of
-                       any key ``k`` returns a version no older than ``W``, the last ``ok``
-                       write of ``k`` at a position ``<= P``. (Single-key reads cannot show
-                       a gap within one read, so the check is over the session's sequence
-                       of reads; it includes monotonic reads of one key as the special case
-                       ``k`` = the key read at ``P``.) Only the session's reads set ``P``:
-                       its own writes are the business of read-your-writes. Keys without a
-                       store order are skipped (counted in ``skipped``): real time is not a
-                       global order a store promises prefixes of. For gossip the order is
-                       the HLC order: the store does not promise prefixes of it, the
-                       check measures how often a session's view is not one.
+                       each replica a session reads from shows it a growing prefix of that
+                       order with no gaps: once it read a version at position ``P`` from
+                       node ``n``, each of its later ``ok`` reads of any key ``k`` from
+                       ``n`` returns a version no older than ``W``, the last ``ok`` write
+                       of ``k`` at a position ``<= P``. Single-key reads cannot show a gap
+                       within one read, so the check is over the session's sequence of
+                       reads *per node*: Terry's consistent prefix promises each read a
+                       prefix, not a growing one, so a session that moves to a replica
+                       further behind may go back (that is monotonic reads' business).
+                       Only the session's reads set ``P``: its own writes are the business
+                       of read-your-writes. Keys without a store order are skipped (counted
+                       in ``skipped``): real time is not a global order a store promises
+                       prefixes of. For gossip the order is the HLC order: the store does
+                       not promise prefixes of it, the check measures how often a node's
+                       view is not one.
 ``bounded_staleness``  an ``ok`` read's value was *current* at some instant ``t`` in
                        ``[invoke - bound, complete]``: one of its sources ``s`` had been
                        invoked by ``t`` and was not yet certainly overwritten, i.e. no
                        ``ok`` write of another value invoked after ``s`` completed had
-                       completed before ``t``. Real time only (same definition as
+                       completed before ``t`` (for keys with a store order, a write the
+                       store ordered before ``s`` does not overwrite it: last-writer-wins
+                       keeps ``s`` over an older-stamped later write). Real time only (same definition as
                        :func:`harness.checker.staleness.stale_reads`, which is the case
                        ``bound = 0``). The read's *staleness* is how far before its invoke
                        the value was last possibly current (0 if it still was), its
@@ -546,7 +551,7 @@ def _consistent_prefix(m: _Model) -> GuaranteeResult:
     violations: list[SessionViolation] = []
     checked = skipped = 0
     for _process, sops in sorted(m.sessions().items(), key=lambda kv: str(kv[0])):
-        frontier: dict[str, tuple[Rank, Operation]] = {}  # order kind -> (P, read)
+        frontier: dict[tuple[str, str | None], tuple[Rank, Operation]] = {}  # (kind, node)
         for r in sops:
             if not _is_read(m, r):
                 continue
@@ -556,7 +561,7 @@ def _consistent_prefix(m: _Model) -> GuaranteeResult:
                 skipped += 1
                 continue
             checked += 1
-            f = frontier.get(v.kind)
+            f = frontier.get((v.kind, r.node))
             if f is not None and r.key in m.ok_ranks:
                 ranks, oks = m.ok_ranks[r.key]
                 pos = bisect.bisect_right(ranks, f[0]) - 1
@@ -574,7 +579,7 @@ def _consistent_prefix(m: _Model) -> GuaranteeResult:
                         )
                     )
             if f is None or f[0] < v.lo:
-                frontier[v.kind] = (v.lo, r)
+                frontier[(v.kind, r.node)] = (v.lo, r)
     return m.result("consistent_prefix", violations, checked, skipped=skipped)
 
 
@@ -611,9 +616,12 @@ def _bounded_staleness(m: _Model, bound_ms: float) -> GuaranteeResult:
             first: Operation | None = None
             lo = bisect.bisect_right(invokes, s_complete)
             hi = bisect.bisect_left(invokes, r.invoke_time)
+            s_version = None if s is None else m.write_version(s)
             for w in oks[lo:hi]:
                 if _freeze(written_value(w)) == value:
                     continue
+                if s_version is not None and _older(m.write_version(w), s_version):
+                    continue  # ordered before s by the store: it never replaced s's value
                 if w.complete_time < sup:
                     sup, first = w.complete_time, w
                 if w.complete_time < r.invoke_time:
