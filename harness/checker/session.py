@@ -89,10 +89,11 @@ The guarantees (Terry et al., 1994, restated for single-key reads and writes):
                        ``ok`` write of another value invoked after ``s`` completed had
                        completed before ``t`` (for keys with a store order, a write the
                        store ordered before ``s`` does not overwrite it: last-writer-wins
-                       keeps ``s`` over an older-stamped later write). Real time only (same definition as
-                       :func:`harness.checker.staleness.stale_reads`, which is the case
-                       ``bound = 0``). The read's *staleness* is how far before its invoke
-                       the value was last possibly current (0 if it still was), its
+                       keeps ``s`` over an older-stamped later write). Otherwise real
+                       time (as :func:`harness.checker.staleness.stale_reads`, which is the
+                       case ``bound = 0`` without store orders). The read's *staleness*
+                       is how far before its invoke the value was last possibly current
+                       (0 if it still was), its
                        *versions behind* the fewest (over its sources) ``ok`` writes of
                        other values invoked after the source completed and completed
                        before the read was invoked.
