@@ -844,13 +844,17 @@ class RaftCore:
             self._bcast_heartbeat(self._read_rounds[-1][0] if self._read_rounds else 0)
 
     def _bcast_heartbeat(self, ctx: int) -> None:
+        # The leader's whole commit index, also to a follower that lags (etcd sends
+        # min(commit, match)): the follower commits only min(commit, prev_index) after
+        # checking prev (``_handle_append``), so that is as safe, and its BOUNDED_STALENESS
+        # reads need to know how far behind it is (raft/node.py ``_bounded_ok``).
         commit = self._commit
         for p, pr in self._prs.items():
             idx = pr.match
             t = self.log_term(idx)
             if t is None:
                 idx, t = self._snap_index, self._snap_term
-            self._send(Append(self.id, p, self._term, idx, t, (), min(commit, idx), ctx))
+            self._send(Append(self.id, p, self._term, idx, t, (), commit, ctx))
 
     def _ask_read_index(self) -> None:
         """Follower: one ReadIndex to the leader for every read queued since the last."""

@@ -449,6 +449,40 @@ def test_snapshot_catch_up_of_far_behind_follower() -> None:
     assert n3.commit_index == 62 and net.applied["n3"][-1].data == b"after"
 
 
+def test_heartbeats_carry_the_leaders_commit_index_to_a_lagging_follower() -> None:
+    """BOUNDED_STALENESS (raft/node.py ``_bounded_ok``) serves a follower that applied the
+    commit index the leader's last message carried. A heartbeat to a follower that lags
+    must carry the leader's commit, not the follower's match: with the match, a follower
+    back from a partition took its old state for current and served a read 13 s stale
+    (found by ``caplab spectrum``). The follower still commits only what its log holds."""
+    net = Net(3)
+    net.elect("n1")
+    net.isolate("n3")
+    n1, n3 = net.cores["n1"], net.cores["n3"]
+    for i in range(5):
+        assert n1.propose(b"v%d" % i) is not None
+        net.flush()
+    commit = n1.commit_index
+    assert commit > n3.commit_index
+    net.heal()
+    net.sent.clear()
+    # Deliver only the heartbeats: the append that repairs n3's log stays queued.
+    beats: list[Append] = []
+    for _ in range(4 * CFG.heartbeat_ticks):
+        n1.tick()
+        net.process("n1")
+        beats = [m for m in net.queue if isinstance(m, Append) and m.to == "n3" and not m.entries]
+        if beats:
+            break
+    assert beats, "no heartbeat to n3"
+    assert all(m.commit == commit for m in beats), [m.commit for m in beats]
+    before = n3.last_index
+    net.flush(lambda m: isinstance(m, Append) and m.to == "n3" and not m.entries)
+    assert n3.commit_index <= before  # nothing beyond its own log was committed
+    net.tick(2 * CFG.election_ticks)  # the leader's probe repairs n3's log
+    assert n3.commit_index >= commit
+
+
 def test_leader_transfer_via_timeout_now() -> None:
     net = Net(3)
     net.elect("n1")
