@@ -112,11 +112,9 @@ from harness.workload import (
     Recorder,
     Workload,
     WorkloadConfig,
-    conflict_keys,
     counter_keys,
     final_counter_reads,
     final_register_reads,
-    register_keys,
 )
 
 SCHEMA_VERSION = 1
@@ -251,6 +249,7 @@ class StoreRun:
                 levels=sc.read_levels,
                 roam=sc.roam,
                 max_staleness_ms=max(1, round(sc.max_staleness * 1000)),
+                own_keys=sc.own_keys,
             ),
             self.cluster.endpoints,
             self.recorder,
@@ -261,6 +260,11 @@ class StoreRun:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._sample_digests()))
         self._tasks.append(loop.create_task(self.workload.run(self._stop)))
+
+    def _workload(self) -> Workload:
+        if self.workload is None:
+            raise RuntimeError("begin() was not called")
+        return self.workload
 
     async def sleep_until(self, t_s: float) -> None:
         """Sleep until ``t_s`` seconds after t0."""
@@ -357,7 +361,7 @@ class StoreRun:
             # the converged value of every register decides which writes lost (LWW)
             self.final_registers = await final_register_reads(
                 self.cluster.endpoints,
-                register_keys(self.scenario.keys) + conflict_keys(self.scenario.conflict_keys),
+                self._workload().register_names(),
                 self.recorder,
                 first_process=FINAL_REGISTER_READ_PROCESS,
             )

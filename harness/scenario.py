@@ -24,6 +24,9 @@ A scenario is a YAML mapping (unknown fields are refused, with file and line)::
     roam: 0.4                        # share of each level's clients that move to a random
                                      # node before every operation (0 .. 1, default 0)
     max_staleness: 1s                # bounded_staleness reads' bound (default 1s)
+    own_keys: true                   # each client writes only its own register w<n> and
+                                     # reads it or another client's (default false: the
+                                     # shared r0.., `keys` of them)
     seed: 1                          # randomness of shapes, targets, workloads (default 0)
     partition_mode: drop             # drop | reject: how partitions cut links (default drop)
     converge_timeout: 10s            # after the run: wait this long for replicas to agree
@@ -101,6 +104,7 @@ TOP_FIELDS = (
     "read_levels",
     "roam",
     "max_staleness",
+    "own_keys",
     "faults",
 )
 FAULT_FIELDS = (
@@ -177,6 +181,7 @@ class Scenario:
     read_levels: tuple[str, ...] = ()  # harness.workload.LEVELS names; () = mixed reads
     roam: float = 0.0  # share of each level's clients that roam between nodes
     max_staleness: float = 1.0  # seconds, bounded_staleness reads
+    own_keys: bool = False  # each client writes its own register (harness.workload)
     faults: tuple[Fault, ...] = ()
 
     @property
@@ -215,6 +220,7 @@ class Scenario:
             "read_levels": list(self.read_levels),
             "roam": self.roam,
             "max_staleness_ms": round(self.max_staleness * 1000),
+            "own_keys": self.own_keys,
             "partition_mode": self.partition_mode,
             "tombstone_timeout_s": self.tombstone_timeout,
             "node_options": {
@@ -287,6 +293,12 @@ class _Ctx:
         if d < 0 and not allow_negative:
             raise self.err(node, f"{what} must not be negative, got {v!r}")
         return d
+
+    def boolean(self, node: Node, what: str) -> bool:
+        v = self.scalar(node, what).lower()
+        if v not in ("true", "false"):
+            raise self.err(node, f"{what} must be true or false, got {v!r}")
+        return v == "true"
 
     def boolean_true(self, node: Node, what: str) -> None:
         v = self.scalar(node, what)
@@ -370,6 +382,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         read_levels=get("read_levels", lambda n: _parse_levels(ctx, n), ()),
         roam=get("roam", lambda n: ctx.fraction(n, "roam", 1.0), 0.0),
         max_staleness=get("max_staleness", lambda n: ctx.duration(n, "max_staleness"), 1.0),
+        own_keys=get("own_keys", lambda n: ctx.boolean(n, "own_keys"), False),
     )
     if "max_staleness" in top and not 0.001 <= sc.max_staleness <= 86_400:
         raise ctx.err(top["max_staleness"][1], "max_staleness must be between 1ms and 24h")

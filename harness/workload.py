@@ -50,6 +50,13 @@ of its writes, ``monotonic_reads`` only that of its reads, so that each shows th
 anomalies of the other. ``bounded_staleness`` reads pass ``max_staleness_ms``. Without
 ``levels``, one read in five is LOCAL and the rest use the store's default, as above.
 
+Own keys (``own_keys``): each client writes (and CASes) only its own register ``w<index>``
+and reads it half the time, another client's the other half. With no other writer
+overwriting it within milliseconds, a read of one's own register after moving to a replica
+that lacks the last write shows read-your-writes at work, and a reader of a register written
+far away sees exactly how stale its replica is; shared registers hide both behind the
+next writer's overwrite.
+
 The ``ok`` of a mutation (write, cas, delete, incr) on a store that applies its writes at
 log positions (raft) carries that position: ``log_index`` in the history (the response
 header's ``index``), so that a replica's ``applied_index`` tells whether it has the write.
@@ -111,6 +118,11 @@ def register_keys(n: int) -> list[str]:
 
 def counter_keys(n: int) -> list[str]:
     return [f"c{i}" for i in range(n)]
+
+
+def own_keys(n_clients: int) -> list[str]:
+    """One register per client (``own_keys``): ``w<client index>``."""
+    return [f"w{i}" for i in range(n_clients)]
 
 
 def conflict_keys(n: int) -> list[str]:
@@ -184,6 +196,9 @@ class WorkloadConfig:
     levels: tuple[str, ...] = ()  # read guarantees (LEVELS), clients_per_node clients each
     roam: float = 0.0  # share of each level's clients that move node before every operation
     max_staleness_ms: int = 1000  # bounded_staleness reads
+    # Each client writes only its own register w<index>; half its reads are of it, half
+    # of another client's (instead of registers r0.. shared by all; no deletes).
+    own_keys: bool = False
 
     def __post_init__(self) -> None:
         unknown = [lv for lv in self.levels if lv not in LEVELS]
@@ -253,6 +268,11 @@ class Workload:
     def clients(self) -> int:
         return len(self.pins)
 
+    def register_names(self) -> list[str]:
+        """Every register this workload may write (for the final reads)."""
+        shared = own_keys(self.clients) if self.config.own_keys else register_keys(self.config.keys)
+        return shared + conflict_keys(self.config.conflict_keys)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run every client until ``stop`` is set (each finishes its operation in flight)."""
         await asyncio.gather(*(self._client(i, spec, stop) for i, spec in enumerate(self.pins)))
@@ -263,7 +283,7 @@ class Workload:
         n_clients = self.clients
         interval = n_clients / cfg.rate if cfg.rate > 0 else 0.0
         level = LEVELS[spec.level] if spec.level is not None else None
-        state = _ClientState(process=index, rng=rng, spec=spec, level=level)
+        state = _ClientState(process=index, rng=rng, spec=spec, level=level, index=index)
         nodes = list(self.endpoints) if spec.roaming else [spec.node]
         node = spec.node
         async with KVClient(
@@ -374,8 +394,13 @@ class Workload:
 
     async def _register_op(self, client: KVClient, node: str, st: _ClientState) -> CompletionType:
         rng = st.rng
-        key = rng.choice(register_keys(self.config.keys))
         r = rng.random()
+        if not self.config.own_keys:
+            key = rng.choice(register_keys(self.config.keys))
+        elif r < 0.5 and rng.random() < 0.5:  # a read of another client's register
+            key = f"w{rng.choice([i for i in range(self.clients) if i != st.index] or [0])}"
+        else:
+            key = f"w{st.index}"
         if r < 0.5:
             # Without a level, one read in five asks for LOCAL consistency: on raft it may
             # be stale, and the harness counts such stale reads instead of checking them
@@ -404,7 +429,7 @@ class Workload:
                 return "ok", text, None, None
 
             return await self._do(st, node, f, key, None, read)
-        deletes = self.config.delete_fraction
+        deletes = 0.0 if self.config.own_keys else self.config.delete_fraction
         if r < 0.5 + deletes:
 
             async def delete() -> _Outcome:
@@ -488,6 +513,7 @@ class _ClientState:
     spec: ClientSpec = ClientSpec("")
     level: Level | None = None
     client: KVClient | None = None  # set by the client loop (its session token)
+    index: int = 0  # the client's index (stable across process ids): its own register
     n: int = 0
     last: dict[str, str | None] = field(default_factory=dict)  # last value seen per key
 

@@ -1,0 +1,68 @@
+"""``caplab spectrum``: every read guarantee on both stores through one partition, and
+Terry's Table 2 measured from it.
+
+Layers (none imports a later one): :mod:`~harness.spectrum.matrix` computes the cells from a
+run folder (read by :mod:`harness.report.load`), :mod:`~harness.spectrum.verdict` puts them
+in words, :mod:`~harness.spectrum.render` writes summary.json, the plot and the page, and
+:mod:`~harness.spectrum.run` drives the run and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.report.load import ReportError, load_run, read_json
+from harness.spectrum.matrix import Matrix, compute_matrix
+from harness.spectrum.render import PLOT_NAME, render_html, staleness_plot, summary_doc
+from harness.spectrum.verdict import Verdict, verdict
+
+SUMMARY_NAME = "spectrum.json"
+HTML_NAME = "spectrum.html"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectrumReport:
+    matrix: Matrix
+    verdict: Verdict
+    summary_path: Path
+    html_path: Path
+    plot_path: Path | None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_spectrum_report(out: Path | str) -> SpectrumReport:
+    """Read the run folder ``out`` and write ``spectrum.json``, ``staleness.png`` and
+    ``spectrum.html`` (last) into it."""
+    out = Path(out)
+    data = load_run(out)
+    if not data:
+        raise ReportError(f"{out}: no run here (expected raft/history.jsonl or gossip/...)")
+    combined = read_json(out / "results.json") or {}
+    if combined.get("status") != "complete":
+        raise ReportError(f"{out}: the run did not finish (status {combined.get('status')!r})")
+    scenario = combined.get("scenario") or {}
+    bound = float(scenario.get("max_staleness_ms") or 1000)
+    m = compute_matrix(data, bound)
+    if not m.levels:
+        raise ReportError(f"{out}: no client of this run picked a read level (read_levels)")
+    v = verdict(m)
+    doc = summary_doc(m, v, out, scenario)
+    summary_path = out / SUMMARY_NAME
+    _write_atomic(summary_path, json.dumps(doc, indent=2) + "\n")
+    tmp_plot = out / f".{PLOT_NAME}.tmp.png"
+    staleness_plot(tmp_plot, m)
+    plot_path = out / PLOT_NAME
+    os.replace(tmp_plot, plot_path)
+    html_path = out / HTML_NAME
+    _write_atomic(html_path, render_html(doc, m, v, PLOT_NAME))
+    return SpectrumReport(
+        matrix=m, verdict=v, summary_path=summary_path, html_path=html_path, plot_path=plot_path
+    )
