@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,16 @@ SCHEMA_VERSION = "caplab.spectrum/1"
 CSS_PATH = Path(__file__).resolve().parents[1] / "templates" / "report.css"
 PLOT_NAME = "staleness.png"
 STORE_ROLES = {"raft": "raft (CP)", "gossip": "gossip (AP)"}
+CHECKER_ABBREV = {
+    "linearizable": "LIN",
+    "bounded_staleness": "BS",
+    "read_my_writes": "RMW",
+    "monotonic_reads": "MR",
+    "monotonic_writes": "MW",
+    "writes_follow_reads": "WFR",
+    "consistent_prefix": "CP",
+}
+LEGEND = ", ".join(f"{a} = {CHECKER_NAMES[k]}" for k, a in CHECKER_ABBREV.items())
 
 
 # -- summary.json -------------------------------------------------------------------------
@@ -117,56 +128,64 @@ def summary_doc(
 
 # -- the plot -------------------------------------------------------------------------------
 def staleness_plot(path: Path, m: Matrix) -> Path:
-    """Per store, the staleness of each level's ok reads: a box (median, quartiles), whiskers
-    to the 1st and 99th percentiles, a dot at the maximum; refused levels are labelled."""
+    """Per store, every ok read of each level that returned an overwritten value, as a dot
+    at its staleness (jittered within the level's lane, log scale), and the share of the
+    level's reads that were stale; refused levels are labelled."""
     n = len(m.stores)
-    fig, axes = plt.subplots(1, n, figsize=(5.6 * n, 0.9 + 0.5 * len(m.levels)), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(5.8 * n, 1.0 + 0.55 * len(m.levels)), squeeze=False)
     labels = [LEVEL_NAMES[lv] for lv in m.levels]
+    rng = random.Random(0)
+    top = max(
+        (c.staleness.max_ms for cells in m.cells.values() for c in cells.values() if c.staleness),
+        default=1.0,
+    )
+    xmax = max(top, m.bound_ms) * 1.5
     for ax, store in zip(axes[0], m.stores, strict=True):
         cells = m.cells[store]
         ys = list(range(len(m.levels)))[::-1]  # strongest at the top
-        top = max((c.staleness.max_ms for c in cells.values() if c.staleness), default=1.0)
         for y, lv in zip(ys, m.levels, strict=True):
             c = cells[lv]
             st = c.staleness
-            if not c.offered or st is None or not st.staleness_ms:
-                ax.text(
-                    0.02,
-                    y,
-                    "not offered" if not c.offered else "no read answered",
-                    va="center",
-                    color="#777",
-                    transform=ax.get_yaxis_transform(),
-                )
+            if not c.offered or st is None or not st.reads:
+                text = "not offered" if not c.offered else "no read answered"
+                ax.text(1.2, y, text, va="center", color="#777")
                 continue
-            ax.boxplot(
-                [list(st.staleness_ms)],
-                positions=[y],
-                vert=False,
-                widths=0.55,
-                whis=(1, 99),
-                showfliers=False,
-                patch_artist=True,
-                boxprops={"facecolor": "#9ecae1", "edgecolor": "#3182bd"},
-                medianprops={"color": "#08519c"},
+            stale = [x for x in st.staleness_ms if x > 0]
+            ax.scatter(
+                stale,
+                [y + rng.uniform(-0.28, 0.28) for _ in stale],
+                s=7,
+                alpha=0.45,
+                color="#d62728" if lv in ("strong", "bounded_staleness") else "#3182bd",
+                linewidths=0,
             )
-            ax.plot([st.max_ms], [y], "o", color="#d62728", ms=4)
+            share = 100 * len(stale) / st.reads
+            ax.text(
+                1.01,
+                y,
+                f"{share:.0f}% of {st.reads}",
+                va="center",
+                ha="left",
+                fontsize=8,
+                color="#444",
+                transform=ax.get_yaxis_transform(),
+            )
         ax.axvline(m.bound_ms, color="#999", ls="--", lw=1)
         ax.text(
             m.bound_ms,
             len(m.levels) - 0.45,
-            f" bound {m.bound_ms:.0f} ms",
+            f" {m.bound_ms:.0f} ms",
             color="#666",
             fontsize=8,
             va="bottom",
         )
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlim(-0.5, max(top, m.bound_ms) * 1.6)
+        ax.set_xscale("log")
+        ax.set_xlim(1, xmax)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(labels))
         ax.set_ylim(-0.7, len(m.levels) - 0.2)
-        ax.set_title(STORE_ROLES.get(store, store))
-        ax.set_xlabel("staleness of the value read (ms; 0 = still current)")
+        ax.set_title(f"{STORE_ROLES.get(store, store)}: stale reads")
+        ax.set_xlabel("how long before the read its value had been overwritten (ms)")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
@@ -202,8 +221,8 @@ def _promise_cell(c: Cell) -> str:
 def _anomalies_text(c: Cell) -> str:
     if not c.offered:
         return "-"
-    found = [f"{CHECKER_NAMES[k]} {c.anomalies[k].count}" for k in c.permitted]
-    broken = [f"{CHECKER_NAMES[k]} {c.anomalies[k].count}" for k in c.broken]
+    found = [f"{CHECKER_ABBREV[k]} {c.anomalies[k].count}" for k in c.permitted]
+    broken = [f"{CHECKER_ABBREV[k]} {c.anomalies[k].count}" for k in c.broken]
     parts = [f'<b class="bad">{esc(b)}</b>' for b in broken] + [esc(f) for f in found]
     return ", ".join(parts) if parts else "none"
 
@@ -310,8 +329,6 @@ def render_html(summary: Mapping[str, Any], m: Matrix, v: Verdict, plot: str | N
     css = CSS_PATH.read_text(encoding="utf-8") + EXTRA_CSS
     sc = summary.get("scenario") or {}
     commit = summary.get("commit") or {}
-    part = m.partition_s
-    when = f"minority cut off {part[0]:.0f}-{part[1]:.0f} s" if part else "no partition"
     lines = "".join(
         f"<h3>{esc(STORE_ROLES.get(s, s) if s != 'broken' else 'broken promises')}</h3><ul>"
         + "".join(f"<li>{esc(x)}</li>" for x in v.lines[s])
@@ -335,7 +352,7 @@ def render_html(summary: Mapping[str, Any], m: Matrix, v: Verdict, plot: str | N
 <title>caplab spectrum: {esc(sc.get("name", ""))}</title><style>{css}</style></head>
 <body><main>
 <h1>The consistency spectrum, measured</h1>
-<p class="meta">{esc(sc.get("description", ""))} · {esc(when)} ·
+<p class="meta">{esc(sc.get("description", ""))} ·
 bounded staleness asked for {m.bound_ms:.0f} ms · commit {esc(str(commit.get("sha", "?"))[:10])}
 {"(dirty)" if commit.get("dirty") else ""}</p>
 <h2 class="headline {"ok" if v.ok else "broken"}">{esc(v.headline)}</h2>
@@ -346,7 +363,9 @@ the checkers of what the level guarantees found nothing (<i>refused</i>: the sto
 offer it). <b>anomalies found</b>: violations of guarantees the level does not promise (what
 it permits, measured). <b>minority</b>: share of reads answered on the cut-off side during the
 partition, for clients that stayed with their node / that moved between nodes.
-<b>stale</b>: how long before the read its value had been overwritten.</p>
+<b>stale</b>: how long before the read its value had been overwritten. Anomalies: {LEGEND}
+(LIN counts reads of a value already overwritten when the read began; BS is judged against
+the bound the store claims).</p>
 {main_table(m)}
 <h2>Anomalies per checker</h2>
 <p>Counts of reads (or writes) each checker flags, per level. ✓: promised and none found;

@@ -3,7 +3,7 @@
 The scenario (default ``scenarios/spectrum.yaml``) gives every read level its clients on
 one cluster per store, so that all levels live through the same partition at the same
 moment. ``--nodes`` / ``--duration`` / ``--short`` rebuild the fault timeline for the new
-size: the last node's clock 2 s behind for the whole run, the last ``nodes // 2`` nodes cut
+size: the last node's clock 2 s behind for the whole run, the last ``(nodes - 1) // 2`` nodes cut
 off from 30% to 75% of the duration. ``--short`` (3 nodes, 14 s) is the form ``make test``
 runs.
 """
@@ -23,6 +23,7 @@ from rich.table import Table
 from harness.report.load import ReportError
 from harness.scenario import Fault, Scenario, ScenarioError, load_scenario
 from harness.spectrum import SpectrumReport, build_spectrum_report
+from harness.spectrum.render import CHECKER_ABBREV, LEGEND
 from harness.spectrum.verdict import LEVEL_NAMES, plain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ class SpectrumUsageError(ValueError):
 def timeline(nodes: int, duration: float) -> tuple[Fault, ...]:
     """The spectrum's faults for ``nodes`` nodes and ``duration`` s (module docstring)."""
     ids = [f"n{i + 1}" for i in range(nodes)]
-    cut = nodes // 2
+    cut = (nodes - 1) // 2  # a strict minority
     groups = (tuple(ids[: nodes - cut]), tuple(ids[nodes - cut :]))
     start, end = round(0.3 * duration, 1), round(0.75 * duration, 1)
     return (
@@ -77,32 +78,36 @@ def spectrum_scenario(
 
 
 def terminal_table(report: SpectrumReport) -> Table:
+    """One row per (level, store): promise, minority availability, staleness, anomalies."""
     m = report.matrix
     t = Table(title="the consistency spectrum, measured", show_lines=False)
-    t.add_column("guarantee")
-    for s in m.stores:
-        t.add_column(f"{s}: promise")
-        t.add_column("anomalies (permitted)")
-        t.add_column("minority sticky/roaming", justify="right")
-        t.add_column("stale max", justify="right")
+    for name, justify in (
+        ("guarantee", "left"),
+        ("store", "left"),
+        ("promise", "left"),
+        ("minority: sticky / roaming", "right"),
+        ("stale max", "right"),
+        ("anomalies (permitted)", "left"),
+    ):
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
     for lv in m.levels:
-        row = [LEVEL_NAMES[lv]]
-        for s in m.stores:
+        for i, s in enumerate(m.stores):
             c = m.cells[s][lv]
+            name = LEVEL_NAMES[lv] if i == 0 else ""
             if not c.offered:
-                row += ["[dim]refused[/]", "", "", ""]
+                t.add_row(name, s, "[dim]refused[/]", "", "", "")
                 continue
             promise = "[red]BROKEN[/]" if c.broken or c.unexplained else "[green]kept[/]"
-            found = ", ".join(f"{k.replace('_', ' ')} {c.anomalies[k].count}" for k in c.permitted)
+            found = " ".join(f"{CHECKER_ABBREV[k]} {c.anomalies[k].count}" for k in c.permitted)
             minority = c.availability.get("minority", {})
-            share = "/".join(
+            share = " / ".join(
                 f"{100 * a.ok / a.total:.0f}%" if (a := minority.get(k)) and a.total else "-"
                 for k in ("sticky", "roaming")
             )
             st = c.staleness
             stale = "-" if st is None else f"{st.max_ms / 1000:.1f} s"
-            row += [promise, found or "none", share, stale]
-        t.add_row(*row)
+            t.add_row(name, s, promise, share, stale, found or "none")
+    t.caption = LEGEND
     return t
 
 

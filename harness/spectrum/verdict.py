@@ -47,67 +47,82 @@ def _ms(x: float) -> str:
 
 
 def _anomaly_list(cell: Cell) -> str:
-    found = [f"{cell.anomalies[c].count} {CHECKER_NAMES[c]}" for c in cell.permitted]
+    words = {
+        "linearizable": "stale (non-linearizable) reads",
+        "bounded_staleness": "beyond the claimed staleness bound",
+    }
+    found = [f"{cell.anomalies[c].count} {words.get(c, CHECKER_NAMES[c])}" for c in cell.permitted]
     return ", ".join(found) if found else "no anomaly"
+
+
+def _during(c: Cell, kind: str) -> Availability:
+    return _joined({side: av[kind] for side, av in c.availability.items() if kind in av})
 
 
 def store_lines(m: Matrix, store: str) -> list[str]:
     cells = m.cells[store]
+    offered = [c for c in cells.values() if c.offered]
     out: list[str] = []
     refused = [LEVEL_NAMES[lv] for lv, c in cells.items() if not c.offered]
     if refused:
         out.append(f"refuses {', '.join(refused)} outright (FAILED_PRECONDITION, with the reason).")
-    strongest = next((c for c in cells.values() if c.offered), None)
-    if strongest is not None and strongest.availability:
-        minority = _joined(strongest.availability.get("minority", {}))
-        majority = _joined(strongest.availability.get("majority", {}))
+    if offered and offered[0].level != "bounded_staleness" and offered[0].availability:
+        c = offered[0]
+        minority = _joined(c.availability.get("minority", {}))
+        majority = _joined(c.availability.get("majority", {}))
+        lat = f"; read p50 {c.latency_ms[0]:.0f} ms" if c.latency_ms else ""
         out.append(
-            f"{LEVEL_NAMES[strongest.level]} answered {_share(majority)} reads on the "
-            f"majority and {_share(minority)} on the minority during the partition; "
-            f"read p50 {strongest.latency_ms[0]:.0f} ms."
-            if strongest.latency_ms
-            else f"{LEVEL_NAMES[strongest.level]} answered no read."
+            f"{LEVEL_NAMES[c.level]} answered {_share(majority)} reads on the majority and "
+            f"{_share(minority)} on the minority during the partition{lat}."
         )
-    weakest = [c for c in cells.values() if c.offered and c.staleness is not None]
-    if weakest:
-        w = max(weakest, key=lambda c: c.staleness.max_ms if c.staleness else 0.0)
+    bounded = cells.get("bounded_staleness")
+    if bounded is not None and bounded.offered and bounded.availability:
+        out.append(
+            f"BOUNDED_STALENESS ({m.bound_ms:.0f} ms; the store claims {bounded.bound_ms:.0f}) "
+            f"answered {_share(_joined(bounded.availability.get('majority', {})))} reads on "
+            f"the majority and {_share(_joined(bounded.availability.get('minority', {})))} on "
+            "the minority during the partition."
+        )
+    for lv in SESSION_LEVELS:
+        sc = cells.get(lv)
+        if sc is None or not sc.offered or not sc.availability:
+            continue
+        c = sc
+        out.append(
+            f"{LEVEL_NAMES[lv]} kept its promise; during the partition it served "
+            f"{_share(_during(c, 'sticky'))} reads of clients that stayed with their node and "
+            f"{_share(_during(c, 'roaming'))} of clients that moved between nodes (sticky "
+            f"availability); it let through {_anomaly_list(c)}."
+            if not c.broken
+            else f"{LEVEL_NAMES[lv]} BROKE its promise (see above)."
+        )
+        break
+    prefix = cells.get("consistent_prefix")
+    if prefix is not None and prefix.offered and not prefix.broken:
+        out.append(
+            f"CONSISTENT_PREFIX showed no gap in any replica's order; it let through "
+            f"{_anomaly_list(prefix)}."
+        )
+    if offered and offered[-1].staleness is not None:
+        w = offered[-1]
         st = w.staleness
         assert st is not None
         out.append(
             f"reads that guaranteed only {LEVEL_NAMES[w.level]} returned values up to "
             f"{_ms(st.max_ms)} old ({st.versions_behind_max} versions behind; p99 "
-            f"{_ms(st.p99_ms)}): {_anomaly_list(w)}."
-        )
-    for lv in SESSION_LEVELS:
-        c = cells.get(lv)
-        if c is None or not c.offered or not c.availability:
-            continue
-        side = c.availability.get("minority", {})
-        out.append(
-            f"{LEVEL_NAMES[lv]} on the minority served {_share(side.get('sticky'))} reads "
-            f"of clients that stayed with their node, {_share(side.get('roaming'))} of "
-            f"clients that moved there; kept its promise with {_anomaly_list(c)} else."
-        )
-        break
-    bounded = cells.get("bounded_staleness")
-    if bounded is not None and bounded.offered and bounded.availability:
-        out.append(
-            f"BOUNDED_STALENESS ({m.bound_ms:.0f} ms; the store claims {bounded.bound_ms:.0f}) "
-            f"answered {_share(_joined(bounded.availability.get('majority', {})))} on the "
-            f"majority, {_share(_joined(bounded.availability.get('minority', {})))} on the "
-            "minority during the partition."
+            f"{_ms(st.p99_ms)}), with {_anomaly_list(w)}."
         )
     conv = m.converged.get(store)
     if conv is not None:
         after = m.converge_s.get(store)
         out.append(
-            "EVENTUAL: the replicas "
+            "the replicas "
             + (
-                f"agreed {after:.2f} s after the workload stopped."
+                f"converged {after:.2f} s after the workload stopped (eventual consistency)."
                 if conv and after is not None
-                else "agreed at the end."
+                else "converged at the end (eventual consistency)."
                 if conv
-                else "did NOT agree at the end."
+                else "did NOT converge at the end."
             )
         )
     return out
