@@ -71,7 +71,16 @@ def spectrum_scenario(
         d = duration or sc.duration
         if d < 6:
             raise SpectrumUsageError("--duration must be at least 6 s (before, during, after)")
-        sc = dataclasses.replace(sc, nodes=n, duration=d, faults=timeline(n, d))
+        faults = timeline(n, d)
+        groups = faults[1].groups or ((), ())
+        sc = dataclasses.replace(
+            sc,
+            nodes=n,
+            duration=d,
+            faults=faults,
+            description=f"{len(sc.read_levels)} read levels; n{n}'s clock 2 s behind; "
+            f"{', '.join(groups[1])} cut off {faults[1].at:g}-{faults[2].at:g} s.",
+        )
     if seed is not None:
         sc = dataclasses.replace(sc, seed=seed)
     return dataclasses.replace(sc, store="both")

@@ -101,6 +101,25 @@ def test_log_index_round_trip_and_old_histories(tmp_path: Path) -> None:
     assert [o.log_index for o in pair_operations(read_history(old))] == [None]
 
 
+def test_consistency_and_roaming_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "h.jsonl"
+    with HistoryWriter(path, clock=FakeClock()) as hw:
+        hw.invoke(0, "read-local", "k", node="n1", consistency="session", roaming=True)
+        hw.complete("ok", 0, "v")
+        hw.invoke(1, "read", "k", node="n2")
+        hw.complete("ok", 1, "v")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["consistency"] == "session" and lines[0]["roaming"] is True
+    assert "consistency" not in lines[2] and "roaming" not in lines[2]
+    assert "consistency" not in lines[1] and "roaming" not in lines[1]
+    events = read_history(path)
+    ops = pair_operations(events)
+    assert [(o.consistency, o.roaming) for o in ops] == [("session", True), (None, False)]
+    copy = tmp_path / "copy.jsonl"
+    write_history(copy, events)
+    assert read_history(copy) == events
+
+
 def test_writer_flushes_regularly(tmp_path: Path) -> None:
     path = tmp_path / "h.jsonl"
     hw = HistoryWriter(path, flush_every=2)
@@ -170,6 +189,10 @@ def _line(**over: object) -> str:
         ([_line(type="ok", log_index=0)], "h.jsonl:1: log_index must be a positive integer"),
         ([_line(type="ok", log_index="7")], "h.jsonl:1: log_index must be a positive"),
         ([_line(log_index=7)], "h.jsonl:1: log_index belongs on a completion"),
+        ([_line(consistency="")], "h.jsonl:1: consistency must be a level name"),
+        ([_line(type="ok", consistency="session")], "h.jsonl:1: consistency belongs on an"),
+        ([_line(roaming="yes")], "h.jsonl:1: roaming must be true or false"),
+        ([_line(type="ok", roaming=True)], "h.jsonl:1: roaming belongs on an invoke"),
         (['{"index": 0}'], "h.jsonl:1: missing field(s): time, process"),
     ],
 )

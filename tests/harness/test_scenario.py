@@ -243,3 +243,24 @@ def test_load_scenario_names_the_file(tmp_path: Path) -> None:
 def test_with_duration_drops_later_faults() -> None:
     sc = load_scenario(ROOT / "scenarios" / "majority-minority.yaml").with_duration(20)
     assert sc.duration == 20 and [f.action for f in sc.faults] == ["partition"]
+
+
+def test_read_levels_roam_staleness_and_own_keys() -> None:
+    sc = parse_scenario(
+        BASE + "read_levels: [strong, session, eventual]\nroam: 0.4\nmax_staleness: 250ms\n"
+        "own_keys: true\n"
+    )
+    assert sc.read_levels == ("strong", "session", "eventual")
+    assert (sc.roam, sc.max_staleness, sc.own_keys) == (0.4, 0.25, True)
+    summary = sc.summary()
+    assert summary["read_levels"] == ["strong", "session", "eventual"]
+    assert summary["max_staleness_ms"] == 250 and summary["own_keys"] is True
+    plain = parse_scenario(BASE)
+    assert (plain.read_levels, plain.roam, plain.own_keys) == ((), 0.0, False)
+    err = _err(BASE + "read_levels: [strong, linearizable]\n")
+    assert err.startswith("scenarios/x.yaml:4: bad read level 'linearizable'; allowed: strong,")
+    assert "listed twice" in _err(BASE + "read_levels: [session, session]\n")
+    assert "must be a list" in _err(BASE + "read_levels: session\n")
+    assert "between 0 and 1" in _err(BASE + "roam: 1.5\n")
+    assert "true or false" in _err(BASE + "own_keys: maybe\n")
+    assert "between 1ms and 24h" in _err(BASE + "max_staleness: 0s\n")

@@ -260,6 +260,7 @@ def test_the_default_scenario_and_its_overrides() -> None:
     short = spectrum_scenario(DEFAULT_SCENARIO, nodes=None, duration=None, short=True, seed=3)
     assert (short.nodes, short.duration, short.seed) == (3, 14.0, 3)
     assert [f.action for f in short.faults] == ["clock-skew", "partition", "heal"]
+    assert short.description == "7 read levels; n3's clock 2 s behind; n3 cut off 4.2-10.5 s."
     with pytest.raises(SpectrumUsageError, match="--nodes"):
         spectrum_scenario(DEFAULT_SCENARIO, nodes=2, duration=None, short=False, seed=None)
 
