@@ -197,7 +197,9 @@ def compute_cell(
     reads = [op for op in mine if op.f == spec.f]
     oks = [op for op in reads if op.type == "ok"]
     refusals = [op for op in reads if (op.error or "").startswith("FAILED_PRECONDITION")]
-    offered = not reads or len(refusals) < len(reads)
+    # Refused outright: FAILED_PRECONDITION and never an answer (a read that timed out
+    # before the store could refuse it does not make the level offered).
+    offered = bool(oks) or not refusals
     reasons: dict[str, int] = {}
     for op in reads:
         if op.type != "ok":

@@ -160,6 +160,18 @@ def write_run(out: Path, *, break_session: bool = False) -> None:
             error="FAILED_PRECONDITION: an always-available store cannot read linearizably",
             side=side,
         )
+    # one read timed out before the store could refuse it: still not offered
+    g.op(
+        1,
+        "read",
+        "w0",
+        None,
+        node="n1",
+        level="strong",
+        type="info",
+        error="DEADLINE_EXCEEDED: deadline",
+        side="majority",
+    )
     g.close()
     (out / "results.json").write_text(
         json.dumps({"status": "complete", "scenario": {"max_staleness_ms": 100}}),
