@@ -170,7 +170,9 @@ class FakeSessionClient:
     async def put(self, key: str, value: bytes) -> kv_pb2.PutResponse:
         return kv_pb2.PutResponse(header=self._answer("write", key))
 
-    async def cas(self, key: str, expected: bytes | None, new: bytes) -> kv_pb2.CompareAndSwapResponse:
+    async def cas(
+        self, key: str, expected: bytes | None, new: bytes
+    ) -> kv_pb2.CompareAndSwapResponse:
         return kv_pb2.CompareAndSwapResponse(header=self._answer("write", key), swapped=True)
 
     async def get(self, key: str, level: int, *, max_staleness_ms: int = 0) -> SimpleNamespace:
