@@ -126,6 +126,94 @@ def _session_index() -> int:
     return int.from_bytes(token, "big")
 
 
+def bounded_staleness_refusal(
+    core: RaftCore,
+    applied: int,
+    heard: tuple[int, str, float, int] | None,
+    bound_s: float,
+    now: float,
+) -> str | None:
+    """None if this node's applied state is at most ``bound_s`` stale now, else why not.
+
+    Leader: with a majority heard from within an election timeout (and no transfer
+    under way) it is the leader, and every acknowledged write was applied here before
+    it was acknowledged: stale by 0 (as far as check-quorum's lease holds).
+
+    Follower: it heard from the leader of its current term at local time ``t`` (an
+    Append or heartbeat) that the leader's commit index was then ``c``, and has
+    applied up to ``c``. Every write acknowledged before the leader sent that message
+    has an index <= c, so this state is current as of the send time. Clock
+    assumption: only this node's local monotonic clock is used (no cross-node clock
+    comparison, immune to wall-clock skew); the message was sent before it was
+    received, so the true staleness is (now - t) PLUS the one-way network delay of
+    that message (and the leader's time between reading its commit index and
+    sending), which this node cannot measure; the bound is checked against now - t
+    only. Rate drift of monotonic clocks over a bound's span is negligible.
+
+    Both: the leader's commit index vouches for every acknowledged write only once the
+    leader has committed an entry of its own term (a new leader's commit may lie below
+    writes its predecessor acknowledged, Raft section 6.4); until then the read waits.
+
+    The claim, then: staleness <= bound + one election timeout + that delay. A leader
+    cut off from its majority keeps believing it leads (and keeps its followers'
+    clocks fresh) until check-quorum makes it step down, within an election timeout;
+    meanwhile a new majority may commit writes it never sees. A bound below the
+    election timeout therefore promises less than it says: the spectrum's bounded
+    staleness checker measures what was actually served.
+    """
+    if core.role is Role.LEADER:
+        if core.transferring_to is not None:
+            return f"leadership is being transferred to {core.transferring_to}"
+        if not core.has_quorum_contact():
+            return "it leads but heard from no majority within an election timeout"
+        # A new leader's commit index may lie below writes its predecessor acknowledged
+        # until it commits an entry of its own term (ReadIndex waits for the same).
+        if core.log_term(core.commit_index) != core.term:
+            return (
+                f"it was elected leader (term {core.term}) but has not yet committed an "
+                "entry of its term: writes acknowledged before may be missing"
+            )
+        if applied < core.commit_index:
+            return f"it has applied up to index {applied}, its commit index is {core.commit_index}"
+        return None
+    leader = core.leader_id
+    if (
+        core.role is not Role.FOLLOWER
+        or heard is None
+        or leader is None
+        or heard[:2] != (core.term, leader)
+    ):
+        last = ""
+        if heard is not None:
+            ago = (now - heard[2]) * 1000
+            last = f"; last heard from leader {heard[1]} (term {heard[0]}) {ago:.0f} ms ago"
+        return (
+            f"it knows no current leader ({ROLE_NAMES[core.role]}, term {core.term}){last}; "
+            "it may be cut off from the leader"
+        )
+    _, _, at, commit = heard
+    ago = now - at
+    if ago > bound_s:
+        return (
+            f"last heard from leader {leader} {ago * 1000:.0f} ms ago, bound "
+            f"{bound_s * 1000:.0f} ms; it may be cut off from the leader"
+        )
+    if applied < commit:
+        return (
+            f"it has applied up to index {applied}, the leader's commit index "
+            f"was {commit} when last heard from {ago * 1000:.0f} ms ago"
+        )
+    # The leader's commit vouches for every acknowledged write only once the leader
+    # committed an entry of its term: the entry at that index is then of its term.
+    if core.log_term(commit) != heard[0]:
+        return (
+            f"leader {leader} (term {heard[0]}) had not yet committed an entry of its term "
+            f"when last heard from (commit index {commit}): writes acknowledged before "
+            "may be missing"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class RaftOptions:
     """Tuning, from `caplab node --set NAME=VALUE` (defaults suit a local demo)."""
@@ -1022,66 +1110,11 @@ class RaftBackend:
                 await asyncio.wait_for(self._progress.wait(), left)
 
     def _bounded_ok(self, bound_s: float) -> str | None:
-        """None if this node's applied state is at most ``bound_s`` stale now, else why not.
-
-        Leader: with a majority heard from within an election timeout (and no transfer
-        under way) it is the leader, and every acknowledged write was applied here before
-        it was acknowledged: stale by 0 (as far as check-quorum's lease holds).
-
-        Follower: it heard from the leader of its current term at local time ``t`` (an
-        Append or heartbeat) that the leader's commit index was then ``c``, and has
-        applied up to ``c``. Every write acknowledged before the leader sent that message
-        has an index <= c, so this state is current as of the send time. Clock
-        assumption: only this node's local monotonic clock is used (no cross-node clock
-        comparison, immune to wall-clock skew); the message was sent before it was
-        received, so the true staleness is (now - t) PLUS the one-way network delay of
-        that message (and the leader's time between reading its commit index and
-        sending), which this node cannot measure; the bound is checked against now - t
-        only. Rate drift of monotonic clocks over a bound's span is negligible.
-
-        The claim, then: staleness <= bound + one election timeout + that delay. A leader
-        cut off from its majority keeps believing it leads (and keeps its followers'
-        clocks fresh) until check-quorum makes it step down, within an election timeout;
-        meanwhile a new majority may commit writes it never sees. A bound below the
-        election timeout therefore promises less than it says: the spectrum's bounded
-        staleness checker measures what was actually served.
-        """
-        core = self.core
-        if core.role is Role.LEADER:
-            if core.transferring_to is not None:
-                return f"leadership is being transferred to {core.transferring_to}"
-            if not core.has_quorum_contact():
-                return "it leads but heard from no majority within an election timeout"
-            return None
-        heard = self._heard
-        leader = core.leader_id
-        if (
-            core.role is not Role.FOLLOWER
-            or heard is None
-            or leader is None
-            or heard[:2] != (core.term, leader)
-        ):
-            last = ""
-            if heard is not None:
-                ago = (time.monotonic() - heard[2]) * 1000
-                last = f"; last heard from leader {heard[1]} (term {heard[0]}) {ago:.0f} ms ago"
-            return (
-                f"it knows no current leader ({ROLE_NAMES[core.role]}, term {core.term}){last}; "
-                "it may be cut off from the leader"
-            )
-        _, _, at, commit = heard
-        ago = time.monotonic() - at
-        if ago > bound_s:
-            return (
-                f"last heard from leader {leader} {ago * 1000:.0f} ms ago, bound "
-                f"{bound_s * 1000:.0f} ms; it may be cut off from the leader"
-            )
-        if self.pipe.applied < commit:
-            return (
-                f"it has applied up to index {self.pipe.applied}, the leader's commit index "
-                f"was {commit} when last heard from {ago * 1000:.0f} ms ago"
-            )
-        return None
+        """None if this node's applied state is at most ``bound_s`` stale now, else why not
+        (:func:`bounded_staleness_refusal`)."""
+        return bounded_staleness_refusal(
+            self.core, self.pipe.applied, self._heard, bound_s, time.monotonic()
+        )
 
     # -- introspection -------------------------------------------------------------------
     async def status(self) -> kv_pb2.StatusResponse:
