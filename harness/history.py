@@ -52,6 +52,10 @@ Optional fields (omitted from the file when null):
                ``read``, every other level's are ``read-local``.
 ``roaming``    true, on invokes of a client that moves to another node between operations
                (its ``node`` changes; a pinned client's never does).
+``client``     int >= 0, on invokes: the workload client that issued the operation. A
+               client continues under a new ``process`` after an ``info`` (Jepsen's rule,
+               for linearizability), but it is still one session (the same connection and
+               session token): the session checkers group by ``client``.
 
 Unknown extra fields are rejected so that a typo cannot silently drop data.
 
@@ -87,7 +91,7 @@ NEMESIS_FUNCTIONS: frozenset[str] = frozenset(
     {"partition", "heal", "kill", "restart", "pause", "resume", "clock-skew"}
 )
 _REQUIRED = ("index", "time", "process", "node", "type", "f", "key", "value", "error")
-_OPTIONAL = ("latency_ns", "side", "hlc", "log_index", "consistency", "roaming")
+_OPTIONAL = ("latency_ns", "side", "hlc", "log_index", "consistency", "roaming", "client")
 Hlc: TypeAlias = tuple[int, int, str]  # (wall_ms, logical, node): ordered as LWW orders them
 
 
@@ -114,6 +118,7 @@ class Event:
     log_index: int | None = None  # ok completions of a raft mutation: its log index
     consistency: str | None = None  # invokes of a spectrum client: its read guarantee
     roaming: bool = False  # invokes of a client that moves between nodes
+    client: int | None = None  # invokes: the workload client (stable across processes)
 
     def to_json(self) -> dict[str, Json]:
         """The JSON object written for this event (optional fields omitted when null)."""
@@ -140,6 +145,8 @@ class Event:
             out["consistency"] = self.consistency
         if self.roaming:
             out["roaming"] = True
+        if self.client is not None:
+            out["client"] = self.client
         return out
 
 
@@ -169,6 +176,7 @@ class Operation:
     log_index: int | None = None  # the completion's raft log index (raft mutations), if any
     consistency: str | None = None  # the invoke's read guarantee (spectrum clients)
     roaming: bool = False  # the invoke came from a client that moves between nodes
+    client: int | None = None  # the workload client (one session across process ids)
 
 
 def _bad(path: str | os.PathLike[str] | None, line: int | None, msg: str) -> HistoryError:
@@ -287,6 +295,14 @@ def event_from_json(
             raise _bad(path, line, f"roaming must be true or false, got {json.dumps(roaming)}")
         if roaming and etype != "invoke":
             raise _bad(path, line, "roaming belongs on an invoke, not on a completion")
+    client = obj.get("client")
+    if client is not None:
+        if not _is_int(client) or client < 0:
+            raise _bad(
+                path, line, f"client must be a non-negative integer, got {json.dumps(client)}"
+            )
+        if etype != "invoke":
+            raise _bad(path, line, "client belongs on an invoke, not on a completion")
     problem = _check_value(f, etype, obj["value"])
     if problem is not None:
         raise _bad(path, line, problem)
@@ -306,6 +322,7 @@ def event_from_json(
         log_index=log_index,
         consistency=consistency,
         roaming=bool(roaming),
+        client=client,
     )
 
 
@@ -401,6 +418,7 @@ class HistoryWriter:
         time: int | None = None,
         consistency: str | None = None,
         roaming: bool = False,
+        client: int | None = None,
     ) -> Event:
         """Record the invocation of ``f`` by ``process``."""
         return self.append(
@@ -414,6 +432,7 @@ class HistoryWriter:
             time=time,
             consistency=consistency,
             roaming=roaming,
+            client=client,
         )
 
     def complete(
@@ -460,6 +479,7 @@ class HistoryWriter:
         log_index: int | None = None,
         consistency: str | None = None,
         roaming: bool = False,
+        client: int | None = None,
     ) -> Event:
         """Validate and append one event; returns it."""
         if self._fh is None:
@@ -500,6 +520,7 @@ class HistoryWriter:
             "log_index": log_index,
             "consistency": consistency,
             "roaming": roaming or None,
+            "client": client,
         }
         ev = event_from_json(ev_obj, path=self.path, line=self.count + 1)
         if type == "invoke":
@@ -592,6 +613,7 @@ def pair_operations(events: Sequence[Event]) -> list[Operation]:
             log_index=ev.log_index,
             consistency=inv.consistency,
             roaming=inv.roaming,
+            client=inv.client,
         )
     for pos, inv in open_.values():
         ops[pos] = Operation(
@@ -610,5 +632,6 @@ def pair_operations(events: Sequence[Event]) -> list[Operation]:
             side=inv.side,
             consistency=inv.consistency,
             roaming=inv.roaming,
+            client=inv.client,
         )
     return [op for op in ops if op is not None]

@@ -152,6 +152,7 @@ class Recorder:
         side: str | None = None,
         consistency: str | None = None,
         roaming: bool = False,
+        client: int | None = None,
     ) -> Event:
         return self.writer.invoke(
             process,
@@ -163,6 +164,7 @@ class Recorder:
             time=self.now(),
             consistency=consistency,
             roaming=roaming,
+            client=client,
         )
 
     def complete(
@@ -349,6 +351,7 @@ class Workload:
             side=self.side_of(node),
             consistency=state.spec.level,
             roaming=state.spec.roaming,
+            client=state.index,
         )
         header: kv_pb2.ResponseHeader | None = None
         token = state.client.session_token if state.client is not None else b""

@@ -7,8 +7,12 @@ Every checker here returns a :class:`GuaranteeResult` of the same shape (``valid
 them side by side. None of them fails a run on its own: they measure where a store sits on
 the consistency spectrum.
 
-Sessions. A *session* is one client process (``op.process``; the nemesis is not one),
-taken in program order (invoke order: a process has one operation at a time). Only
+Sessions. A *session* is one workload client (``op.client``; without it, one process:
+``op.process``; the nemesis is not one), taken in program order (invoke order). After an
+``info`` a client goes on under a new process id, but with the same connection and
+session token: its session goes on too. Its indeterminate operation never sets a floor
+(only ``ok`` ones do) and is never blamed (module docstring, "Versions"), so its
+possible overlap with the next operation cannot cause a false violation. Only
 register operations on a key count: reads (``read_fs``, by default ``read`` and
 ``read-local``) and write-like operations (``write``, ``cas``, ``delete``). ``fail``
 operations did not happen and are dropped.
@@ -367,9 +371,12 @@ class _Model:
         return _Version(min(v.lo for v in vs), max(v.hi for v in vs), kind)
 
     def sessions(self) -> dict[Process, list[Operation]]:
+        """Operations per session, in invoke order: per workload ``client`` when the
+        history records it (a client is one session across the process ids an ``info``
+        gives it), else per process."""
         out: dict[Process, list[Operation]] = {}
         for o in self.ops:
-            out.setdefault(o.process, []).append(o)
+            out.setdefault(o.client if o.client is not None else o.process, []).append(o)
         return out
 
     def result(

@@ -41,6 +41,7 @@ def op(
     log: int | None = None,
     hlc: Hlc | None = None,
     node: str = "n1",
+    client: int | None = None,
 ) -> Operation:
     return Operation(
         process=process,
@@ -55,6 +56,7 @@ def op(
         index=next(_index),
         log_index=log,
         hlc=hlc,
+        client=client,
     )
 
 
@@ -158,6 +160,20 @@ def test_monotonic_reads_violation_with_read_my_writes_intact(order: str) -> Non
     assert "read -> 'v1'" in v.describe() and "read -> 'v2'" in v.describe()
     (c,) = consistent_prefix(ops).violations
     assert [o.value if o.f == "write" else o.result for o in c.ops] == ["v2", "v2", "v1"]
+
+
+def test_a_client_is_one_session_across_its_process_ids() -> None:
+    """After an ``info`` the workload's client goes on under a new process id, with the same
+    session token: the session checkers follow the client, not the process (review)."""
+    ops = [
+        w(0, 0, 10, "v1", log=10, client=0),
+        w(0, 20, None, "v2", client=0),  # info: the client moves on as process 35
+        r(35, 5_000, 5_010, None, client=0),  # its own ok write v1 is missing
+    ]
+    (v,) = read_my_writes(ops).violations
+    assert [o.process for o in v.ops] == [0, 35]
+    anonymous = [w(0, 0, 10, "v1", log=10), w(0, 20, None, "v2"), r(35, 5_000, 5_010, None)]
+    assert read_my_writes(anonymous).valid  # without the client: two sessions
 
 
 def test_monotonic_reads_is_per_session() -> None:

@@ -104,17 +104,21 @@ def test_log_index_round_trip_and_old_histories(tmp_path: Path) -> None:
 def test_consistency_and_roaming_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "h.jsonl"
     with HistoryWriter(path, clock=FakeClock()) as hw:
-        hw.invoke(0, "read-local", "k", node="n1", consistency="session", roaming=True)
+        hw.invoke(0, "read-local", "k", node="n1", consistency="session", roaming=True, client=7)
         hw.complete("ok", 0, "v")
         hw.invoke(1, "read", "k", node="n2")
         hw.complete("ok", 1, "v")
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["consistency"] == "session" and lines[0]["roaming"] is True
+    assert lines[0]["client"] == 7 and "client" not in lines[2]
     assert "consistency" not in lines[2] and "roaming" not in lines[2]
     assert "consistency" not in lines[1] and "roaming" not in lines[1]
     events = read_history(path)
     ops = pair_operations(events)
-    assert [(o.consistency, o.roaming) for o in ops] == [("session", True), (None, False)]
+    assert [(o.consistency, o.roaming, o.client) for o in ops] == [
+        ("session", True, 7),
+        (None, False, None),
+    ]
     copy = tmp_path / "copy.jsonl"
     write_history(copy, events)
     assert read_history(copy) == events
@@ -193,6 +197,9 @@ def _line(**over: object) -> str:
         ([_line(type="ok", consistency="session")], "h.jsonl:1: consistency belongs on an"),
         ([_line(roaming="yes")], "h.jsonl:1: roaming must be true or false"),
         ([_line(type="ok", roaming=True)], "h.jsonl:1: roaming belongs on an invoke"),
+        ([_line(client=-1)], "h.jsonl:1: client must be a non-negative integer"),
+        ([_line(client="c1")], "h.jsonl:1: client must be a non-negative integer"),
+        ([_line(type="ok", client=3)], "h.jsonl:1: client belongs on an invoke"),
         (['{"index": 0}'], "h.jsonl:1: missing field(s): time, process"),
     ],
 )

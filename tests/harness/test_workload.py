@@ -229,7 +229,7 @@ async def test_own_keys_and_levels_in_the_history(tmp_path: Path) -> None:
     assert 0.35 < own < 0.65, own
     assert {o.key for o in reads} == {"w0", "w1", "w2", "w3"}
     assert all(o.f == "read-local" and o.consistency == "bounded_staleness" for o in reads)
-    assert all(o.consistency == "bounded_staleness" for o in ops)
+    assert all(o.consistency == "bounded_staleness" and o.client == 1 for o in ops)
     assert not [o for o in ops if o.f == "delete"]
 
 
