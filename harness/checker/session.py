@@ -89,15 +89,16 @@ The guarantees (Terry et al., 1994, restated for single-key reads and writes):
                        view is not one.
 ``bounded_staleness``  an ``ok`` read's value was *current* at some instant ``t`` in
                        ``[invoke - bound, complete]``: one of its sources ``s`` had been
-                       invoked by ``t`` and was not yet certainly overwritten, i.e. no
+                       invoked by ``t`` and was not yet certainly overwritten. For keys
+                       with a store order and an ``ok`` source: no ``ok`` write of another
+                       value that the store ordered after ``s`` had completed before ``t``
+                       (however the two overlapped in real time; and last-writer-wins keeps
+                       ``s`` over a later write stamped older). Otherwise real time: no
                        ``ok`` write of another value invoked after ``s`` completed had
-                       completed before ``t`` (for keys with a store order, a write the
-                       store ordered before ``s`` does not overwrite it: last-writer-wins
-                       keeps ``s`` over an older-stamped later write). Otherwise real
-                       time (as :func:`harness.checker.staleness.stale_reads`, which is the
-                       case ``bound = 0`` without store orders). The read's *staleness*
-                       is how far before its invoke the value was last possibly current
-                       (0 if it still was), its
+                       completed before ``t`` (as :func:`harness.checker.staleness.
+                       stale_reads`, which is the case ``bound = 0`` without store
+                       orders). The read's *staleness* is how far before its invoke the
+                       value was last possibly current (0 if it still was), its
                        *versions behind* the fewest (over its sources) ``ok`` writes of
                        other values invoked after the source completed and completed
                        before the read was invoked.
@@ -268,7 +269,9 @@ def _median(xs: Sequence[float]) -> float:
 class _Model:
     """Versions of every key of a history, and its sessions."""
 
-    def __init__(self, ops: Sequence[Operation], read_fs: Collection[str]) -> None:
+    def __init__(
+        self, ops: Sequence[Operation], read_fs: Collection[str], *, store_order: bool = True
+    ) -> None:
         self.read_fs = frozenset(read_fs)
         relevant = [
             o
@@ -283,6 +286,8 @@ class _Model:
         has_log = any(o.log_index is not None for o in ops)
         has_hlc = any(o.hlc is not None for o in ops)
         global_kind = "log_index" if has_log else "hlc" if has_hlc else "real-time"
+        if not store_order:
+            global_kind = "real-time"
         self.writes: dict[str, list[Operation]] = {}
         for o in relevant:
             if o.f in WRITE_FUNCTIONS:
@@ -596,10 +601,15 @@ def bounded_staleness(
     bound_ms: float,
     *,
     read_fs: Collection[str] = READ_FUNCTIONS,
+    store_order: bool = True,
 ) -> GuaranteeResult:
     """Every ``ok`` read's value was current within ``bound_ms`` before the read (module
-    docstring); also the distribution of staleness and versions behind over all reads."""
-    return _bounded_staleness(_Model(ops, read_fs), bound_ms)
+    docstring); also the distribution of staleness and versions behind over all reads.
+    ``store_order=False`` ignores the stores' orders and judges by real time alone: with
+    ``bound_ms = 0`` its violations are reads certainly not linearizable (a value read
+    after a write of another value that began after it and completed before the read), also
+    where last-writer-wins kept the older-stamped value."""
+    return _bounded_staleness(_Model(ops, read_fs, store_order=store_order), bound_ms)
 
 
 def _bounded_staleness(m: _Model, bound_ms: float) -> GuaranteeResult:
@@ -618,18 +628,28 @@ def _bounded_staleness(m: _Model, bound_ms: float) -> GuaranteeResult:
         best_w: Operation | None = None
         for s in m.read_sources(r):
             s_complete = -math.inf if s is None else s.complete_time
-            # Only ok writes invoked in (s_complete, r.invoke) can overwrite s before r.
             sup = float(r.invoke_time)
             n = 0
             first: Operation | None = None
-            lo = bisect.bisect_right(invokes, s_complete)
             hi = bisect.bisect_left(invokes, r.invoke_time)
             s_version = None if s is None else m.write_version(s)
-            for w in oks[lo:hi]:
+            if s is not None and s.type == "ok" and m.key_kind(r.key) != "real-time":
+                assert s_version is not None
+                # The store ordered the writes: every ok write it placed after s replaced
+                # s's value when it completed, however the two overlapped in real time.
+                cands = [w for w in oks[:hi] if _older(s_version, m.write_version(w))]
+            else:
+                # Real time: only ok writes invoked in (s_complete, r.invoke) can overwrite
+                # s before r; of those, none the store placed before s.
+                lo = bisect.bisect_right(invokes, s_complete)
+                cands = [
+                    w
+                    for w in oks[lo:hi]
+                    if s_version is None or not _older(m.write_version(w), s_version)
+                ]
+            for w in cands:
                 if _freeze(written_value(w)) == value:
                     continue
-                if s_version is not None and _older(m.write_version(w), s_version):
-                    continue  # ordered before s by the store: it never replaced s's value
                 if w.complete_time < sup:
                     sup, first = w.complete_time, w
                 if w.complete_time < r.invoke_time:

@@ -11,9 +11,11 @@ alone:
   ``FAILED_PRECONDITION`` (a level it refuses outright, with the reason it gave);
 * **anomalies**: every checker of :mod:`harness.checker.session` run over the level's
   sessions (its clients' reads and writes, with every client's writes as the versions they
-  may read), plus ``linearizable``: reads that returned a value certainly overwritten
-  before they began (each one a linearizability violation; the ``strong`` level also
-  carries the verdict of the full linearizability checker of the run). Each checker's
+  may read), plus ``linearizable``: reads that returned a value certainly overwritten in
+  real time before they began (each one a linearizability violation, whatever order the
+  store chose; the ``strong`` level also carries the verdict of the full linearizability
+  checker of the run). A cell with no answered read (or, for ``strong``, without the full
+  checker's verdict) is *not measured*, never "kept". Each checker's
   count comes with one example. The checkers a level *promises* (:data:`PROMISES`) must
   find nothing; the others measure what the level permits;
 * **bounded staleness** is judged against what the store claims for a bound ``B``
@@ -40,6 +42,7 @@ from harness.checker.session import (
     GuaranteeResult,
     SessionViolation,
     StalenessStats,
+    bounded_staleness,
     check_sessions,
 )
 from harness.report.load import StoreData
@@ -134,6 +137,19 @@ class Cell:
     availability: dict[str, dict[str, Availability]]
     staleness: StalenessStats | None
     bound_ms: float  # the bounded-staleness checker's bound (the store's claim)
+    unchecked: tuple[str, ...] = ()  # promised guarantees no checker could judge
+
+    @property
+    def measured(self) -> bool:
+        """Offered and some read answered: there was something to check."""
+        return self.offered and self.reads_ok > 0 and not self.unchecked
+
+    @property
+    def kept(self) -> bool | None:
+        """The level's promise held (None: not offered, or nothing to judge)."""
+        if not self.measured:
+            return None
+        return not self.broken and not self.unexplained
 
     @property
     def broken(self) -> list[str]:
@@ -208,12 +224,16 @@ def compute_cell(
     anomalies: dict[str, Anomalies] = {}
     staleness: StalenessStats | None = None
     unexplained = 0
+    unchecked: list[str] = []
     if oks:
         # The level's sessions, and every write (of any client) as a version they may read.
         ops = [op for op in sd.ops if op.consistency == level or op.f in WRITE_FUNCTIONS]
         results = check_sessions(ops, bound_ms=claim, read_fs=(spec.f,))
-        zero = check_sessions(ops, bound_ms=0.0, read_fs=(spec.f,))["bounded_staleness"]
+        # Stale in real time, whatever order the store chose (last-writer-wins may keep an
+        # older value over a later write stamped older: still not linearizable).
+        zero = bounded_staleness(ops, 0.0, read_fs=(spec.f,), store_order=False)
         staleness = results["bounded_staleness"].staleness
+        level_writes = sum(1 for o in mine if o.f in WRITE_FUNCTIONS and o.type == "ok")
         unexplained = sum(
             1 for o in results["read_my_writes"].unexplained if o.consistency == level
         )
@@ -222,6 +242,8 @@ def compute_cell(
         lin_example = _example(stale[0]) if stale else None
         if level == "strong" and linearizable is False and not lin_count:
             lin_count, lin_example = 1, "the linearizability checker found no linearization"
+        if level == "strong" and linearizable is None:
+            unchecked.append("linearizable (the full checker did not run)")
         anomalies["linearizable"] = Anomalies(
             count=lin_count,
             checked=len(oks),
@@ -233,7 +255,10 @@ def compute_cell(
             found = [v for v in res.violations if v.ops[-1].consistency == level]
             anomalies[name] = Anomalies(
                 count=len(found),
-                checked=res.checked,
+                # the level's operations each checker judged (writes for these two)
+                checked=level_writes
+                if name in ("monotonic_writes", "writes_follow_reads")
+                else len(oks),
                 example=_example(found[0]) if found else None,
                 promised=name in PROMISES[level],
             )
@@ -269,6 +294,7 @@ def compute_cell(
         availability=availability,
         staleness=staleness,
         bound_ms=claim,
+        unchecked=tuple(unchecked),
     )
 
 

@@ -60,7 +60,8 @@ def cell_json(c: Cell) -> dict[str, Any]:
         "offered": c.offered,
         "refusal": c.refusal,
         "promises": sorted(PROMISES[c.level]),
-        "promise_kept": c.offered and not c.broken and not c.unexplained,
+        "promise_kept": c.kept,  # null: not offered, or nothing to judge
+        "unchecked": list(c.unchecked),
         "reads": c.reads,
         "reads_ok": c.reads_ok,
         "failed_reads": c.refused_reasons,
@@ -213,7 +214,10 @@ def _ms(x: float) -> str:
 def _promise_cell(c: Cell) -> str:
     if not c.offered:
         return '<td class="muted" title="{}">refused</td>'.format(esc(c.refusal or ""))
-    if c.broken or c.unexplained:
+    if c.kept is None:
+        why = "; ".join(c.unchecked) or "no read was answered"
+        return f'<td class="warn" title="{esc(why)}">not measured</td>'
+    if not c.kept:
         return '<td class="bad">BROKEN</td>'
     return '<td class="good">kept</td>'
 

@@ -3,9 +3,9 @@
 The scenario (default ``scenarios/spectrum.yaml``) gives every read level its clients on
 one cluster per store, so that all levels live through the same partition at the same
 moment. ``--nodes`` / ``--duration`` / ``--short`` rebuild the fault timeline for the new
-size: the last node's clock 2 s behind for the whole run, the last ``(nodes - 1) // 2`` nodes cut
-off from 30% to 75% of the duration. ``--short`` (3 nodes, 14 s) is the form ``make test``
-runs.
+size: the last ``(nodes - 1) // 2`` nodes (a strict minority) run their clocks 2 s behind
+for the whole run and are cut off from 30% to 75% of the duration. ``--short`` (3 nodes,
+14 s) is the form ``make test`` runs.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def timeline(nodes: int, duration: float) -> tuple[Fault, ...]:
     cut = (nodes - 1) // 2  # a strict minority
     groups = (tuple(ids[: nodes - cut]), tuple(ids[nodes - cut :]))
     start, end = round(0.3 * duration, 1), round(0.75 * duration, 1)
+    skews = tuple(Fault(0.0, "clock-skew", target=n, skew_ms=SKEW_MS) for n in groups[1])
     return (
-        Fault(0.0, "clock-skew", target=ids[-1], skew_ms=SKEW_MS),
+        *skews,
         Fault(start, "partition", shape="groups", groups=groups),
         Fault(end, "heal"),
     )
@@ -72,14 +73,15 @@ def spectrum_scenario(
         if d < 6:
             raise SpectrumUsageError("--duration must be at least 6 s (before, during, after)")
         faults = timeline(n, d)
-        groups = faults[1].groups or ((), ())
+        part, heal = faults[-2], faults[-1]
+        minority = ", ".join((part.groups or ((), ()))[1])
         sc = dataclasses.replace(
             sc,
             nodes=n,
             duration=d,
             faults=faults,
-            description=f"{len(sc.read_levels)} read levels; n{n}'s clock 2 s behind; "
-            f"{', '.join(groups[1])} cut off {faults[1].at:g}-{faults[2].at:g} s.",
+            description=f"{len(sc.read_levels)} read levels; {minority}: clocks 2 s behind, "
+            f"cut off {part.at:g}-{heal.at:g} s.",
         )
     if seed is not None:
         sc = dataclasses.replace(sc, seed=seed)
@@ -106,7 +108,9 @@ def terminal_table(report: SpectrumReport) -> Table:
             if not c.offered:
                 t.add_row(name, s, "[dim]refused[/]", "", "", "")
                 continue
-            promise = "[red]BROKEN[/]" if c.broken or c.unexplained else "[green]kept[/]"
+            promise = {True: "[green]kept[/]", False: "[red]BROKEN[/]", None: "[yellow]?[/]"}[
+                c.kept
+            ]
             found = " ".join(f"{CHECKER_ABBREV[k]} {c.anomalies[k].count}" for k in c.permitted)
             minority = c.availability.get("minority", {})
             share = " / ".join(

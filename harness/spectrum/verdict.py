@@ -94,11 +94,11 @@ def store_lines(m: Matrix, store: str) -> list[str]:
             f"{_share(_during(c, 'roaming'))} of clients that moved between nodes (sticky "
             f"availability); it let through {_anomaly_list(c)}."
             if not c.broken
-            else f"{LEVEL_NAMES[lv]} BROKE its promise (see above)."
+            else f"{LEVEL_NAMES[lv]} BROKE its promise (listed first)."
         )
         break
     prefix = cells.get("consistent_prefix")
-    if prefix is not None and prefix.offered and not prefix.broken:
+    if prefix is not None and prefix.kept:
         out.append(
             f"CONSISTENT_PREFIX showed no gap in any replica's order; it let through "
             f"{_anomaly_list(prefix)}."
@@ -149,7 +149,11 @@ def broken_promises(m: Matrix) -> list[str]:
 
 def verdict(m: Matrix) -> Verdict:
     broken = broken_promises(m)
-    served = sum(1 for s in m.stores for c in m.cells[s].values() if c.offered)
+    cells = [c for s in m.stores for c in m.cells[s].values()]
+    served = sum(1 for c in cells if c.kept is not None)
+    unmeasured = [
+        f"{c.store} {LEVEL_NAMES[c.level]}" for c in cells if c.offered and c.kept is None
+    ]
     if broken:
         headline = f"PROMISE BROKEN: {len(broken)} guarantee(s) violated"
     else:
@@ -157,6 +161,8 @@ def verdict(m: Matrix) -> Verdict:
             f"Every promise kept: {served} served (store, level) pairs, 0 violations of "
             "what each level guarantees; the weaker levels show the anomalies they permit."
         )
+    if unmeasured:
+        headline += f" Not measured (nothing to judge): {', '.join(unmeasured)}."
     return Verdict(
         ok=not broken,
         headline=headline,
@@ -165,9 +171,9 @@ def verdict(m: Matrix) -> Verdict:
 
 
 def plain(v: Verdict, stores: Sequence[str]) -> str:
-    """The verdict as terminal text."""
+    """The verdict as terminal text (broken promises first)."""
     out = [v.headline]
-    for s in [*stores, "broken"]:
+    for s in ["broken", *stores]:
         if s in v.lines:
             out.append(f"{s}:")
             out += [f"  - {line}" for line in v.lines[s]]

@@ -190,7 +190,9 @@ def test_read_my_writes_violation_with_monotonic_reads_intact(order: str) -> Non
         w(1, 0, 10, "v2", **s2),  # concurrent with v1 in real time, ordered after it
         r(1, 20, 30, "v1"),  # p1 does not see its own write
     ]
-    expect(ops, "read_my_writes")
+    # (10 ns stale: the store ordered v2 after v1 and v2 completed before the read)
+    expect(ops, "read_my_writes", bound_ms=1.0)
+    assert not bounded_staleness(ops, 0.0).valid
     (v,) = read_my_writes(ops).violations
     assert v.process == 1 and [o.f for o in v.ops] == ["write", "read"]
     assert "older than its own earlier write 'v2'" in v.reason
@@ -301,6 +303,34 @@ def test_bounded_staleness_follows_the_store_order() -> None:
     assert not bounded_staleness(
         real_time, 0.0
     ).valid  # without stamps: certainly overwritten before the read
+
+
+def test_bounded_staleness_counts_a_write_ordered_after_the_source_though_they_overlapped() -> None:
+    """The log placed b after a although b was invoked before a completed: once b completed,
+    a read of a is stale (review: the real-time rule alone said 0 ms)."""
+    ops = [
+        w(0, 0, 50 * MS, "a", log=1),
+        w(2, 10 * MS, 20 * MS, "b", log=2),
+        r(1, 1000 * MS, 1001 * MS, "a"),
+    ]
+    res = bounded_staleness(ops, 0.0)
+    assert not res.valid and res.staleness is not None
+    assert res.staleness.max_ms == pytest.approx(980.0)
+    assert res.staleness.versions_behind_max == 1
+
+
+def test_real_time_staleness_ignores_last_writer_wins() -> None:
+    """A later write stamped older (a skewed clock) loses under LWW, so reading the earlier
+    value is no staleness by the store's order, but it is not linearizable."""
+    ops = [
+        w(0, 0, 1 * MS, "a", hlc=h(10_000)),
+        w(2, 10 * MS, 11 * MS, "b", hlc=h(8_010, 0, "n5")),
+        r(1, 500 * MS, 501 * MS, "a"),
+    ]
+    assert bounded_staleness(ops, 0.0).valid
+    res = bounded_staleness(ops, 0.0, store_order=False)
+    assert not res.valid and res.staleness is not None
+    assert res.staleness.max_ms == pytest.approx(489.0)
 
 
 def test_consistent_prefix_skips_keys_without_store_order() -> None:
