@@ -478,6 +478,7 @@ def to_pb(m: Message) -> pb.GossipMessage:
     out = pb.GossipMessage(sender=m.frm, to=m.to)
     if isinstance(m, Deltas):
         out.deltas.seq = m.seq
+        out.deltas.complete = m.complete
         _add_entries(out.deltas.entries, m.entries)
     elif isinstance(m, DeltasAck):
         out.deltas_ack.seq = m.seq
@@ -524,7 +525,7 @@ def from_pb(m: pb.GossipMessage) -> Message:
     kind = m.WhichOneof("body")
     if kind == "deltas":
         d = m.deltas
-        return Deltas(frm, to, _entries_from_pb(d.entries, "deltas"), d.seq)
+        return Deltas(frm, to, _entries_from_pb(d.entries, "deltas"), d.seq, d.complete)
     if kind == "deltas_ack":
         return DeltasAck(frm, to, m.deltas_ack.seq)
     if kind in ("ae_request", "ae_response"):

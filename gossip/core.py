@@ -680,7 +680,8 @@ class GossipCore:
         self.stats.deltas_received += 1
         self.stats.delta_entries_received += len(msg.entries)
         self._merge_remote(msg.entries, msg.frm, direct=True)
-        self.last_sync_ms[msg.frm] = self._now
+        if msg.complete:  # (a batch of a backlog is no sync: more is on its way)
+            self.last_sync_ms[msg.frm] = self._now
         self._send(DeltasAck(self.node_id, msg.frm, msg.seq))
 
     def _on_deltas_ack(self, msg: DeltasAck) -> None:

@@ -285,6 +285,9 @@ class DeltaFlow:
             for lo, hi in sorted(fl.done):
                 if lo <= start < hi:
                     start = hi
+            # everything before this batch is acknowledged (and the peer is not missing
+            # entries the log cap dropped): a batch that reaches the head is a full sync
+            contiguous = start <= fl.acked and peer not in self.behind
             if start >= lg.seq or len(fl.inflight) >= min(fl.cwnd, cfg.deltas_window):
                 return
             i = max(bisect_right(order, (start, "\U0010ffff")), lg.head)
@@ -336,7 +339,8 @@ class DeltaFlow:
                 del fl.inflight[min(fl.inflight)]
             self.stats.deltas_sent += 1
             self.stats.delta_entries_sent += len(entries)
-            self._send(Deltas(self.node_id, peer, tuple(entries), end))
+            complete = contiguous and i >= n and end == lg.seq
+            self._send(Deltas(self.node_id, peer, tuple(entries), end, complete))
 
     def on_ack(self, peer: str, seq: int, now: int) -> bool:
         """A DeltasAck for the batch ending at ``seq``; True if it left more of the log

@@ -54,6 +54,11 @@ class Deltas:
     # The sender's delta-log sequence number of the newest entry included. The receiver
     # answers DeltasAck(seq) after joining (and persisting) all entries.
     seq: int
+    # True only if, once the receiver joined these entries, it holds everything the
+    # sender's log held when it sent them: the batch starts where the receiver's
+    # acknowledgements end (nothing in flight before it) and reaches the log's head. Only
+    # such a batch counts as a sync for bounded-staleness reads (``last_sync_ms``).
+    complete: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -959,16 +959,15 @@ class GossipBackend:
         After ``wait`` seconds: UNAVAILABLE naming the peer and how long ago.
 
         The claim: a sync with peer p at time t (an anti-entropy round with p completed,
-        or a Deltas batch received from p; ``GossipCore.last_sync_ms``; an ack of our own
-        Deltas does not count) means this replica then held the writes p had shipped to
-        it, so the value read misses at most the writes made (or reaching any peer) in
-        the last ``bound_ms`` ms plus one message delay. Times are this node's monotonic
-        clock only: no assumption on the other nodes' clocks or on skew. Not covered: a
-        write that reached no peer but a node this one does not know, and a Deltas batch
-        from a peer whose stream to this node is backlogged (the batch is p's oldest
-        unacknowledged range, not its latest write); an anti-entropy round that found
-        equal roots would be the strict proof, at the cost of refusing under steady
-        writes. The spectrum's bounded-staleness checker measures what was served."""
+        or a *complete* Deltas batch from p: one that starts where this node's acks end
+        and reaches p's log head, ``messages.Deltas.complete``; ``GossipCore.last_sync_ms``;
+        an ack of our own Deltas does not count, nor does a batch of a backlog) means this
+        replica then held every write p held when it sent, so the value read misses at
+        most the writes made (or reaching any peer) in the last ``bound_ms`` ms plus one
+        message delay. Times are this node's monotonic clock only: no assumption on the
+        other nodes' clocks or on skew. Not covered: a write that reached no peer but a
+        node this one does not know. The spectrum's bounded-staleness checker measures
+        what was served."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         kicked: dict[str, float] = {}

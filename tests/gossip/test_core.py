@@ -18,6 +18,7 @@ from gossip.messages import (
     AeItems,
     AeRequest,
     AeResponse,
+    Deltas,
     Member,
     Message,
     Ping,
@@ -587,5 +588,52 @@ def test_an_ack_of_our_deltas_is_no_sync_from_the_peer() -> None:
     a = core()
     a.step(DeltasAck("b", "a", 1), 50)
     assert "b" not in a.last_sync_ms
-    a.step(Deltas("b", "a", (), 1), 60)
+    a.step(Deltas("b", "a", (), 1, complete=True), 60)
     assert a.last_sync_ms["b"] == 60
+
+
+def test_only_a_batch_that_brings_the_peer_to_the_head_of_the_log_is_a_sync() -> None:
+    """A backlog travels in several batches (``delta_batch_max`` keys each, pipelined). The
+    first batch after a heal used to count as a sync: a node that held a fraction of a
+    14 s backlog served BOUNDED_STALENESS reads 14 s stale (review of issue 16). Only a
+    batch that starts where the receiver's acknowledgements end and reaches the sender's
+    log head says so now."""
+    cfg = dataclasses.replace(QUIET, gossip_interval_ms=100, delta_batch_max=10, deltas_window=4)
+    a, b = core("a", config=cfg), core("b", config=cfg)
+    for i in range(35):
+        a.put(f"k{i}", b"v", 0)
+    a.tick(100)
+    first = [m for m in a.take_outputs().messages if isinstance(m, Deltas)]
+    assert len(first) == 1 and len(first[0].entries) == 10 and not first[0].complete
+    syncs: list[tuple[int, bool]] = []
+    queue: list[Message] = list(first)
+    while queue:  # deliver everything (acks stream the rest of the backlog)
+        m = queue.pop(0)
+        if isinstance(m, Deltas):
+            syncs.append((len(m.entries), m.complete))
+            b.step(m, 200)
+            held = sum(1 for i in range(35) if b.get(f"k{i}") is not None)
+            assert "a" not in b.last_sync_ms or held == 35, (held, syncs)
+            queue += b.take_outputs().messages
+        else:
+            a.step(m, 200)
+            queue += a.take_outputs().messages
+    assert sorted(n for n, _ in syncs) == [5, 10, 10, 10], syncs
+    assert not any(c for n, c in syncs if n == 10)
+    # (the last batch was pipelined behind another: no sync yet; bounded-staleness reads
+    # meanwhile start anti-entropy rounds, which do count.) The next batch is contiguous:
+    a.put("k35", b"v", 250)
+    a.tick(250)
+    (nxt,) = [m for m in a.take_outputs().messages if isinstance(m, Deltas)]
+    assert nxt.complete and len(nxt.entries) == 1
+    b.step(nxt, 260)
+    assert b.last_sync_ms["a"] == 260
+    for m in b.take_outputs().messages:
+        a.step(m, 260)
+    # a batch sent while an earlier one is unacknowledged is no sync either, though it
+    # reaches the head: the earlier one may be lost
+    for i in range(36, 50):
+        a.put(f"k{i}", b"v", 300)
+    a.tick(350)
+    out = [m for m in a.take_outputs().messages if isinstance(m, Deltas)]
+    assert [(len(m.entries), m.complete) for m in out] == [(10, False), (4, False)]

@@ -370,8 +370,13 @@ class Deltas(_message.Message):
 
     ENTRIES_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """sender's delta-log sequence number of the newest entry included"""
+    complete: _builtins.bool
+    """The batch starts where the receiver's acks end and reaches the sender's log head:
+    once joined, the receiver holds all the sender had (a sync, for bounded staleness).
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]: ...
     def __init__(
@@ -379,10 +384,11 @@ class Deltas(_message.Message):
         *,
         entries: _abc.Iterable[Global___Entry] | None = ...,
         seq: _builtins.int = ...,
+        complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "entries", b"entries", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
