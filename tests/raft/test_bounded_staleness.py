@@ -19,8 +19,8 @@ def _new_leader_below_an_acknowledged_write() -> tuple[Net, str, str, int]:
     net = Net(5)
     net.elect("n1")
     n1 = net.cores["n1"]
-    for i in ("n4", "n5"):
-        net.isolate(i)
+    for lagging in ("n4", "n5"):
+        net.isolate(lagging)
     for i in range(3):
         n1.propose(b"x%d" % i)
         net.flush()
