@@ -39,8 +39,8 @@ def _new_leader_below_an_acknowledged_write() -> tuple[Net, str, str, int]:
         return not (isinstance(m, Append) and m.entries and m.to in ("n4", "n5"))
 
     for _ in range(8 * CFG.election_ticks):
-        for i in ("n2", "n3", "n4", "n5"):
-            net.cores[i].tick()
+        for nid in ("n2", "n3", "n4", "n5"):
+            net.cores[nid].tick()
         net.flush(no_catch_up)
         net.queue = [m for m in net.queue if no_catch_up(m)]
         if any(net.cores[i].role is Role.LEADER for i in ("n2", "n3")):
@@ -48,8 +48,8 @@ def _new_leader_below_an_acknowledged_write() -> tuple[Net, str, str, int]:
     leader = next(i for i in ("n2", "n3") if net.cores[i].role is Role.LEADER)
     follower = "n3" if leader == "n2" else "n2"
     for _ in range(3 * CFG.election_ticks):  # heartbeats answered, catch-up never arrives
-        for i in ("n2", "n3", "n4", "n5"):
-            net.cores[i].tick()
+        for nid in ("n2", "n3", "n4", "n5"):
+            net.cores[nid].tick()
         net.flush(no_catch_up)
         net.queue = [m for m in net.queue if no_catch_up(m)]
     return net, leader, follower, w
