@@ -86,7 +86,8 @@ The guarantees (Terry et al., 1994, restated for single-key reads and writes):
                        in ``skipped``): real time is not a global order a store promises
                        prefixes of. For gossip the order is the HLC order: the store does
                        not promise prefixes of it, the check measures how often a node's
-                       view is not one.
+                       view is not one. (It assumes a node's state never moves back: a
+                       node restarted from an older snapshot, or wiped, would be blamed.)
 ``bounded_staleness``  an ``ok`` read's value was *current* at some instant ``t`` in
                        ``[invoke - bound, complete]``: one of its sources ``s`` had been
                        invoked by ``t`` and was not yet certainly overwritten. For keys

@@ -85,11 +85,12 @@ GOSSIP_SYNC_SLACK_MS = 100  # one anti-entropy round trip, plus scheduling
 def claimed_bound_ms(store: str, bound_ms: float) -> float:
     """What a store promises for ``max_staleness_ms = bound_ms`` (README, kv.proto).
 
-    raft: the bound plus one (randomized, so at most twice the base) election timeout plus
-    one message delay, for which :data:`GOSSIP_SYNC_SLACK_MS` is allowed as well (a leader
-    cut off from its majority serves until check-quorum deposes it). gossip: the bound plus
-    one anti-entropy round trip (a node synced with every peer within the bound has every
-    write they had acknowledged when the exchange began).
+    raft: the bound plus one election timeout (randomized below twice its base: at most
+    600 ms with the default options) plus one message delay, for which
+    :data:`GOSSIP_SYNC_SLACK_MS` is allowed (a leader cut off from its majority serves until
+    check-quorum deposes it; raft.node.bounded_staleness_refusal). gossip: the bound plus
+    one message delay (a node synced with every peer within the bound has every write
+    they held when they sent).
     """
     if store == "raft":
         opts = RaftOptions()
