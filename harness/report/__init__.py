@@ -165,7 +165,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """Exit 0: the run finished and no checker found a violation; 1: a violation, or the
     run did not finish (interrupted / failed); 2: not a run folder."""
     from harness.history import HistoryError
+    from harness.spectrum import build_spectrum_report, is_spectrum_run  # (lazy: above us)
 
+    if is_spectrum_run(args.run_dir):  # its own report: Terry's table, not the CAP demo's
+        try:
+            spec = build_spectrum_report(Path(args.run_dir))
+        except (ReportError, HistoryError) as e:
+            print(f"caplab: {e}", file=sys.stderr)
+            return 2 if isinstance(e, ReportError) else 1
+        print(spec.verdict.headline)
+        print(f"report: {spec.html_path.resolve()}")
+        return 0 if spec.verdict.ok else 1
     try:
         rep = build_report(Path(args.run_dir))
     except (ReportError, HistoryError) as e:

@@ -9,6 +9,7 @@ in words, :mod:`~harness.spectrum.render` writes summary.json, the plot and the 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from harness.spectrum.matrix import Matrix, compute_matrix
 from harness.spectrum.render import PLOT_NAME, render_html, staleness_plot, summary_doc
 from harness.spectrum.verdict import Verdict, verdict
 
-SUMMARY_NAME = "spectrum.json"
-HTML_NAME = "spectrum.html"
+SUMMARY_NAME = "summary.json"
+HTML_NAME = "report.html"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,9 +39,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def is_spectrum_run(out: Path | str) -> bool:
+    """The run folder's scenario gave its clients read levels (a spectrum run)."""
+    combined = read_json(Path(out) / "results.json") or {}
+    scenario = combined.get("scenario")
+    return isinstance(scenario, dict) and bool(scenario.get("read_levels"))
+
+
 def build_spectrum_report(out: Path | str) -> SpectrumReport:
-    """Read the run folder ``out`` and write ``spectrum.json``, ``staleness.png`` and
-    ``spectrum.html`` (last) into it."""
+    """Read the run folder ``out`` and write ``summary.json`` (the matrix), ``staleness.png``
+    and ``report.html`` (last; the plot embedded) into it."""
     out = Path(out)
     data = load_run(out)
     if not data:
@@ -62,7 +70,8 @@ def build_spectrum_report(out: Path | str) -> SpectrumReport:
     plot_path = out / PLOT_NAME
     os.replace(tmp_plot, plot_path)
     html_path = out / HTML_NAME
-    _write_atomic(html_path, render_html(doc, m, v, PLOT_NAME))
+    image = "data:image/png;base64," + base64.b64encode(plot_path.read_bytes()).decode("ascii")
+    _write_atomic(html_path, render_html(doc, m, v, image))
     return SpectrumReport(
         matrix=m, verdict=v, summary_path=summary_path, html_path=html_path, plot_path=plot_path
     )

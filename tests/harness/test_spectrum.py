@@ -235,9 +235,21 @@ def test_the_report_files(tmp_path: Path) -> None:
     assert doc["matrix"]["gossip"]["strong"]["offered"] is False
     page = (tmp_path / HTML_NAME).read_text(encoding="utf-8")
     assert "Terry&#x27;s Table 2, measured" in page or "Terry's Table 2, measured" in page
-    assert "Every promise kept" in page and "staleness.png" in page
+    assert "Every promise kept" in page and 'src="data:image/png;base64,' in page
     assert report.plot_path is not None and report.plot_path.stat().st_size > 1000
     assert not list(tmp_path.glob(".*.tmp*")), "temporary files left behind"
+
+
+def test_caplab_report_rebuilds_a_spectrum_report(tmp_path: Path) -> None:
+    from caplab.cli import main
+
+    write_run(tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    results["scenario"]["read_levels"] = ["strong", "session", "eventual"]
+    (tmp_path / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    assert main(["report", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert doc["schema_version"] == "caplab.spectrum/1"
 
 
 def test_an_unfinished_run_has_no_spectrum_report(tmp_path: Path) -> None:
