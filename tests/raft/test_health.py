@@ -43,8 +43,15 @@ async def statuses(address: str) -> dict[str, int]:
 async def test_health_is_not_serving_without_quorum_and_serving_again_with_it(
     net3: Net,
 ) -> None:
-    for n in net3.eps:  # every service name answers (caplab.v1.KV was NOT_FOUND)
-        assert await statuses(net3.eps[n]) == dict.fromkeys(SERVICES, SERVING)
+    # Every service name answers (caplab.v1.KV was NOT_FOUND). The nodes are up before
+    # they elect a leader and NOT_SERVING until then (wait_ready does not wait for that).
+    async def all_serving() -> bool:
+        for n in net3.eps:
+            if await statuses(net3.eps[n]) != dict.fromkeys(SERVICES, SERVING):
+                return False
+        return True
+
+    await eventually(all_serving, 15)
     leader = await net3.leader()
     survivor = leader  # the hardest case: a leader keeps believing in itself
     others = [n for n in net3.eps if n != survivor]
