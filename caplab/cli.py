@@ -310,7 +310,13 @@ def _registrars(command: str | None = None) -> list[Registrar]:
     # Later subcommands live with the code they drive.
     import importlib
 
-    for module_name in ("harness.cli", "harness.bench", "harness.demo", "harness.spectrum.run"):
+    for module_name in (
+        "harness.cli",
+        "harness.bench",
+        "harness.demo",
+        "harness.spectrum.run",
+        "harness.train.run",
+    ):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
