@@ -1,5 +1,6 @@
 # caplab: every target bootstraps its own tools; nothing to install by hand.
-#   make demo   - the main job: both stores side by side, report in ./demo-out
+#   make demo   - the main job: both stores side by side, report in ./demo-out; then
+#                 training over them (BSP, ASP, SSP), report in ./train-out
 #   make test   - lint, types, generated-code freshness, the test suite
 SHELL := /bin/bash
 # The interpreter: Python 3.13 if this machine has it (on PATH or under pyenv), else 3.12,
@@ -38,6 +39,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/caplab demo --out demo-out
+	$(VENV)/bin/caplab train --short --out train-out
 
 proto: $(STAMP)
 	$(PY) -m caplab.protogen

@@ -56,9 +56,10 @@ MODES = ("bsp", "asp", "ssp")
 STORE_OF = {"bsp": "raft", "asp": "gossip", "ssp": "raft"}
 CONDITIONS = ("clean", "straggler", "partition")
 SCHEMA_VERSION = "caplab.train/1"
-START_MARGIN_S = 2.0  # workers start this long before t0 (imports, connections)
+START_MARGIN_S = 1.5  # workers start this long before t0 (imports, connections)
 SAMPLE_S = 0.25
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SHORT_WORKERS, SHORT_DURATION_S = 3, 4.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +68,8 @@ class TrainConfig:
     workers: int = 4
     nodes: int = 4
     duration_s: float = 12.0
-    step_ms: float = 20.0
+    # the emulated cost of one step of a real model: it, not the store, should dominate
+    step_ms: float = 50.0
     lr: float = 0.5
     batch: int = 32
     seed: int = 1
@@ -490,6 +492,15 @@ def _straggler(text: str) -> tuple[int, float] | None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     modes = MODES if args.mode == "all" else (args.mode,)
     base = TrainConfig()
+    if getattr(args, "short", False):  # the form `make demo` shows
+        base = dataclasses.replace(
+            base,
+            workers=SHORT_WORKERS,
+            nodes=SHORT_WORKERS,
+            duration_s=SHORT_DURATION_S,
+            straggler=(SHORT_WORKERS - 1, 3.0),
+            partition=(1.0, 2.8),
+        )
     workers = args.workers or base.workers
     nodes = args.nodes or max(workers, base.nodes if args.workers is None else workers)
     straggler = base.straggler if args.straggler is None else _straggler(args.straggler)
@@ -501,7 +512,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         else (None if args.partition.lower() in ("none", "off") else _span(args.partition))
     )
     duration = args.duration or base.duration_s
-    if args.partition is None and partition is not None and args.duration is not None:
+    if args.partition is None and partition is not None and duration != base.duration_s:
         partition = (round(0.25 * duration, 1), round(0.65 * duration, 1))
     return dataclasses.replace(
         base,
@@ -527,6 +538,12 @@ def add_train(sub: Any) -> None:
         "straggler and a partition",
     )
     p.add_argument("--out", default="train-out", help="output folder (default: train-out)")
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help=f"{SHORT_WORKERS} workers on {SHORT_WORKERS} nodes, {SHORT_DURATION_S:g} s per "
+        "experiment (about a minute in all)",
+    )
     p.add_argument("--mode", choices=(*MODES, "all"), default="all")
     p.add_argument(
         "--staleness",
@@ -569,8 +586,8 @@ def add_train(sub: Any) -> None:
     p.add_argument(
         "--step-ms",
         type=float,
-        default=20.0,
-        help="emulated model cost of one step, ms (default 20)",
+        default=50.0,
+        help="emulated model cost of one step, ms (default 50)",
     )
     p.add_argument("--insecure", action="store_true", help="no TLS between the nodes")
     p.set_defaults(func=_cmd_train)

@@ -4,7 +4,11 @@ configuration (unit tests); the workers on real clusters (integration)."""
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ import pytest
 from harness.train import data, model
 from harness.train.protocol import decode_manifest, decode_update, encode_manifest, encode_update
 from harness.train.run import TrainConfig, config_from_args, staleness
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_gradient_matches_finite_differences() -> None:
@@ -138,3 +144,91 @@ def test_the_command_line_builds_a_config() -> None:
         config_from_args(args(straggler="9:3"))
     with pytest.raises(ValueError, match="must lie within"):
         config_from_args(args(partition="5-40"))
+
+
+# -- on real clusters ---------------------------------------------------------------------------
+
+
+def _train(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "caplab.cli", "train", "--out", str(out), "--insecure", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+
+
+def _records(out: Path, experiment: str, workers: int) -> dict[int, list[dict[str, Any]]]:
+    return {
+        i: [json.loads(line) for line in (out / experiment / f"worker{i}.jsonl").open()]
+        for i in range(workers)
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_caplab_train_short(tmp_path: Path) -> None:
+    """The three modes end to end on 3-node clusters (the short form `make test` runs):
+    BSP's workers hold identical parameters after every step, no SSP worker runs more
+    than s steps ahead of the slowest, ASP's gradients are stale with several workers, and
+    every mode learns."""
+    out = tmp_path / "train"
+    proc = _train(
+        out,
+        "--workers",
+        "3",
+        "--nodes",
+        "3",
+        "--duration",
+        "4",
+        "--straggler",
+        "none",
+        "--partition",
+        "none",
+        "--staleness",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bsp = _records(out, "bsp-clean", 3)
+    digests: dict[int, set[str]] = {}
+    for recs in bsp.values():
+        for r in recs:
+            digests.setdefault(r["step"], set()).add(r["digest"])
+    assert len(digests) >= 10 and all(len(d) == 1 for d in digests.values()), digests
+    ssp = _records(out, "ssp-clean", 3)
+    leads = [r["lead"] for recs in ssp.values() for r in recs]
+    assert leads and max(leads) <= 2 and min(leads) >= 0
+    asp = _records(out, "asp-clean", 3)
+    stale = [r["staleness"] for recs in asp.values() for r in recs]
+    assert stale and max(stale) > 0 and min(stale) >= 0
+    for name, per_worker in (("bsp", bsp), ("ssp", ssp), ("asp", asp)):
+        accs = [r["acc"] for r in per_worker[0] if r.get("acc") is not None]
+        assert accs and accs[-1] > 0.8, (name, accs)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["verdict"]["violations"] == []
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_asp_with_one_worker_has_no_staleness(tmp_path: Path) -> None:
+    out = tmp_path / "one"
+    proc = _train(
+        out,
+        "--mode",
+        "asp",
+        "--workers",
+        "1",
+        "--nodes",
+        "1",
+        "--duration",
+        "2",
+        "--straggler",
+        "none",
+        "--partition",
+        "none",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = _records(out, "asp-clean", 1)[0]
+    assert len(recs) >= 10 and {r["staleness"] for r in recs} == {0}
