@@ -56,7 +56,8 @@ MODES = ("bsp", "asp", "ssp")
 STORE_OF = {"bsp": "raft", "asp": "gossip", "ssp": "raft"}
 CONDITIONS = ("clean", "straggler", "partition")
 SCHEMA_VERSION = "caplab.train/1"
-START_MARGIN_S = 1.5  # workers start this long before t0 (imports, connections)
+READY_TIMEOUT_S = 60.0  # for every worker process to load (imports, data, connection)
+START_DELAY_S = 0.3  # from "all ready" to t0
 SAMPLE_S = 0.25
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SHORT_WORKERS, SHORT_DURATION_S = 3, 4.0
@@ -197,12 +198,18 @@ def staleness(
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of ``path``, one per line; a line a killed process left half
+    written (or any other undecodable one) is skipped."""
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            out.append(json.loads(line))
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
     return out
 
 
@@ -214,10 +221,15 @@ def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, doc: Mapping[str, Any]) -> None:
+def write_json_text(path: Path, text: str) -> None:
+    """``text`` into ``path`` atomically (a temporary name, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    write_json_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 # -- one experiment ---------------------------------------------------------------------------
@@ -281,6 +293,7 @@ async def run_experiment(
     store_run: Any,  # harness.runner.StoreRun, set up
     out: Path,
 ) -> dict[str, Any]:
+    """One experiment (module docstring); its ``experiment.json`` says whether it finished."""
     name = f"{mode}-{condition}"
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
@@ -291,9 +304,14 @@ async def run_experiment(
     straggler = cfg.straggler if condition == "straggler" else None
     partition = cfg.partition if condition == "partition" else None
     prefix = f"train/{name}/"
-    t0_ns = time.monotonic_ns() + int(START_MARGIN_S * 1e9)
+    start_file = d / "start"
+    start_file.unlink(missing_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
+    samples: list[dict[str, Any]] = []
+    error: str | None = None
+    stop = asyncio.Event()
+    sampler: asyncio.Task[None] | None = None
     try:
         for i in range(cfg.workers):
             wc = {
@@ -304,7 +322,8 @@ async def run_experiment(
                 "prefix": prefix,
                 "data": str(out / "data.npz"),
                 "out": str(d / f"raw{i}.jsonl"),
-                "t0_ns": t0_ns,
+                "t0_ns": 0,
+                "start_file": str(start_file),
                 "duration_s": cfg.duration_s,
                 "step_ms": cfg.step_ms,
                 "factor": straggler[1] if straggler and straggler[0] == i else 1.0,
@@ -317,6 +336,7 @@ async def run_experiment(
             }
             path = d / f"worker{i}.config.json"
             write_json(path, wc)
+            (d / f"raw{i}.jsonl.ready").unlink(missing_ok=True)
             log = (d / f"worker{i}.log").open("wb")
             logs.append(log)
             procs.append(
@@ -327,9 +347,17 @@ async def run_experiment(
                     start_new_session=True,
                 )
             )
-        stop = asyncio.Event()
-        samples: list[dict[str, Any]] = []
-        sampler = None
+        # every worker loaded and connected: then one t0 for all
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all((d / f"raw{i}.jsonl.ready").exists() for i in range(cfg.workers)):
+            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"worker {dead[0]} exited before starting; see {d}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the workers were not ready within {READY_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.02)  # (files other processes write: nothing to await)
+        t0_ns = time.monotonic_ns() + int(START_DELAY_S * 1e9)
+        write_json_text(start_file, f"{t0_ns}\n")
         if STORE_OF[mode] == "gossip":
             sampler = asyncio.create_task(
                 _divergence(endpoints, prefix, cfg.workers, t0_ns, stop, samples)
@@ -340,25 +368,27 @@ async def run_experiment(
             if delay > 0:
                 await asyncio.sleep(delay)  # a scheduled instant of the experiment
 
-        error: str | None = None
         if partition is not None:
             await at(partition[0])
             await store_run.nemesis.partition("groups", groups=[majority, minority])
             await at(partition[1])
             await store_run.nemesis.heal()
-        deadline = time.monotonic() + START_MARGIN_S + cfg.duration_s + 30
+        deadline = time.monotonic() + START_DELAY_S + cfg.duration_s + 30
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
                 error = "a worker did not stop within 30 s of the end"
                 break
             await asyncio.sleep(0.05)  # (child processes: no awaitable exit on all loops)
-        stop.set()
-        if sampler is not None:
-            await sampler
         for i, p in enumerate(procs):
             if p.returncode not in (0, None):
                 error = error or f"worker {i} exited with {p.returncode}; see {d}/worker{i}.log"
+    except (RuntimeError, TimeoutError, OSError, errors.StoreError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
     finally:
+        stop.set()
+        if sampler is not None:
+            with contextlib.suppress(Exception):
+                await sampler
         for p in procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -366,6 +396,9 @@ async def run_experiment(
                 p.wait()
         for log in logs:
             log.close()
+        if partition is not None and store_run.nemesis.current is not None:
+            with contextlib.suppress(Exception):
+                await store_run.nemesis.heal()  # the next experiment starts healed
     raw = {i: read_jsonl(d / f"raw{i}.jsonl") for i in range(cfg.workers)}
     for i, recs in staleness(raw).items():
         write_jsonl(d / f"worker{i}.jsonl", recs)
@@ -449,7 +482,8 @@ async def run_train_async(
         doc.update(status="interrupted" if cut else "failed", error=repr(e)[:500])
         write_json(out / "run.json", doc)
         raise
-    doc.update(status="failed" if failed else "complete", error="; ".join(failed) or None)
+    # every experiment was run: the report shows the ones that failed as such
+    doc.update(status="complete", failed=failed)
     write_json(out / "run.json", doc)
     return doc
 
@@ -503,6 +537,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         )
     workers = args.workers or base.workers
     nodes = args.nodes or max(workers, base.nodes if args.workers is None else workers)
+    if args.nodes is None and args.partition not in ("none", "off"):
+        nodes = max(nodes, 3)  # a partition needs a majority and a minority
     straggler = base.straggler if args.straggler is None else _straggler(args.straggler)
     if args.straggler is None and straggler is not None and straggler[0] >= workers:
         straggler = (workers - 1, straggler[1])
@@ -631,7 +667,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         highlight=False,
         soft_wrap=True,
     )
-    if doc["status"] != "complete" or not report.verdict.ok:
+    if doc.get("failed") or not report.verdict.ok:
         return EXIT_FAILED
     return EXIT_OK
 

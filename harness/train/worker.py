@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import sys
@@ -60,6 +61,7 @@ from harness.train.protocol import (
 T = TypeVar("T")
 MODES = ("bsp", "asp", "ssp")
 POLL_MIN_S, POLL_MAX_S = 0.002, 0.02  # a wait on the store polls, backing off to 20 ms
+START_WAIT_S = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +84,8 @@ class WorkerConfig:
     backups: int = 0  # bsp
     eval_every: int = 5
     op_timeout: float = 1.0
+    # when set: write <out>.ready once loaded, then wait for this file to hold t0_ns
+    start_file: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -108,8 +112,8 @@ class Worker:
         self.theta = model.init()
         self.update = np.zeros(self.n)  # asp/ssp: this worker's cumulative update
         self.steps = 0
+        self.t0_ns = cfg.t0_ns
         self.end_ns = cfg.t0_ns + int(cfg.duration_s * 1e9)
-        self.wait_s = 0.0
         self._pending: dict[str, Any] | None = None
         self._params_seen = model.init()  # asp/ssp: the parameters after the last step
         self._tasks: set[asyncio.Future[None]] = set()
@@ -117,24 +121,22 @@ class Worker:
     # -- time -----------------------------------------------------------------------------
     def now(self) -> float:
         """Seconds since the experiment's start."""
-        return (time.monotonic_ns() - self.cfg.t0_ns) / 1e9
+        return (time.monotonic_ns() - self.t0_ns) / 1e9
 
     def over(self) -> bool:
         return time.monotonic_ns() >= self.end_ns
 
     async def patient(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call`` until the store answers; refusals and timeouts are retried (counted as
-        waiting) until the experiment ends (:class:`Deadline`)."""
+        """``call`` until the store answers; refusals and timeouts are retried until the
+        experiment ends (:class:`Deadline`)."""
         delay = POLL_MIN_S
         while True:
-            t = time.monotonic()
             try:
                 return await call()
             except errors.StoreError as e:
                 if not _retryable(e):
                     raise
             await self._pause(delay)
-            self.wait_s += time.monotonic() - t
             delay = min(POLL_MAX_S, delay * 2)
 
     async def _pause(self, delay: float) -> None:
@@ -143,16 +145,11 @@ class Worker:
         await asyncio.sleep(delay)
 
     async def poll(self, done: Callable[[], Awaitable[bool]]) -> None:
-        """Wait until ``done()`` (a read of the store) holds, backing off; counted as
-        waiting."""
+        """Wait until ``done()`` (a read of the store) holds, backing off."""
         delay = POLL_MIN_S
-        t = time.monotonic()
-        try:
-            while not await done():
-                await self._pause(delay)
-                delay = min(POLL_MAX_S, delay * 2)
-        finally:
-            self.wait_s += time.monotonic() - t
+        while not await done():
+            await self._pause(delay)
+            delay = min(POLL_MAX_S, delay * 2)
 
     # -- the step ---------------------------------------------------------------------------
     async def compute(self, theta: model.Vector) -> model.Vector:
@@ -168,22 +165,28 @@ class Worker:
             await asyncio.sleep(rest)  # the emulated cost of a real model's step
         return g
 
-    async def run(self) -> None:
-        delay = (self.cfg.t0_ns - time.monotonic_ns()) / 1e9
+    async def run(self, t0_ns: int | None = None) -> None:
+        """Steps from ``t0_ns`` (default: the configured one) for ``duration_s``."""
+        if t0_ns is not None:
+            self.t0_ns = t0_ns
+            self.end_ns = t0_ns + int(self.cfg.duration_s * 1e9)
+        delay = (self.t0_ns - time.monotonic_ns()) / 1e9
         if delay > 0:
             await asyncio.sleep(delay)  # every worker starts at t0
         step = {"bsp": self.bsp_step, "asp": self.asp_step, "ssp": self.ssp_step}[self.cfg.mode]
         try:
             while not self.over():
                 started = self.now()
-                self.wait_s = 0.0
                 record = await step()
                 self.steps += 1
+                t = self.now()
                 record.update(
                     step=self.steps,
                     started=round(started, 6),
-                    t=round(self.now(), 6),
-                    wait_ms=round(self.wait_s * 1000, 3),
+                    t=round(t, 6),
+                    # everything but computing: the store's round trips, the barrier or the
+                    # clock wait, refusals and their retries (one clock: nothing counted twice)
+                    wait_ms=round(max(0.0, (t - started) * 1000 - record["compute_ms"]), 3),
                 )
                 if self.steps % self.cfg.eval_every == 0:
                     self._evaluate(record)
@@ -217,19 +220,35 @@ class Worker:
     async def bsp_step(self) -> dict[str, Any]:
         cfg, client = self.cfg, self.client
         t = self.steps + 1
-        c0 = time.monotonic()
-        g = await self.compute(self.theta)
-        compute_ms = (time.monotonic() - c0) * 1000
-        await self.patient(lambda: client.put(grad_key(cfg.prefix, t, cfg.worker), model.encode(g)))
         need = cfg.workers - cfg.backups
+        compute_ms = 0.0
+        chosen: list[int] | None = None
         if cfg.backups:
-            chosen = await self._manifest(t, need)
-        else:
-            chosen = list(range(cfg.workers))  # every gradient: no manifest to agree on
+            # With backup workers the fast ones do not wait for a straggler: a step they
+            # completed while it lagged is not worth a gradient it would drop. It applies
+            # that step's average and catches up.
+            key = manifest_key(cfg.prefix, t)
+            got = await self.patient(lambda: client.get(key))
+            cur = decode_manifest(got.value if isinstance(got.value, bytes) else None)
+            if len(cur) >= need:
+                chosen = sorted(cur[:need])
+        skipped = chosen is not None
+        if chosen is None:
+            c0 = time.monotonic()
+            g = await self.compute(self.theta)
+            compute_ms = (time.monotonic() - c0) * 1000
+            await self.patient(
+                lambda: client.put(grad_key(cfg.prefix, t, cfg.worker), model.encode(g))
+            )
+            if cfg.backups:
+                chosen = await self._manifest(t, need)
+            else:
+                chosen = list(range(cfg.workers))  # every gradient: no manifest to agree on
         found: dict[int, bytes] = {}
+        members = chosen
 
         async def all_in() -> bool:
-            missing = [j for j in chosen if j not in found]
+            missing = [j for j in members if j not in found]
             got = await asyncio.gather(
                 *(
                     self.patient(functools.partial(client.get, grad_key(cfg.prefix, t, j)))
@@ -239,20 +258,24 @@ class Worker:
             for j, r in zip(missing, got, strict=True):
                 if isinstance(r.value, bytes):
                     found[j] = r.value
-            return len(found) == len(chosen)
+            return len(found) == len(members)
 
         await self.poll(all_in)  # the barrier
-        stacked = np.stack([model.decode(found[j], self.n) for j in chosen])
+        stacked = np.stack([model.decode(found[j], self.n) for j in members])
         self.theta = self.theta - cfg.lr * np.mean(stacked, axis=0)
-        if t > 2:  # the store keeps two steps: a slow reader of step t-1 still finds them
+        if t > 2 and not cfg.backups:
+            # Without backups no worker is more than one step behind another: step t-2's
+            # gradients are read by nobody any more. (With backups a straggler may lag any
+            # number of steps: the keys stay, a few KB per step.)
             self._background(client.delete(grad_key(cfg.prefix, t - 2, cfg.worker)))
-            if cfg.worker == 0 and cfg.backups:
-                self._background(client.delete(manifest_key(cfg.prefix, t - 2)))
-        return {
+        record: dict[str, Any] = {
             "compute_ms": round(compute_ms, 3),
             "digest": model.digest(self.theta),
-            "members": chosen,
+            "members": members,
         }
+        if cfg.backups:
+            record["skipped"] = skipped
+        return record
 
     def _background(self, call: Awaitable[object]) -> None:
         """Garbage collection off the step's path (a failure only leaves a key behind)."""
@@ -394,12 +417,29 @@ async def main_async(cfg: WorkerConfig, log: IO[str]) -> None:
         await Worker(cfg, client, log).run()
 
 
+def ready_then_start(cfg: WorkerConfig) -> WorkerConfig:
+    """Say this worker is ready (``<out>.ready``: its imports done, the slow part of a
+    start), then wait for the orchestrator's start file, which holds the t0 of every
+    worker, written once all are ready: a slow start under load no longer makes a worker
+    start late."""
+    Path(cfg.out + ".ready").write_text("ready\n", encoding="utf-8")
+    start = Path(cfg.start_file)
+    deadline = time.monotonic() + START_WAIT_S
+    while not start.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no start signal ({start}) within {START_WAIT_S:g} s")
+        time.sleep(0.01)  # (a file another process writes: nothing to wait on)
+    return dataclasses.replace(cfg, t0_ns=int(start.read_text(encoding="utf-8").strip()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m harness.train.worker CONFIG.json", file=sys.stderr)
         return 2
     cfg = WorkerConfig(**json.loads(Path(args[0]).read_text(encoding="utf-8")))
+    if cfg.start_file:
+        cfg = ready_then_start(cfg)
     from caplab.loop import run as loop_run  # (uvloop when there is one)
 
     with Path(cfg.out).open("w", encoding="utf-8") as log:

@@ -4,10 +4,14 @@ configuration (unit tests); the workers on real clusters (integration)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -167,46 +171,36 @@ def _records(out: Path, experiment: str, workers: int) -> dict[int, list[dict[st
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_caplab_train_short(tmp_path: Path) -> None:
-    """The three modes end to end on 3-node clusters (the short form `make test` runs):
-    BSP's workers hold identical parameters after every step, no SSP worker runs more
-    than s steps ahead of the slowest, ASP's gradients are stale with several workers, and
-    every mode learns."""
+    """`caplab train --short` (what `make demo` shows): 3 workers on 3-node clusters, every
+    mode clean, with a straggler and through a partition. BSP's workers hold identical
+    parameters after every step and stop under the partition; no SSP worker starts a step
+    more than s ahead; ASP's gradients are stale and both sides keep training; every mode
+    learns; the report has no violation."""
     out = tmp_path / "train"
-    proc = _train(
-        out,
-        "--workers",
-        "3",
-        "--nodes",
-        "3",
-        "--duration",
-        "4",
-        "--straggler",
-        "none",
-        "--partition",
-        "none",
-        "--staleness",
-        "2",
-    )
+    proc = _train(out, "--short")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    bsp = _records(out, "bsp-clean", 3)
-    digests: dict[int, set[str]] = {}
-    for recs in bsp.values():
-        for r in recs:
-            digests.setdefault(r["step"], set()).add(r["digest"])
-    assert len(digests) >= 10 and all(len(d) == 1 for d in digests.values()), digests
-    ssp = _records(out, "ssp-clean", 3)
-    leads = [r["lead"] for recs in ssp.values() for r in recs]
-    assert leads and max(leads) <= 2 and min(leads) >= 0
-    asp = _records(out, "asp-clean", 3)
-    stale = [r["staleness"] for recs in asp.values() for r in recs]
-    assert stale and max(stale) > 0 and min(stale) >= 0
-    for name, per_worker in (("bsp", bsp), ("ssp", ssp), ("asp", asp)):
-        accs = [r["acc"] for r in per_worker[0] if r.get("acc") is not None]
-        assert accs and accs[-1] > 0.8, (name, accs)
+    for name in ("bsp-clean", "bsp-straggler", "bsp-partition"):
+        recs = _records(out, name, 3)
+        digests: dict[int, set[str]] = {}
+        for rs in recs.values():
+            for r in rs:
+                digests.setdefault(r["step"], set()).add(r["digest"])
+        assert len(digests) >= 5 and all(len(d) == 1 for d in digests.values()), name
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["verdict"]["violations"] == []
+    exps = summary["experiments"]
+    assert exps["bsp-partition"]["partition"]["stall_s"] > 1.0
+    asp_cut = exps["asp-partition"]["partition"]
+    assert asp_cut["majority_steps"] > 0 and asp_cut["minority_steps"] > 0
+    ssp = [r for rs in _records(out, "ssp-straggler", 3).values() for r in rs]
+    assert ssp and all(r["step"] - 1 - min([r["step"] - 1, *r["seen"].values()]) <= 3 for r in ssp)
+    asp = [r["staleness"] for rs in _records(out, "asp-clean", 3).values() for r in rs]
+    assert asp and max(asp) > 0
+    for name in ("bsp-clean", "asp-clean", "ssp-clean"):
+        accs = [r["acc"] for r in _records(out, name, 3)[0] if r.get("acc") is not None]
+        assert accs and accs[-1] > 0.8, (name, accs)
     assert (out / "report.html").stat().st_size > 10_000
 
 
@@ -232,3 +226,151 @@ def test_asp_with_one_worker_has_no_staleness(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = _records(out, "asp-clean", 1)[0]
     assert len(recs) >= 10 and {r["staleness"] for r in recs} == {0}
+
+
+# -- the protocols on an in-memory store (the real worker code) ----------------------------------
+
+
+class MemoryStore:
+    """A linearizable in-memory store with the client methods the workers use; ``slow``
+    delays one kind of key for one client (a slow network to the manifest, say)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def client(self, delay: float = 0.001, slow_keys: str = "", slow: float = 0.0) -> Any:
+        store = self
+
+        class Client:
+            async def _wait(self, key: str) -> None:
+                await asyncio.sleep(slow if slow_keys and slow_keys in key else delay)
+
+            async def get(self, key: str, level: int = 0) -> Any:
+                await self._wait(key)
+                return SimpleNamespace(value=store.data.get(key))
+
+            async def put(self, key: str, value: bytes) -> None:
+                await self._wait(key)
+                store.data[key] = value
+
+            async def delete(self, key: str) -> None:
+                await self._wait(key)
+                store.data.pop(key, None)
+
+            async def cas(self, key: str, expected: bytes | None, new: bytes) -> Any:
+                await self._wait(key)
+                if store.data.get(key) == expected:
+                    store.data[key] = new
+                    return SimpleNamespace(swapped=True)
+                return SimpleNamespace(swapped=False)
+
+        return Client()
+
+
+def _simulate(
+    tmp_path: Path,
+    mode: str,
+    workers: int,
+    *,
+    backups: int = 0,
+    factors: dict[int, float] | None = None,
+    clients: dict[int, Any] | None = None,
+    staleness_bound: int = 2,
+    duration: float = 1.5,
+) -> dict[int, list[dict[str, Any]]]:
+    """Run the real workers against one MemoryStore; each worker's records."""
+    from harness.train.worker import Worker, WorkerConfig
+
+    path = tmp_path / "d.npz"
+    if not path.exists():
+        data.prepare(path, 1)
+    store = MemoryStore()
+    logs = {i: io.StringIO() for i in range(workers)}
+
+    async def main() -> None:
+        t0 = time.monotonic_ns() + 50_000_000
+        ws = []
+        for i in range(workers):
+            cfg = WorkerConfig(
+                mode=mode,
+                worker=i,
+                workers=workers,
+                endpoint="memory",
+                prefix="p/",
+                data=str(path),
+                out="-",
+                t0_ns=t0,
+                duration_s=duration,
+                step_ms=5.0,
+                factor=(factors or {}).get(i, 1.0),
+                backups=backups,
+                staleness=staleness_bound,
+            )
+            client = (clients or {}).get(i) or store.client()
+            if clients and i in clients:
+                client = clients[i](store)
+            ws.append(Worker(cfg, client, logs[i]))
+        await asyncio.gather(*(w.run() for w in ws))
+
+    asyncio.run(main())
+    return {i: [json.loads(x) for x in logs[i].getvalue().splitlines()] for i in logs}
+
+
+def _digests_agree(recs: dict[int, list[dict[str, Any]]]) -> int:
+    by_step: dict[int, set[str]] = {}
+    for rs in recs.values():
+        for r in rs:
+            by_step.setdefault(r["step"], set()).add(r["digest"])
+    bad = {s: d for s, d in by_step.items() if len(d) > 1}
+    assert not bad, f"steps with different parameters: {sorted(bad)[:5]}"
+    return len(by_step)
+
+
+def test_bsp_workers_hold_identical_parameters(tmp_path: Path) -> None:
+    recs = _simulate(tmp_path, "bsp", 3, factors={2: 3.0})
+    assert _digests_agree(recs) >= 10
+    counts = {len(r) for r in recs.values()}
+    assert max(counts) - min(counts) <= 1  # lockstep: every step waits for the straggler
+
+
+def test_bsp_with_backups_drops_the_straggler_without_leaving_it_behind(tmp_path: Path) -> None:
+    """Review of issue 17: the fast workers deleted steps the straggler still needed, and it
+    stuck after two steps; two slow workers rebuilt a deleted manifest and diverged."""
+    recs = _simulate(tmp_path, "bsp", 4, backups=1, factors={3: 4.0})
+    assert _digests_agree(recs) >= 10
+    fast, slow = len(recs[0]), len(recs[3])
+    assert slow >= fast - 2, (fast, slow)  # it catches up by skipping finished steps
+    assert any(r.get("skipped") for r in recs[3]) and all(
+        3 not in r["members"] for r in recs[3] if r["skipped"]
+    )
+    slow_manifest = {i: (lambda store: store.client(slow_keys="/m/", slow=0.05)) for i in (2, 3)}
+    recs = _simulate(tmp_path, "bsp", 4, backups=2, clients=slow_manifest)
+    assert _digests_agree(recs) >= 5
+
+
+def test_ssp_never_starts_a_step_beyond_the_bound(tmp_path: Path) -> None:
+    """Checked against what each worker saw and the other workers' own logs, not the
+    logged lead: a worker that had completed c steps computed the next one only with every
+    other worker's count >= c - s in its read, and no count it read was ahead of what that
+    worker had completed by then."""
+    recs = _simulate(tmp_path, "ssp", 3, factors={2: 4.0}, staleness_bound=2)
+    done = {w: [r["t"] for r in rs] for w, rs in recs.items()}
+    for w, rs in recs.items():
+        for r in rs:
+            c = r["step"] - 1
+            seen = {int(j): n for j, n in r["seen"].items()}
+            assert c - min([c, *seen.values()]) <= 2, (w, r["step"], seen)
+            for j, n in seen.items():
+                assert n <= sum(1 for t in done[j] if t <= r["t"]), (w, r["step"], j, n)
+    assert len(recs[0]) <= len(recs[2]) + 3  # the bound holds the fast ones back
+    assert len(recs[0]) > len(recs[2])  # ... but only that far
+
+
+def test_asp_gradients_are_stale_with_several_workers(tmp_path: Path) -> None:
+    from harness.train.run import staleness as fill
+
+    recs = fill(_simulate(tmp_path, "asp", 3))
+    stale = [r["staleness"] for rs in recs.values() for r in rs]
+    assert max(stale) > 0 and min(stale) == 0
+    one = fill(_simulate(tmp_path, "asp", 1))
+    assert {r["staleness"] for r in one[0]} == {0}

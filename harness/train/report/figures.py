@@ -48,6 +48,8 @@ CONDITIONS = ("clean", "straggler", "partition")
 STALL_AFTER_HEAL_S = 2.0  # the stall is looked for until this long after the heal
 BEFORE_PARTITION_S = 2.0  # the pre-partition divergence is the median over this window
 MERGE_FACTOR = 1.5  # "merged": distance back to at most this times the pre-partition median
+MERGE_FLOOR = 0.1  # ... or to a tenth of the largest distance, whichever is larger
+AFTER_HEAL_PEAK_S = 1.0  # the largest distance is looked for until this long after the heal
 DEFAULT_TARGET = 0.9
 
 
@@ -161,6 +163,12 @@ class StragglerEffect:
     clean_steps_per_s: float | None
     straggler_steps_per_s: float | None
     slowdown: float | None  # clean / straggler; None when either is missing or zero
+    # The workers other than the straggler (median steps/s of one worker): what the
+    # straggler cost them, which the total hides (it includes the straggler's own steps).
+    others_clean_steps_per_s: float | None = None
+    others_straggler_steps_per_s: float | None = None
+    others_slowdown: float | None = None
+    straggler_own_steps_per_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,9 +232,19 @@ def curve(records: Sequence[StepRecord]) -> tuple[CurvePoint, ...]:
 def time_to_target(
     steps: Mapping[int, Sequence[StepRecord]], target: float
 ) -> tuple[float, int] | None:
-    """(t, step) of the earliest record of any worker with ``acc >= target``; None if none."""
-    hits = [(r.t, r.step) for recs in steps.values() for r in recs if (r.acc or 0.0) >= target]
-    return min(hits) if hits else None
+    """When the workers reached ``target``: each worker's first record with
+    ``acc >= target``, and of those the median one (by time) over the workers that
+    reached it, if at least half did; None otherwise. (The first hit of any worker would
+    favour modes with more, noisier curves.)"""
+    firsts = []
+    for recs in steps.values():
+        hit = next(((r.t, r.step) for r in recs if (r.acc or 0.0) >= target), None)
+        if hit is not None:
+            firsts.append(hit)
+    if not firsts or 2 * len(firsts) < len(steps):
+        return None
+    firsts.sort()
+    return firsts[(len(firsts) - 1) // 2]
 
 
 def digest_check(steps: Mapping[int, Sequence[StepRecord]]) -> DigestCheck:
@@ -270,18 +288,28 @@ def divergence_figures(
 ) -> tuple[float | None, float | None, float | None]:
     """(largest distance in [start, end], median in the 2 s before start, seconds from end
     until the distance first fell to <= 1.5 x that median)."""
-    during = [s.distance for s in samples if start_s <= s.t <= end_s and s.distance is not None]
+    # the largest distance: during the cut and just after the heal (a node that merged
+    # one side's updates before the other's is briefly furthest from the rest)
+    during = [
+        s.distance
+        for s in samples
+        if start_s <= s.t <= end_s + AFTER_HEAL_PEAK_S and s.distance is not None
+    ]
+    # before: only once training runs (before t0 every node holds the zero vector)
     before = [
         s.distance
         for s in samples
-        if start_s - BEFORE_PARTITION_S <= s.t < start_s and s.distance is not None
+        if max(0.0, start_s - BEFORE_PARTITION_S) <= s.t < start_s and s.distance is not None
     ]
     top = max(during) if during else None
     pre = float(statistics.median(before)) if before else None
     merged = None
-    if pre is not None:
+    if pre is not None and top is not None:
+        # back to the distance gossip keeps while writes flow (with a floor: a baseline
+        # near 0 would call no realistic state "merged")
+        limit = max(MERGE_FACTOR * pre, MERGE_FLOOR * top)
         for s in sorted(samples, key=lambda s: s.t):
-            if s.t >= end_s and s.distance is not None and s.distance <= MERGE_FACTOR * pre:
+            if s.t >= end_s and s.distance is not None and s.distance <= limit:
                 merged = s.t - end_s
                 break
     return top, pre, merged
@@ -289,7 +317,8 @@ def divergence_figures(
 
 def partition_figures(exp: Experiment, part: Partition) -> PartitionFigures:
     times = [r.t for recs in exp.steps.values() for r in recs]
-    stall = longest_gap(times, part.start_s, part.end_s + STALL_AFTER_HEAL_S)
+    last = max(times, default=part.end_s)  # (the quiet after the last step is no stall)
+    stall = longest_gap(times, part.start_s, min(part.end_s + STALL_AFTER_HEAL_S, last))
     after = [t for t in times if t >= part.end_s]
     minority = set(part.minority_workers)
     maj = mino = 0
@@ -393,11 +422,23 @@ def straggler_effect(mode: str, experiments: Iterable[ExperimentFigures]) -> Str
     clean, slow = by_cond.get("clean"), by_cond.get("straggler")
     c = None if clean is None else clean.total_steps_per_s
     s = None if slow is None else slow.total_steps_per_s
+    oc = os_ = own = None
+    if clean is not None and clean.workers:
+        oc = statistics.median(w.steps_per_s for w in clean.workers)
+    if slow is not None and slow.straggler is not None:
+        k = slow.straggler.worker
+        others = [w.steps_per_s for w in slow.workers if w.worker != k]
+        os_ = statistics.median(others) if others else None
+        own = slow.straggler.steps_per_s
     return StragglerEffect(
         mode=mode,
         clean_steps_per_s=c,
         straggler_steps_per_s=s,
         slowdown=c / s if c is not None and s else None,
+        others_clean_steps_per_s=oc,
+        others_straggler_steps_per_s=os_,
+        others_slowdown=oc / os_ if oc is not None and os_ else None,
+        straggler_own_steps_per_s=own,
     )
 
 

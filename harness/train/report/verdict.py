@@ -105,18 +105,26 @@ def clean_line(f: TrainFigures) -> str | None:
 
 
 def _effect(e: ExperimentFigures, eff: StragglerEffect | None) -> str:
+    """What the straggler cost the *other* workers (the total hides it: it counts the
+    straggler's own lost steps), and, asynchronous modes, how stale its gradients were."""
     name = mode_name(e)
-    if eff is None or eff.slowdown is None:
+    if eff is None or eff.others_slowdown is None:
         text = f"{name} ran {e.total_steps_per_s:.1f} steps/s (no clean run to compare)"
-    elif eff.slowdown >= SLOWED:
-        text = f"{name} slowed by {eff.slowdown:.1f}x"
+    elif eff.others_slowdown >= SLOWED:
+        text = f"{name} slowed the other workers by {eff.others_slowdown:.1f}x"
         if e.mode == "bsp":
             text += " (every step waits for it)"
+        elif e.mode == "ssp":
+            text += " (they wait once s steps ahead of it)"
     else:
-        text = f"{name} kept {1 / eff.slowdown:.1f}x its pace"
+        text = (
+            f"{name}'s other workers kept their pace ({1 / eff.others_slowdown:.1f}x; "
+            f"{eff.others_straggler_steps_per_s or 0:.1f} steps/s each, the straggler "
+            f"{eff.straggler_own_steps_per_s or 0:.1f})"
+        )
     s = e.straggler
-    if e.mode == "asp" and s is not None and s.staleness_median is not None:
-        text += f" and the straggler's gradients were {s.staleness_median:g} updates stale (median)"
+    if e.mode in ("asp", "ssp") and s is not None and s.staleness_median is not None:
+        text += f", the straggler's gradients {s.staleness_median:g} updates stale (median)"
     return text
 
 
@@ -185,11 +193,13 @@ def promise_lines(f: TrainFigures) -> list[str]:
     ssp = [e for e in f.experiments.values() if e.lead is not None and e.lead.max_lead is not None]
     if ssp and all(e.lead.ok for e in ssp if e.lead is not None):
         top = max(e.lead.max_lead or 0 for e in ssp if e.lead is not None)
-        bounds = sorted({e.lead.bound for e in ssp if e.lead is not None and e.lead.bound})
+        bounds = sorted(
+            {e.lead.bound for e in ssp if e.lead is not None and e.lead.bound is not None}
+        )
         bound = ", ".join(f"s={b}" for b in bounds) or "no bound recorded"
         out.append(
-            f"SSP workers never ran more than {plural(top, 'step')} ahead of the slowest "
-            f"(bound {bound})."
+            f"No SSP worker started a step more than {plural(top, 'step')} ahead of the "
+            f"slowest (bound {bound})."
         )
     return out
 
@@ -216,7 +226,9 @@ def _headline(f: TrainFigures, bad: Sequence[str]) -> str:
         held.append("BSP kept every worker identical")
     ssp = [e for e in f.experiments.values() if e.lead is not None and e.lead.max_lead is not None]
     if ssp:
-        bounds = sorted({e.lead.bound for e in ssp if e.lead is not None and e.lead.bound})
+        bounds = sorted(
+            {e.lead.bound for e in ssp if e.lead is not None and e.lead.bound is not None}
+        )
         held.append("SSP stayed within " + (", ".join(f"s={b}" for b in bounds) or "its bound"))
     return first + ("; " + " and ".join(held) if held else "") + "."
 
