@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.files import write_text_atomic
 from harness.report.load import ReportError, load_run, read_json
 from harness.spectrum.matrix import Matrix, compute_matrix
 from harness.spectrum.render import PLOT_NAME, render_html, staleness_plot, summary_doc
@@ -31,12 +32,6 @@ class SpectrumReport:
     summary_path: Path
     html_path: Path
     plot_path: Path | None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def is_spectrum_run(out: Path | str) -> bool:
@@ -64,14 +59,14 @@ def build_spectrum_report(out: Path | str) -> SpectrumReport:
     v = verdict(m)
     doc = summary_doc(m, v, out, scenario)
     summary_path = out / SUMMARY_NAME
-    _write_atomic(summary_path, json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(summary_path, json.dumps(doc, indent=2) + "\n")
     tmp_plot = out / f".{PLOT_NAME}.tmp.png"
     staleness_plot(tmp_plot, m)
     plot_path = out / PLOT_NAME
     os.replace(tmp_plot, plot_path)
     html_path = out / HTML_NAME
     image = "data:image/png;base64," + base64.b64encode(plot_path.read_bytes()).decode("ascii")
-    _write_atomic(html_path, render_html(doc, m, v, image))
+    write_text_atomic(html_path, render_html(doc, m, v, image))
     return SpectrumReport(
         matrix=m, verdict=v, summary_path=summary_path, html_path=html_path, plot_path=plot_path
     )

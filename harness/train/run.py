@@ -18,7 +18,8 @@ under its own key prefix, for the same ``duration``:
 4. the workers' logs are joined: each asynchronous gradient's *staleness* is the number
    of other workers' updates acknowledged before it was pushed that the parameters it was
    computed on did not include, its *age* how long before the push the oldest of them had
-   been acknowledged (:func:`staleness`).
+   been acknowledged, and ``stale_at_read`` the part of them acknowledged before its read
+   began: what the read itself missed, 0 for a linearizable read (:func:`staleness`).
 
 The run folder then holds ``run.json``, ``data.npz`` and one folder per experiment
 (``experiment.json``, ``worker<i>.jsonl``, ``divergence.jsonl``, the workers' own logs);
@@ -49,6 +50,7 @@ import numpy as np
 from caplab import errors
 from caplab.client import KVClient
 from caplab.v1 import kv_pb2
+from harness.files import write_text_atomic
 from harness.train import data, model
 from harness.train.protocol import decode_update, update_key
 
@@ -177,11 +179,12 @@ def staleness(
             seen = r.get("seen")
             pushed = r.get("pushed_at")
             if seen is None or pushed is None:
-                rec["staleness"], rec["age_ms"] = None, None
+                rec["staleness"], rec["age_ms"], rec["stale_at_read"] = None, None, None
                 done.append(rec)
                 continue
-            missing = 0
+            missing = at_read = 0
             oldest = math.inf
+            read_at = r.get("read_at")
             for j, times in pushes.items():
                 if j == w:
                     continue
@@ -190,8 +193,15 @@ def staleness(
                 if acked > have:
                     missing += acked - have
                     oldest = min(oldest, times[have])  # j's first update it lacked
+                if read_at is not None:
+                    before = sum(1 for t in times if t < float(read_at))
+                    at_read += max(0, before - have)
             rec["staleness"] = missing
             rec["age_ms"] = 0.0 if missing == 0 else round((float(pushed) - oldest) * 1000, 3)
+            # Of those, the updates acknowledged before its read even began: what the read
+            # itself missed. A linearizable read misses none (SSP over raft: always 0);
+            # an eventual one misses what had not reached its node yet (ASP over gossip).
+            rec["stale_at_read"] = None if read_at is None else at_read
             done.append(rec)
         out[w] = done
     return out
@@ -221,15 +231,8 @@ def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def write_json_text(path: Path, text: str) -> None:
-    """``text`` into ``path`` atomically (a temporary name, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    write_json_text(path, json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 # -- one experiment ---------------------------------------------------------------------------
@@ -357,7 +360,7 @@ async def run_experiment(
                 raise TimeoutError(f"the workers were not ready within {READY_TIMEOUT_S:g} s")
             await asyncio.sleep(0.02)  # (files other processes write: nothing to await)
         t0_ns = time.monotonic_ns() + int(START_DELAY_S * 1e9)
-        write_json_text(start_file, f"{t0_ns}\n")
+        write_text_atomic(start_file, f"{t0_ns}\n")
         if STORE_OF[mode] == "gossip":
             sampler = asyncio.create_task(
                 _divergence(endpoints, prefix, cfg.workers, t0_ns, stop, samples)
@@ -382,7 +385,7 @@ async def run_experiment(
         for i, p in enumerate(procs):
             if p.returncode not in (0, None):
                 error = error or f"worker {i} exited with {p.returncode}; see {d}/worker{i}.log"
-    except (RuntimeError, TimeoutError, OSError, errors.StoreError, ValueError) as e:
+    except Exception as e:  # this experiment failed: say why, and go on with the next
         error = f"{type(e).__name__}: {e}"
     finally:
         stop.set()

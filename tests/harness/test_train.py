@@ -103,6 +103,15 @@ def test_staleness_counts_the_acknowledged_updates_a_gradient_lacked() -> None:
     assert [(r["staleness"], r["age_ms"]) for r in out[0]] == [(0, 0.0), (2, 200.0), (0, 0.0)]
     # worker 1's first push (0.2 s): worker 0's update of 0.1 s was missing
     assert [(r["staleness"], r["age_ms"]) for r in out[1]] == [(1, 100.0), (0, 0.0), (0, 0.0)]
+    reads = staleness(
+        {
+            0: [{"read_at": 0.35, "pushed_at": 0.5, "seen": {"1": 1}}],
+            1: [rec(0.20, {"0": 0}), rec(0.30, {"0": 0}), rec(0.40, {"0": 0})],
+        }
+    )
+    # pushed at 0.5 lacking 2 of worker 1's 3 updates; at its read (0.35) 2 were
+    # acknowledged and it saw 1: its read itself missed 1
+    assert (reads[0][0]["staleness"], reads[0][0]["stale_at_read"]) == (2, 1)
     bsp = staleness({0: [{"digest": "ab"}]})
     assert bsp[0][0]["staleness"] is None and bsp[0][0]["age_ms"] is None
 
@@ -198,6 +207,15 @@ def test_caplab_train_short(tmp_path: Path) -> None:
     assert ssp and all(r["step"] - 1 - min([r["step"] - 1, *r["seen"].values()]) <= 3 for r in ssp)
     asp = [r["staleness"] for rs in _records(out, "asp-clean", 3).values() for r in rs]
     assert asp and max(asp) > 0
+    # The consistency model, measured: a linearizable read (SSP over raft) misses no update
+    # acknowledged before it began; an eventual one (ASP over gossip) does.
+    ssp_read = [r["stale_at_read"] for rs in _records(out, "ssp-clean", 3).values() for r in rs]
+    asp_read = [r["stale_at_read"] for rs in _records(out, "asp-clean", 3).values() for r in rs]
+    assert ssp_read and set(ssp_read) == {0}
+    assert asp_read and max(asp_read) > 0
+    assert exps["ssp-clean"]["read_missed"]["max"] == 0
+    assert exps["asp-clean"]["read_missed"]["max"] > 0
+    assert "its reads missed no acknowledged update" in " ".join(summary["verdict"]["lines"])
     for name in ("bsp-clean", "asp-clean", "ssp-clean"):
         accs = [r["acc"] for r in _records(out, name, 3)[0] if r.get("acc") is not None]
         assert accs and accs[-1] > 0.8, (name, accs)
@@ -371,6 +389,8 @@ def test_asp_gradients_are_stale_with_several_workers(tmp_path: Path) -> None:
 
     recs = fill(_simulate(tmp_path, "asp", 3))
     stale = [r["staleness"] for rs in recs.values() for r in rs]
-    assert max(stale) > 0 and min(stale) == 0
+    assert max(stale) > 0 and min(stale) == 0  # updates pushed while it computed
+    # the in-memory store is linearizable: no read misses an acknowledged update
+    assert {r["stale_at_read"] for rs in recs.values() for r in rs} == {0}
     one = fill(_simulate(tmp_path, "asp", 1))
     assert {r["staleness"] for r in one[0]} == {0}

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.files import write_text_atomic
 from harness.report.load import ReportError
 from harness.train.report.figures import TrainFigures, compute_figures
 from harness.train.report.load import is_train_run, load_train_run
@@ -36,12 +37,6 @@ class TrainReport:
     summary_path: Path
     html_path: Path
     plot_paths: dict[str, Path]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build_train_report(out: Path | str) -> TrainReport:
@@ -63,13 +58,13 @@ def build_train_report(out: Path | str) -> TrainReport:
         plots[key] = final
     doc = summary_doc(figs, v, out, plots)
     summary_path = out / SUMMARY_NAME
-    _write_atomic(summary_path, json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(summary_path, json.dumps(doc, indent=2) + "\n")
     images = {
         key: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
         for key, p in plots.items()
     }
     html_path = out / HTML_NAME
-    _write_atomic(html_path, render_html(doc, figs, v, images))
+    write_text_atomic(html_path, render_html(doc, figs, v, images))
     return TrainReport(
         figures=figs, verdict=v, summary_path=summary_path, html_path=html_path, plot_paths=plots
     )

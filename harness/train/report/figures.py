@@ -150,6 +150,9 @@ class ExperimentFigures:
     steps_to_target: int | None
     staleness: Dist | None
     age_ms: Dist | None
+    # updates acknowledged before a read began that it did not return: 0 for linearizable
+    # reads (SSP over raft), what had not reached the node for eventual ones (ASP, gossip)
+    read_missed: Dist | None = None
     digests: DigestCheck | None  # bsp only
     lead: LeadCheck | None  # ssp only
     straggler: StragglerFigures | None
@@ -409,6 +412,7 @@ def experiment_figures(exp: Experiment, target: float) -> ExperimentFigures:
         steps_to_target=None if hit is None else hit[1],
         staleness=dist(r.staleness for r in all_recs if r.staleness is not None),
         age_ms=dist(r.age_ms for r in all_recs if r.age_ms is not None),
+        read_missed=dist(r.stale_at_read for r in all_recs if r.stale_at_read is not None),
         digests=digest_check(exp.steps) if exp.mode == "bsp" else None,
         lead=lead_check(exp.steps, exp.staleness_bound) if exp.mode == "ssp" else None,
         straggler=straggler_figures(exp, workers) if exp.straggler is not None else None,

@@ -39,6 +39,7 @@ class StepRecord:
     wait_ms: float
     staleness: int | None = None
     age_ms: float | None = None
+    stale_at_read: int | None = None  # of those, acknowledged before its read began
     lead: int | None = None
     digest: str | None = None
     loss: float | None = None
@@ -135,6 +136,7 @@ def step_record(d: Mapping[str, Any]) -> StepRecord | None:
         wait_ms=_num(d.get("wait_ms")) or 0.0,
         staleness=_int(d.get("staleness")),
         age_ms=_num(d.get("age_ms")),
+        stale_at_read=_int(d.get("stale_at_read")),
         lead=_int(d.get("lead")),
         digest=digest if isinstance(digest, str) else None,
         loss=_num(d.get("loss")),

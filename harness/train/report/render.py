@@ -138,6 +138,7 @@ def experiment_json(e: ExperimentFigures) -> dict[str, Any]:
         "steps_to_target": e.steps_to_target,
         "staleness": dist_json(e.staleness),
         "age_ms": dist_json(e.age_ms),
+        "read_missed": dist_json(e.read_missed),
         "digests": None
         if e.digests is None
         else {

@@ -77,7 +77,15 @@ def _stale(e: ExperimentFigures) -> str:
     if st is None:
         return ""
     age = "" if e.age_ms is None else f", {e.age_ms.median:.0f} ms old"
-    return f" with median staleness {st.median:g} updates (p99 {st.p99:g}{age})"
+    missed = ""
+    if e.read_missed is not None:
+        rm = e.read_missed
+        missed = (
+            "; its reads missed no acknowledged update"
+            if rm.max == 0
+            else f"; its reads missed up to {rm.max:g} acknowledged updates (p99 {rm.p99:g})"
+        )
+    return f" with median staleness {st.median:g} updates (p99 {st.p99:g}{age}{missed})"
 
 
 def clean_line(f: TrainFigures) -> str | None:
