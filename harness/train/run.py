@@ -583,7 +583,12 @@ def add_train(sub: Any) -> None:
         help=f"{SHORT_WORKERS} workers on {SHORT_WORKERS} nodes, {SHORT_DURATION_S:g} s per "
         "experiment (about a minute in all)",
     )
-    p.add_argument("--mode", choices=(*MODES, "all"), default="all")
+    p.add_argument(
+        "--mode",
+        choices=(*MODES, "all"),
+        default="all",
+        help="bsp (over raft), asp (over gossip), ssp (over raft) or all (default)",
+    )
     p.add_argument(
         "--staleness",
         type=int,

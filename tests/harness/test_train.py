@@ -222,30 +222,6 @@ def test_caplab_train_short(tmp_path: Path) -> None:
     assert (out / "report.html").stat().st_size > 10_000
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(120)
-def test_asp_with_one_worker_has_no_staleness(tmp_path: Path) -> None:
-    out = tmp_path / "one"
-    proc = _train(
-        out,
-        "--mode",
-        "asp",
-        "--workers",
-        "1",
-        "--nodes",
-        "1",
-        "--duration",
-        "2",
-        "--straggler",
-        "none",
-        "--partition",
-        "none",
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    recs = _records(out, "asp-clean", 1)[0]
-    assert len(recs) >= 10 and {r["staleness"] for r in recs} == {0}
-
-
 # -- the protocols on an in-memory store (the real worker code) ----------------------------------
 
 
@@ -384,7 +360,7 @@ def test_ssp_never_starts_a_step_beyond_the_bound(tmp_path: Path) -> None:
     assert len(recs[0]) > len(recs[2])  # ... but only that far
 
 
-def test_asp_gradients_are_stale_with_several_workers(tmp_path: Path) -> None:
+def test_asp_gradients_are_stale_with_several_workers_and_never_with_one(tmp_path: Path) -> None:
     from harness.train.run import staleness as fill
 
     recs = fill(_simulate(tmp_path, "asp", 3))
