@@ -436,3 +436,20 @@ def test_not_a_train_run(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"schema_version": "caplab.other/1"}))
     with pytest.raises(ReportError, match="not a train run"):
         build_train_report(tmp_path)
+
+
+def test_a_tie_to_the_target_names_every_mode_in_it(run_dir: Path) -> None:
+    import dataclasses
+
+    from harness.train.report.verdict import verdict
+
+    f = compute_figures(load_train_run(run_dir))
+    ssp = f.experiments["ssp-clean"]
+    asp = dataclasses.replace(
+        f.experiments["asp-clean"], time_to_target_s=(ssp.time_to_target_s or 0) + 0.01
+    )
+    tied = dataclasses.replace(f, experiments={**f.experiments, "asp-clean": asp})
+    assert verdict(tied).headline.startswith(
+        "ASP and SSP reached 90% held-out accuracy first (0.5 s)"
+    )
+    assert verdict(f).headline.startswith("SSP reached 90% held-out accuracy first (0.5 s)")

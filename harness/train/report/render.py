@@ -501,9 +501,10 @@ parameters only through the store. {esc(meta)}</p>
 {verdict_html(v)}
 <h2>Experiments</h2>
 <p class="note">steps/s: all workers together. Final accuracy: held-out, mean over workers.
-Time to target: the first step at which any worker reached {esc(pct(f.target))}. Staleness:
-updates of other workers a worker's parameters lacked when it read them. Wait share: time
-blocked on the store / step time.</p>
+Time to target: when the median worker first reached {esc(pct(f.target))}. Staleness:
+updates of other workers acknowledged before a gradient was pushed that the parameters it was
+computed on lacked. Wait share: the part of each step spent off the compute (the store's
+round trips, the barrier or the clock wait, refusals and retries).</p>
 {experiments_table(f)}
 <h2>Plots</h2>
 {figures}

@@ -27,6 +27,7 @@ from harness.train.report.figures import (
 MODE_NAMES = {"bsp": "BSP", "asp": "ASP", "ssp": "SSP"}
 SLOWED = 1.1  # a slowdown at least this large is "slowed by"; below it, "kept its pace"
 STOPPED_S = 1.0  # a stall at least this long (or a quarter of the window) is "stopped"
+TIE_S = 0.05  # times to the target closer than this are a tie
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,10 +222,11 @@ def _headline(f: TrainFigures, bad: Sequence[str]) -> str:
     ]
     if reached:
         best = min(reached, key=lambda e: e.time_to_target_s or 0.0)
-        first = (
-            f"{MODE_NAMES.get(best.mode, best.mode)} reached {pct(f.target)} held-out "
-            f"accuracy first ({best.time_to_target_s:.1f} s)"
-        )
+        t = best.time_to_target_s or 0.0
+        # a tie (closer than TIE_S) names every mode in it
+        tied = [e for e in reached if (e.time_to_target_s or 0.0) - t < TIE_S]
+        who = " and ".join(MODE_NAMES.get(e.mode, e.mode) for e in tied)
+        first = f"{who} reached {pct(f.target)} held-out accuracy first ({t:.1f} s)"
     elif any(e.condition == "clean" for e in f.experiments.values()):
         first = f"No mode reached {pct(f.target)} held-out accuracy on the clean run"
     else:
