@@ -3,15 +3,18 @@ the store (``python -m harness.train.worker CONFIG.json``).
 
 Theory of operation
 -------------------
-The worker waits for the experiment's start (``t0_ns``, the monotonic clock every process
-of the machine shares), then runs steps until ``duration_s`` has passed. A step computes
+Once loaded, the worker says so (``<out>.ready``) and waits for the orchestrator's start
+file, which holds the experiment's ``t0_ns`` (the monotonic clock every process of the
+machine shares), then runs steps until ``duration_s`` has passed. A step computes
 the gradient of its minibatch at its current parameters (softmax regression, well under a
 millisecond) and then waits out the rest of ``step_ms * factor``: the emulated cost of a
 real model's forward and backward pass, which is what a straggler (``factor`` > 1) is slow
 at. How the step meets the store is the mode (:mod:`harness.train.protocol`):
 
-``bsp``  put the gradient, join the step's manifest, wait for it to fill, average the
-         listed gradients, apply: every worker's parameters are identical after every step.
+``bsp``  put the gradient, wait until every gradient of the step is readable (with
+         ``backups``: join the step's manifest of the first ``workers - backups``; a worker
+         that lags skips a step already complete), average them in worker order, apply:
+         every worker's parameters are identical after every step.
 ``asp``  read every worker's cumulative update from this node (LOCAL, no waiting), compute,
          push its own cumulative update. The gradient is stale by whatever the node had
          not yet received.
@@ -19,9 +22,10 @@ at. How the step meets the store is the mode (:mod:`harness.train.protocol`):
          ``c`` steps starts its next only once the slowest has completed ``c - staleness``.
 
 Each completed step is one JSON line in ``out`` (times in s since ``t0``): ``step``,
-``started``, ``t``, ``compute_ms``, ``wait_ms`` (blocked on the store: barrier, clock wait,
-refusals and their retries), and per mode ``digest`` (bsp), ``read_at``, ``seen`` (steps
-of each other worker its parameters included), ``pushed_at`` (asp/ssp), ``lead`` (ssp);
+``started``, ``t``, ``compute_ms``, ``wait_ms`` (the rest of the step: the store's round
+trips, the barrier or the clock wait, refusals and their retries), and per mode
+``digest`` (bsp), ``read_at``, ``seen`` (steps of each other worker its parameters
+included), ``pushed_at`` (asp/ssp), ``lead`` (ssp);
 every ``eval_every`` steps and after the last, the held-out ``loss`` and ``acc``. The
 orchestrator turns ``seen`` and every worker's ``pushed_at`` into each gradient's
 staleness. A store that refuses (a minority during a partition) is retried until it
