@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
+from harness.report.html import CSS_PATH
 from harness.report.summary import commit_info, machine_info
 from harness.spectrum.matrix import (
     CHECKER_NAMES,
@@ -31,7 +32,6 @@ from harness.spectrum.matrix import (
 from harness.spectrum.verdict import LEVEL_NAMES, Verdict
 
 SCHEMA_VERSION = "caplab.spectrum/1"
-CSS_PATH = Path(__file__).resolve().parents[1] / "templates" / "report.css"
 PLOT_NAME = "staleness.png"
 STORE_ROLES = {"raft": "raft (CP)", "gossip": "gossip (AP)"}
 CHECKER_ABBREV = {

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -289,6 +288,17 @@ async def _divergence(
             await c.close()
 
 
+async def _ready(i: int, p: asyncio.subprocess.Process, d: Path) -> None:
+    """Until worker ``i`` says ``ready`` on stdout (RuntimeError if it exits first)."""
+    assert p.stdout is not None
+    while True:
+        line = await p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {i} exited before starting; see {d}/worker{i}.log")
+        if line.strip() == b"ready":
+            return
+
+
 async def run_experiment(
     cfg: TrainConfig,
     mode: str,
@@ -307,9 +317,7 @@ async def run_experiment(
     straggler = cfg.straggler if condition == "straggler" else None
     partition = cfg.partition if condition == "partition" else None
     prefix = f"train/{name}/"
-    start_file = d / "start"
-    start_file.unlink(missing_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[asyncio.subprocess.Process] = []
     logs = []
     samples: list[dict[str, Any]] = []
     error: str | None = None
@@ -326,7 +334,7 @@ async def run_experiment(
                 "data": str(out / "data.npz"),
                 "out": str(d / f"raw{i}.jsonl"),
                 "t0_ns": 0,
-                "start_file": str(start_file),
+                "wait_for_start": True,
                 "duration_s": cfg.duration_s,
                 "step_ms": cfg.step_ms,
                 "factor": straggler[1] if straggler and straggler[0] == i else 1.0,
@@ -339,28 +347,33 @@ async def run_experiment(
             }
             path = d / f"worker{i}.config.json"
             write_json(path, wc)
-            (d / f"raw{i}.jsonl.ready").unlink(missing_ok=True)
             log = (d / f"worker{i}.log").open("wb")
             logs.append(log)
             procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "harness.train.worker", str(path)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "harness.train.worker",
+                    str(path),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,  # "ready", then nothing
+                    stderr=log,
                     start_new_session=True,
                 )
             )
         # every worker loaded and connected: then one t0 for all
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not all((d / f"raw{i}.jsonl.ready").exists() for i in range(cfg.workers)):
-            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"worker {dead[0]} exited before starting; see {d}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the workers were not ready within {READY_TIMEOUT_S:g} s")
-            await asyncio.sleep(0.02)  # (files other processes write: nothing to await)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(_ready(i, p, d) for i, p in enumerate(procs))), READY_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise TimeoutError(f"the workers were not ready within {READY_TIMEOUT_S:g} s") from None
         t0_ns = time.monotonic_ns() + int(START_DELAY_S * 1e9)
-        write_text_atomic(start_file, f"{t0_ns}\n")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(f"{t0_ns}\n".encode())
+            await p.stdin.drain()
+            p.stdin.close()
         if STORE_OF[mode] == "gossip":
             sampler = asyncio.create_task(
                 _divergence(endpoints, prefix, cfg.workers, t0_ns, stop, samples)
@@ -376,12 +389,11 @@ async def run_experiment(
             await store_run.nemesis.partition("groups", groups=[majority, minority])
             await at(partition[1])
             await store_run.nemesis.heal()
-        deadline = time.monotonic() + START_DELAY_S + cfg.duration_s + 30
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                error = "a worker did not stop within 30 s of the end"
-                break
-            await asyncio.sleep(0.05)  # (child processes: no awaitable exit on all loops)
+        left = (t0_ns - time.monotonic_ns()) / 1e9 + cfg.duration_s + 30
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), max(left, 1.0))
+        except TimeoutError:
+            error = "a worker did not stop within 30 s of the end"
         for i, p in enumerate(procs):
             if p.returncode not in (0, None):
                 error = error or f"worker {i} exited with {p.returncode}; see {d}/worker{i}.log"
@@ -393,10 +405,10 @@ async def run_experiment(
             with contextlib.suppress(Exception):
                 await sampler
         for p in procs:
-            if p.poll() is None:
+            if p.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                await p.wait()
         for log in logs:
             log.close()
         if partition is not None and store_run.nemesis.current is not None:

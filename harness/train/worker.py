@@ -3,8 +3,8 @@ the store (``python -m harness.train.worker CONFIG.json``).
 
 Theory of operation
 -------------------
-Once loaded, the worker says so (``<out>.ready``) and waits for the orchestrator's start
-file, which holds the experiment's ``t0_ns`` (the monotonic clock every process of the
+Once loaded, the worker says so (``ready`` on stdout) and reads the experiment's ``t0_ns``
+from stdin (the monotonic clock every process of the
 machine shares), then runs steps until ``duration_s`` has passed. A step computes
 the gradient of its minibatch at its current parameters (softmax regression, well under a
 millisecond) and then waits out the rest of ``step_ms * factor``: the emulated cost of a
@@ -65,7 +65,6 @@ from harness.train.protocol import (
 T = TypeVar("T")
 MODES = ("bsp", "asp", "ssp")
 POLL_MIN_S, POLL_MAX_S = 0.002, 0.02  # a wait on the store polls, backing off to 20 ms
-START_WAIT_S = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,8 +87,8 @@ class WorkerConfig:
     backups: int = 0  # bsp
     eval_every: int = 5
     op_timeout: float = 1.0
-    # when set: write <out>.ready once loaded, then wait for this file to hold t0_ns
-    start_file: str = ""
+    # True: say "ready" on stdout once loaded, then read t0_ns from stdin
+    wait_for_start: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -422,18 +421,15 @@ async def main_async(cfg: WorkerConfig, log: IO[str]) -> None:
 
 
 def ready_then_start(cfg: WorkerConfig) -> WorkerConfig:
-    """Say this worker is ready (``<out>.ready``: its imports done, the slow part of a
-    start), then wait for the orchestrator's start file, which holds the t0 of every
-    worker, written once all are ready: a slow start under load no longer makes a worker
-    start late."""
-    Path(cfg.out + ".ready").write_text("ready\n", encoding="utf-8")
-    start = Path(cfg.start_file)
-    deadline = time.monotonic() + START_WAIT_S
-    while not start.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no start signal ({start}) within {START_WAIT_S:g} s")
-        time.sleep(0.01)  # (a file another process writes: nothing to wait on)
-    return dataclasses.replace(cfg, t0_ns=int(start.read_text(encoding="utf-8").strip()))
+    """Say this worker is ready (``ready`` on stdout: its imports done, the slow part of a
+    start), then read the experiment's t0 from stdin, which the orchestrator sends once
+    every worker is ready: a slow start under load no longer makes a worker start late."""
+    print("ready", flush=True)
+    sys.stdout = sys.stderr  # (nobody reads stdout from now on: it must not fill up)
+    line = sys.stdin.readline()
+    if not line.strip():
+        raise RuntimeError("no start signal: the orchestrator closed stdin")
+    return dataclasses.replace(cfg, t0_ns=int(line))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m harness.train.worker CONFIG.json", file=sys.stderr)
         return 2
     cfg = WorkerConfig(**json.loads(Path(args[0]).read_text(encoding="utf-8")))
-    if cfg.start_file:
+    if cfg.wait_for_start:
         cfg = ready_then_start(cfg)
     from caplab.loop import run as loop_run  # (uvloop when there is one)
 

@@ -29,6 +29,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from harness.report.html import CSS_PATH
 from harness.report.plots import DPI, FAULT_ALPHA, PALETTE, side_colors
 from harness.report.summary import commit_info, machine_info
 from harness.report.words import pct
@@ -43,7 +44,6 @@ from harness.train.report.figures import (
 from harness.train.report.verdict import MODE_NAMES, Verdict
 
 SCHEMA_VERSION = "caplab.train.summary/1"
-CSS_PATH = Path(__file__).resolve().parents[2] / "templates" / "report.css"
 PLOT_NAMES = {
     "accuracy": "accuracy.png",
     "throughput": "throughput.png",
