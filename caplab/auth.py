@@ -33,6 +33,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from caplab.pipeline_server import may_write
 from caplab.security import ROLE_MEMBER, ROLES, peer_certificate, token_identity
 from caplab.store import NodeConfig
 
@@ -208,6 +209,8 @@ class ClientRoles(_Interceptor):
         if role == ROLE_MEMBER or (
             need in ROLES and role in ROLES and ROLES.index(role) >= ROLES.index(need)
         ):
+            # (KV.Pipeline carries reads and writes: it checks each write against this)
+            may_write.set(role == ROLE_MEMBER or (role in ROLES and role != ROLES[0]))
             return True, grpc.StatusCode.OK, ""
         return (
             False,

@@ -30,6 +30,7 @@ from tenacity import (
 )
 
 from caplab import errors
+from caplab.pipeline_client import Pipeline
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import MAX_MESSAGE_BYTES
 
@@ -43,6 +44,16 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.enable_retries", 0),
 ]
+
+
+# kv.proto's Operation field of each KV operation -> its unary method
+_UNARY = {
+    "put": "Put",
+    "get": "Get",
+    "delete": "Delete",
+    "compare_and_swap": "CompareAndSwap",
+    "increment": "Increment",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +105,16 @@ class KVClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         session: bool = False,
+        pipeline: bool = False,
     ) -> None:
         """``credentials``: TLS to the nodes (``caplab.security.channel_credentials``);
         ``token``: a bearer token sent with every call (nodes with ``--client-auth``);
         ``session``: this client is one session (kv.proto SESSION, READ_MY_WRITES,
         MONOTONIC_READS): every request carries the latest ``session_token`` a response
-        gave (the stores merge it with what they answer), one operation at a time."""
+        gave (the stores merge it with what they answer), one operation at a time;
+        ``pipeline``: KV operations go over KV.Pipeline (caplab.pipeline_client): the
+        operations of concurrent callers share one stream per node, many per message;
+        the same results, errors and retries as the unary RPCs."""
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
         self.endpoints = list(endpoints)
@@ -115,6 +130,9 @@ class KVClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._credentials = credentials
         self._interceptors = [] if token is None else [_BearerToken(token)]
+        self._token_md = None if token is None else (("authorization", f"Bearer {token}"),)
+        self.pipeline = pipeline
+        self._pipes: dict[str, Pipeline] = {}
         self.session = session
         self.session_token = b""  # the latest ResponseHeader.session_token (session only)
 
@@ -154,6 +172,20 @@ class KVClient:
     def admin(self, endpoint: str | None = None) -> kv_pb2_grpc.AdminAsyncStub:
         return kv_pb2_grpc.AdminStub(self._channel(endpoint or self.endpoint))
 
+    def _pipe(self, endpoint: str) -> Pipeline:
+        pipe = self._pipes.get(endpoint)
+        if pipe is None:
+            pipe = Pipeline(self._channel(endpoint), metadata=self._token_md)
+            self._pipes[endpoint] = pipe
+        return pipe
+
+    def _op(self, kind: str, request: Any) -> Callable[[str], Awaitable[Any]]:
+        """One KV operation at an endpoint, over the unary RPC or the pipeline."""
+        if self.pipeline:
+            return lambda ep: self._pipe(ep).call(kind, request, self.timeout)
+        method = _UNARY[kind]
+        return lambda ep: getattr(self.kv(ep), method)(request, timeout=self.timeout)
+
     def next_request_id(self) -> kv_pb2.RequestId | None:
         """The next request id; None when this client opted out (empty client_id)."""
         if not self.client_id:
@@ -166,12 +198,14 @@ class KVClient:
             return await call(endpoint)
         except grpc.aio.AioRpcError as e:
             err = errors.classify(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()))
-            if err.definite and err.code in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-            ):
-                self._current += 1  # try another node next time
-            raise err from None
+        except errors.StoreError as e:  # (the pipeline raises them itself)
+            err = e
+        if err.definite and err.code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ):
+            self._current += 1  # try another node next time
+        raise err from None
 
     async def _run(
         self, call: Callable[[str], Awaitable[T]], *, idempotent: bool, mutation: bool = True
@@ -226,9 +260,7 @@ class KVClient:
                 request_id=self.next_request_id(),
                 session_token=self._token(),
             )
-            resp: kv_pb2.PutResponse = await self._run(
-                lambda ep: self.kv(ep).Put(req, timeout=self.timeout), idempotent=True
-            )
+            resp: kv_pb2.PutResponse = await self._run(self._op("put", req), idempotent=True)
             self._saw(resp.header)
             return resp
 
@@ -246,7 +278,7 @@ class KVClient:
             session_token=self._token(),
         )
         resp: kv_pb2.GetResponse = await self._run(
-            lambda ep: self.kv(ep).Get(req, timeout=self.timeout), idempotent=True, mutation=False
+            self._op("get", req), idempotent=True, mutation=False
         )
         self._saw(resp.header)
         value: bytes | int | None = None
@@ -259,9 +291,7 @@ class KVClient:
             req = kv_pb2.DeleteRequest(
                 key=key, request_id=self.next_request_id(), session_token=self._token()
             )
-            resp: kv_pb2.DeleteResponse = await self._run(
-                lambda ep: self.kv(ep).Delete(req, timeout=self.timeout), idempotent=True
-            )
+            resp: kv_pb2.DeleteResponse = await self._run(self._op("delete", req), idempotent=True)
             self._saw(resp.header)
             return resp
 
@@ -278,8 +308,7 @@ class KVClient:
                 session_token=self._token(),
             )
             resp: kv_pb2.CompareAndSwapResponse = await self._run(
-                lambda ep: self.kv(ep).CompareAndSwap(req, timeout=self.timeout),
-                idempotent=True,
+                self._op("compare_and_swap", req), idempotent=True
             )
             self._saw(resp.header)
             return resp
@@ -293,7 +322,7 @@ class KVClient:
                 session_token=self._token(),
             )
             resp: kv_pb2.IncrementResponse = await self._run(
-                lambda ep: self.kv(ep).Increment(req, timeout=self.timeout), idempotent=True
+                self._op("increment", req), idempotent=True
             )
             self._saw(resp.header)
             return resp
@@ -332,6 +361,9 @@ class KVClient:
         return resp.skew_ms
 
     async def close(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.close()
+        self._pipes.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()

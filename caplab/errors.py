@@ -114,6 +114,25 @@ class Redirect(Exception):
         self.forward = forward
 
 
+def status_of(exc: BaseException) -> StoreError:
+    """What a server answers for an operation that raised ``exc`` (the unary status, or a
+    pipeline OperationError): a StoreError as it is; NotImplementedError as UNIMPLEMENTED
+    and a Redirect nobody followed as UNAVAILABLE (both not applied); anything else is an
+    internal error whose outcome is unknown."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, Redirect):
+        return Unavailable("this node cannot serve the request; not applied")
+    if isinstance(exc, NotImplementedError):
+        err = StoreError(str(exc) or "not implemented")
+        err.code, err.definite = grpc.StatusCode.UNIMPLEMENTED, True
+        return err
+    return OutcomeUnknown(
+        f"internal error ({type(exc).__name__}); the outcome is unknown",
+        grpc.StatusCode.INTERNAL,
+    )
+
+
 class TransportError(StoreError):
     """The server could not be reached at all: the request never left (definite)."""
 

@@ -1,7 +1,10 @@
 """Regenerate (or check) the committed Python code for proto/**/*.proto.
 
-python -m caplab.protogen           # rewrite caplab/**/*_pb2*.py(i)
+python -m caplab.protogen           # rewrite caplab/**/*_pb2*.py(i), harness/**/*_pb2*.py(i)
 python -m caplab.protogen --check   # exit 1 if the committed code is stale
+
+The output path follows the proto path: proto/caplab/v1/kv.proto -> caplab/v1/kv_pb2.py,
+proto/harness/etcd/rpc.proto -> harness/etcd/rpc_pb2.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+# the packages that hold generated code: proto/<package>/** -> <package>/**
+GENERATED_PACKAGES = ("caplab", "harness")
 
 
 def _protos() -> list[Path]:
@@ -52,9 +57,10 @@ def _generate(out: Path) -> list[Path]:
 
 def _committed() -> list[Path]:
     files = []
-    for p in (ROOT / "caplab").rglob("*"):
-        if p.name.endswith(GENERATED_SUFFIXES):
-            files.append(p.relative_to(ROOT))
+    for package in GENERATED_PACKAGES:
+        for p in (ROOT / package).rglob("*"):
+            if p.name.endswith(GENERATED_SUFFIXES):
+                files.append(p.relative_to(ROOT))
     return sorted(files)
 
 

@@ -8,6 +8,7 @@ refuses it) is refused by :class:`MalformedRequests` before any servicer runs.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
@@ -17,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from caplab import errors, validation
 from caplab.logs import get_logger
+from caplab.pipeline_server import Malformed, serve_pipeline
 from caplab.store import (
     BASIC_LEVELS,
     FORWARDED_BY_KEY,
@@ -37,6 +39,7 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # (subscriptable in the 
 
 _CONSISTENCY = {c.value: c for c in Consistency}
 _LEVEL_NAMES = ", ".join(c.name for c in Consistency)
+PIPELINE_METHOD = "/caplab.v1.KV/Pipeline"
 _STORE_NAMES: dict[int, str] = {kv_pb2.STORE_KIND_RAFT: "raft", kv_pb2.STORE_KIND_GOSSIP: "gossip"}
 
 
@@ -76,150 +79,189 @@ def _timeout(context: grpc.aio.ServicerContext[object, object]) -> float | None:
     return None if remaining is None or remaining > 1e9 else max(0.0, remaining)
 
 
+def error_status(exc: BaseException) -> errors.StoreError:
+    """errors.status_of, logging an internal error with its traceback."""
+    e = errors.status_of(exc)
+    if e.code is grpc.StatusCode.INTERNAL:
+        log.error("internal_error", error=repr(exc), exc_info=exc)
+    return e
+
+
 async def _call(
     context: grpc.aio.ServicerContext[object, object],
     fn: Callable[[], Awaitable[T]],
-    method: str = "",
-    request: object = None,
 ) -> T:
-    """Run `fn` and map its outcome to a gRPC status. A backend that raises Redirect gets
-    the original request forwarded (`method` of the KV service) to the node it names."""
+    """Run `fn` and map its outcome to a gRPC status (see error_status)."""
     for key, value in context.invocation_metadata() or ():
         if key == FORWARDED_BY_KEY:
             forwarded_by.set(value if isinstance(value, str) else value.decode())
     try:
-        try:
-            return await fn()
-        except errors.Redirect as r:
-            if not method:
-                raise errors.Unavailable("this node cannot serve the request") from None
-            result: T = await r.forward(method, request, _timeout(context))
-            return result
-    except errors.StoreError as e:
+        return await fn()
+    except (grpc.aio.AbortError, KeyboardInterrupt, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        e = error_status(exc)
         await context.abort(e.code, e.message, trailing_metadata=((errors.OUTCOME_KEY, e.outcome),))
         raise AssertionError("unreachable") from None
-    except NotImplementedError as e:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(e) or "not implemented")
-        raise AssertionError("unreachable") from None
-    except (grpc.aio.AbortError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        log.exception("internal_error", error=repr(e))
-        await context.abort(
-            grpc.StatusCode.INTERNAL,
-            f"internal error ({type(e).__name__}); the outcome is unknown",
-            trailing_metadata=((errors.OUTCOME_KEY, errors.UNKNOWN),),
+
+
+async def _routed(method: str, request: Any, timeout: float | None, run: Awaitable[T]) -> T:
+    """Await ``run``; a backend that raises Redirect gets the original request forwarded
+    (``method`` of the KV service) to the node it names, and its answer returned."""
+    try:
+        return await run
+    except errors.Redirect as r:
+        result: T = await r.forward(method, request, timeout)
+        return result
+
+
+class KVOperations:
+    """The KV operations on protobuf requests, each a coroutine that returns the response
+    or raises (StoreError: the answer); shared by the unary RPCs and KV.Pipeline.
+    ``timeout``: seconds left to answer (None: no deadline)."""
+
+    def __init__(self, backend: StoreBackend) -> None:
+        self.b = backend
+
+    async def put(self, request: kv_pb2.PutRequest, timeout: float | None) -> kv_pb2.PutResponse:
+        key = validation.check_key(request.key)
+        _session(request.session_token)
+        value = validation.check_value(request.value)
+        h = await _routed(
+            "Put", request, timeout, self.b.put(key, value, _rid(request.request_id), timeout)
         )
-        raise AssertionError("unreachable") from None
+        if isinstance(h, kv_pb2.PutResponse):  # (forwarded: the leader's answer)
+            return h
+        return kv_pb2.PutResponse(header=header_pb(h, self.b.kind))
+
+    async def get(self, request: kv_pb2.GetRequest, timeout: float | None) -> kv_pb2.GetResponse:
+        key = validation.check_key(request.key)
+        _session(request.session_token)
+        consistency = _CONSISTENCY.get(request.consistency)
+        if consistency is None:
+            raise errors.InvalidArgument(
+                f"unknown consistency level {request.consistency}; use one of {_LEVEL_NAMES}"
+            )
+        levels = getattr(self.b, "consistency_levels", BASIC_LEVELS)
+        if consistency not in levels:
+            store = _STORE_NAMES.get(self.b.kind, "this store")
+            raise errors.FailedPrecondition(
+                f"{store} does not offer {consistency.name} reads (it serves "
+                f"{', '.join(sorted(c.name for c in levels if c.value))}); not served"
+            )
+        if consistency is Consistency.BOUNDED_STALENESS:
+            if request.max_staleness_ms == 0:
+                raise errors.InvalidArgument(
+                    "BOUNDED_STALENESS needs max_staleness_ms > 0 (the bound)"
+                )
+            r = await self.b.get(
+                key, consistency, timeout, max_staleness_ms=request.max_staleness_ms
+            )
+        else:
+            r = await self.b.get(key, consistency, timeout)
+        out = kv_pb2.GetResponse(header=header_pb(r.header, self.b.kind))
+        if isinstance(r.value, bytes):
+            out.found, out.type, out.value = True, kv_pb2.VALUE_TYPE_REGISTER, r.value
+        elif isinstance(r.value, int):
+            out.found, out.type, out.counter = True, kv_pb2.VALUE_TYPE_COUNTER, r.value
+        return out
+
+    async def delete(
+        self, request: kv_pb2.DeleteRequest, timeout: float | None
+    ) -> kv_pb2.DeleteResponse:
+        key = validation.check_key(request.key)
+        _session(request.session_token)
+        r = await _routed(
+            "Delete", request, timeout, self.b.delete(key, _rid(request.request_id), timeout)
+        )
+        if isinstance(r, kv_pb2.DeleteResponse):
+            return r
+        return kv_pb2.DeleteResponse(header=header_pb(r.header, self.b.kind), existed=r.existed)
+
+    async def compare_and_swap(
+        self, request: kv_pb2.CompareAndSwapRequest, timeout: float | None
+    ) -> kv_pb2.CompareAndSwapResponse:
+        key = validation.check_key(request.key)
+        _session(request.session_token)
+        if request.expected_absent and request.expected:
+            raise errors.InvalidArgument(
+                "expected_absent is set, so expected must be empty (it cannot both be absent "
+                "and hold a value)"
+            )
+        expected = (
+            None
+            if request.expected_absent
+            else validation.check_value(request.expected, "expected")
+        )
+        new = validation.check_value(request.new_value, "new_value")
+        r = await _routed(
+            "CompareAndSwap",
+            request,
+            timeout,
+            self.b.compare_and_swap(key, expected, new, _rid(request.request_id), timeout),
+        )
+        if isinstance(r, kv_pb2.CompareAndSwapResponse):
+            return r
+        return kv_pb2.CompareAndSwapResponse(
+            header=header_pb(r.header, self.b.kind),
+            swapped=r.swapped,
+            found=r.current is not None,
+            current=r.current or b"",
+        )
+
+    async def increment(
+        self, request: kv_pb2.IncrementRequest, timeout: float | None
+    ) -> kv_pb2.IncrementResponse:
+        key = validation.check_key(request.key)
+        _session(request.session_token)
+        delta = validation.check_delta(request.delta)
+        r = await _routed(
+            "Increment",
+            request,
+            timeout,
+            self.b.increment(key, delta, _rid(request.request_id), timeout),
+        )
+        if isinstance(r, kv_pb2.IncrementResponse):
+            return r
+        return kv_pb2.IncrementResponse(header=header_pb(r.header, self.b.kind), value=r.value)
 
 
 class KVServicer(kv_pb2_grpc.KVServicer):
     def __init__(self, backend: StoreBackend) -> None:
-        self.b = backend
+        self.ops = KVOperations(backend)
 
     async def Put(
         self, request: kv_pb2.PutRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.PutResponse:
-        async def run() -> kv_pb2.PutResponse:
-            key = validation.check_key(request.key)
-            _session(request.session_token)
-            value = validation.check_value(request.value)
-            h = await self.b.put(key, value, _rid(request.request_id), _timeout(context))
-            return kv_pb2.PutResponse(header=header_pb(h, self.b.kind))
-
-        return await _call(context, run, "Put", request)
+        return await _call(context, lambda: self.ops.put(request, _timeout(context)))
 
     async def Get(
         self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.GetResponse:
-        async def run() -> kv_pb2.GetResponse:
-            key = validation.check_key(request.key)
-            _session(request.session_token)
-            consistency = _CONSISTENCY.get(request.consistency)
-            if consistency is None:
-                raise errors.InvalidArgument(
-                    f"unknown consistency level {request.consistency}; use one of {_LEVEL_NAMES}"
-                )
-            levels = getattr(self.b, "consistency_levels", BASIC_LEVELS)
-            if consistency not in levels:
-                store = _STORE_NAMES.get(self.b.kind, "this store")
-                raise errors.FailedPrecondition(
-                    f"{store} does not offer {consistency.name} reads (it serves "
-                    f"{', '.join(sorted(c.name for c in levels if c.value))}); not served"
-                )
-            if consistency is Consistency.BOUNDED_STALENESS:
-                if request.max_staleness_ms == 0:
-                    raise errors.InvalidArgument(
-                        "BOUNDED_STALENESS needs max_staleness_ms > 0 (the bound)"
-                    )
-                r = await self.b.get(
-                    key,
-                    consistency,
-                    _timeout(context),
-                    max_staleness_ms=request.max_staleness_ms,
-                )
-            else:
-                r = await self.b.get(key, consistency, _timeout(context))
-            out = kv_pb2.GetResponse(header=header_pb(r.header, self.b.kind))
-            if isinstance(r.value, bytes):
-                out.found, out.type, out.value = True, kv_pb2.VALUE_TYPE_REGISTER, r.value
-            elif isinstance(r.value, int):
-                out.found, out.type, out.counter = True, kv_pb2.VALUE_TYPE_COUNTER, r.value
-            return out
-
-        return await _call(context, run)
+        return await _call(context, lambda: self.ops.get(request, _timeout(context)))
 
     async def Delete(
         self, request: kv_pb2.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.DeleteResponse:
-        async def run() -> kv_pb2.DeleteResponse:
-            key = validation.check_key(request.key)
-            _session(request.session_token)
-            r = await self.b.delete(key, _rid(request.request_id), _timeout(context))
-            return kv_pb2.DeleteResponse(header=header_pb(r.header, self.b.kind), existed=r.existed)
-
-        return await _call(context, run, "Delete", request)
+        return await _call(context, lambda: self.ops.delete(request, _timeout(context)))
 
     async def CompareAndSwap(
         self, request: kv_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.CompareAndSwapResponse:
-        async def run() -> kv_pb2.CompareAndSwapResponse:
-            key = validation.check_key(request.key)
-            _session(request.session_token)
-            if request.expected_absent and request.expected:
-                raise errors.InvalidArgument(
-                    "expected_absent is set, so expected must be empty (it cannot both be absent "
-                    "and hold a value)"
-                )
-            expected = (
-                None
-                if request.expected_absent
-                else validation.check_value(request.expected, "expected")
-            )
-            new = validation.check_value(request.new_value, "new_value")
-            r = await self.b.compare_and_swap(
-                key, expected, new, _rid(request.request_id), _timeout(context)
-            )
-            return kv_pb2.CompareAndSwapResponse(
-                header=header_pb(r.header, self.b.kind),
-                swapped=r.swapped,
-                found=r.current is not None,
-                current=r.current or b"",
-            )
-
-        return await _call(context, run, "CompareAndSwap", request)
+        return await _call(context, lambda: self.ops.compare_and_swap(request, _timeout(context)))
 
     async def Increment(
         self, request: kv_pb2.IncrementRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.IncrementResponse:
-        async def run() -> kv_pb2.IncrementResponse:
-            key = validation.check_key(request.key)
-            _session(request.session_token)
-            delta = validation.check_delta(request.delta)
-            r = await self.b.increment(key, delta, _rid(request.request_id), _timeout(context))
-            return kv_pb2.IncrementResponse(header=header_pb(r.header, self.b.kind), value=r.value)
+        return await _call(context, lambda: self.ops.increment(request, _timeout(context)))
 
-        return await _call(context, run, "Increment", request)
+    async def Pipeline(
+        self,
+        request_iterator: AsyncIterator[kv_pb2.PipelineRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[kv_pb2.PipelineResponse]:
+        async for response in serve_pipeline(self.ops, request_iterator, context, error_status):
+            yield response
 
 
 class ClusterServicer(kv_pb2_grpc.ClusterServicer):
@@ -263,15 +305,6 @@ class AdminServicer(kv_pb2_grpc.AdminServicer):
         return await _call(context, run)
 
 
-class _Malformed:
-    """What the guarded deserializer returns for a body that does not decode."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
 class MalformedRequests(grpc.aio.ServerInterceptor):
     """Refuse a request body that does not decode with INVALID_ARGUMENT (not applied).
 
@@ -281,8 +314,10 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
     request. This interceptor gives every handler with a unary request (KV, Cluster,
     Admin, health, on both listeners) a deserializer that returns a marker instead of
     raising, and a behavior that answers the marker with INVALID_ARGUMENT and one warning
-    line. Streamed requests (the stores' peer streams, reflection) are left alone: the
-    peer services validate their own input.
+    line. Of the streamed requests, KV.Pipeline's messages get the same deserializer (the
+    call answers a marker by ending once every earlier operation was answered:
+    caplab.pipeline_server); the others (the stores' peer streams, reflection) are left
+    alone: the peer services validate their own input.
     """
 
     def __init__(self) -> None:
@@ -294,9 +329,11 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
         method: str = handler_call_details.method
+        if handler.request_streaming and method != PIPELINE_METHOD:
+            return handler
         key = (method, id(handler))
         wrapped = self._cache.get(key)
         if wrapped is None:
@@ -307,7 +344,8 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
 
 
 def _guard(method: str, h: Any) -> Handler:
-    # (h: an aio handler with a unary request; the grpc stubs type handlers as synchronous)
+    # (h: an aio handler with a unary request, or KV.Pipeline's; the grpc stubs type
+    # handlers as synchronous)
     parse = h.request_deserializer
     resp = h.response_serializer
 
@@ -315,9 +353,12 @@ def _guard(method: str, h: Any) -> Handler:
         try:
             return parse(data)
         except DecodeError as e:
-            return _Malformed(str(e) or "undecodable")
+            return Malformed(str(e) or "undecodable")
 
-    async def refuse(request: _Malformed, context: Context) -> None:
+    if h.stream_stream is not None:  # KV.Pipeline: the call sees the marker in its stream
+        return grpc.stream_stream_rpc_method_handler(h.stream_stream, deserialize, resp)
+
+    async def refuse(request: Malformed, context: Context) -> None:
         log.warning("malformed_request", method=method, reason=request.reason)
         hint = ""
         if "utf-8" in request.reason.lower():
@@ -333,7 +374,7 @@ def _guard(method: str, h: Any) -> Handler:
         inner_uu = h.unary_unary
 
         async def uu(request: Any, context: Context) -> Any:
-            if isinstance(request, _Malformed):
+            if isinstance(request, Malformed):
                 await refuse(request, context)
             return await inner_uu(request, context)
 
@@ -343,7 +384,7 @@ def _guard(method: str, h: Any) -> Handler:
     if inspect.isasyncgenfunction(inner_us):  # a servicer that yields its responses (Dump)
 
         async def us_gen(request: Any, context: Context) -> AsyncIterator[Any]:
-            if isinstance(request, _Malformed):
+            if isinstance(request, Malformed):
                 await refuse(request, context)
             async for item in inner_us(request, context):
                 yield item
@@ -352,7 +393,7 @@ def _guard(method: str, h: Any) -> Handler:
 
     async def us_write(request: Any, context: Context) -> None:
         # one that writes its responses itself (the health service's Watch)
-        if isinstance(request, _Malformed):
+        if isinstance(request, Malformed):
             await refuse(request, context)
         await inner_us(request, context)
 

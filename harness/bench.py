@@ -1,33 +1,44 @@
-"""`caplab bench`: throughput and latency of a store beside a raw grpc.aio no-op server.
+"""`caplab bench`: throughput and latency of the stores beside a raw grpc.aio no-op server
+and, with `--compare etcd`, a real 3-member etcd cluster, all in one run.
 
-For each target (the no-op server first, then a 3-node cluster of the store on
-127.0.0.1, with mutual TLS between its nodes and then, with `--security both`, the
-default, again with plaintext peer links, to show what authentication costs) and each
-client concurrency, closed-loop clients issue writes (Put of `--value-size` bytes, each
-client with its own client_id/sequence, so that every write goes through exactly-once
-deduplication; `--no-request-ids` leaves it out, to measure what it costs) and then
-reads (Get at the store's default consistency: linearizable on raft, local on gossip) for
-`--duration` seconds after a warm-up. The no-op server is measured with the same
-client code in the same run: it is the ceiling for any Python gRPC server here,
-and the store's figures are reported as a fraction of it.
+For each store (`--store raft,gossip`: each in turn), each security mode of its peer links
+(mutual TLS, the default of every cluster; then, with `--security both`, the default,
+plaintext, to show what authentication costs), each client path (`--path`: unary RPCs,
+and KV.Pipeline, many operations per message over one stream, see kv.proto), each op and
+each client concurrency, closed-loop clients issue writes (Put of `--value-size` bytes,
+each client with its own client_id/sequence, so that every write goes through
+exactly-once deduplication; `--no-request-ids` leaves it out, to measure what it costs)
+and then reads (Get at the store's default consistency: linearizable on raft, local on
+gossip) for `--duration` seconds after a warm-up.
 
-Raft writers talk to the leader (found through Cluster.Status, as a client that
-follows the leader hint would), so that the measurement is of replication, not
-forwarding; raft readers are spread over all nodes, which all serve linearizable
-reads (followers through ReadIndex). Gossip clients are spread over all nodes.
+Every cell of a store comes right after the same cell of the no-op server (the ceiling
+for any Python gRPC server here: it answers every unary call and every pipelined
+operation with a canned response through the same pipeline code as the stores) and,
+with `--compare etcd`, of etcd (Put, and Range with etcd's default linearizable reads,
+over the same client code; etcd has no pipelined path, so its unary cells stand beside
+both of ours), so that a machine whose speed drifts during the run (shared VMs do) skews
+all alike. The figures that matter are these same-run ratios.
+
+Raft and etcd writers talk to the leader (found through their status RPCs, as a client
+that follows the leader hint would), so that the measurement is of replication, not
+forwarding; readers are spread over all nodes, which all serve linearizable reads
+(followers through ReadIndex, etcd's too). Gossip clients are spread over all nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +46,23 @@ from typing import Any
 import grpc
 from hdrh.histogram import HdrHistogram
 
+from caplab import errors
 from caplab.client import CHANNEL_OPTIONS
+from caplab.pipeline_client import Pipeline
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from harness.cluster import LocalCluster, free_ports
+
+SCHEMA_VERSION = 2
+PATHS = ("unary", "pipelined")
+
+# One client operation: (caller index, key, value, sequence) -> awaitable
+Op = Callable[[int, str, bytes, int], Awaitable[object]]
 
 
 @dataclass(frozen=True)
 class Cell:
-    target: str  # "noop" | store name
+    target: str  # "noop" | "etcd" | store name, "-insecure" with plaintext peer links
+    path: str  # "unary" | "pipelined"
     op: str  # "write" | "read"
     concurrency: int
     ops: int
@@ -53,27 +73,82 @@ class Cell:
     p99_ms: float
 
 
+@dataclass(frozen=True)
+class Target:
+    """Something to measure: its name and path, and how it writes and reads."""
+
+    name: str
+    path: str
+    endpoints: dict[str, list[str]]  # op -> endpoints its callers are spread over
+    connect: Callable[[list[grpc.aio.Channel], str], Op]  # (channels, op) -> the op
+
+
+# -- the client side of each target ---------------------------------------------------
+def _caplab_unary(request_ids: bool) -> Callable[[list[grpc.aio.Channel], str], Op]:
+    def connect(channels: list[grpc.aio.Channel], op: str) -> Op:
+        stubs = [kv_pb2_grpc.KVStub(ch) for ch in channels]
+        cid = f"bench-{os.getpid()}-{time.monotonic_ns()}"
+
+        def write(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
+            rid = kv_pb2.RequestId(client_id=f"{cid}-{i}", sequence=seq) if request_ids else None
+            req = kv_pb2.PutRequest(key=key, value=value, request_id=rid)
+            return stubs[i % len(stubs)].Put(req, timeout=10)
+
+        def read(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
+            return stubs[i % len(stubs)].Get(kv_pb2.GetRequest(key=key), timeout=10)
+
+        return write if op == "write" else read
+
+    return connect
+
+
+def _caplab_pipelined(request_ids: bool) -> Callable[[list[grpc.aio.Channel], str], Op]:
+    def connect(channels: list[grpc.aio.Channel], op: str) -> Op:
+        pipes = [Pipeline(ch) for ch in channels]
+        cid = f"bench-{os.getpid()}-{time.monotonic_ns()}"
+
+        def write(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
+            rid = kv_pb2.RequestId(client_id=f"{cid}-{i}", sequence=seq) if request_ids else None
+            req = kv_pb2.PutRequest(key=key, value=value, request_id=rid)
+            return pipes[i % len(pipes)].call("put", req, 10)
+
+        def read(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
+            return pipes[i % len(pipes)].call("get", kv_pb2.GetRequest(key=key), 10)
+
+        return write if op == "write" else read
+
+    return connect
+
+
+def _etcd(channels: list[grpc.aio.Channel], op: str) -> Op:
+    from harness.etcd.cluster import etcd_put, etcd_range, kv_stub
+
+    stubs = [kv_stub(ch) for ch in channels]
+
+    def write(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
+        return etcd_put(stubs[i % len(stubs)], key.encode(), value, 10)
+
+    def read(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
+        return etcd_range(stubs[i % len(stubs)], key.encode(), 10)
+
+    return write if op == "write" else read
+
+
+# -- one cell ---------------------------------------------------------------------------
 async def _drive(
-    endpoints: list[str],
-    op: str,
-    concurrency: int,
-    duration: float,
-    warmup: float,
-    value: bytes,
-    request_ids: bool = True,
-) -> tuple[int, int, float, HdrHistogram]:
-    channels = [grpc.aio.insecure_channel(ep, options=CHANNEL_OPTIONS) for ep in endpoints]
-    stubs = [kv_pb2_grpc.KVStub(ch) for ch in channels]
+    target: Target, op: str, concurrency: int, duration: float, warmup: float, value: bytes
+) -> tuple[int, int, HdrHistogram]:
+    channels = [
+        grpc.aio.insecure_channel(ep, options=CHANNEL_OPTIONS) for ep in target.endpoints[op]
+    ]
+    call = target.connect(channels, op)
     hist = HdrHistogram(1, 60_000_000, 3)  # microseconds
     counts = {"ok": 0, "err": 0}
     start = time.monotonic()
     measure_from = start + warmup
     stop_at = measure_from + duration
-    pid = os.getpid()
 
     async def client(i: int) -> None:
-        stub = stubs[i % len(stubs)]
-        client_id = f"bench-{pid}-{op}-{concurrency}-{i}"
         seq = 0
         keys = [f"bench/{i}/{k}" for k in range(16)]
         while True:
@@ -81,20 +156,11 @@ async def _drive(
             if now >= stop_at:
                 return
             seq += 1
-            key = keys[seq % len(keys)]
             t0 = time.perf_counter_ns()
             try:
-                if op == "write":
-                    rid = (
-                        kv_pb2.RequestId(client_id=client_id, sequence=seq) if request_ids else None
-                    )
-                    await stub.Put(
-                        kv_pb2.PutRequest(key=key, value=value, request_id=rid), timeout=10
-                    )
-                else:
-                    await stub.Get(kv_pb2.GetRequest(key=key), timeout=10)
+                await call(i, keys[seq % len(keys)], value, seq)
                 ok = True
-            except grpc.aio.AioRpcError:
+            except (grpc.aio.AioRpcError, errors.StoreError):
                 ok = False
             t1 = time.perf_counter_ns()
             if time.monotonic() >= measure_from:
@@ -104,33 +170,20 @@ async def _drive(
                 else:
                     counts["err"] += 1
 
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
-    for ch in channels:
-        await ch.close()
-    return counts["ok"], counts["err"], duration, hist
+    try:
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+    finally:
+        for ch in channels:
+            await ch.close()
+    return counts["ok"], counts["err"], hist
 
 
-async def _prefill(endpoints: list[str], value: bytes, concurrency: int) -> None:
-    """Write every key the read phase will read, so that reads return real values."""
-    async with grpc.aio.insecure_channel(endpoints[0], options=CHANNEL_OPTIONS) as ch:
-        stub = kv_pb2_grpc.KVStub(ch)
-        for i in range(concurrency):
-            await asyncio.gather(
-                *(
-                    stub.Put(kv_pb2.PutRequest(key=f"bench/{i}/{k}", value=value), timeout=10)
-                    for k in range(16)
-                )
-            )
-
-
-async def _cell(
-    target: str, endpoints: list[str], op: str, conc: int, args: argparse.Namespace, value: bytes
-) -> Cell:
-    ok, err, secs, h = await _drive(
-        endpoints, op, conc, args.duration, args.warmup, value, args.request_ids
-    )
+async def _cell(target: Target, op: str, conc: int, args: argparse.Namespace, value: bytes) -> Cell:
+    ok, err, h = await _drive(target, op, conc, args.duration, args.warmup, value)
+    secs = args.duration
     cell = Cell(
-        target,
+        target.name,
+        target.path,
         op,
         conc,
         ok,
@@ -141,12 +194,23 @@ async def _cell(
         h.get_value_at_percentile(99) / 1000 if ok else float("nan"),
     )
     print(
-        f"  {target:7s} {op:5s} c={conc:<3d} {cell.ops_per_s:9.0f} ops/s  "
-        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {err}",
+        f"  {target.name:15s} {target.path:9s} {op:5s} c={conc:<4d} {cell.ops_per_s:9.0f} ops/s"
+        f"  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {err}",
         file=sys.stderr,
         flush=True,
     )
     return cell
+
+
+async def _prefill(target: Target, value: bytes, concurrency: int) -> None:
+    """Write every key the read phase will read, so that reads return real values."""
+    channels = [grpc.aio.insecure_channel(target.endpoints["write"][0], options=CHANNEL_OPTIONS)]
+    write = target.connect(channels, "write")
+    try:
+        for i in range(concurrency):
+            await asyncio.gather(*(write(i, f"bench/{i}/{k}", value, k + 1) for k in range(16)))
+    finally:
+        await channels[0].close()
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -199,18 +263,14 @@ def _machine() -> dict[str, Any]:
     }
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    value = os.urandom(args.value_size // 2 + 1).hex()[: args.value_size].encode()
-    conc = [int(c) for c in args.concurrency.split(",")]
-    cells: list[Cell] = []
+# -- the run ----------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _noop_server() -> AsyncIterator[str]:
     port = free_ports(1)[0]
-    noop = subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "harness.noop_server", "--listen", f"127.0.0.1:{port}"]
     )
     ep = f"127.0.0.1:{port}"
-    root = Path(args.data_dir or tempfile.mkdtemp(prefix=f"caplab-bench-{args.store}-"))
-    extra = [f"--set={s}" for s in args.set]
-    idle_cpu = idle_wall = 0.0
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -222,101 +282,212 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
-        modes = {"tls": [True], "insecure": [False], "both": [True, False]}[args.security]
-        for secure in modes:
-            target = args.store if secure else f"{args.store}-insecure"
-            with LocalCluster(
-                args.store, args.nodes, root / target, extra_args=extra, secure=secure
-            ) as cluster:
-                cluster.start()
-                await cluster.wait_ready()
-                every = list(cluster.endpoints.values())
-                if args.store == "raft":
-                    endpoints = {"write": [await _leader_endpoint(cluster)], "read": every}
-                else:
-                    endpoints = {"write": every, "read": every}
-                pids = [n.proc.pid for n in cluster.nodes.values() if n.proc is not None]
-                # Each no-op cell runs right before the store's cell of the same op and
-                # concurrency, so a machine whose speed drifts during the run (shared VMs
-                # do) skews both alike. The idle cluster's own CPU during the no-op cells
-                # (timers, heartbeats) is measured and reported.
-                peers = "mutual TLS between nodes" if secure else "plaintext between nodes"
-                print(
-                    f"raw grpc.aio no-op server vs {args.store}, {args.nodes} nodes, {peers}:",
-                    file=sys.stderr,
-                )
-                for op in ("write", "read"):
-                    if op == "read":
-                        await _prefill(endpoints["write"], value, max(conc))
-                    for n in conc:
-                        cpu0, wall0 = cpu_seconds(pids), time.monotonic()
-                        cells.append(await _cell("noop", [ep], op, n, args, value))
-                        idle_cpu += cpu_seconds(pids) - cpu0
-                        idle_wall += time.monotonic() - wall0
-                        cells.append(await _cell(target, endpoints[op], op, n, args, value))
+        yield ep
     finally:
-        noop.terminate()
-        noop.wait()
-    ratios: dict[str, float] = {}
-    insecure: dict[str, float] = {}
-    base: Cell | None = None
-    for c in cells:  # each store cell follows its no-op cell
-        if c.target == "noop":
-            base = c
-            continue
-        assert base is not None and (base.op, base.concurrency) == (c.op, c.concurrency)
-        frac = c.ops_per_s / base.ops_per_s if base.ops_per_s else 0
-        (ratios if c.target == args.store else insecure)[f"{c.op}@{c.concurrency}"] = frac
+        proc.terminate()
+        proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _etcd_cluster(root: Path) -> AsyncIterator[tuple[dict[str, list[str]], list[int]]]:
+    from harness.etcd.cluster import EtcdCluster
+
+    with EtcdCluster(root / "etcd") as etcd:
+        await etcd.wait_ready()
+        leader = await etcd.leader_endpoint()
+        yield {"write": [leader], "read": etcd.endpoints}, etcd.pids
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    value = os.urandom(args.value_size // 2 + 1).hex()[: args.value_size].encode()
+    conc = [int(c) for c in args.concurrency.split(",")]
+    stores = args.store.split(",")
+    paths = args.path.split(",")
+    cells: list[Cell] = []
+    root = Path(args.data_dir or tempfile.mkdtemp(prefix="caplab-bench-"))
+    extra = [f"--set={s}" for s in args.set]
+    idle_cpu = idle_wall = 0.0
+    async with contextlib.AsyncExitStack() as stack:
+        noop_ep = await stack.enter_async_context(_noop_server())
+        noop = {"write": [noop_ep], "read": [noop_ep]}
+        etcd: Target | None = None
+        etcd_pids: list[int] = []
+        if args.compare == "etcd":
+            etcd_eps, etcd_pids = await stack.enter_async_context(_etcd_cluster(root))
+            etcd = Target("etcd", "unary", etcd_eps, _etcd)
+        modes = {"tls": [True], "insecure": [False], "both": [True, False]}[args.security]
+        for store in stores:
+            for secure in modes:
+                target = store if secure else f"{store}-insecure"
+                with LocalCluster(
+                    store, args.nodes, root / target, extra_args=extra, secure=secure
+                ) as cluster:
+                    cluster.start()
+                    await cluster.wait_ready()
+                    every = list(cluster.endpoints.values())
+                    writers = [await _leader_endpoint(cluster)] if store == "raft" else every
+                    eps = {"write": writers, "read": every}
+                    pids = [n.proc.pid for n in cluster.nodes.values() if n.proc is not None]
+                    peers = "mutual TLS between nodes" if secure else "plaintext between nodes"
+                    print(
+                        f"{store}, {args.nodes} nodes, {peers}, beside the raw grpc.aio no-op "
+                        f"server{' and etcd' if etcd else ''}:",
+                        file=sys.stderr,
+                    )
+                    for op in ("write", "read"):
+                        if op == "read":
+                            await _prefill(
+                                Target(store, "unary", eps, _caplab_unary(False)), value, max(conc)
+                            )
+                            if etcd is not None and store == stores[0] and secure == modes[0]:
+                                await _prefill(etcd, value, max(conc))
+                        for n in conc:
+                            for path in paths:
+                                # The no-op cells also measure the idle clusters' own CPU
+                                # (timers, heartbeats), reported beside the figures.
+                                cpu0, wall0 = cpu_seconds(pids + etcd_pids), time.monotonic()
+                                cells.append(
+                                    await _cell(
+                                        Target("noop", path, noop, _caplab_ops(path, args)),
+                                        op,
+                                        n,
+                                        args,
+                                        value,
+                                    )
+                                )
+                                idle_cpu += cpu_seconds(pids + etcd_pids) - cpu0
+                                idle_wall += time.monotonic() - wall0
+                                if etcd is not None and path == paths[0]:
+                                    cells.append(await _cell(etcd, op, n, args, value))
+                                store_target = Target(target, path, eps, _caplab_ops(path, args))
+                                cells.append(await _cell(store_target, op, n, args, value))
     return {
-        "schema_version": 1,
-        "store": args.store,
+        "schema_version": SCHEMA_VERSION,
+        "stores": stores,
         "nodes": args.nodes,
         "value_size": args.value_size,
         "request_ids": args.request_ids,
         "duration_s": args.duration,
-        "machine": _machine(),
-        # CPU the idle cluster used while the no-op server was measured (one core = 1.0)
-        "cluster_idle_cpu_during_noop": idle_cpu / idle_wall if idle_wall else 0.0,
-        "cells": [asdict(c) for c in cells],
-        "fraction_of_noop": ratios,
-        # the same cluster with plaintext peer links (--insecure), measured in the same run:
-        # what authenticating the nodes to each other costs
-        "fraction_of_noop_insecure": insecure,
+        "paths": paths,
+        "compare": args.compare,
         "peer_security": args.security,
+        "machine": _machine(),
+        # CPU the idle clusters used while the no-op server was measured (one core = 1.0)
+        "idle_cpu_during_noop": idle_cpu / idle_wall if idle_wall else 0.0,
+        "cells": [asdict(c) for c in cells],
+        "ratios": ratios([Cell(**asdict(c)) for c in cells]),
     }
+
+
+def _caplab_ops(path: str, args: argparse.Namespace) -> Callable[[list[grpc.aio.Channel], str], Op]:
+    return (_caplab_unary if path == "unary" else _caplab_pipelined)(args.request_ids)
+
+
+def ratios(cells: list[Cell]) -> dict[str, dict[str, float]]:
+    """Same-run ratios, keyed "target/path/op@concurrency":
+
+    - ``of_noop``: a store cell over the no-op cell of the same path, op and concurrency
+      measured right before it;
+    - ``of_etcd``: a store cell over the etcd cell of the same op and concurrency (of the
+      same store's pass);
+    - ``gossip_over_raft``: gossip over raft, same security, path, op and concurrency.
+    """
+    of_noop: dict[str, float] = {}
+    of_etcd: dict[str, float] = {}
+    noop: Cell | None = None
+    etcd: dict[tuple[str, int], Cell] = {}
+    by_key: dict[str, Cell] = {}
+    for c in cells:
+        if c.target == "noop":
+            noop = c
+            continue
+        if c.target == "etcd":
+            etcd[(c.op, c.concurrency)] = c
+            continue
+        key = f"{c.target}/{c.path}/{c.op}@{c.concurrency}"
+        by_key[key] = c
+        if noop is not None and (noop.path, noop.op, noop.concurrency) == (
+            c.path,
+            c.op,
+            c.concurrency,
+        ):
+            of_noop[key] = c.ops_per_s / noop.ops_per_s if noop.ops_per_s else 0.0
+        e = etcd.get((c.op, c.concurrency))
+        if e is not None:
+            of_etcd[key] = c.ops_per_s / e.ops_per_s if e.ops_per_s else 0.0
+    gossip_over_raft: dict[str, float] = {}
+    for key, c in by_key.items():
+        if c.target.startswith("gossip"):
+            raft = by_key.get(key.replace("gossip", "raft", 1))
+            if raft is not None and raft.ops_per_s:
+                gossip_over_raft[key] = c.ops_per_s / raft.ops_per_s
+    return {"of_noop": of_noop, "of_etcd": of_etcd, "gossip_over_raft": gossip_over_raft}
 
 
 def _print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"caplab bench: {result['store']} ({result['nodes']} nodes) vs raw grpc.aio")
-    for col in ("target", "op", "concurrency", "ops/s", "p50 ms", "p99 ms", "errors", "% of no-op"):
-        t.add_column(col, justify="right", no_wrap=True, min_width=15 if col == "target" else None)
+    r = result["ratios"]
+    title = f"caplab bench: {', '.join(result['stores'])} ({result['nodes']} nodes)"
+    title += " beside a raw grpc.aio no-op server" + (
+        " and etcd" if result["compare"] == "etcd" else ""
+    )
+    t = Table(title=title)
+    cols = ["target", "path", "op", "callers", "ops/s", "p50 ms", "p99 ms", "errors"]
+    cols += ["of no-op"]
+    if result["compare"] == "etcd":
+        cols.append("of etcd")
+    if r["gossip_over_raft"]:
+        cols.append("gossip/raft")
+    for col in cols:
+        t.add_column(col, justify="right", no_wrap=True)
     for c in result["cells"]:
-        fracs = result[
-            "fraction_of_noop" if "insecure" not in c["target"] else "fraction_of_noop_insecure"
-        ]
-        frac = fracs.get(f"{c['op']}@{c['concurrency']}")
-        pct = f"{100 * frac:.0f}%" if c["target"] != "noop" and frac is not None else ""
-        t.add_row(
+        key = f"{c['target']}/{c['path']}/{c['op']}@{c['concurrency']}"
+        row = [
             c["target"],
+            c["path"],
             c["op"],
             str(c["concurrency"]),
             f"{c['ops_per_s']:.0f}",
             f"{c['p50_ms']:.2f}",
             f"{c['p99_ms']:.2f}",
             str(c["errors"]),
-            pct,
-        )
+            _pct(r["of_noop"].get(key)),
+        ]
+        if result["compare"] == "etcd":
+            row.append(_pct(r["of_etcd"].get(key)))
+        if r["gossip_over_raft"]:
+            g = r["gossip_over_raft"].get(key)
+            row.append(f"{g:.2f}x" if g is not None else "")
+        t.add_row(*row)
     Console().print(t)
 
 
+def _pct(frac: float | None) -> str:
+    return "" if frac is None else f"{100 * frac:.0f}%"
+
+
 def add_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="throughput/latency of a store beside a raw gRPC server")
-    p.add_argument("--store", choices=["raft", "gossip"], required=True)
+    p = sub.add_parser(
+        "bench", help="throughput/latency of the stores beside a raw gRPC server (and etcd)"
+    )
+    p.add_argument(
+        "--store", default="raft", help="raft, gossip, or both in turn: raft,gossip (default raft)"
+    )
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated client counts")
+    p.add_argument(
+        "--path",
+        default="unary,pipelined",
+        help="client paths: unary RPCs, KV.Pipeline (pipelined), or both (the default)",
+    )
+    p.add_argument(
+        "--compare",
+        choices=["etcd"],
+        default=None,
+        help="also measure a 3-member etcd cluster on loopback (needs the etcd binary)",
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     p.add_argument("--value-size", type=int, default=100)
@@ -356,6 +527,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--concurrency values must be between 1 and 1024")
     if not 1 <= args.value_size <= 1024 * 1024:
         raise UsageError("--value-size must be between 1 and 1048576")
+    stores = args.store.split(",")
+    if (
+        not stores
+        or any(s not in ("raft", "gossip") for s in stores)
+        or len(set(stores)) < len(stores)
+    ):
+        raise UsageError("--store takes raft, gossip or raft,gossip")
+    paths = args.path.split(",")
+    if not paths or any(p not in PATHS for p in paths) or len(set(paths)) < len(paths):
+        raise UsageError("--path takes unary, pipelined or unary,pipelined")
+    if args.compare == "etcd":
+        from harness.etcd.cluster import INSTALL_HINT, etcd_binary
+
+        if etcd_binary() is None:
+            raise UsageError(INSTALL_HINT)
+    # SIGTERM unwinds like Ctrl-C, so that every cluster (etcd's too) is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = asyncio.run(run_bench(args))
     _print_table(result)
     if args.json:

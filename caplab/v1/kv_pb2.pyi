@@ -662,6 +662,195 @@ class IncrementResponse(_message.Message):
 Global___IncrementResponse: _TypeAlias = IncrementResponse  # noqa: Y015
 
 @_typing.final
+class Operation(_message.Message):
+    """PIPELINE: many operations per message over one bidirectional stream (KV.Pipeline).
+    A client sends PipelineRequests, each carrying any number of operations; the node
+    answers each operation with exactly one OperationResult carrying the same id, in
+    PipelineResponses that carry whatever results are ready (in no particular order:
+    a read may overtake a write sent before it; operations that must be ordered wait for
+    the first one's result, as with concurrent unary calls). Each operation means
+    exactly what the matching unary RPC means: the same validation, limits, consistency
+    levels, exactly-once request ids (same sequence on a retry, over either path, to any
+    node), session tokens, each operation individually linearizable on raft; and the
+    same error model, per operation: an OperationError carries the status code, message
+    and `caplab-outcome` the unary RPC would have ended with.
+    The stream itself:
+      - at most 1,024 operations of one stream are in flight on the node; beyond that it
+        stops reading the stream (HTTP/2 flow control holds the client back) until
+        results have been sent: memory stays bounded, nothing is refused;
+      - a message must fit the node's message limit (2 MiB + 64 KiB, like every request);
+      - a message that does not decode ends the stream with INVALID_ARGUMENT (its
+        operations not applied) once every earlier operation was answered;
+      - when the client half-closes, the node answers what is in flight, then ends the
+        stream OK. When the stream breaks (cancelled, connection lost), an operation
+        without a result has an unknown outcome (a mutation may have been applied; retry
+        it with the same request id), except those the client never managed to send.
+      - a node that forwards to its leader (a raft follower) forwards each write on its
+        own; pipelining pays off against the leader (the error names it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    COMPARE_AND_SWAP_FIELD_NUMBER: _builtins.int
+    INCREMENT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """the client's name for it; unique among this stream's in-flight operations"""
+    timeout_ms: _builtins.int
+    """The operation's deadline, counted from when the node reads it (0: none beyond the
+    stream's own deadline). Past it the result is DEADLINE_EXCEEDED, outcome unknown.
+    """
+    @_builtins.property
+    def put(self) -> Global___PutRequest: ...
+    @_builtins.property
+    def get(self) -> Global___GetRequest: ...
+    @_builtins.property
+    def delete(self) -> Global___DeleteRequest: ...
+    @_builtins.property
+    def compare_and_swap(self) -> Global___CompareAndSwapRequest: ...
+    @_builtins.property
+    def increment(self) -> Global___IncrementRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        put: Global___PutRequest | None = ...,
+        get: Global___GetRequest | None = ...,
+        delete: Global___DeleteRequest | None = ...,
+        compare_and_swap: Global___CompareAndSwapRequest | None = ...,
+        increment: Global___IncrementRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compare_and_swap", b"compare_and_swap", "delete", b"delete", "get", b"get", "increment", b"increment", "op", b"op", "put", b"put"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_and_swap", b"compare_and_swap", "delete", b"delete", "get", b"get", "id", b"id", "increment", b"increment", "op", b"op", "put", b"put", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "get", "delete", "compare_and_swap", "increment"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class OperationError(_message.Message):
+    """Why one operation failed: what the unary RPC's status would have been."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code (google.rpc.Code numbering), never 0 (OK)"""
+    message: _builtins.str
+    outcome: _builtins.str
+    """the `caplab-outcome` value: "not-applied" or "unknown" (or empty)"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperationError: _TypeAlias = OperationError  # noqa: Y015
+
+@_typing.final
+class OperationResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    COMPARE_AND_SWAP_FIELD_NUMBER: _builtins.int
+    INCREMENT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """the Operation's id"""
+    @_builtins.property
+    def put(self) -> Global___PutResponse: ...
+    @_builtins.property
+    def get(self) -> Global___GetResponse: ...
+    @_builtins.property
+    def delete(self) -> Global___DeleteResponse: ...
+    @_builtins.property
+    def compare_and_swap(self) -> Global___CompareAndSwapResponse: ...
+    @_builtins.property
+    def increment(self) -> Global___IncrementResponse: ...
+    @_builtins.property
+    def error(self) -> Global___OperationError: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        put: Global___PutResponse | None = ...,
+        get: Global___GetResponse | None = ...,
+        delete: Global___DeleteResponse | None = ...,
+        compare_and_swap: Global___CompareAndSwapResponse | None = ...,
+        increment: Global___IncrementResponse | None = ...,
+        error: Global___OperationError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compare_and_swap", b"compare_and_swap", "delete", b"delete", "error", b"error", "get", b"get", "increment", b"increment", "put", b"put", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_and_swap", b"compare_and_swap", "delete", b"delete", "error", b"error", "get", b"get", "id", b"id", "increment", b"increment", "put", b"put", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["put", "get", "delete", "compare_and_swap", "increment", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___OperationResult: _TypeAlias = OperationResult  # noqa: Y015
+
+@_typing.final
+class PipelineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]: ...
+    def __init__(
+        self,
+        *,
+        operations: _abc.Iterable[Global___Operation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operations", b"operations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineRequest: _TypeAlias = PipelineRequest  # noqa: Y015
+
+@_typing.final
+class PipelineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___OperationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineResponse: _TypeAlias = PipelineResponse  # noqa: Y015
+
+@_typing.final
 class Member(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -76,6 +76,11 @@ class KVStub:
                 request_serializer=caplab_dot_v1_dot_kv__pb2.IncrementRequest.SerializeToString,
                 response_deserializer=caplab_dot_v1_dot_kv__pb2.IncrementResponse.FromString,
                 _registered_method=True)
+        self.Pipeline = channel.stream_stream(
+                '/caplab.v1.KV/Pipeline',
+                request_serializer=caplab_dot_v1_dot_kv__pb2.PipelineRequest.SerializeToString,
+                response_deserializer=caplab_dot_v1_dot_kv__pb2.PipelineResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -130,6 +135,13 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pipeline(self, request_iterator, context):
+        """Many operations per message, each answered on its own (see PIPELINE above).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Increment,
                     request_deserializer=caplab_dot_v1_dot_kv__pb2.IncrementRequest.FromString,
                     response_serializer=caplab_dot_v1_dot_kv__pb2.IncrementResponse.SerializeToString,
+            ),
+            'Pipeline': grpc.stream_stream_rpc_method_handler(
+                    servicer.Pipeline,
+                    request_deserializer=caplab_dot_v1_dot_kv__pb2.PipelineRequest.FromString,
+                    response_serializer=caplab_dot_v1_dot_kv__pb2.PipelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +328,33 @@ class KV:
             '/caplab.v1.KV/Increment',
             caplab_dot_v1_dot_kv__pb2.IncrementRequest.SerializeToString,
             caplab_dot_v1_dot_kv__pb2.IncrementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pipeline(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/caplab.v1.KV/Pipeline',
+            caplab_dot_v1_dot_kv__pb2.PipelineRequest.SerializeToString,
+            caplab_dot_v1_dot_kv__pb2.PipelineResponse.FromString,
             options,
             channel_credentials,
             insecure,

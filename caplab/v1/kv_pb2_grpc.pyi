@@ -128,6 +128,8 @@ class KVStub:
     while replicas may diverge, so "compare" has nothing to compare against).
     """
     Increment: _grpc.UnaryUnaryMultiCallable[_kv_pb2.IncrementRequest, _kv_pb2.IncrementResponse]
+    Pipeline: _grpc.StreamStreamMultiCallable[_kv_pb2.PipelineRequest, _kv_pb2.PipelineResponse]
+    """Many operations per message, each answered on its own (see PIPELINE above)."""
 
 @_typing.type_check_only
 class KVAsyncStub(KVStub):
@@ -159,6 +161,8 @@ class KVAsyncStub(KVStub):
     while replicas may diverge, so "compare" has nothing to compare against).
     """
     Increment: _aio.UnaryUnaryMultiCallable[_kv_pb2.IncrementRequest, _kv_pb2.IncrementResponse]  # type: ignore[assignment]
+    Pipeline: _aio.StreamStreamMultiCallable[_kv_pb2.PipelineRequest, _kv_pb2.PipelineResponse]  # type: ignore[assignment]
+    """Many operations per message, each answered on its own (see PIPELINE above)."""
 
 class KVServicer(metaclass=_abc_1.ABCMeta):
     """HEALTH. Every node also serves the standard gRPC health service
@@ -217,6 +221,14 @@ class KVServicer(metaclass=_abc_1.ABCMeta):
         request: _kv_pb2.IncrementRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kv_pb2.IncrementResponse, _abc.Awaitable[_kv_pb2.IncrementResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Pipeline(
+        self,
+        request_iterator: _MaybeAsyncIterator[_kv_pb2.PipelineRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kv_pb2.PipelineResponse], _abc.AsyncIterator[_kv_pb2.PipelineResponse]]:
+        """Many operations per message, each answered on its own (see PIPELINE above)."""
 
 def add_KVServicer_to_server(servicer: KVServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -34,15 +34,25 @@ def _available(store: str) -> bool:
     return hasattr(module, "build_backend")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=STORES)
+# the clusters whose tests use the pipelined client path
+PIPELINED: dict[LocalCluster, bool] = {}
+
+
+@pytest_asyncio.fixture(
+    scope="module",
+    loop_scope="module",
+    params=[(store, path) for store in STORES for path in ("unary", "pipelined")],
+    ids=lambda p: "-".join(p),
+)
 async def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[LocalCluster]:
-    store: str = request.param
+    store, path = request.param
     if not _available(store):
         pytest.skip(f"the {store} store is not built yet")
     root: Path = tmp_path_factory.mktemp(f"conf-{store}")
     c = LocalCluster(store, 3, root, enable_admin=True)
+    PIPELINED[c] = path == "pipelined"
     c.start()
     try:
         await c.wait_ready()
@@ -56,7 +66,14 @@ async def cluster(
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(cluster: LocalCluster) -> AsyncIterator[KVClient]:
-    async with KVClient(list(cluster.endpoints.values()), timeout=3.0, retries=10) as c:
+    """A client of the cluster's path: every promise holds over KV.Pipeline as over unary
+    RPCs (a cluster per path: the tests reuse their keys)."""
+    async with KVClient(
+        list(cluster.endpoints.values()),
+        timeout=3.0,
+        retries=10,
+        pipeline=PIPELINED.get(cluster, False),
+    ) as c:
         yield c
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from caplab import errors
 from caplab.client import KVClient
 from caplab.gossip.v1 import gossip_pb2 as gpb
 from caplab.gossip.v1 import gossip_pb2_grpc as gpb_grpc
@@ -361,6 +362,20 @@ async def test_client_roles_decide_what_a_client_may_call(tmp_path: Path) -> Non
             await kv.Put(put, metadata=md("writer"), timeout=5)
             assert (await kv.Get(kv_pb2.GetRequest(key="k"), metadata=md("reader"))).value == b"v"
             await admin.SetClockSkew(skew, metadata=md("admin"), timeout=5)
+        # KV.Pipeline carries reads and writes: each write is checked on its own
+        reader = KVClient([ep], token=read_token(cluster.certs, "reader"), pipeline=True)
+        writer = KVClient([ep], token=read_token(cluster.certs, "writer"), pipeline=True)
+        async with reader, writer:
+            with pytest.raises(errors.StoreError) as denied:
+                await reader.put("k", b"by reader")
+            assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert denied.value.definite and "read-write" in denied.value.message
+            await writer.put("k", b"by writer")
+            assert (await reader.get("k")).value == b"by writer"
+        async with KVClient([ep], token="nope", pipeline=True) as forged:
+            with pytest.raises(errors.StoreError) as refused:
+                await forged.get("k")
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
     finally:
         cluster.close()
 

@@ -1,0 +1,220 @@
+"""KV.Pipeline on the node: many operations per message over one bidirectional stream.
+
+Theory of operation
+-------------------
+One call, three parts (kv.proto, PIPELINE, is the contract):
+
+* the **reader** (a task) reads request messages and starts one task per operation; it
+  stops reading while ``MAX_IN_FLIGHT`` operations of the stream are unanswered, so the
+  client is held back by HTTP/2 flow control and the node's memory stays bounded;
+* each **operation** runs the same coroutine as its unary RPC (``Operations``, which
+  validates, calls the store and builds the response) and ends as one OperationResult
+  in the outbox, whatever happened (an error carries the status the unary RPC would
+  have ended with);
+* the **writer** (the call's response generator) sends whatever the outbox holds as
+  soon as the previous message was written: no timer, no linger; batches form by
+  themselves while a write is under way. Results count as in flight until written.
+
+The stream ends OK once the client half-closed and every operation was answered; a
+message that does not decode ends it with INVALID_ARGUMENT, after every earlier
+operation was answered. When the call is cancelled, the operations still running are
+cancelled like the handler of a cancelled unary call (their outcome is unknown to the
+client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import grpc
+
+from caplab import errors
+from caplab.v1 import kv_pb2
+from caplab.validation import MAX_MESSAGE_BYTES
+
+MAX_IN_FLIGHT = 1024  # operations of one stream, read but not yet answered
+# A response message stays below the message limit with room for its framing: results
+# are sent in several messages when they would not fit in one.
+_RESPONSE_BUDGET = MAX_MESSAGE_BYTES - 64 * 1024
+
+# The client's role when the listener checks one (caplab.auth sets it per call; None:
+# the listener is open). Pipeline checks it per operation: a read-only caller's writes
+# are refused, its reads served.
+WRITES = frozenset({"put", "delete", "compare_and_swap", "increment"})
+may_write: ContextVar[bool] = ContextVar("caplab_may_write", default=True)
+
+
+class Operations(Protocol):
+    """The unary operations on protobuf requests (caplab.servicer.KVOperations)."""
+
+    def put(self, request: Any, timeout: float | None) -> Awaitable[Any]: ...
+    def get(self, request: Any, timeout: float | None) -> Awaitable[Any]: ...
+    def delete(self, request: Any, timeout: float | None) -> Awaitable[Any]: ...
+    def compare_and_swap(self, request: Any, timeout: float | None) -> Awaitable[Any]: ...
+    def increment(self, request: Any, timeout: float | None) -> Awaitable[Any]: ...
+
+
+class Malformed:
+    """A request message that did not decode (caplab.servicer.MalformedRequests puts
+    this in the stream instead of failing the call with UNKNOWN)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _error(op_id: int, e: errors.StoreError) -> kv_pb2.OperationResult:
+    return kv_pb2.OperationResult(
+        id=op_id,
+        error=kv_pb2.OperationError(code=e.code.value[0], message=e.message, outcome=e.outcome),
+    )
+
+
+class _Call:
+    """The state of one Pipeline call (see the theory of operation)."""
+
+    def __init__(
+        self,
+        ops: Operations,
+        context: grpc.aio.ServicerContext[Any, Any],
+        status_of: Callable[[BaseException], errors.StoreError],
+    ) -> None:
+        self.ops = ops
+        self.context = context
+        self.status_of = status_of
+        self.outbox: list[kv_pb2.OperationResult] = []
+        self.results = asyncio.Event()  # the outbox has results, or the reader ended
+        self.room = asyncio.Event()  # fewer than MAX_IN_FLIGHT in flight
+        self.room.set()
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.reading = True
+        self.malformed: str | None = None
+        self.read_failed: BaseException | None = None
+
+    async def read(self, requests: AsyncIterator[Any]) -> None:
+        n = 0
+        try:
+            async for message in requests:
+                n += 1
+                if isinstance(message, Malformed):
+                    self.malformed = f"message {n} of the stream does not decode: {message.reason}"
+                    return
+                for op in message.operations:
+                    if self.in_flight >= MAX_IN_FLIGHT:
+                        self.room.clear()
+                        await self.room.wait()
+                    self.in_flight += 1
+                    task = asyncio.create_task(self.run(op))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # (the stream broke: the writer ends the call)
+            self.read_failed = e
+        finally:
+            self.reading = False
+            self.results.set()
+
+    async def run(self, op: kv_pb2.Operation) -> None:
+        kind = op.WhichOneof("op")
+        result: kv_pb2.OperationResult
+        try:
+            if kind is None:
+                raise errors.InvalidArgument(
+                    f"operation {op.id} names no operation (put, get, delete, "
+                    "compare_and_swap or increment); not applied"
+                )
+            if kind in WRITES and not may_write.get():
+                e = errors.StoreError(f"{kind} needs role read-write; not applied")
+                e.code, e.definite = grpc.StatusCode.PERMISSION_DENIED, True
+                raise e
+            timeout = op.timeout_ms / 1000 if op.timeout_ms else _stream_timeout(self.context)
+            request = getattr(op, kind)
+            call = getattr(self.ops, kind)
+            if timeout is None:
+                response = await call(request, None)
+            else:
+                try:
+                    async with asyncio.timeout(timeout) as cm:
+                        response = await call(request, timeout)
+                except TimeoutError:
+                    if not cm.expired():
+                        raise
+                    raise errors.OutcomeUnknown(
+                        f"deadline of {timeout * 1000:.0f} ms exceeded; the outcome is unknown",
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ) from None
+            result = kv_pb2.OperationResult(id=op.id)
+            getattr(result, kind).CopyFrom(response)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            result = _error(op.id, self.status_of(exc))
+        self.outbox.append(result)
+        self.results.set()
+
+    async def write(self) -> AsyncIterator[kv_pb2.PipelineResponse]:
+        while True:
+            await self.results.wait()
+            self.results.clear()
+            ready, self.outbox = self.outbox, []
+            if ready:
+                for chunk in _chunks(ready):
+                    yield kv_pb2.PipelineResponse(results=chunk)
+                self.in_flight -= len(ready)
+                if self.in_flight < MAX_IN_FLIGHT:
+                    self.room.set()
+            if not self.reading and self.in_flight == 0:
+                return
+            if self.read_failed is not None:
+                return  # (the call is over: nobody is left to answer)
+
+
+def _chunks(results: list[kv_pb2.OperationResult]) -> list[list[kv_pb2.OperationResult]]:
+    if len(results) == 1:
+        return [results]
+    out: list[list[kv_pb2.OperationResult]] = [[]]
+    size = 0
+    for r in results:
+        n = r.ByteSize() + 8
+        if out[-1] and size + n > _RESPONSE_BUDGET:
+            out.append([])
+            size = 0
+        out[-1].append(r)
+        size += n
+    return out
+
+
+def _stream_timeout(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e9 else max(0.0, remaining)
+
+
+async def serve_pipeline(
+    ops: Operations,
+    requests: AsyncIterator[Any],
+    context: grpc.aio.ServicerContext[Any, Any],
+    status_of: Callable[[BaseException], errors.StoreError] = errors.status_of,
+) -> AsyncIterator[kv_pb2.PipelineResponse]:
+    """The KV.Pipeline handler: the responses to ``requests`` (see the module doc)."""
+    call = _Call(ops, context, status_of)
+    reader = asyncio.create_task(call.read(requests))
+    try:
+        async for response in call.write():
+            yield response
+    finally:
+        reader.cancel()
+        for task in list(call.tasks):
+            task.cancel()
+    if call.malformed is not None:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{call.malformed}; its operations were not applied (every earlier operation "
+            "was answered)",
+            trailing_metadata=((errors.OUTCOME_KEY, errors.NOT_APPLIED),),
+        )
