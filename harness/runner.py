@@ -250,6 +250,7 @@ class StoreRun:
                 roam=sc.roam,
                 max_staleness_ms=max(1, round(sc.max_staleness * 1000)),
                 own_keys=sc.own_keys,
+                pipelined=sc.client_path == "pipelined",
             ),
             self.cluster.endpoints,
             self.recorder,

@@ -27,6 +27,9 @@ A scenario is a YAML mapping (unknown fields are refused, with file and line)::
     own_keys: true                   # each client writes only its own register w<n> and
                                      # reads it or another client's (default false: the
                                      # shared r0.., `keys` of them)
+    client_path: pipelined           # unary | pipelined: how the workload's clients send
+                                     # their operations (unary RPCs, or KV.Pipeline
+                                     # streams; default unary)
     seed: 1                          # randomness of shapes, targets, workloads (default 0)
     partition_mode: drop             # drop | reject: how partitions cut links (default drop)
     converge_timeout: 10s            # after the run: wait this long for replicas to agree
@@ -81,6 +84,7 @@ T = TypeVar("T")
 
 STORES = ("raft", "gossip", "both")
 WORKLOADS = ("register", "counter", "both")
+CLIENT_PATHS = ("unary", "pipelined")
 ACTIONS = ("partition", "heal", "kill", "restart", "pause", "resume", "clock-skew")
 MODES = ("drop", "reject", "delay")
 TOP_FIELDS = (
@@ -105,6 +109,7 @@ TOP_FIELDS = (
     "roam",
     "max_staleness",
     "own_keys",
+    "client_path",
     "faults",
 )
 FAULT_FIELDS = (
@@ -182,6 +187,7 @@ class Scenario:
     roam: float = 0.0  # share of each level's clients that roam between nodes
     max_staleness: float = 1.0  # seconds, bounded_staleness reads
     own_keys: bool = False  # each client writes its own register (harness.workload)
+    client_path: str = "unary"  # unary | pipelined (KV.Pipeline)
     faults: tuple[Fault, ...] = ()
 
     @property
@@ -221,6 +227,7 @@ class Scenario:
             "roam": self.roam,
             "max_staleness_ms": round(self.max_staleness * 1000),
             "own_keys": self.own_keys,
+            "client_path": self.client_path,
             "partition_mode": self.partition_mode,
             "tombstone_timeout_s": self.tombstone_timeout,
             "node_options": {
@@ -383,6 +390,9 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         roam=get("roam", lambda n: ctx.fraction(n, "roam", 1.0), 0.0),
         max_staleness=get("max_staleness", lambda n: ctx.duration(n, "max_staleness"), 1.0),
         own_keys=get("own_keys", lambda n: ctx.boolean(n, "own_keys"), False),
+        client_path=get(
+            "client_path", lambda n: ctx.choice(n, "client_path", CLIENT_PATHS), "unary"
+        ),
     )
     if "max_staleness" in top and not 0.001 <= sc.max_staleness <= 86_400:
         raise ctx.err(top["max_staleness"][1], "max_staleness must be between 1ms and 24h")

@@ -201,6 +201,7 @@ class WorkloadConfig:
     # Each client writes only its own register w<index>; half its reads are of it, half
     # of another client's (instead of registers r0.. shared by all; no deletes).
     own_keys: bool = False
+    pipelined: bool = False  # operations over KV.Pipeline instead of unary RPCs
 
     def __post_init__(self) -> None:
         unknown = [lv for lv in self.levels if lv not in LEVELS]
@@ -294,6 +295,7 @@ class Workload:
             retries=0,
             client_id=f"{self.client_prefix}{index}-{cfg.seed}",
             session=level is not None and level.token_from is not None,
+            pipeline=cfg.pipelined,
         ) as client:
             state.client = client
             next_at = time.monotonic() + rng.uniform(0, interval)

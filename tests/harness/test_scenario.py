@@ -264,3 +264,13 @@ def test_read_levels_roam_staleness_and_own_keys() -> None:
     assert "between 0 and 1" in _err(BASE + "roam: 1.5\n")
     assert "true or false" in _err(BASE + "own_keys: maybe\n")
     assert "between 1ms and 24h" in _err(BASE + "max_staleness: 0s\n")
+
+
+def test_client_path() -> None:
+    assert parse_scenario(BASE).client_path == "unary"
+    sc = parse_scenario(BASE + "client_path: pipelined\n")
+    assert sc.client_path == "pipelined" and sc.summary()["client_path"] == "pipelined"
+    assert "client_path" in _err(BASE + "client_path: batched\n")
+    assert load_scenario(ROOT / "scenarios" / "crash-restart-short.yaml").client_path == (
+        "pipelined"
+    )
