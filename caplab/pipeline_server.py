@@ -25,6 +25,7 @@ client).
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -95,6 +96,13 @@ class _Call:
         self.reading = True
         self.malformed: str | None = None
         self.read_failed: BaseException | None = None
+        # Deadlines of running operations (a heap; one timer for the earliest, not a
+        # timer per operation): past its deadline an operation's task is cancelled and
+        # answers DEADLINE_EXCEEDED.
+        self.loop = asyncio.get_running_loop()
+        self.deadlines: list[tuple[float, int, asyncio.Task[None]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.expired: set[asyncio.Task[None]] = set()
 
     async def read(self, requests: AsyncIterator[Any]) -> None:
         n = 0
@@ -109,9 +117,14 @@ class _Call:
                         self.room.clear()
                         await self.room.wait()
                     self.in_flight += 1
-                    task = asyncio.create_task(self.run(op))
+                    timeout = (
+                        op.timeout_ms / 1000 if op.timeout_ms else _stream_timeout(self.context)
+                    )
+                    task = asyncio.create_task(self.run(op, timeout))
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
+                    if timeout is not None:
+                        self.expire_at(self.loop.time() + timeout, task)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # (the stream broke: the writer ends the call)
@@ -120,7 +133,28 @@ class _Call:
             self.reading = False
             self.results.set()
 
-    async def run(self, op: kv_pb2.Operation) -> None:
+    def expire_at(self, when: float, task: asyncio.Task[None]) -> None:
+        if len(self.deadlines) > 4 * MAX_IN_FLIGHT:  # (drop the finished ones)
+            self.deadlines = [d for d in self.deadlines if not d[2].done()]
+            heapq.heapify(self.deadlines)
+        heapq.heappush(self.deadlines, (when, id(task), task))
+        if self.timer is None or when < self.timer.when():
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(when, self.expire)
+
+    def expire(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, task = heapq.heappop(self.deadlines)
+            if not task.done():
+                self.expired.add(task)
+                task.cancel()
+        if self.deadlines:
+            self.timer = self.loop.call_at(self.deadlines[0][0], self.expire)
+
+    async def run(self, op: kv_pb2.Operation, timeout: float | None) -> None:
         kind = op.WhichOneof("op")
         result: kv_pb2.OperationResult
         try:
@@ -133,26 +167,24 @@ class _Call:
                 e = errors.StoreError(f"{kind} needs role read-write; not applied")
                 e.code, e.definite = grpc.StatusCode.PERMISSION_DENIED, True
                 raise e
-            timeout = op.timeout_ms / 1000 if op.timeout_ms else _stream_timeout(self.context)
-            request = getattr(op, kind)
-            call = getattr(self.ops, kind)
-            if timeout is None:
-                response = await call(request, None)
-            else:
-                try:
-                    async with asyncio.timeout(timeout) as cm:
-                        response = await call(request, timeout)
-                except TimeoutError:
-                    if not cm.expired():
-                        raise
-                    raise errors.OutcomeUnknown(
-                        f"deadline of {timeout * 1000:.0f} ms exceeded; the outcome is unknown",
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                    ) from None
+            response = await getattr(self.ops, kind)(getattr(op, kind), timeout)
             result = kv_pb2.OperationResult(id=op.id)
             getattr(result, kind).CopyFrom(response)
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task not in self.expired:
+                raise
+            assert task is not None
+            self.expired.discard(task)
+            task.uncancel()
+            result = _error(
+                op.id,
+                errors.OutcomeUnknown(
+                    f"deadline of {timeout * 1000 if timeout else 0:.0f} ms exceeded; the "
+                    "outcome is unknown",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ),
+            )
         except Exception as exc:
             result = _error(op.id, self.status_of(exc))
         self.outbox.append(result)
@@ -209,6 +241,8 @@ async def serve_pipeline(
             yield response
     finally:
         reader.cancel()
+        if call.timer is not None:
+            call.timer.cancel()
         for task in list(call.tasks):
             task.cancel()
     if call.malformed is not None:
