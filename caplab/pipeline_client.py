@@ -28,7 +28,9 @@ node's own limit of 1,024 per stream is never what stops a stream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import heapq
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -63,10 +65,17 @@ class _Room:
         self.used_ops = self.used_size = 0
         self._freed = asyncio.Event()
 
-    async def take(self, size: int) -> None:
-        while self.used_ops and (self.used_ops >= self.ops or self.used_size + size > self.size):
+    def fits(self, size: int) -> bool:
+        return not self.used_ops or (
+            self.used_ops < self.ops and self.used_size + size <= self.size
+        )
+
+    async def wait_for(self, size: int) -> None:
+        while not self.fits(size):
             self._freed.clear()
             await self._freed.wait()
+
+    def take(self, size: int) -> None:
         self.used_ops += 1
         self.used_size += size
 
@@ -85,6 +94,7 @@ class _Stream:
         self.pending: dict[int, _Op] = {}  # sent, unanswered
         self.wake = asyncio.Event()
         self.over = False
+        self.answered = False  # a response arrived on it
         self.status: errors.StoreError | None = None  # why it ended
         self.writer = asyncio.create_task(self._write())
         self.reader = asyncio.create_task(self._read())
@@ -125,7 +135,7 @@ class _Stream:
                             item.sent = False
                             self.pending.pop(item.op.id, None)
                             owner.queue.appendleft(item)
-                        if self.over:
+                        if self.over and self.status is not None:
                             owner.fail_queued(self.status)
                         return
         except asyncio.CancelledError:
@@ -137,38 +147,49 @@ class _Stream:
                 response = await self.call.read()
                 if response is grpc.aio.EOF:
                     break
+                self.answered = True
                 for result in response.results:
                     item = self.pending.pop(result.id, None)
                     if item is not None and not item.future.done():
                         item.future.set_result(result)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # (closed: the call was cancelled here)
+            self._end(
+                errors.OutcomeUnknown(
+                    "the pipeline was closed with the operation in flight; the outcome is unknown",
+                    grpc.StatusCode.CANCELLED,
+                )
+            )
             raise
         except Exception:
             pass
-        await self._end()
-
-    async def _end(self) -> None:
-        """The stream is over: fail what it carried, by the stream's status."""
-        self.over = True
-        self.writer.cancel()
-        if self.owner.stream is self:
-            self.owner.stream = None
         try:
             code = await self.call.code()
             details = await self.call.details()
             trailers = tuple(await self.call.trailing_metadata() or ())
-        except Exception:  # (cancelled locally)
-            code, details, trailers = grpc.StatusCode.CANCELLED, "stream closed", ()
+        except Exception:
+            code, details, trailers = grpc.StatusCode.UNKNOWN, "the stream broke", ()
         if code is grpc.StatusCode.OK:
             code, details = grpc.StatusCode.UNKNOWN, "the stream ended without this result"
-        self.status = errors.classify(code, f"pipeline stream: {details}", trailers)
+        self._end(errors.classify(code, f"pipeline stream: {details}", trailers))
+
+    def _end(self, status: errors.StoreError) -> None:
+        """The stream is over: fail what it carried by its status (a copy each). What it
+        never sent goes on a new stream if this one worked for a while; if it never
+        answered anything (no connection, refused), that fails too: not applied."""
+        self.over = True
+        self.status = status
+        self.writer.cancel()
+        if self.owner.stream is self:
+            self.owner.stream = None
         for item in self.pending.values():
             if not item.future.done():
-                item.future.set_exception(
-                    errors.classify(code, f"pipeline stream: {details}", trailers)
-                )
+                item.future.set_exception(copy.copy(status))
         self.pending.clear()
-        self.owner.fail_queued(self.status)
+        if self.answered and not self.owner.closed:
+            if self.owner.queue:
+                self.owner.kick()
+        else:
+            self.owner.fail_queued(status)
 
     async def close(self) -> None:
         if not self.over:
@@ -193,8 +214,10 @@ class Pipeline:
         self.queue: deque[_Op] = deque()  # not yet sent, in order
         self.stream: _Stream | None = None
         self._room = _Room(max_in_flight, max_bytes)
+        self._deadlines: list[tuple[float, int, _Op]] = []  # a heap
+        self._timer: asyncio.TimerHandle | None = None
         self._ids = itertools.count(1)
-        self._closed = False
+        self.closed = False
         self.messages_sent = 0  # request messages written, over every stream
 
     @property
@@ -202,22 +225,23 @@ class Pipeline:
         """Operations queued or sent and not yet answered."""
         return self._room.used_ops
 
-    def fail_queued(self, why: errors.StoreError | None) -> None:
+    def fail_queued(self, why: errors.StoreError) -> None:
         """Fail the operations never sent (the stream they waited for ended): definitely
         not applied, with the stream's status when that was definite too."""
         queued, self.queue = self.queue, deque()
         for item in queued:
             if item.future.done():
                 continue
-            if why is not None and why.definite:
+            if why.definite:
                 err: errors.StoreError = copy.copy(why)
             else:
-                reason = why.message if why is not None else "the stream ended"
-                err = errors.TransportError(f"{reason}; the operation was never sent: not applied")
+                err = errors.TransportError(
+                    f"{why.message}; the operation was never sent: not applied"
+                )
             item.future.set_exception(err)
 
     def kick(self) -> None:
-        if self._closed:
+        if self.closed:
             return
         if self.stream is None:
             self.stream = _Stream(self)
@@ -226,39 +250,32 @@ class Pipeline:
     async def call(self, kind: str, request: Any, timeout: float | None) -> Any:
         """Run one operation (``kind``: put, get, delete, compare_and_swap, increment)
         and return its response message, or raise its StoreError (see the module doc)."""
-        if self._closed:
+        if self.closed:
             raise errors.TransportError("the pipeline is closed; not sent")
         op = kv_pb2.Operation(id=next(self._ids), **{kind: request})
+        loop = asyncio.get_running_loop()
         if timeout is not None:
             op.timeout_ms = max(1, round(timeout * 1000))
-        item = _Op(op, asyncio.get_running_loop().create_future())
-        await self._room.take(item.size)
+        item = _Op(op, loop.create_future())
+        room = self._room
+        if not room.fits(item.size):
+            await room.wait_for(item.size)
+        room.take(item.size)
         try:
             self.queue.append(item)
             self.kick()
-            try:
-                async with asyncio.timeout(timeout):
-                    result: kv_pb2.OperationResult = await item.future
-            except TimeoutError:
-                item.future.cancel()
-                if not item.sent:
-                    err = errors.StoreError(
-                        f"deadline of {timeout} s exceeded before the operation was sent; "
-                        "not applied"
-                    )
-                    err.code, err.definite = grpc.StatusCode.DEADLINE_EXCEEDED, True
-                    raise err from None
-                raise errors.OutcomeUnknown(
-                    f"deadline of {timeout} s exceeded; the outcome is unknown",
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                ) from None
-            finally:
-                if not item.sent and item in self.queue:
-                    self.queue.remove(item)
-                if self.stream is not None and item.sent:
-                    self.stream.pending.pop(op.id, None)
+            if timeout is not None:
+                self._expire_at(loop.time() + timeout, item)
+            result: kv_pb2.OperationResult = await item.future
         finally:
-            self._room.give(item.size)
+            room.give(item.size)
+            if not item.future.done():  # (the caller was cancelled)
+                item.future.cancel()
+            if not item.sent:
+                with contextlib.suppress(ValueError):
+                    self.queue.remove(item)
+            elif self.stream is not None:
+                self.stream.pending.pop(op.id, None)
         which = result.WhichOneof("result")
         if which == "error":
             e = result.error
@@ -269,11 +286,51 @@ class Pipeline:
             )
         return getattr(result, kind)
 
+    # -- deadlines: one timer for the earliest, not one per operation --------------------
+    def _expire_at(self, when: float, item: _Op) -> None:
+        if len(self._deadlines) > 4 * self._room.ops:  # (drop the answered ones)
+            self._deadlines = [d for d in self._deadlines if not d[2].future.done()]
+            heapq.heapify(self._deadlines)
+        heapq.heappush(self._deadlines, (when, item.op.id, item))
+        if self._timer is None or when < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, item = heapq.heappop(self._deadlines)
+            if item.future.done():
+                continue
+            ms = item.op.timeout_ms
+            if item.sent:
+                err: errors.StoreError = errors.OutcomeUnknown(
+                    f"deadline of {ms} ms exceeded; the outcome is unknown",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+            else:
+                err = errors.StoreError(
+                    f"deadline of {ms} ms exceeded before the operation was sent; not applied"
+                )
+                err.code, err.definite = grpc.StatusCode.DEADLINE_EXCEEDED, True
+            item.future.set_exception(err)
+        if self._deadlines:
+            self._timer = loop.call_at(self._deadlines[0][0], self._expire)
+
     async def close(self) -> None:
-        self._closed = True
+        """Close the pipeline: an operation in flight ends with an unknown outcome (it was
+        sent), one still queued definitely not applied."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         stream, self.stream = self.stream, None
         if stream is not None:
             await stream.close()
+        self.fail_queued(errors.TransportError("the pipeline was closed"))
 
 
 def _raise(code: int, message: str, outcome: str) -> Any:

@@ -255,3 +255,21 @@ async def test_a_stream_that_breaks_makes_sent_writes_unknown(node: NodeServer) 
             await held
         assert not err.value.definite, err.value
     backend.gate.set()
+
+
+async def test_closing_the_pipeline_settles_every_caller(node: NodeServer) -> None:
+    """An operation in flight when the pipeline closes has an unknown outcome (it was
+    sent); a call after closing is definitely not sent. Nobody waits forever."""
+    backend = _backend(node)
+    backend.gate.clear()
+    async with grpc.aio.insecure_channel(_ep(node)) as ch:
+        pipe = Pipeline(ch)
+        held = asyncio.ensure_future(pipe.call("put", kv_pb2.PutRequest(key="h"), None))
+        await eventually(lambda: backend.waiting == 1, 5)
+        await pipe.close()
+        with pytest.raises(errors.OutcomeUnknown):
+            await held
+        with pytest.raises(errors.TransportError):
+            await pipe.call("put", kv_pb2.PutRequest(key="after"), None)
+        assert pipe.in_flight == 0
+    backend.gate.set()
