@@ -266,9 +266,9 @@ async def test_closing_the_pipeline_settles_every_caller(node: NodeServer) -> No
         pipe = Pipeline(ch)
         held = asyncio.ensure_future(pipe.call("put", kv_pb2.PutRequest(key="h"), None))
         await eventually(lambda: backend.waiting == 1, 5)
-        await pipe.close()
+        await asyncio.wait_for(pipe.close(), 5)
         with pytest.raises(errors.OutcomeUnknown):
-            await held
+            await asyncio.wait_for(held, 5)  # (it waited forever)
         with pytest.raises(errors.TransportError):
             await pipe.call("put", kv_pb2.PutRequest(key="after"), None)
         assert pipe.in_flight == 0
