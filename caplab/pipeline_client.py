@@ -42,8 +42,11 @@ from caplab import errors
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import MAX_MESSAGE_BYTES
 
-# A request message stays below the node's message limit with room for framing.
+# A request message stays below the node's message limit with room for framing; one
+# operation alone may fill all of it but its framing (a compare-and-swap of two 1 MiB
+# values does).
 _MESSAGE_BUDGET = MAX_MESSAGE_BYTES - 64 * 1024
+_MAX_OPERATION = MAX_MESSAGE_BYTES - 64
 
 
 class _Op:
@@ -170,7 +173,7 @@ class _Stream:
             code, details, trailers = grpc.StatusCode.UNKNOWN, "the stream broke", ()
         if code is grpc.StatusCode.OK:
             code, details = grpc.StatusCode.UNKNOWN, "the stream ended without this result"
-        self._end(errors.classify(code, f"pipeline stream: {details}", trailers))
+        self._end(stream_outcome(code, f"pipeline stream: {details}", trailers))
 
     def _end(self, status: errors.StoreError) -> None:
         """The stream is over: fail what it carried by its status (a copy each). What it
@@ -254,18 +257,36 @@ class Pipeline:
             raise errors.TransportError("the pipeline is closed; not sent")
         op = kv_pb2.Operation(id=next(self._ids), **{kind: request})
         loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         if timeout is not None:
             op.timeout_ms = max(1, round(timeout * 1000))
         item = _Op(op, loop.create_future())
+        if item.size > _MAX_OPERATION:
+            raise errors.InvalidArgument(
+                f"the operation is {item.size} bytes encoded; a message to a node carries at "
+                f"most {_MAX_OPERATION} (values up to 1 MiB fit); not sent"
+            )
         room = self._room
         if not room.fits(item.size):
-            await room.wait_for(item.size)
+            try:
+                await asyncio.wait_for(room.wait_for(item.size), timeout)
+            except TimeoutError:
+                err = errors.StoreError(
+                    f"deadline of {timeout} s exceeded while waiting for room in the "
+                    "pipeline; not sent, not applied"
+                )
+                err.code, err.definite = grpc.StatusCode.DEADLINE_EXCEEDED, True
+                raise err from None
+            if self.closed:
+                raise errors.TransportError("the pipeline is closed; not sent")
+            if deadline is not None:  # (what is left of it goes with the operation)
+                op.timeout_ms = max(1, round((deadline - loop.time()) * 1000))
         room.take(item.size)
         try:
             self.queue.append(item)
             self.kick()
-            if timeout is not None:
-                self._expire_at(loop.time() + timeout, item)
+            if deadline is not None:
+                self._expire_at(deadline, item)
             result: kv_pb2.OperationResult = await item.future
         finally:
             room.give(item.size)
@@ -331,6 +352,37 @@ class Pipeline:
         if stream is not None:
             await stream.close()
         self.fail_queued(errors.TransportError("the pipeline was closed"))
+
+
+# Statuses a node gives a stream before it ran any operation of it (the method is not
+# served, the caller not allowed): definite for whatever the stream carried.
+_REFUSED_STREAM = frozenset(
+    {
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+
+def stream_outcome(
+    code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str | bytes], ...]
+) -> errors.StoreError:
+    """What the end of a stream means for an operation sent on it without a result: the
+    stream's status says nothing about one operation unless the node said so
+    (``caplab-outcome: not-applied``: a malformed message, a node shutting down), no
+    connection was made, or the node refused the stream itself (_REFUSED_STREAM). Any
+    other status is unknown for it, even one that is definite for a unary call (a
+    message over the limit ends the stream with RESOURCE_EXHAUSTED while other
+    operations of it may have been applied)."""
+    err = errors.classify(code, details, trailers)
+    if not err.definite or code in _REFUSED_STREAM or isinstance(err, errors.TransportError):
+        return err
+    if any(
+        k == errors.OUTCOME_KEY and v in (errors.NOT_APPLIED, b"not-applied") for k, v in trailers
+    ):
+        return err
+    return errors.OutcomeUnknown(f"{details}; the outcome is unknown", code)
 
 
 def _raise(code: int, message: str, outcome: str) -> Any:

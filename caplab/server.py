@@ -122,9 +122,11 @@ class NodeServer:
         # the health service names that follow the store; the others are SERVING while up
         self.store_services = ["", kv_pb2.DESCRIPTOR.services_by_name["KV"].full_name]
         self.port = 0
+        self.kv_servicers: list[KVServicer] = []
 
     async def start(self) -> None:
-        kv_pb2_grpc.add_KVServicer_to_server(KVServicer(self.backend), self.server)
+        self.kv_servicers = [KVServicer(self.backend)]
+        kv_pb2_grpc.add_KVServicer_to_server(self.kv_servicers[0], self.server)
         kv_pb2_grpc.add_ClusterServicer_to_server(
             ClusterServicer(self.backend, __version__), self.server
         )
@@ -152,7 +154,8 @@ class NodeServer:
             creds = None if tls is None else server_credentials(tls, require_client_auth=True)
             self.peer_port = _bind(peer_server, cfg.peer_listen, creds)
             # a follower forwards client requests to its leader over the peer channel
-            kv_pb2_grpc.add_KVServicer_to_server(KVServicer(self.backend), peer_server)
+            self.kv_servicers.append(KVServicer(self.backend))
+            kv_pb2_grpc.add_KVServicer_to_server(self.kv_servicers[-1], peer_server)
         await self.backend.start(peer_server)
         # every health name answers from the first call on (never NOT_FOUND)
         for name in service_names:
@@ -184,6 +187,8 @@ class NodeServer:
         if self._health_task is not None:
             self._health_task.cancel()
         log.info("node_stopping", grace_s=self.grace_s)
+        for kv in self.kv_servicers:  # pipelined operations read from now on never run
+            kv.pipelines.drain()
         await self._health.enter_graceful_shutdown()
         try:
             await asyncio.wait_for(self.backend.before_shutdown(), timeout=self.grace_s)

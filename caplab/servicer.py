@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from caplab import errors, validation
 from caplab.logs import get_logger
-from caplab.pipeline_server import Malformed, serve_pipeline
+from caplab.pipeline_server import Malformed, Streams, serve_pipeline
 from caplab.store import (
     BASIC_LEVELS,
     FORWARDED_BY_KEY,
@@ -229,6 +229,7 @@ class KVOperations:
 class KVServicer(kv_pb2_grpc.KVServicer):
     def __init__(self, backend: StoreBackend) -> None:
         self.ops = KVOperations(backend)
+        self.pipelines = Streams()  # (drained when the node stops: caplab.server)
 
     async def Put(
         self, request: kv_pb2.PutRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -260,7 +261,9 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         request_iterator: AsyncIterator[kv_pb2.PipelineRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[kv_pb2.PipelineResponse]:
-        async for response in serve_pipeline(self.ops, request_iterator, context, error_status):
+        async for response in serve_pipeline(
+            self.ops, request_iterator, context, error_status, self.pipelines
+        ):
             yield response
 
 

@@ -675,16 +675,25 @@ class Operation(_message.Message):
     same error model, per operation: an OperationError carries the status code, message
     and `caplab-outcome` the unary RPC would have ended with.
     The stream itself:
-      - at most 1,024 operations of one stream are in flight on the node; beyond that it
-        stops reading the stream (HTTP/2 flow control holds the client back) until
-        results have been sent: memory stays bounded, nothing is refused;
+      - a node reads no further operations of a stream while 1,024 of them are
+        unanswered, or while 64 MiB of its results wait to be sent (a client that does not
+        read); HTTP/2 flow control then holds the client back: nothing is refused;
       - a message must fit the node's message limit (2 MiB + 64 KiB, like every request);
-      - a message that does not decode ends the stream with INVALID_ARGUMENT (its
-        operations not applied) once every earlier operation was answered;
+      - a message that does not decode ends the stream with INVALID_ARGUMENT and
+        `caplab-outcome: not-applied` (its operations never ran) once every earlier
+        operation was answered;
+      - a node that begins to shut down answers every operation it reads from then on
+        with UNAVAILABLE (not applied), and once those in flight are answered ends the
+        stream with UNAVAILABLE and `caplab-outcome: not-applied`;
       - when the client half-closes, the node answers what is in flight, then ends the
-        stream OK. When the stream breaks (cancelled, connection lost), an operation
-        without a result has an unknown outcome (a mutation may have been applied; retry
-        it with the same request id), except those the client never managed to send.
+        stream OK.
+      - When the stream ends otherwise (cancelled, connection lost, a message over the
+        limit: RESOURCE_EXHAUSTED, ...), an operation sent without a result has an unknown
+        outcome (a mutation may have been applied; retry it with the same request id),
+        whatever the status: the status of a stream is definite for its unanswered
+        operations only with `caplab-outcome: not-applied`, or when the node refused the
+        stream itself (UNIMPLEMENTED, UNAUTHENTICATED, PERMISSION_DENIED) or no connection
+        was made. Operations the client never sent were not applied.
       - a node that forwards to its leader (a raft follower) forwards each write on its
         own; pipelining pays off against the leader (the error names it).
     """
