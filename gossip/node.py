@@ -13,14 +13,16 @@ to send.
 
 One *flusher* task closes the open batch and commits it on a single disk thread (one
 append, one fsync) while the loop keeps serving; everything that arrives meanwhile forms
-the next batch (group commit). Under load (the previous batch carried several client
-writes) a batch is taken once it holds as many client writes as the previous one, or
-after ``commit_gap_us``, so that commits stay few and large without making a moderate
-load wait; a lone write is committed at once. A full disk is retried (new writes are
-refused meanwhile, health NOT_SERVING); any other storage error stops the node. Only
-after a batch is durable does the flusher acknowledge its client writes and send its
-messages, so an ack to a client, a DeltasAck or an anti-entropy reply always covers
-durable data, and every message is sent after everything produced before it is durable.
+the next batch (group commit), taken the moment the commit before it ends: writes
+that waited for the disk never wait for anything else. Only when nothing arrived
+during a commit that carried several client writes (concurrent clients in lockstep)
+does the next batch wait until as many have arrived (those clients' next writes), or
+for at most ``commit_gap_us``, so that commits stay few and large; a lone write is
+committed at once. A full disk is retried (new writes are refused meanwhile, health
+NOT_SERVING); any other storage error stops the node. Only after a batch is durable
+does the flusher acknowledge its client writes and send its messages, so an ack to a
+client, a DeltasAck or an anti-entropy reply always covers durable data, and every
+message is sent after everything produced before it is durable.
 
 Reads answer from the local replica (AP): every response is ``stale_possible``. LOCAL
 (DEFAULT) reads answer at once. SESSION, MONOTONIC_READS and READ_MY_WRITES reads wait
@@ -331,10 +333,12 @@ class GossipOptions:
     dedup_window: int = 128
     dedup_ttl_ms: int = 3_600_000
     max_pending: int = 20_000  # writes waiting for the disk before RESOURCE_EXHAUSTED
-    # Group commit under load: once a commit carried several client writes (concurrent
-    # clients), the next one waits until as many have arrived (the answered clients'
-    # next writes), for at most this long (0: never waits). Fewer, larger commits cost
-    # less fsync, disk-thread and message overhead per write; a lone write never waits.
+    # Group commit in lockstep: once a commit carried several client writes (concurrent
+    # clients) and none arrived while it ran, the next one waits until as many have
+    # arrived (the answered clients' next writes), for at most this long (0: never
+    # waits). Fewer, larger commits cost less fsync, disk-thread and message overhead
+    # per write. A lone write never waits, nor do writes that arrived during a commit:
+    # they are committed as soon as it ends.
     commit_gap_us: int = 10_000
 
     @classmethod
@@ -586,27 +590,37 @@ class GossipBackend:
 
     async def _flusher(self) -> None:
         gap = self.opts.commit_gap_us / 1e6
-        last_writes = 0  # client writes the previous batch carried
+        # Client writes the next batch waits for (see _gather): those of the previous
+        # batch if it carried several and none arrived while it was being committed.
+        want = 0
         while True:
             await self._flush_wake.wait()
             self._flush_wake.clear()
             pipe = self.pipe
             while pipe.batch:
-                if last_writes > 1:
-                    await self._gather(last_writes, gap)
+                if want > 1:
+                    await self._gather(want, gap)
+                else:
+                    # Writes that arrived during the last commit (or a lone write) go
+                    # now, with the requests already runnable: no linger while writes
+                    # wait for the disk (raft's rule).
+                    await asyncio.sleep(0)
                 b = pipe.take()
-                last_writes = b.writes
                 if b.commit and not await self._commit(b):
                     return  # the node failed (see fail)
+                # (checked before any of its clients can send their next write)
+                want = 0 if pipe.batch.writes else b.writes
                 messages = pipe.finish(b)
                 if b.tag is not None and not b.tag.done():
                     b.tag.set_result(None)
                 self._send_all(messages)
 
     async def _gather(self, want: int, gap: float) -> None:
-        """Concurrent writers: let the open batch grow to ``want`` client writes (those of
-        the previous batch, whose clients were just answered and are sending their next
-        ones), for at most ``gap`` seconds."""
+        """Concurrent writers in lockstep (nothing arrived while the previous batch was
+        committed): let the open batch grow to ``want`` client writes (those of the
+        previous batch, whose clients were just answered and are sending their next
+        ones), for at most ``gap`` seconds. Never while writes that arrived during a
+        commit wait: they go as soon as it ends."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + gap
         while self.pipe.batch.writes < want and (left := deadline - loop.time()) > 0:

@@ -75,6 +75,43 @@ async def test_group_commit_gathers_concurrent_writes_but_never_delays_a_lone_on
     await b.close()
 
 
+async def test_writes_arriving_during_a_commit_are_committed_as_soon_as_it_ends(
+    tmp_path: Path,
+) -> None:
+    """Writes that arrive while a commit is under way form the next batch, and it is taken
+    the moment that commit ends: they already waited for the disk. They used to wait
+    until as many writes as the commit carried had arrived, or for ``commit_gap_us``,
+    with the disk idle (16 clients: half of the time, p50 the 10 ms gap)."""
+    b = await _backend(tmp_path, commit_gap_us="60000000")  # (the old wait: 60 s)
+    assert b.storage is not None
+    commit = b.storage.commit
+    gate, entered = threading.Event(), threading.Event()
+    batches: list[list[str]] = []
+
+    def held_commit(batch: CommitBatch) -> None:
+        batches.append(sorted(batch.kv))
+        entered.set()
+        gate.wait(10)  # the first commit: until the late writes joined the open batch
+        commit(batch)
+
+    b.storage.commit = held_commit  # type: ignore[method-assign]
+    first = [asyncio.create_task(b.put(f"a{i}", b"v", None, None)) for i in range(5)]
+    assert await asyncio.to_thread(entered.wait, 5.0)  # their commit is under way
+    late = [asyncio.create_task(b.put(f"b{i}", b"v", None, None)) for i in range(2)]
+    await asyncio.sleep(0)  # (one turn of the loop: the late puts run up to their wait)
+    assert b.pipe.batch.writes == 2 and b.pipe.pending_writes == 7
+    assert batches == [[f"a{i}" for i in range(5)]] and not any(t.done() for t in first + late)
+    gate.set()
+    # The old node waited for 3 more writes (or 60 s) before committing these two.
+    await asyncio.wait_for(asyncio.gather(*first, *late), 10.0)
+    assert batches == [[f"a{i}" for i in range(5)], ["b0", "b1"]]
+    assert (await b.status()).counters["fsyncs"] >= 2
+    assert (await b.get("b1", Consistency.DEFAULT, None)).value == b"v"
+    b.storage.commit = commit  # type: ignore[method-assign]
+    await b.before_shutdown()
+    await b.close()
+
+
 async def test_writes_dedup_refusals_and_restart(tmp_path: Path) -> None:
     b = await _backend(tmp_path)
     h = await b.put("a", b"1", RequestId("c", 1), None)
