@@ -66,9 +66,10 @@ test: lint typecheck proto-check pytest
 soak: $(STAMP)
 	CAPLAB_SOAK=1 $(VENV)/bin/pytest -q -m soak tests
 
+# both stores, both client paths, beside the no-op server and (when installed) etcd
 bench: $(STAMP)
-	$(VENV)/bin/caplab bench --store raft
-	$(VENV)/bin/caplab bench --store gossip
+	$(VENV)/bin/caplab bench --store raft,gossip --security tls \
+		$(if $(shell command -v etcd),--compare etcd,) --json bench.json
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache demo-out
