@@ -150,9 +150,11 @@ class Collection:
         cl = self._clients.get(client_id)
         return cl is not None and seq <= cl.max_seq - self.config.dedup_window
 
-    def record_added(self, key: str, now: int) -> None:
-        """An Applied record entered the replica (at ``now``, monotonic)."""
-        parsed = parse_applied_key(key)
+    def record_added(self, key: str, now: int, parsed: tuple[str, int] | None = None) -> None:
+        """An Applied record entered the replica (at ``now``, monotonic); ``parsed``: its
+        request (client id, sequence), if the caller knows it (else parsed from ``key``)."""
+        if parsed is None:
+            parsed = parse_applied_key(key)
         if parsed is None:
             return
         self._rid[key] = parsed

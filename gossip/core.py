@@ -182,6 +182,9 @@ class _Out:
     collected: list[tuple[str, Timestamp]] = field(default_factory=list)
 
 
+_STAMPED = (Register, Applied)  # values with a timestamp
+
+
 def _not_relayed(v: Value) -> TypeGuard[Register | Applied]:
     """Values whose writer streams them to every peer itself: live registers and Applied
     records. Tombstones are relayed: their collection needs every holder known everywhere
@@ -365,13 +368,13 @@ class GossipCore:
         wall_ms: int | None = None,
     ) -> Write:
         """LWW write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
-        self._check_key(key, rid)
+        rkey = self._check_key(key, rid)
         ts = self._hlc.now(self._clocks(now_ms, wall_ms))
         delta = put_delta(self._state, key, value, ts)
-        if rid is not None:
+        if rkey is not None:
             digest = payload_digest("put", value)
-            delta[applied_key(*rid)] = Applied(ts, self.component, "put", key, 0, 0, digest)
-        self._apply_local(delta, now_ms)
+            delta[rkey] = Applied(ts, self.component, "put", key, 0, 0, digest)
+        self._apply_local(delta, now_ms, rkey, rid)
         return Write(key, ts, delta)
 
     def delete(
@@ -383,25 +386,27 @@ class GossipCore:
         wall_ms: int | None = None,
     ) -> Write:
         """Tombstone write. Raises ``WrongTypeError`` if ``key`` holds a counter."""
-        self._check_key(key, rid)
+        rkey = self._check_key(key, rid)
         ts = self._hlc.now(self._clocks(now_ms, wall_ms))
         cur = self._state.get(key)
         existed = isinstance(cur, Register) and cur.value is not None
         delta = delete_delta(self._state, key, ts)
-        self._record(delta, rid, Applied(ts, self.component, "delete", key, 0, int(existed)))
-        self._apply_local(delta, now_ms)
+        if rkey is not None:
+            delta[rkey] = Applied(ts, self.component, "delete", key, 0, int(existed))
+        self._apply_local(delta, now_ms, rkey, rid)
         return Write(key, ts, delta)
 
-    def _check_key(self, key: str, rid: tuple[str, int] | None) -> None:
+    def _check_key(self, key: str, rid: tuple[str, int] | None) -> str | None:
+        """Refuse a reserved key or a request applied already; returns the key of the
+        request's Applied record (None without a request id)."""
         if is_reserved(key):
             raise ValueError(f"key {key!r} is reserved")
-        if rid is not None and applied_key(*rid) in self._state:
+        if rid is None:
+            return None
+        rkey = applied_key(*rid)
+        if rkey in self._state:
             raise ValueError(f"request {rid} was applied already: answer it from lookup()")
-
-    @staticmethod
-    def _record(delta: dict[str, Value], rid: tuple[str, int] | None, rec: Applied) -> None:
-        if rid is not None:
-            delta[applied_key(*rid)] = rec
+        return rkey
 
     def increment(
         self,
@@ -415,7 +420,7 @@ class GossipCore:
         """Counter add (``delta`` may be negative). Raises ``WrongTypeError`` if ``key``
         holds a register (also a tombstone) and ``ValueOutOfRangeError`` if the value would
         leave int64."""
-        self._check_key(key, rid)
+        rkey = self._check_key(key, rid)
         d = increment_delta(self._state, key, self.component, delta)
         cur = self._state.get(key)
         value = (cur.value if isinstance(cur, Counter) else 0) + delta
@@ -427,11 +432,11 @@ class GossipCore:
             # 2**64 increments of the largest size would be needed; refuse all the same
             raise ValueOutOfRangeError(f"counter {key!r}: this node's total would pass 2**127")
         ts = self._hlc.now(self._clocks(now_ms, wall_ms))
-        if rid is not None:
+        if rkey is not None:
             digest = payload_digest("increment", delta=delta)
             rec = Applied(ts, self.component, "increment", key, delta, value, digest)
-            d[applied_key(*rid)] = rec
-        self._apply_local(d, now_ms)
+            d[rkey] = rec
+        self._apply_local(d, now_ms, rkey, rid)
         return Write(key, ts, d)
 
     def _clocks(self, now_ms: int, wall_ms: int | None) -> int:
@@ -441,21 +446,34 @@ class GossipCore:
         self._wall = now_ms if wall_ms is None else wall_ms
         return self._wall
 
-    def _apply_local(self, delta: dict[str, Value], now_ms: int) -> None:
+    def _apply_local(
+        self,
+        delta: dict[str, Value],
+        now_ms: int,
+        rkey: str | None = None,
+        rid: tuple[str, int] | None = None,
+    ) -> None:
+        """Join a client write's ``delta`` (its Applied record, if any, under ``rkey``, the
+        key of request ``rid``) into the replica, the Merkle tree and the delta log."""
         self._now = max(self._now, now_ms)
         res = apply_delta(self._state, delta.items())
+        changed = res.changed
+        if not changed:
+            return
         coll = self._collection
         collected, tomb = coll.collected, coll.holders
-        merkle, log = self._merkle, self._log
-        for k, v in res.changed.items():
-            merkle.update(k, v)
-            log.log_key(k)
-            collected.pop(k, None)
+        self._merkle.update_many(changed.items())
+        self._log.log_many([(k, None) for k in changed])
+        for k, v in changed.items():
+            if collected:
+                collected.pop(k, None)
             if is_collectable(v):
                 tomb[k] = {self.node_id}
                 if res.old.get(k) is None and isinstance(v, Applied):
-                    coll.record_added(k, self._now)
-            else:
+                    # (the request's own key: its id needs no parsing)
+                    own = rid is not None and k == rkey and rid[1] >= 0
+                    coll.record_added(k, self._now, rid if own else None)
+            elif tomb:
                 tomb.pop(k, None)
 
     # ------------------------------------------------------------------ outputs
@@ -487,7 +505,7 @@ class GossipCore:
         coll = self._collection
         collected, tomb = coll.collected, coll.holders
         for k, v in entries:
-            if isinstance(v, Register | Applied):
+            if isinstance(v, _STAMPED):
                 if v.ts.wall_ms > horizon:
                     self._quarantine(v.ts.wall_ms - wall)
                     continue
@@ -517,19 +535,23 @@ class GossipCore:
             got = dict(accepted)
             self._merkle.update_many(changed.items())
             # src holds exactly this value when it is what src sent (not a join of both)
-            log.log_many([(k, src if got.get(k) == new else None) for k, new in changed.items()])
-            if direct:
-                everyone = self._peers
-                for k, new in changed.items():
-                    if _not_relayed(new) and new.ts.node == src and got.get(k) == new:
-                        known[k] = set(everyone)
-            self._out.persist.update(changed)
+            relogged: list[tuple[str, str | None]] = []
             for k, new in changed.items():
+                g = got.get(k)
+                relogged.append((k, src if g is new or g == new else None))
+            log.log_many(relogged)
+            self._out.persist.update(changed)
+            everyone = self._peers
+            me = self.node_id
+            old_values = res.old
+            for (k, holder), new in zip(relogged, changed.values(), strict=True):
+                if direct and holder is not None and _not_relayed(new) and new.ts.node == src:
+                    known[k] = set(everyone)
                 if collected:
                     collected.pop(k, None)
                 if is_collectable(new):
-                    tomb[k] = {self.node_id, src}  # a register join is one of its inputs
-                    if isinstance(new, Applied) and res.old.get(k) is None:
+                    tomb[k] = {me, src}  # a register join is one of its inputs
+                    if isinstance(new, Applied) and old_values.get(k) is None:
                         coll.record_added(k, self._now)
                 elif tomb:
                     tomb.pop(k, None)
@@ -549,9 +571,10 @@ class GossipCore:
             self._settle(k, loser)
         logged = log.seqs
         for k, v in accepted:
-            if k in res.changed:
+            if k in changed:
                 continue
-            if state.get(k) == v:  # src holds our current value
+            cur = state.get(k)
+            if cur is v or cur == v:  # src holds our current value
                 holders = tomb.get(k)
                 if holders is not None:
                     holders.add(src)

@@ -60,6 +60,9 @@ class Register:
 
     ts: Timestamp  # HLC timestamp of the write; unique per write
     value: bytes | None  # None = tombstone
+    # ``encode_value``'s bytes, kept once computed (see ``encode_value``); not a part of
+    # the value: no argument, no part of equality, hashing or ``repr``
+    _enc: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,7 @@ class Applied:
     delta: int  # increment: the amount added; 0 otherwise
     num: int  # the answer: increment -> the counter after it; delete -> 1 if it existed
     digest: bytes = b""  # payload_digest of the request; b"": none (delete) or unknown
+    _enc: bytes | None = field(default=None, init=False, repr=False, compare=False)  # see Register
 
 
 DIGEST_BYTES = 8  # of a request's payload (``payload_digest``)
@@ -213,6 +217,8 @@ def merge_applied(a: Applied, b: Applied) -> Applied:
     forged) the smaller encoding wins, deterministically."""
     if a.ts != b.ts:
         return a if a.ts < b.ts else b
+    if a == b:  # the same application (the usual case: a copy met again)
+        return a
     if bool(a.digest) != bool(b.digest):
         return a if a.digest else b
     return a if encode_value(a) <= encode_value(b) else b
@@ -269,6 +275,8 @@ def apply_delta(
     res = ApplyResult()
     for k, v in delta:
         cur = state.get(k)
+        if cur is v:
+            continue  # (a value this replica holds, sent back to it)
         new = v if cur is None else merge_value(cur, v)
         if new is cur or new == cur:
             continue
@@ -340,30 +348,58 @@ def _enc_bytes(b: bytes) -> bytes:
 def encode_value(v: Value) -> bytes:
     """Canonical byte encoding of a value (equal values <=> equal bytes).
 
-    Used for Merkle hashing and for message size estimates.
-    """
-    if isinstance(v, Register):
-        ts = v.ts
-        node = ts.node.encode()
-        head = _REG_HEAD.pack(b"R", ts.wall_ms, ts.logical, len(node)) + node
-        if v.value is None:
-            return head + b"\x00"
-        return head + _REG_VAL.pack(b"\x01", len(v.value)) + v.value
-    if isinstance(v, Applied):
-        ts = v.ts
-        return b"".join(
-            (
-                _APPLIED_HEAD.pack(b"A", ts.wall_ms, ts.logical),
-                _enc_str(ts.node),
-                _enc_str(v.component),
-                _enc_str(v.op),
-                _enc_str(v.key),
-                v.delta.to_bytes(16, "big", signed=True),
-                v.num.to_bytes(16, "big", signed=True),
-                # (only when there is one: a record without has its older encoding)
-                _enc_bytes(v.digest) if v.digest else b"",
-            )
+    Used for Merkle hashing, by the storage and for message size estimates: a write's
+    value is encoded by the Merkle tree, the storage and the size estimate of every
+    message it travels in, so a register or record keeps its encoding once computed
+    (they are immutable; a counter's maps are only treated as immutable, so its
+    encoding is computed each time; so is a large register's)."""
+    if isinstance(v, Counter):
+        return _encode_counter(v)
+    enc = v._enc
+    if enc is None:
+        enc = _encode_register(v) if isinstance(v, Register) else _encode_applied(v)
+        if len(enc) <= _KEEP_ENCODING_MAX:
+            object.__setattr__(v, "_enc", enc)
+    return enc
+
+
+# A large value's encoding is not kept (it would double the memory the value takes; its
+# cost is the copy, paid anyway).
+_KEEP_ENCODING_MAX = 4096
+
+
+def cached_encoding(v: Value) -> bytes | None:
+    """``encode_value(v)`` if it was computed already, else None (never computes it)."""
+    return None if isinstance(v, Counter) else v._enc
+
+
+def _encode_register(v: Register) -> bytes:
+    ts = v.ts
+    node = ts.node.encode()
+    head = _REG_HEAD.pack(b"R", ts.wall_ms, ts.logical, len(node)) + node
+    if v.value is None:
+        return head + b"\x00"
+    return head + _REG_VAL.pack(b"\x01", len(v.value)) + v.value
+
+
+def _encode_applied(v: Applied) -> bytes:
+    ts = v.ts
+    return b"".join(
+        (
+            _APPLIED_HEAD.pack(b"A", ts.wall_ms, ts.logical),
+            _enc_str(ts.node),
+            _enc_str(v.component),
+            _enc_str(v.op),
+            _enc_str(v.key),
+            v.delta.to_bytes(16, "big", signed=True),
+            v.num.to_bytes(16, "big", signed=True),
+            # (only when there is one: a record without has its older encoding)
+            _enc_bytes(v.digest) if v.digest else b"",
         )
+    )
+
+
+def _encode_counter(v: Counter) -> bytes:
     parts = [b"C"]
     for m in (v.p, v.n):
         items = sorted((k, a) for k, a in m.items() if a != 0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass
 
-from gossip.crdt import Applied, Counter, Register, Value
+from gossip.crdt import Applied, Counter, Register, Value, cached_encoding
 
 ALIVE = "alive"
 SUSPECT = "suspect"
@@ -156,6 +156,9 @@ Message = Deltas | DeltasAck | AeRequest | AeResponse | AeItems | Ping | PingReq
 
 def _value_size(v: Value) -> int:
     """``len(encode_value(v))`` without encoding (hot path: every entry of every message)."""
+    enc = cached_encoding(v)
+    if enc is not None:
+        return len(enc)
     if isinstance(v, Register):
         n = 22 + len(v.ts.node.encode())
         return n if v.value is None else n + 4 + len(v.value)
