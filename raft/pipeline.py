@@ -77,6 +77,8 @@ class SyncPolicy:
     block the loop)."""
 
     inline_max: int = 1  # entries; 0: never inline
+    #: a follower's Save from the fast path runs inline up to this many bytes of entry data
+    follower_bytes: int = 256 * 1024
 
     def inline(self, save: Save, *, in_flight: int, queued: int, disk_busy: bool) -> bool:
         return (
@@ -86,6 +88,19 @@ class SyncPolicy:
             and not queued
             and not disk_busy
         )
+
+    def follower_inline(self, save: Save, *, disk_busy: bool) -> bool:
+        """A follower answering an Append on the fast path: its loop has nothing more
+        urgent than that answer (the core holds one Ready at a time: the next Append
+        waits for this one either way), so a Save of any number of entries runs inline
+        up to ``follower_bytes`` of data; the hand-off to the disk thread and back costs
+        the follower more CPU per batch than the fsync itself. Never with a snapshot,
+        while another storage call is under way, or if ``inline_max`` is 0."""
+        if self.inline_max == 0 or save.snapshot is not None or disk_busy:
+            return False
+        if len(save.entries) <= self.inline_max:
+            return True
+        return sum(len(e.data) for e in save.entries) <= self.follower_bytes
 
 
 class ReadyPipeline(Generic[T]):

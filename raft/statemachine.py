@@ -80,6 +80,10 @@ class Session:
 class Slot:
     value: bytes | int  # bytes: register, int: counter
     index: int  # log index of the last change
+    h: int = 0  # _key_hash(key, value): its share of the state digest (kept, not recomputed)
+
+
+_sha256 = hashlib.sha256
 
 
 def payload_digest(cmd: raft_pb2.Command) -> bytes:
@@ -106,17 +110,13 @@ def _len_prefixed(b: bytes) -> bytes:
 
 
 def _key_hash(key: str, value: bytes | int) -> int:
-    h = hashlib.sha256()
+    """SHA-256 of (4-byte key length, key, b"R" + value | b"C" + 8-byte counter)."""
     kb = key.encode()
-    h.update(len(kb).to_bytes(4, "big"))
-    h.update(kb)
     if isinstance(value, bytes):
-        h.update(b"R")
-        h.update(value)
+        tail = b"R" + value
     else:
-        h.update(b"C")
-        h.update(value.to_bytes(8, "big", signed=True))
-    return int.from_bytes(h.digest(), "big")
+        tail = b"C" + value.to_bytes(8, "big", signed=True)
+    return int.from_bytes(_sha256(len(kb).to_bytes(4, "big") + kb + tail).digest(), "big")
 
 
 class KvStateMachine:
@@ -143,16 +143,17 @@ class KvStateMachine:
     # -- writes --------------------------------------------------------------
     def _set(self, key: str, value: bytes | int, index: int) -> None:
         old = self.data.get(key)
+        h = _key_hash(key, value)
         if old is not None:
-            self._digest ^= _key_hash(key, old.value)
-        self.data[key] = Slot(value, index)
-        self._digest ^= _key_hash(key, value)
+            self._digest ^= old.h
+        self.data[key] = Slot(value, index, h)
+        self._digest ^= h
 
     def _del(self, key: str) -> bool:
         old = self.data.pop(key, None)
         if old is None:
             return False
-        self._digest ^= _key_hash(key, old.value)
+        self._digest ^= old.h
         return True
 
     def apply(self, index: int, payload: bytes) -> raft_pb2.CommandResult:
