@@ -162,18 +162,21 @@ LINEARIZABLE_REFUSAL = (
 SESSION_TOKEN_VERSION = 1
 SESSION_KEYS = 256
 SESSION_POLL_S = 0.02  # how often a sticky read looks again at the replica
+_ONE_NODE_HEAD = bytes((SESSION_TOKEN_VERSION, 1))  # (version, one node id follows)
 
 
 def _uvarint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
     out = bytearray()
-    while True:
-        b = n & 0x7F
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
         n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
 
 
 class _Reader:
@@ -265,6 +268,23 @@ def _session_note(keys: dict[str, Timestamp], key: str, ts: Timestamp | None) ->
     """The token after this answer: ``key`` saw ``ts`` (None: untouched), now the most
     recently used; a key never goes back to an older timestamp."""
     if ts is not None:
+        if not keys:  # (a request without a token: the usual case, encoded directly)
+            node, raw = ts.node.encode(), key.encode()
+            out = b"".join(
+                (
+                    _ONE_NODE_HEAD,
+                    _uvarint(len(node)),
+                    node,
+                    b"\x01",
+                    _uvarint(len(raw)),
+                    raw,
+                    _uvarint(ts.wall_ms),
+                    _uvarint(ts.logical),
+                    b"\x00",
+                )
+            )
+            if len(out) <= MAX_SESSION_TOKEN_BYTES:
+                return out
         old = keys.pop(key, None)
         keys[key] = ts if old is None or ts > old else old
     return encode_session_token(keys)

@@ -6,6 +6,7 @@ token-carrying write is ordered after what the session saw."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from caplab.v1 import kv_pb2, kv_pb2_grpc
 from gossip.hlc import Timestamp
 from gossip.node import (
     SESSION_KEYS,
+    _session_note,
     decode_session_token,
     encode_session_token,
 )
@@ -68,6 +70,18 @@ async def _get(
         timeout=timeout,
     )
     return resp
+
+
+async def test_the_first_token_of_a_session_is_the_general_encoding() -> None:
+    """A request without a token gets its first one from a direct encoding: the same
+    bytes as the general encoder's, for any key, timestamp and node id."""
+    rng = random.Random(7)
+    for _ in range(2000):
+        key = "".join(rng.choice("ab/é\x7f") for _ in range(rng.randint(1, 500)))
+        ts = Timestamp(rng.randint(0, 2**50), rng.randint(0, 70_000), "n" * rng.randint(1, 200))
+        token = _session_note({}, key, ts)
+        assert token == encode_session_token({key: ts})
+        assert decode_session_token(token) == {key: ts}
 
 
 async def test_token_round_trip_bounded_and_malformed() -> None:
