@@ -12,7 +12,14 @@ from harness.cluster import free_ports
 from tests.foundation.memstore import MemBackend
 
 
-async def start_mem_node(tmp_path: Path, enable_admin: bool) -> NodeServer:
+async def start_mem_node(
+    tmp_path: Path,
+    enable_admin: bool = False,
+    backend: type[MemBackend] = MemBackend,
+    grace_s: float = 1.0,
+) -> NodeServer:
+    """A node of the shared runtime over a dictionary backend (``backend``: MemBackend or
+    a subclass of it), listening on a free port of 127.0.0.1."""
     port = free_ports(1)[0]
     config = NodeConfig(
         store="mem",
@@ -22,7 +29,7 @@ async def start_mem_node(tmp_path: Path, enable_admin: bool) -> NodeServer:
         data_dir=str(tmp_path),
         enable_admin=enable_admin,
     )
-    node = NodeServer(config, MemBackend(config, SkewableClock()), grace_s=1.0)
+    node = NodeServer(config, backend(config, SkewableClock()), grace_s=grace_s)
     await node.start()
     return node
 

@@ -21,6 +21,7 @@ from caplab.store import Header, NodeConfig
 from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
 from harness.cluster import free_ports
+from tests.foundation.conftest import start_mem_node
 from tests.foundation.memstore import MemBackend
 from tests.polling import eventually
 
@@ -49,12 +50,7 @@ class GatedBackend(MemBackend):
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[NodeServer]:
-    port = free_ports(1)[0]
-    config = NodeConfig(
-        store="mem", node_id="m1", listen=f"127.0.0.1:{port}", peers={}, data_dir=str(tmp_path)
-    )
-    n = NodeServer(config, GatedBackend(config, SkewableClock()), grace_s=1.0)
-    await n.start()
+    n = await start_mem_node(tmp_path, backend=GatedBackend, grace_s=1.0)
     yield n
     await n.stop()
 

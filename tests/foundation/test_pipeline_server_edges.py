@@ -12,25 +12,18 @@ import grpc
 import pytest
 
 from caplab import errors, pipeline_server
-from caplab.clock import SkewableClock
 from caplab.pipeline_client import Pipeline
 from caplab.server import NodeServer
-from caplab.store import NodeConfig
 from caplab.v1 import kv_pb2
 from caplab.validation import MAX_MESSAGE_BYTES
-from harness.cluster import free_ports
+from tests.foundation.conftest import start_mem_node
 from tests.foundation.test_pipeline_client_edges import HoldBackend
 from tests.polling import eventually
 
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[NodeServer]:
-    port = free_ports(1)[0]
-    config = NodeConfig(
-        store="mem", node_id="m1", listen=f"127.0.0.1:{port}", peers={}, data_dir=str(tmp_path)
-    )
-    n = NodeServer(config, HoldBackend(config, SkewableClock()), grace_s=0.5)
-    await n.start()
+    n = await start_mem_node(tmp_path, backend=HoldBackend, grace_s=0.5)
     yield n
     assert isinstance(n.backend, HoldBackend)
     n.backend.gate.set()
