@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -115,6 +116,7 @@ class _Call:
         self.deadlines: list[tuple[float, int, asyncio.Task[None]]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.expired: set[asyncio.Task[None]] = set()
+        self.order = itertools.count()  # (ties in the heap never compare tasks)
 
     async def read(self, requests: AsyncIterator[Any]) -> None:
         n = 0
@@ -155,7 +157,7 @@ class _Call:
         if len(self.deadlines) > 4 * MAX_IN_FLIGHT:  # (drop the finished ones)
             self.deadlines = [d for d in self.deadlines if not d[2].done()]
             heapq.heapify(self.deadlines)
-        heapq.heappush(self.deadlines, (when, id(task), task))
+        heapq.heappush(self.deadlines, (when, next(self.order), task))
         if self.timer is None or when < self.timer.when():
             if self.timer is not None:
                 self.timer.cancel()
