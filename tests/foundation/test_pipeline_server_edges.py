@@ -47,7 +47,7 @@ async def test_a_client_that_does_not_read_stops_the_node_reading(
     backend = node.backend
     assert isinstance(backend, HoldBackend)
     value = b"v" * (256 * 1024)
-    n = pipeline_server.MAX_UNSENT_BYTES // len(value) + 40  # (beyond the budget)
+    n = pipeline_server.MAX_UNSENT_BYTES // len(value) + 160  # (well beyond the budget)
     async with grpc.aio.insecure_channel(node.config.listen) as ch:
         await kv_pb2_grpc_stub(ch).Put(kv_pb2.PutRequest(key="big", value=value), timeout=5)
         call = _raw(ch)
@@ -55,10 +55,12 @@ async def test_a_client_that_does_not_read_stops_the_node_reading(
         await call.write(kv_pb2.PipelineRequest(operations=gets))
         late = kv_pb2.Operation(id=n + 1, put=kv_pb2.PutRequest(key="late", value=b"1"))
         await call.write(kv_pb2.PipelineRequest(operations=[late]))
-        calls = list(node.kv_servicers[0].pipelines.calls)
-        await eventually(
-            lambda: bool(calls) and calls[0].unsent >= pipeline_server.MAX_UNSENT_BYTES, 10
-        )
+        streams = node.kv_servicers[0].pipelines
+
+        def held_back() -> bool:
+            return any(c.unsent >= pipeline_server.MAX_UNSENT_BYTES for c in streams.calls)
+
+        await eventually(held_back, 10)
         for _ in range(50):
             await asyncio.sleep(0)  # (the node would read on now if it were going to)
         assert "late" not in backend.data, "the node read on past its byte budget"
