@@ -57,7 +57,6 @@ import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -67,6 +66,7 @@ import grpc
 from caplab import errors
 from caplab.auth import authenticated_member
 from caplab.clock import SkewableClock
+from caplab.disk_thread import DiskThread
 from caplab.gossip.v1 import gossip_pb2 as pb
 from caplab.gossip.v1 import gossip_pb2_grpc as pb_grpc
 from caplab.logs import get_logger
@@ -494,7 +494,7 @@ class GossipBackend:
         self._flush_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ticker_task: asyncio.Task[None] | None = None
-        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gossip-disk-{self.id}")
+        self._disk = DiskThread(f"gossip-disk-{self.id}")
         self._stopping = False
         # (entries quarantined, membership updates refused) last logged
         self.refused_seen = (0, 0)
@@ -510,7 +510,7 @@ class GossipBackend:
         return self._pipe
 
     async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._disk, fn, *args)
+        return await self._disk.call(fn, *args)
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self, server: grpc.aio.Server) -> None:
@@ -588,7 +588,7 @@ class GossipBackend:
                 await t
         for link in self.links.values():
             await link.close()
-        self._disk.shutdown(wait=True)
+        self._disk.shutdown()
         if self.storage is not None:
             self.storage.close()
         log.info("gossip_closed", fsyncs=self.counters["fsyncs"])
@@ -654,11 +654,10 @@ class GossipBackend:
         """Make ``b`` durable. A full disk is retried (new writes are refused meanwhile);
         any other storage error is fatal: the state in memory may then differ from the
         disk, so the node stops (``fail``) rather than acknowledge or serve it."""
-        loop = asyncio.get_running_loop()
         delay = 0.05
         while True:
             try:
-                await loop.run_in_executor(self._disk, self.pipe.commit, b)
+                await self._disk.call(self.pipe.commit, b)
                 break
             except DiskFullError as e:
                 if self.disk_full is None:

@@ -38,9 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import queue
 import random
-import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,6 +51,7 @@ import grpc
 from caplab import errors
 from caplab.auth import authenticated_member
 from caplab.clock import SkewableClock
+from caplab.disk_thread import DiskThread
 from caplab.logs import get_logger
 from caplab.peer import InboundStreams, StreamSender, peer_channel
 from caplab.raft.v1 import raft_pb2 as pb
@@ -256,63 +255,6 @@ class RaftOptions:
     @property
     def election_timeout_s(self) -> float:
         return self.election_ticks * self.tick_ms / 1000
-
-
-#: one storage call for the disk thread: (loop, its future, function, arguments)
-_DiskJob = tuple[
-    asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]
-]
-
-
-def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if not fut.done():
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-
-
-class DiskThread:
-    """The node's single disk thread: storage calls run there, one at a time, in order.
-
-    A lean ``run_in_executor``: a queue, one thread, and one ``call_soon_threadsafe`` back
-    to the loop per call (a ThreadPoolExecutor adds a concurrent Future chained to an
-    asyncio one, about 50 us more per call; the driver makes one call per batch). The
-    thread starts with the first call; ``shutdown`` waits for the calls queued before it.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._queue: queue.SimpleQueue[_DiskJob | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
-        self._queue.put((loop, fut, fn, args))
-        return fut
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            loop, fut, fn, args = item
-            try:
-                outcome: tuple[bool, Any] = (True, fn(*args))
-            except BaseException as e:  # (as run_in_executor: the caller gets it)
-                outcome = (False, e)
-            try:
-                loop.call_soon_threadsafe(_settle, fut, *outcome)
-            except RuntimeError:  # the loop is closed: nobody awaits it any more
-                pass
-            del item, fut, outcome
-
-    def shutdown(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
 
 
 class PeerLink:

@@ -1,4 +1,4 @@
-"""raft.node.DiskThread (the node's storage calls off the loop) and the follower's inline
+"""caplab.disk_thread.DiskThread (the node's storage calls off the loop) and the follower's inline
 fsync policy (raft.pipeline.SyncPolicy.follower_inline)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
+from caplab.disk_thread import DiskThread
 from raft.messages import Entry, EntryKind, Snapshot, SnapshotMeta
-from raft.node import DiskThread
 from raft.pipeline import Save, SyncPolicy
 
 
