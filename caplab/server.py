@@ -125,7 +125,8 @@ class NodeServer:
         self.kv_servicers: list[KVServicer] = []
 
     async def start(self) -> None:
-        self.kv_servicers = [KVServicer(self.backend)]
+        # (with a peer listener, forwarded requests arrive there, never here)
+        self.kv_servicers = [KVServicer(self.backend, forwarded=not self.config.peer_listen)]
         kv_pb2_grpc.add_KVServicer_to_server(self.kv_servicers[0], self.server)
         kv_pb2_grpc.add_ClusterServicer_to_server(
             ClusterServicer(self.backend, __version__), self.server

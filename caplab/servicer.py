@@ -90,11 +90,14 @@ def error_status(exc: BaseException) -> errors.StoreError:
 async def _call(
     context: grpc.aio.ServicerContext[object, object],
     fn: Callable[[], Awaitable[T]],
+    forwarded: bool = False,
 ) -> T:
-    """Run `fn` and map its outcome to a gRPC status (see error_status)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == FORWARDED_BY_KEY:
-            forwarded_by.set(value if isinstance(value, str) else value.decode())
+    """Run `fn` and map its outcome to a gRPC status (see error_status). ``forwarded``:
+    the call may be a request another node forwarded (metadata FORWARDED_BY_KEY)."""
+    if forwarded:
+        for key, value in context.invocation_metadata() or ():
+            if key == FORWARDED_BY_KEY:
+                forwarded_by.set(value if isinstance(value, str) else value.decode())
     try:
         return await fn()
     except (grpc.aio.AbortError, KeyboardInterrupt, asyncio.CancelledError):
@@ -227,34 +230,49 @@ class KVOperations:
 
 
 class KVServicer(kv_pb2_grpc.KVServicer):
-    def __init__(self, backend: StoreBackend) -> None:
+    """``forwarded``: this listener receives the requests followers forward to their
+    leader (the peer listener, or the only one): only there is the forwarding metadata
+    read (a client on a separate client listener cannot claim to be a node)."""
+
+    def __init__(self, backend: StoreBackend, forwarded: bool = True) -> None:
         self.ops = KVOperations(backend)
+        self.forwarded = forwarded
         self.pipelines = Streams()  # (drained when the node stops: caplab.server)
 
     async def Put(
         self, request: kv_pb2.PutRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.PutResponse:
-        return await _call(context, lambda: self.ops.put(request, _timeout(context)))
+        return await _call(
+            context, lambda: self.ops.put(request, _timeout(context)), self.forwarded
+        )
 
     async def Get(
         self, request: kv_pb2.GetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.GetResponse:
-        return await _call(context, lambda: self.ops.get(request, _timeout(context)))
+        return await _call(
+            context, lambda: self.ops.get(request, _timeout(context)), self.forwarded
+        )
 
     async def Delete(
         self, request: kv_pb2.DeleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.DeleteResponse:
-        return await _call(context, lambda: self.ops.delete(request, _timeout(context)))
+        return await _call(
+            context, lambda: self.ops.delete(request, _timeout(context)), self.forwarded
+        )
 
     async def CompareAndSwap(
         self, request: kv_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.CompareAndSwapResponse:
-        return await _call(context, lambda: self.ops.compare_and_swap(request, _timeout(context)))
+        return await _call(
+            context, lambda: self.ops.compare_and_swap(request, _timeout(context)), self.forwarded
+        )
 
     async def Increment(
         self, request: kv_pb2.IncrementRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> kv_pb2.IncrementResponse:
-        return await _call(context, lambda: self.ops.increment(request, _timeout(context)))
+        return await _call(
+            context, lambda: self.ops.increment(request, _timeout(context)), self.forwarded
+        )
 
     async def Pipeline(
         self,

@@ -158,6 +158,22 @@ async def _raft_view(cluster: LocalCluster) -> list[tuple[int, str, bytes]]:
     return view
 
 
+async def test_a_client_cannot_pose_as_a_forwarding_node(raft_cluster: LocalCluster) -> None:
+    """With a peer listener, a request on the client listener that claims to have been
+    forwarded (metadata caplab-forwarded-by) is an ordinary client request: a follower
+    forwards it to its leader as any other (it refused it, as if it came from a node)."""
+    cluster = raft_cluster
+    leader = (await _status(cluster, "n1")).leader_id
+    follower = "n1" if leader != "n1" else "n2"
+    async with grpc.aio.insecure_channel(cluster.endpoints[follower]) as ch:
+        resp = await kv_pb2_grpc.KVStub(ch).Put(
+            kv_pb2.PutRequest(key="posed", value=b"1"),
+            metadata=(("caplab-forwarded-by", "n3"),),
+            timeout=5,
+        )
+    assert resp.header.node_id == leader and resp.header.forwarded_by == follower
+
+
 async def test_raft_peer_attacks_are_refused(raft_cluster: LocalCluster) -> None:
     cluster = raft_cluster
     before = await _raft_view(cluster)
