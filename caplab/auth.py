@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import grpc
 
-from caplab.pipeline_server import may_write
 from caplab.security import ROLE_MEMBER, ROLES, peer_certificate, token_identity
 from caplab.store import NodeConfig
 
@@ -45,6 +45,11 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # (subscriptable in the 
 Check = Callable[[str, Context], tuple[bool, grpc.StatusCode, str]]
 
 _WRITES = {"Put", "Delete", "CompareAndSwap", "Increment"}
+
+# Whether the caller of the call being served may write: set per call by ClientRoles
+# (default True: the listener is open). KV.Pipeline carries reads and writes in one call
+# and checks each write against it (caplab.pipeline_server).
+may_write: ContextVar[bool] = ContextVar("caplab_may_write", default=True)
 _OPEN = ("/grpc.health.v1.Health/",)
 
 

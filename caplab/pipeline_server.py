@@ -32,12 +32,12 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any, Protocol
 
 import grpc
 
 from caplab import errors
+from caplab.auth import may_write
 from caplab.v1 import kv_pb2
 from caplab.validation import MAX_MESSAGE_BYTES
 
@@ -49,11 +49,9 @@ MAX_UNSENT_BYTES = 64 * 1024 * 1024
 # are sent in several messages when they would not fit in one.
 _RESPONSE_BUDGET = MAX_MESSAGE_BYTES - 64 * 1024
 
-# The client's role when the listener checks one (caplab.auth sets it per call; None:
-# the listener is open). Pipeline checks it per operation: a read-only caller's writes
-# are refused, its reads served.
+# Pipeline checks each of these against the caller's role (caplab.auth.may_write): a
+# read-only caller's writes are refused, its reads served.
 WRITES = frozenset({"put", "delete", "compare_and_swap", "increment"})
-may_write: ContextVar[bool] = ContextVar("caplab_may_write", default=True)
 
 
 class Operations(Protocol):

@@ -84,36 +84,32 @@ class Target:
 
 
 # -- the client side of each target ---------------------------------------------------
-def _caplab_unary(request_ids: bool) -> Callable[[list[grpc.aio.Channel], str], Op]:
+def _caplab(path: str, request_ids: bool) -> Callable[[list[grpc.aio.Channel], str], Op]:
+    """caplab's Put and Get over ``path``: unary RPCs, or KV.Pipeline (one per channel)."""
+
     def connect(channels: list[grpc.aio.Channel], op: str) -> Op:
-        stubs = [kv_pb2_grpc.KVStub(ch) for ch in channels]
+        if path == "unary":
+            stubs = [kv_pb2_grpc.KVStub(ch) for ch in channels]
+
+            def send(i: int, kind: str, req: Any) -> Awaitable[object]:
+                stub = stubs[i % len(stubs)]
+                call: Awaitable[object] = (stub.Put if kind == "put" else stub.Get)(req, timeout=10)
+                return call
+
+        else:
+            pipes = [Pipeline(ch) for ch in channels]
+
+            def send(i: int, kind: str, req: Any) -> Awaitable[object]:
+                return pipes[i % len(pipes)].call(kind, req, 10)
+
         cid = f"bench-{os.getpid()}-{time.monotonic_ns()}"
 
         def write(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
             rid = kv_pb2.RequestId(client_id=f"{cid}-{i}", sequence=seq) if request_ids else None
-            req = kv_pb2.PutRequest(key=key, value=value, request_id=rid)
-            return stubs[i % len(stubs)].Put(req, timeout=10)
+            return send(i, "put", kv_pb2.PutRequest(key=key, value=value, request_id=rid))
 
         def read(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
-            return stubs[i % len(stubs)].Get(kv_pb2.GetRequest(key=key), timeout=10)
-
-        return write if op == "write" else read
-
-    return connect
-
-
-def _caplab_pipelined(request_ids: bool) -> Callable[[list[grpc.aio.Channel], str], Op]:
-    def connect(channels: list[grpc.aio.Channel], op: str) -> Op:
-        pipes = [Pipeline(ch) for ch in channels]
-        cid = f"bench-{os.getpid()}-{time.monotonic_ns()}"
-
-        def write(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
-            rid = kv_pb2.RequestId(client_id=f"{cid}-{i}", sequence=seq) if request_ids else None
-            req = kv_pb2.PutRequest(key=key, value=value, request_id=rid)
-            return pipes[i % len(pipes)].call("put", req, 10)
-
-        def read(i: int, key: str, value: bytes, seq: int) -> Awaitable[object]:
-            return pipes[i % len(pipes)].call("get", kv_pb2.GetRequest(key=key), 10)
+            return send(i, "get", kv_pb2.GetRequest(key=key))
 
         return write if op == "write" else read
 
@@ -337,7 +333,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     for op in ("write", "read"):
                         if op == "read":
                             await _prefill(
-                                Target(store, "unary", eps, _caplab_unary(False)), value, max(conc)
+                                Target(store, "unary", eps, _caplab("unary", False)),
+                                value,
+                                max(conc),
                             )
                             if etcd is not None and store == stores[0] and secure == modes[0]:
                                 await _prefill(etcd, value, max(conc))
@@ -348,7 +346,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                 cpu0, wall0 = cpu_seconds(pids + etcd_pids), time.monotonic()
                                 cells.append(
                                     await _cell(
-                                        Target("noop", path, noop, _caplab_ops(path, args)),
+                                        Target("noop", path, noop, _caplab(path, args.request_ids)),
                                         op,
                                         n,
                                         args,
@@ -359,7 +357,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                 idle_wall += time.monotonic() - wall0
                                 if etcd is not None and path == paths[0]:
                                     cells.append(await _cell(etcd, op, n, args, value))
-                                store_target = Target(target, path, eps, _caplab_ops(path, args))
+                                store_target = Target(
+                                    target, path, eps, _caplab(path, args.request_ids)
+                                )
                                 cells.append(await _cell(store_target, op, n, args, value))
     return {
         "schema_version": SCHEMA_VERSION,
@@ -377,10 +377,6 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "cells": [asdict(c) for c in cells],
         "ratios": ratios([Cell(**asdict(c)) for c in cells]),
     }
-
-
-def _caplab_ops(path: str, args: argparse.Namespace) -> Callable[[list[grpc.aio.Channel], str], Op]:
-    return (_caplab_unary if path == "unary" else _caplab_pipelined)(args.request_ids)
 
 
 def ratios(cells: list[Cell]) -> dict[str, dict[str, float]]:
