@@ -58,7 +58,13 @@ Reads served by followers (thesis §6.4): on a follower, ``read_index`` queues t
 each ``ready()`` asks the leader for one read point for everything queued (``ReadIndex``),
 which the leader treats as one read of its own (same two conditions) and answers with
 ``ReadIndexResp(index)``; the follower then releases the batch's read states with that
-index (serve once applied). A batch is dropped (``dropped_reads``) when the follower's
+index (serve once applied). In a cluster of three (or two) voters the leader answers at
+once, without a heartbeat round, once it has committed an entry of its term: the asker
+sent the ReadIndex at the leader's term after its reads began, and the leader is still
+at that term when it records the read point, so the two of them, a majority, were both
+at that term after the reads began; a leader of a later term needs one of their votes,
+so none can have committed anything before the reads began (one round trip instead of
+two). A batch is dropped (``dropped_reads``) when the follower's
 term or leader changes, or when no answer came within an election timeout.
 
 Recovering nodes: a node that started without durable state (``recovering``: a new
@@ -992,7 +998,11 @@ class RaftCore:
                 self._remote_seq += 1
                 rid = -self._remote_seq
                 self._remote_reads[rid] = (m.frm, m.ctx)
-                self._read_index(rid)
+                if majority(len(self.voters)) <= 2 and self.log_term(self._commit) == self._term:
+                    # The asker vouches for this leader: see "Reads served by followers".
+                    self._read_states.append(ReadState(rid, self._commit))
+                else:
+                    self._read_index(rid)
             return
         if not isinstance(m, AppendResp):
             return

@@ -339,7 +339,9 @@ def test_read_index_needs_heartbeat_quorum() -> None:
     assert net.reads["n1"] == [ReadState(7, n1.commit_index)]
 
 
-def test_follower_read_waits_for_the_leaders_heartbeat_round() -> None:
+def test_follower_read_in_a_three_node_cluster_takes_one_round_trip() -> None:
+    """The asker and the leader are a majority of three: the leader answers the ReadIndex
+    at once, without a heartbeat round (see raft/core.py, "Reads served by followers")."""
     net = Net(3)
     net.elect("n1")
     net.tick(2)
@@ -351,14 +353,67 @@ def test_follower_read_waits_for_the_leaders_heartbeat_round() -> None:
     net.process("n2")
     asks = [m for m in net.queue if isinstance(m, ReadIndex)]
     assert len(asks) == 1 and asks[0].to == "n1"
+    net.queue = []  # (nothing else is in flight)
+    sent_before = len(net.sent)
+    n1.step(asks[0])
+    net.process("n1")
+    replies = net.queue
+    assert [type(m) for m in replies] == [ReadIndexResp], replies  # no heartbeat round
+    assert replies[0].index == n1.commit_index
+    net.flush()
+    assert net.reads["n2"] == [ReadState(8, n1.commit_index), ReadState(9, n1.commit_index)]
+    assert net.reads["n1"] == []  # the leader's own reads are not mixed up with them
+    assert not any(isinstance(m, Append) for m in net.sent[sent_before:])
+
+
+def test_follower_read_in_a_larger_cluster_waits_for_the_leaders_heartbeat_round() -> None:
+    net = Net(5)
+    net.elect("n1")
+    net.tick(2)
+    n1, n2 = net.cores["n1"], net.cores["n2"]
+    assert n1.propose(b"x") is not None
+    net.flush()
+    for rid in (8, 9):
+        assert n2.read_index(rid)
+    net.process("n2")
+    asks = [m for m in net.queue if isinstance(m, ReadIndex)]
+    assert len(asks) == 1 and asks[0].to == "n1"
     # The leader answers only after a heartbeat round confirms its leadership.
     net.flush(lambda m: isinstance(m, ReadIndex))
     assert not any(isinstance(m, ReadIndexResp) for m in net.queue)
+    assert any(isinstance(m, Append) and m.ctx > 0 for m in net.queue)
     net.flush()
     answers = [m for m in net.sent if isinstance(m, ReadIndexResp)]
     assert len(answers) == 1 and answers[0].index == n1.commit_index
     assert net.reads["n2"] == [ReadState(8, n1.commit_index), ReadState(9, n1.commit_index)]
-    assert net.reads["n1"] == []  # the leader's own reads are not mixed up with them
+
+
+def test_follower_read_in_a_three_node_cluster_waits_for_a_current_term_commit() -> None:
+    """The one-round-trip answer still needs the leader to have committed an entry of its
+    term (its commit index may lag what earlier leaders committed before)."""
+    net = Net(3)
+    net.elect("n1")
+    net.tick(2)
+    n1, n2 = net.cores["n1"], net.cores["n2"]
+    assert n1.transfer_leadership("n2")
+    # n2 wins but its no-op is held back: its commit is still of the previous term.
+    net.flush(lambda m: not (isinstance(m, Append) and m.entries))
+    assert n2.role is Role.LEADER
+    assert n2.log_term(n2.commit_index) != n2.term
+    n3 = net.cores["n3"]
+    for _ in range(net.cfg.heartbeat_ticks):  # a heartbeat tells n3 who leads
+        n2.tick()
+    net.flush(lambda m: not (isinstance(m, Append) and m.entries))
+    assert n3.leader_id == "n2"
+    assert n3.read_index(5)
+    net.flush(lambda m: not (isinstance(m, Append) and m.entries))
+    assert not any(isinstance(m, ReadIndexResp) for m in net.sent)
+    assert net.reads["n3"] == []
+    net.flush()
+    assert n2.log_term(n2.commit_index) == n2.term
+    answers = [m for m in net.sent if isinstance(m, ReadIndexResp)]
+    assert len(answers) == 1 and answers[0].index == n2.commit_index
+    assert net.reads["n3"] == [ReadState(5, n2.commit_index)]
 
 
 def test_follower_read_is_dropped_when_the_leader_cannot_answer() -> None:
