@@ -359,7 +359,8 @@ def test_follower_read_in_a_three_node_cluster_takes_one_round_trip() -> None:
     net.process("n1")
     replies = net.queue
     assert [type(m) for m in replies] == [ReadIndexResp], replies  # no heartbeat round
-    assert replies[0].index == n1.commit_index
+    reply = replies[0]
+    assert isinstance(reply, ReadIndexResp) and reply.index == n1.commit_index
     net.flush()
     assert net.reads["n2"] == [ReadState(8, n1.commit_index), ReadState(9, n1.commit_index)]
     assert net.reads["n1"] == []  # the leader's own reads are not mixed up with them
