@@ -87,6 +87,13 @@ def error_status(exc: BaseException) -> errors.StoreError:
     return e
 
 
+def _note_forwarded(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Set ``forwarded_by`` from the call's metadata (FORWARDED_BY_KEY), if there."""
+    for key, value in context.invocation_metadata() or ():
+        if key == FORWARDED_BY_KEY:
+            forwarded_by.set(value if isinstance(value, str) else value.decode())
+
+
 async def _call(
     context: grpc.aio.ServicerContext[object, object],
     fn: Callable[[], Awaitable[T]],
@@ -95,9 +102,7 @@ async def _call(
     """Run `fn` and map its outcome to a gRPC status (see error_status). ``forwarded``:
     the call may be a request another node forwarded (metadata FORWARDED_BY_KEY)."""
     if forwarded:
-        for key, value in context.invocation_metadata() or ():
-            if key == FORWARDED_BY_KEY:
-                forwarded_by.set(value if isinstance(value, str) else value.decode())
+        _note_forwarded(context)
     try:
         return await fn()
     except (grpc.aio.AbortError, KeyboardInterrupt, asyncio.CancelledError):
@@ -279,6 +284,8 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         request_iterator: AsyncIterator[kv_pb2.PipelineRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[kv_pb2.PipelineResponse]:
+        if self.forwarded:  # (a follower forwards over a pipeline too: never twice)
+            _note_forwarded(context)
         async for response in serve_pipeline(
             self.ops, request_iterator, context, error_status, self.pipelines
         ):

@@ -18,7 +18,8 @@ apply, answer, advance, in the order the core's contract states), run by:
 
 A client write is acknowledged only after its entry is committed (durable on a majority,
 including the leader) and applied. Followers forward writes to the leader (the backend
-raises `Redirect`, the servicer forwards the original request; never twice) and serve
+raises `Redirect`, the servicer forwards the original request over one KV.Pipeline to
+the leader that all forwarded requests share; never twice) and serve
 linearizable reads themselves through ReadIndex (thesis §6.4). A node that knows no
 leader, or a leader without a majority within an election timeout, refuses at once.
 The weaker read levels (get) are served from this node's own applied state: at once
@@ -54,6 +55,7 @@ from caplab.clock import SkewableClock
 from caplab.disk_thread import DiskThread
 from caplab.logs import get_logger
 from caplab.peer import InboundStreams, StreamSender, peer_channel
+from caplab.pipeline_client import Pipeline
 from caplab.raft.v1 import raft_pb2 as pb
 from caplab.raft.v1 import raft_pb2_grpc as pb_grpc
 from caplab.store import (
@@ -69,7 +71,7 @@ from caplab.store import (
     parse_int_options,
     session_token,
 )
-from caplab.v1 import kv_pb2, kv_pb2_grpc
+from caplab.v1 import kv_pb2
 from caplab.validation import RequestId
 from raft.batching import BatchGate
 from raft.codec import MAX_ENTRIES_PER_APPEND, CodecError, from_pb, snapshot_from_pb, to_pb
@@ -99,6 +101,15 @@ ROLE_NAMES = {
 
 
 _MAY_BE_ZERO = frozenset({"inline_sync_max"})
+
+# The KV method a request was sent to -> its KV.Pipeline operation (forwarding).
+_OPERATIONS = {
+    "Put": "put",
+    "Get": "get",
+    "Delete": "delete",
+    "CompareAndSwap": "compare_and_swap",
+    "Increment": "increment",
+}
 
 # Session tokens (kv.proto GetRequest.session_token, ResponseHeader.session_token): on
 # raft, 8 bytes big-endian, the highest log index the session has seen (a write's index,
@@ -267,8 +278,10 @@ class PeerLink:
         self.address = address
         self.channel = peer_channel(address, peer_id, node.config.tls)
         self.stub = pb_grpc.RaftPeerStub(self.channel)
-        self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.snapshot_task: asyncio.Task[None] | None = None
+        # Client requests forwarded to this peer while it leads: one KV.Pipeline, opened
+        # on the first (every concurrent forwarded request shares its messages).
+        self._forwarder: Pipeline | None = None
         self.sender: StreamSender[pb.RaftMessage, pb.Batch] = StreamSender(
             self.stub.Stream,
             lambda messages: pb.Batch(messages=messages),
@@ -276,6 +289,15 @@ class PeerLink:
             max_queue=node.opts.peer_queue,
             counters=node.counters,
         )
+
+    @property
+    def forwarding(self) -> bool:
+        return self._forwarder is not None
+
+    def forwarder(self) -> Pipeline:
+        if self._forwarder is None:
+            self._forwarder = Pipeline(self.channel, metadata=((FORWARDED_BY_KEY, self.node.id),))
+        return self._forwarder
 
     def send(self, m: Message) -> None:
         if isinstance(m, InstallSnapshot):
@@ -323,6 +345,8 @@ class PeerLink:
     async def close(self) -> None:
         if self.snapshot_task is not None:
             self.snapshot_task.cancel()
+        if self._forwarder is not None:
+            await self._forwarder.close()
         await self.sender.close()
         await self.channel.close()
 
@@ -960,13 +984,11 @@ class RaftBackend:
         self.counters["forwarded"] += 1
         cap = self.opts.forward_timeout_ms / 1000
         t = cap if timeout is None else max(0.01, min(timeout, cap))
-        rpc = getattr(self.links[leader].kv, method)
         try:
-            resp = await rpc(request, timeout=t, metadata=((FORWARDED_BY_KEY, self.id),))
-        except grpc.aio.AioRpcError as e:
-            err = errors.classify(e.code(), e.details() or "", tuple(e.trailing_metadata() or ()))
-            err.message = f"forwarded to leader {leader}: {err.message}"
-            raise err from None
+            resp = await self.links[leader].forwarder().call(_OPERATIONS[method], request, t)
+        except errors.StoreError as e:
+            e.message = f"forwarded to leader {leader}: {e.message}"
+            raise
         resp.header.forwarded_by = self.id
         return resp
 
@@ -1153,6 +1175,10 @@ class RaftBackend:
         for f in dataclasses.fields(stats):  # messages correct Raft cannot send, refused
             st.counters[f.name] = getattr(stats, f.name)
         st.counters["pending_proposals"] = self.pipe.in_flight
+        # (requests forwarded to a leader, and the KV.Pipeline messages that carried them)
+        st.counters["forward_messages"] = sum(
+            link.forwarder().messages_sent for link in self.links.values() if link.forwarding
+        )
         return st
 
     async def dump(self, start_after: str, limit: int) -> AsyncIterator[kv_pb2.DumpEntry]:

@@ -8,6 +8,7 @@ state it aimed at is unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from caplab.client import KVClient
 from caplab.gossip.v1 import gossip_pb2 as gpb
 from caplab.gossip.v1 import gossip_pb2_grpc as gpb_grpc
 from caplab.peer import PEER_CHANNEL_OPTIONS
+from caplab.pipeline_client import Pipeline
 from caplab.raft.v1 import raft_pb2 as rpb
 from caplab.raft.v1 import raft_pb2_grpc as rpb_grpc
 from caplab.security import channel_credentials, load_client_tls, load_node_tls
@@ -133,7 +135,6 @@ async def _attempt_as_wrong_member(
 
 @pytest.fixture(scope="module")
 def raft_cluster() -> Any:
-    import asyncio
 
     root = Path(tempfile.mkdtemp(prefix="caplab-peer-auth-raft-"))
     cluster = asyncio.run(_cluster("raft", root))
@@ -172,6 +173,49 @@ async def test_a_client_cannot_pose_as_a_forwarding_node(raft_cluster: LocalClus
             timeout=5,
         )
     assert resp.header.node_id == leader and resp.header.forwarded_by == follower
+
+
+async def test_a_request_forwarded_over_a_pipeline_is_never_forwarded_again(
+    raft_cluster: LocalCluster,
+) -> None:
+    """A follower forwards over KV.Pipeline; a forwarded request that reaches a node that
+    does not lead is refused there (definitely not applied), never forwarded twice."""
+    cluster = raft_cluster
+    leader = (await _status(cluster, "n1")).leader_id
+    follower = "n1" if leader != "n1" else "n2"
+    sender = next(n for n in ("n1", "n2", "n3") if n not in (leader, follower))
+    async with _member_channel(cluster, sender, follower) as ch:
+        pipe = Pipeline(ch, metadata=(("caplab-forwarded-by", sender),))
+        try:
+            with pytest.raises(errors.Unavailable) as err:
+                await pipe.call("put", kv_pb2.PutRequest(key="twice", value=b"1"), 5)
+        finally:
+            await pipe.close()
+    assert err.value.definite, err.value
+    assert "twice" not in await _dump(cluster, leader)
+
+
+async def test_concurrent_writes_through_a_follower_share_pipeline_messages(
+    raft_cluster: LocalCluster,
+) -> None:
+    cluster = raft_cluster
+    leader = (await _status(cluster, "n1")).leader_id
+    follower = "n1" if leader != "n1" else "n2"
+    before = (await _status(cluster, follower)).counters
+    n = 64
+    async with grpc.aio.insecure_channel(cluster.endpoints[follower]) as ch:
+        stub = kv_pb2_grpc.KVStub(ch)
+        answers = await asyncio.gather(
+            *(stub.Put(kv_pb2.PutRequest(key=f"fw/{i}", value=b"v"), timeout=10) for i in range(n))
+        )
+    assert {a.header.node_id for a in answers} == {leader}
+    assert {a.header.forwarded_by for a in answers} == {follower}
+    after = (await _status(cluster, follower)).counters
+    assert after["forwarded"] - before.get("forwarded", 0) == n
+    messages = after["forward_messages"] - before.get("forward_messages", 0)
+    assert 1 <= messages < n, messages
+    dump = await _dump(cluster, leader)
+    assert all(f"fw/{i}" in dump for i in range(n))
 
 
 async def test_raft_peer_attacks_are_refused(raft_cluster: LocalCluster) -> None:
@@ -263,7 +307,6 @@ async def test_raft_peer_attacks_are_refused(raft_cluster: LocalCluster) -> None
 
 @pytest.fixture(scope="module")
 def gossip_cluster() -> Any:
-    import asyncio
 
     root = Path(tempfile.mkdtemp(prefix="caplab-peer-auth-gossip-"))
     cluster = asyncio.run(_cluster("gossip", root))
@@ -419,7 +462,6 @@ def test_caplab_kv_speaks_tls_with_a_token(tmp_path: Path) -> None:
     """`caplab kv --ca --token-file` against a node serving clients over TLS with
     --client-auth: the writer's token writes, the reader's is refused (exit 1, saying
     why), and plaintext does not get through."""
-    import asyncio
     import subprocess
     import sys
 
