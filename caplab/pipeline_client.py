@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import heapq
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from typing import Any
 import grpc
 
 from caplab import errors
+from caplab.deadlines import Deadlines
 from caplab.v1 import kv_pb2, kv_pb2_grpc
 from caplab.validation import MAX_MESSAGE_BYTES
 
@@ -217,8 +217,9 @@ class Pipeline:
         self.queue: deque[_Op] = deque()  # not yet sent, in order
         self.stream: _Stream | None = None
         self._room = _Room(max_in_flight, max_bytes)
-        self._deadlines: list[tuple[float, int, _Op]] = []  # a heap
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines: Deadlines[_Op] = Deadlines(
+            self._expire, lambda item: not item.future.done(), limit=4 * max_in_flight
+        )
         self._ids = itertools.count(1)
         self.closed = False
         self.messages_sent = 0  # request messages written, over every stream
@@ -286,7 +287,7 @@ class Pipeline:
             self.queue.append(item)
             self.kick()
             if deadline is not None:
-                self._expire_at(deadline, item)
+                self._deadlines.add(deadline, item)
             result: kv_pb2.OperationResult = await item.future
         finally:
             room.give(item.size)
@@ -307,47 +308,26 @@ class Pipeline:
             )
         return getattr(result, kind)
 
-    # -- deadlines: one timer for the earliest, not one per operation --------------------
-    def _expire_at(self, when: float, item: _Op) -> None:
-        if len(self._deadlines) > 4 * self._room.ops:  # (drop the answered ones)
-            self._deadlines = [d for d in self._deadlines if not d[2].future.done()]
-            heapq.heapify(self._deadlines)
-        heapq.heappush(self._deadlines, (when, item.op.id, item))
-        if self._timer is None or when < self._timer.when():
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = asyncio.get_running_loop().call_at(when, self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, item = heapq.heappop(self._deadlines)
-            if item.future.done():
-                continue
-            ms = item.op.timeout_ms
-            if item.sent:
-                err: errors.StoreError = errors.OutcomeUnknown(
-                    f"deadline of {ms} ms exceeded; the outcome is unknown",
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                )
-            else:
-                err = errors.StoreError(
-                    f"deadline of {ms} ms exceeded before the operation was sent; not applied"
-                )
-                err.code, err.definite = grpc.StatusCode.DEADLINE_EXCEEDED, True
-            item.future.set_exception(err)
-        if self._deadlines:
-            self._timer = loop.call_at(self._deadlines[0][0], self._expire)
+    def _expire(self, item: _Op) -> None:
+        """``item``'s deadline passed (caplab.deadlines: one timer for all operations)."""
+        ms = item.op.timeout_ms
+        if item.sent:
+            err: errors.StoreError = errors.OutcomeUnknown(
+                f"deadline of {ms} ms exceeded; the outcome is unknown",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        else:
+            err = errors.StoreError(
+                f"deadline of {ms} ms exceeded before the operation was sent; not applied"
+            )
+            err.code, err.definite = grpc.StatusCode.DEADLINE_EXCEEDED, True
+        item.future.set_exception(err)
 
     async def close(self) -> None:
         """Close the pipeline: an operation in flight ends with an unknown outcome (it was
         sent), one still queued definitely not applied."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadlines.close()
         stream, self.stream = self.stream, None
         if stream is not None:
             await stream.close()

@@ -29,8 +29,6 @@ unary call (their outcome is unknown to the client).
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -38,6 +36,7 @@ import grpc
 
 from caplab import errors
 from caplab.auth import may_write
+from caplab.deadlines import Deadlines
 from caplab.v1 import kv_pb2
 from caplab.validation import MAX_MESSAGE_BYTES
 
@@ -107,14 +106,13 @@ class _Call:
         self.reading = True
         self.malformed: str | None = None
         self.read_failed: BaseException | None = None
-        # Deadlines of running operations (a heap; one timer for the earliest, not a
-        # timer per operation): past its deadline an operation's task is cancelled and
-        # answers DEADLINE_EXCEEDED.
+        # Deadlines of running operations (one timer for all: caplab.deadlines): past its
+        # deadline an operation's task is cancelled and answers DEADLINE_EXCEEDED.
         self.loop = asyncio.get_running_loop()
-        self.deadlines: list[tuple[float, int, asyncio.Task[None]]] = []
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadlines: Deadlines[asyncio.Task[None]] = Deadlines(
+            self.expire, lambda task: not task.done(), limit=4 * MAX_IN_FLIGHT
+        )
         self.expired: set[asyncio.Task[None]] = set()
-        self.order = itertools.count()  # (ties in the heap never compare tasks)
 
     async def read(self, requests: AsyncIterator[Any]) -> None:
         n = 0
@@ -142,7 +140,7 @@ class _Call:
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
                     if timeout is not None:
-                        self.expire_at(self.loop.time() + timeout, task)
+                        self.deadlines.add(self.loop.time() + timeout, task)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # (the stream broke: the writer ends the call)
@@ -151,26 +149,9 @@ class _Call:
             self.reading = False
             self.results.set()
 
-    def expire_at(self, when: float, task: asyncio.Task[None]) -> None:
-        if len(self.deadlines) > 4 * MAX_IN_FLIGHT:  # (drop the finished ones)
-            self.deadlines = [d for d in self.deadlines if not d[2].done()]
-            heapq.heapify(self.deadlines)
-        heapq.heappush(self.deadlines, (when, next(self.order), task))
-        if self.timer is None or when < self.timer.when():
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_at(when, self.expire)
-
-    def expire(self) -> None:
-        self.timer = None
-        now = self.loop.time()
-        while self.deadlines and self.deadlines[0][0] <= now:
-            _, _, task = heapq.heappop(self.deadlines)
-            if not task.done():
-                self.expired.add(task)
-                task.cancel()
-        if self.deadlines:
-            self.timer = self.loop.call_at(self.deadlines[0][0], self.expire)
+    def expire(self, task: asyncio.Task[None]) -> None:
+        self.expired.add(task)
+        task.cancel()
 
     async def run(self, op: kv_pb2.Operation, timeout: float | None) -> None:
         kind = op.WhichOneof("op")
@@ -290,8 +271,7 @@ async def serve_pipeline(
         if streams is not None:
             streams.calls.discard(call)
         reader.cancel()
-        if call.timer is not None:
-            call.timer.cancel()
+        call.deadlines.close()
         for task in list(call.tasks):
             task.cancel()
     if call.draining:

@@ -274,7 +274,9 @@ def _tolerate_double_wakeup(server: asyncio.Server) -> None:
     """Work around CPython gh-109564 (fixed in 3.12.8 / 3.13.1): a connection accepted
     just before ``Server.close()`` detaches after the server already woke its waiters, and
     ``Server._wakeup`` then iterates ``None``: "Exception ignored ... TypeError" at exit."""
-    wakeup = server._wakeup  # type: ignore[attr-defined]
+    wakeup = getattr(server, "_wakeup", None)
+    if wakeup is None:
+        return  # (uvloop's server, which has no such race)
 
     def tolerant() -> None:
         if server._waiters is not None:  # type: ignore[attr-defined]

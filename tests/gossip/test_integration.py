@@ -21,7 +21,11 @@ from harness.cluster import LocalCluster, free_ports
 from harness.proxy import LinkMode, ProxyNet
 from tests.polling import eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.harness_loop,  # (its proxies)
+]
 
 NODES = ["n1", "n2", "n3"]
 FAST = [

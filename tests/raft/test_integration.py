@@ -16,7 +16,7 @@ from harness.cluster import LocalCluster, free_ports
 from harness.proxy import ProxyNet
 from tests.polling import eventually
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.harness_loop]  # (its proxies)
 
 
 class Net:
