@@ -25,7 +25,11 @@ from gossip.node import (
 from tests.gossip.test_integration import Net, running_net
 from tests.polling import eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.harness_loop,  # (its proxies)
+]
 
 C = kv_pb2
 

@@ -18,7 +18,11 @@ from caplab.v1 import kv_pb2
 from tests.gossip.test_integration import NODES, Net, running_net
 from tests.polling import eventually
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.harness_loop,  # (its proxies)
+]
 
 MAX = 2**63 - 1
 MIN = -(2**63)

@@ -15,7 +15,7 @@ from caplab.v1 import kv_pb2, kv_pb2_grpc
 from tests.polling import eventually
 from tests.raft.test_integration import Net, net3  # noqa: F401  (the fixture)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.harness_loop]  # (its proxies)
 
 
 @asynccontextmanager

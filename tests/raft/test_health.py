@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.polling import eventually
 from tests.raft.test_integration import Net, start_net
 
+pytestmark = pytest.mark.harness_loop  # (its proxies)
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICES = ["", "caplab.v1.KV", "caplab.v1.Cluster"]

@@ -17,6 +17,8 @@ from raft.statemachine import OK, REUSED, KvStateMachine, check_snapshot
 from tests.raft.test_integration import Net, start_net
 from tests.raft.test_statemachine import cmd
 
+pytestmark = pytest.mark.harness_loop  # (its proxies)
+
 
 @pytest.mark.parametrize(
     "second, used_for",
