@@ -176,7 +176,9 @@ class ReadIndex:
     """Follower -> its leader: give me a linearizable read point for a batch of reads
     (Raft thesis §6.4, reads served by followers). The leader treats it as one read of its
     own: once it has committed an entry of its term and confirmed leadership with a
-    heartbeat round started after this arrived, it answers ``ReadIndexResp``."""
+    heartbeat round started after this arrived, it answers ``ReadIndexResp``; in a cluster
+    of two or three voters, where the asker and the leader are a majority, without the
+    round (raft/core.py, "Reads served by followers")."""
 
     frm: str
     to: str

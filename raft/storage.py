@@ -112,8 +112,8 @@ _GEN_FILE = re.compile(r"raft\.(\d+)\.log|snapshot\.(\d+)")
 
 RECOVERY_ADVICE = (
     "to recover, move this node's data directory aside and restart it with an empty one: "
-    "it rejoins as a recovering replica that neither votes nor counts toward a quorum "
-    "until it has caught up; never do this on more than a minority of the nodes at once "
+    "it rejoins as a recovering replica whose vote elects no leader with a log until it "
+    "has caught up; never do this on more than a minority of the nodes at once "
     "(see README, 'A node lost its disk')"
 )
 

@@ -139,7 +139,7 @@ def test_old_layout_already_broken_by_the_old_bug_loads(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(CorruptStorageError, match="gap before entry 21") as err:
         reopen(tmp_path)
-    assert "it rejoins as a recovering replica that neither votes" in str(err.value)
+    assert "it rejoins as a recovering replica whose vote elects no leader" in str(err.value)
     (tmp_path / "snapshot.bin").write_bytes(old_snapshot_file(Snapshot(SnapshotMeta(20, 3), b"")))
     for _ in range(2):
         hs, snap, log = reopen(tmp_path)
