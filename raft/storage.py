@@ -62,7 +62,8 @@ idempotent) and FatalStorageError on a failed fsync. Both errors carry the `errn
 
 Lost disk. `load()` on a blank directory durably creates the marker file
 `recovering` before anything else: this node has no memory of its votes and log,
-so it must not vote or count toward a quorum until it has caught up; `recovering`
+so its vote must elect no one until it has caught up (it may have forgotten a vote it
+cast; raft/core.py, "Recovering nodes"); `recovering`
 says so, and `mark_recovered()` durably removes the marker. A directory whose
 content was lost after the marker was removed is blank again, so it is marked again.
 This is also the way out of a CorruptStorageError, and its message says so.
