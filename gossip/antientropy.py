@@ -47,7 +47,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from gossip.collection import Collection
+from gossip.collection import Collection, collected_ts, collected_value
 from gossip.common import GossipConfig, Send, Stats
 from gossip.crdt import Applied, Register, Value
 from gossip.deltaflow import DeltaFlow, DeltaLog
@@ -376,9 +376,9 @@ class AntiEntropy:
                     col is not None
                     and k not in self._state
                     and isinstance(v, Register | Applied)
-                    and v.ts <= col.ts
+                    and v.ts <= collected_ts(col)
                 ):
-                    tell.append((k, col.value))
+                    tell.append((k, collected_value(col)))
             if tell:
                 self._send(AeItems(self.node_id, msg.frm, msg.round, (), tuple(tell), False))
         if not msg.reply:
@@ -418,7 +418,7 @@ class AntiEntropy:
         for k, v in got.items():
             col = collected.get(k)
             if k not in self._state and col is not None and isinstance(v, Register | Applied):
-                back.append((k, col.value))
+                back.append((k, collected_value(col)))
         self.stats.ae_items_sent += len(back)
         self._round_done(msg.round, msg.frm, now)
         parts = split_items(back, self.config.max_message_bytes)

@@ -44,10 +44,11 @@ mark covers it (out of the window alone, the others still hold it: see ``settled
 
 Interface. ``Collection`` owns ``holders`` (key -> members known to hold it or a newer
 value, for every tombstone and record in the replica: the core, delta flow and
-anti-entropy add holders) and ``collected`` (the memory of what was collected: the core
-and anti-entropy consult it). ``tick(now)`` collects when due and returns what to remove
-from the durable state; it removes it from the replica, the Merkle tree and the delta log
-itself.
+anti-entropy add holders; wherever the core gives a record holders it calls
+``note_own``) and ``collected`` (the memory of what was collected, as ``Collected``
+tuples read with ``collected_ts``/``collected_value``: the core and anti-entropy consult
+it). ``tick(now)`` collects when due and returns what to remove from the durable state;
+it removes it from the replica, the Merkle tree and the delta log itself.
 """
 
 from __future__ import annotations
@@ -57,12 +58,27 @@ from collections import deque
 from dataclasses import dataclass
 
 from gossip.common import GossipConfig, Stats
-from gossip.crdt import Applied, Register, Value, parse_applied_key, stable_key
+from gossip.crdt import (
+    Applied,
+    Register,
+    Value,
+    decode_value,
+    encode_value,
+    parse_applied_key,
+    stable_key,
+)
 from gossip.deltaflow import DeltaLog
 from gossip.hlc import Timestamp
 from gossip.merkle import MerkleTree
 
-__all__ = ["Collected", "Collection", "is_collectable"]
+__all__ = [
+    "Collected",
+    "Collection",
+    "collected_ts",
+    "collected_value",
+    "is_collectable",
+    "remember",
+]
 
 
 def is_collectable(v: Value | None) -> bool:
@@ -70,11 +86,30 @@ def is_collectable(v: Value | None) -> bool:
     return isinstance(v, Applied) or (isinstance(v, Register) and v.value is None)
 
 
-@dataclass(slots=True)
-class Collected:
-    ts: Timestamp
-    expire_ms: int
-    value: Value  # what was collected (a tombstone or an Applied record)
+# A collected tombstone or record, as remembered (``Collection.collected``): its
+# timestamp (wall_ms, logical, node), when it is forgotten (expire_ms, monotonic) and its
+# canonical encoding (``crdt.encode_value``). A plain tuple of atomic values, which the
+# garbage collector stops tracking, rather than objects: five minutes of collected
+# records (hundreds of thousands under load) were each a record, a timestamp and an
+# entry object, every one scanned by each full collection of the Python heap (seconds
+# of stalls in a minute, and most of the memory).
+Collected = tuple[int, int, str, int, bytes]
+
+
+def remember(value: Register | Applied, expire_ms: int) -> Collected:
+    """The memory of collected ``value``, until ``expire_ms``."""
+    ts = value.ts
+    return (ts.wall_ms, ts.logical, ts.node, expire_ms, encode_value(value))
+
+
+def collected_ts(c: Collected) -> Timestamp:
+    """The timestamp of what was collected."""
+    return Timestamp(c[0], c[1], c[2])
+
+
+def collected_value(c: Collected) -> Value:
+    """What was collected (a tombstone or an Applied record)."""
+    return decode_value(c[4])
 
 
 @dataclass(slots=True)
@@ -122,13 +157,24 @@ class Collection:
         self._moved: set[str] = set()  # clients whose window moved since the last pass
         self._arrivals: deque[tuple[int, str]] = deque()  # (when added, key)
         self._due: set[str] = set()
+        # This node's own records (``stable_mark``'s candidates): every key in ``holders``
+        # whose value is a record this node wrote (``note_own``, where the core gives a key
+        # its holders), and some that no longer are (dropped by the next ``stable_mark``),
+        # so a pass looks at the records its mark does not cover yet, not at every record
+        # held (tens of thousands under load, every second).
+        self._own: dict[str, None] = {}
         for k, v in state.items():
             if is_collectable(v):
                 self.holders[k] = {node_id}
                 log.log_key(k)  # push restored tombstones to learn who holds them
                 if isinstance(v, Applied):
+                    self.note_own(k, v)
                     self.record_added(k, first_gc_ms)
         self.collected: dict[str, Collected] = {}
+        # (expiry, key) of ``collected``, in the order collected: expiries never decrease
+        # (the monotonic clock plus a fixed memory), so the expired ones are at the front
+        # (a pass scanned the whole memory: every record collected in the last 5 minutes)
+        self._expiry: deque[tuple[int, str]] = deque()
         self._next_gc = first_gc_ms
 
     # ------------------------------------------------------------------ counts
@@ -185,6 +231,12 @@ class Collection:
                 self._heaps.pop(parsed[0], None)
                 self._moved.discard(parsed[0])
 
+    def note_own(self, key: str, v: Applied) -> None:
+        """``key`` got holders, with record ``v``: a candidate of ``stable_mark`` if this
+        node wrote it. The core calls it wherever it sets the holders of a record."""
+        if v.ts.node == self._node_id:
+            self._own[key] = None
+
     def settled(self, key: str, v: Applied) -> bool:
         """A record arriving from a peer that every replica may drop at once: its
         client's window moved past it and its writer's stable mark covers it. (Out of
@@ -217,22 +269,36 @@ class Collection:
         (the acks tell), whether or not it is due: the mark waits for it."""
         me, everyone = self._node_id, self._all
         min_age = self.config.tombstone_min_age_ms
+        cur = self._state.get(stable_key(me))
+        mark = cur.ts if isinstance(cur, Register) else None
         lacking: Timestamp | None = None
         held: list[Timestamp] = []
-        for k, holders in self.holders.items():
-            v = self._state[k]
-            if not isinstance(v, Applied) or v.ts.node != me:
+        done: list[str] = []
+        state, holders_of = self._state, self.holders
+        # Only the candidates (``_own``): every own record in ``holders`` is one. A record
+        # held everywhere at or below the mark stays so (holders only grow while the value
+        # stays; a new value gets holders anew, and ``note_own``) and cannot move the mark
+        # (which only grows): it is no candidate any more.
+        for k in self._own:
+            holders = holders_of.get(k)
+            v = state.get(k)
+            if holders is None or not isinstance(v, Applied) or v.ts.node != me:
+                done.append(k)
                 continue
             if holders >= everyone:
-                held.append(v.ts)
+                if mark is not None and v.ts <= mark:
+                    done.append(k)
+                else:
+                    held.append(v.ts)
                 continue
             if lacking is None or v.ts < lacking:
                 lacking = v.ts
             if now - self._since.get(k, now) >= min_age and k not in self._log.seqs:
                 self._push_again(k, now)
+        for k in done:
+            del self._own[k]
         best = max((t for t in held if lacking is None or t < lacking), default=None)
-        cur = self._state.get(stable_key(me))
-        if best is None or (isinstance(cur, Register) and best <= cur.ts):
+        if best is None or (mark is not None and best <= mark):
             return None
         return Register(best, b"")
 
@@ -257,8 +323,12 @@ class Collection:
     def gc(self, now: int, wall: int | None = None) -> list[tuple[str, Timestamp]]:
         cfg = self.config
         out: list[tuple[str, Timestamp]] = []
-        for k in [k for k, c in self.collected.items() if c.expire_ms <= now]:
-            del self.collected[k]
+        expiry, collected = self._expiry, self.collected
+        while expiry and expiry[0][0] <= now:
+            k = expiry.popleft()[1]
+            c = collected.get(k)
+            if c is not None and c[3] <= now:
+                del collected[k]
         for k in [k for k in self._repush if k not in self.holders]:
             del self._repush[k]
         since = self._since
@@ -326,7 +396,8 @@ class Collection:
             del self.holders[k]
             log.unlog(k)
             self._merkle.update(k, None)
-            self.collected[k] = Collected(v.ts, now + memory, v)
+            self.collected[k] = remember(v, now + memory)
+            self._expiry.append((now + memory, k))
             out.append((k, v.ts))
             if isinstance(v, Applied):
                 self._record_removed(k)

@@ -93,7 +93,7 @@ from dataclasses import dataclass, field
 from typing import TypeGuard
 
 from gossip.antientropy import AntiEntropy
-from gossip.collection import Collection, is_collectable
+from gossip.collection import Collection, collected_ts, is_collectable
 from gossip.common import GossipConfig, Stats
 from gossip.crdt import (
     COMPONENT_MAX,
@@ -350,7 +350,7 @@ class GossipCore:
         """The timestamp of ``key``'s tombstone if this replica collected it (held by
         every member) within the last ``collected_memory_ms``; else None."""
         c = self._collection.collected.get(key)
-        return None if c is None else c.ts
+        return None if c is None else collected_ts(c)
 
     # ------------------------------------------------------------------ client writes
 
@@ -469,10 +469,12 @@ class GossipCore:
                 collected.pop(k, None)
             if is_collectable(v):
                 tomb[k] = {self.node_id}
-                if res.old.get(k) is None and isinstance(v, Applied):
-                    # (the request's own key: its id needs no parsing)
-                    own = rid is not None and k == rkey and rid[1] >= 0
-                    coll.record_added(k, self._now, rid if own else None)
+                if isinstance(v, Applied):
+                    coll.note_own(k, v)
+                    if res.old.get(k) is None:
+                        # (the request's own key: its id needs no parsing)
+                        own = rid is not None and k == rkey and rid[1] >= 0
+                        coll.record_added(k, self._now, rid if own else None)
             elif tomb:
                 tomb.pop(k, None)
 
@@ -510,7 +512,7 @@ class GossipCore:
                     self._quarantine(v.ts.wall_ms - wall)
                     continue
                 col = collected.get(k)
-                if col is not None and v.ts <= col.ts and k not in state:
+                if col is not None and k not in state and v.ts <= collected_ts(col):
                     continue  # dominated by a collected tombstone or record
                 cur = state.get(k)
                 if isinstance(v, Applied):
@@ -551,8 +553,10 @@ class GossipCore:
                     collected.pop(k, None)
                 if is_collectable(new):
                     tomb[k] = {me, src}  # a register join is one of its inputs
-                    if isinstance(new, Applied) and old_values.get(k) is None:
-                        coll.record_added(k, self._now)
+                    if isinstance(new, Applied):
+                        coll.note_own(k, new)
+                        if old_values.get(k) is None:
+                            coll.record_added(k, self._now)
                 elif tomb:
                     tomb.pop(k, None)
         for k, old in res.overwritten:

@@ -8,9 +8,15 @@ Python's salted ``hash``). A leaf's hash is the XOR of the 128-bit item hashes
 without sorting. An internal node at ``(level, index)`` hashes the concatenation of its 16
 children ``(level + 1, 16 * index + j)``; level 0 is the root, level ``depth`` the leaves.
 
-Writes mark their leaf dirty; dirty paths are re-hashed lazily on the next read of an
-internal hash, so a write costs O(1) now plus O(depth) = O(log n) hashing later, and a bulk
-load re-hashes each internal node once.
+Writes are hashed lazily too: ``update`` only notes the key's latest value (``_pending``);
+the pending items are hashed into their leaves on the next read of the tree (any hash, a
+leaf's keys, an item, the size; or once ``PENDING_MAX`` keys are pending), so a key
+written many times between two reads (under a steady load, between two anti-entropy
+rounds) is hashed once, and one added and removed in between (an Applied record
+collected before the next round) never. Hashed items mark
+their leaf dirty; dirty paths are re-hashed on the next read of an internal hash, so a
+write costs O(1) now plus O(depth) = O(log n) hashing later, and a bulk load re-hashes
+each internal node once.
 
 Protocol use: two replicas compare roots; where a node differs they compare its 16
 children, down to the leaves, and then exchange the items of differing leaves. Identical
@@ -28,6 +34,9 @@ from gossip.crdt import Value, encode_value
 FANOUT = 16
 HASH_BYTES = 16
 DEFAULT_DEPTH = 4  # 65,536 leaves: ~1.5 keys per leaf at 100k keys
+# Pending items hashed at once beyond this many, however long until the next read (the
+# memory they take stays bounded when nothing reads the tree for a while).
+PENDING_MAX = 1 << 16
 
 
 def _h(data: bytes) -> bytes:
@@ -44,7 +53,7 @@ def item_hash(key: str, value: Value) -> int:
 class MerkleTree:
     """Incrementally maintained hash tree over a key -> value map."""
 
-    __slots__ = ("_dirty", "_items", "_leaf_keys", "_leaves", "_levels", "depth")
+    __slots__ = ("_dirty", "_items", "_leaf_keys", "_leaves", "_levels", "_pending", "depth")
 
     def __init__(self, depth: int = DEFAULT_DEPTH) -> None:
         if not 1 <= depth <= 6:
@@ -60,6 +69,8 @@ class MerkleTree:
             empty = _h(empty * FANOUT)
             self._levels.insert(0, [empty] * (FANOUT**level))
         self._dirty: set[int] = set()  # leaf indices whose ancestors need re-hashing
+        # key -> its latest value (None: removed), not hashed yet (see the module doc)
+        self._pending: dict[str, Value | None] = {}
 
     @property
     def leaf_count(self) -> int:
@@ -72,28 +83,24 @@ class MerkleTree:
         return int.from_bytes(digest, "big") % self.leaf_count
 
     def update(self, key: str, value: Value | None) -> None:
-        """Set (or remove, if ``value is None``) the entry for ``key``. O(1) + lazy O(log n)."""
-        leaf = self.leaf_of(key)
-        old = self._items.pop(key, None)
-        acc = self._leaves[leaf]
-        if old is not None:
-            acc ^= old
-        if value is None:
-            keys = self._leaf_keys.get(leaf)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._leaf_keys[leaf]
-        else:
-            new = item_hash(key, value)
-            self._items[key] = new
-            acc ^= new
-            self._leaf_keys.setdefault(leaf, set()).add(key)
-        self._leaves[leaf] = acc
-        self._dirty.add(leaf)
+        """Set (or remove, if ``value is None``) the entry for ``key``. O(1) now; hashed on
+        the next read of the tree (only the latest value of a key)."""
+        self._pending[key] = value
+        if len(self._pending) > PENDING_MAX:
+            self._hash_pending()
 
     def update_many(self, items: Iterable[tuple[str, Value | None]]) -> None:
-        """``update`` for each pair (the bulk path: same result, less per-item overhead)."""
+        """``update`` for each pair."""
+        self._pending.update(items)
+        if len(self._pending) > PENDING_MAX:
+            self._hash_pending()
+
+    def _hash_pending(self) -> None:
+        """Hash the pending items into their leaves (before any read of the tree)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = {}
         blake = hashlib.blake2b
         enc = encode_value
         items_ = self._items
@@ -101,11 +108,13 @@ class MerkleTree:
         leaf_keys = self._leaf_keys
         dirty = self._dirty
         n = len(leaves)
-        for key, value in items:
+        for key, value in pending.items():
             kb = key.encode()
+            old = items_.pop(key, None)
+            if value is None and old is None:
+                continue  # (absent before and after: nothing changes)
             leaf = int.from_bytes(blake(kb, digest_size=8).digest(), "big") % n
             acc = leaves[leaf]
-            old = items_.pop(key, None)
             if old is not None:
                 acc ^= old
             if value is None:
@@ -128,6 +137,7 @@ class MerkleTree:
             dirty.add(leaf)
 
     def _flush(self) -> None:
+        self._hash_pending()
         if not self._dirty:
             return
         parents = {leaf // FANOUT for leaf in self._dirty}
@@ -154,6 +164,7 @@ class MerkleTree:
     def node_hash(self, level: int, index: int) -> bytes:
         """Hash of node ``(level, index)``; ``level == depth`` addresses a leaf."""
         if level == self.depth:
+            self._hash_pending()
             return self._leaves[index].to_bytes(HASH_BYTES, "big")
         self._flush()
         return self._levels[level][index]
@@ -168,6 +179,7 @@ class MerkleTree:
 
     def leaf_keys(self, index: int) -> frozenset[str]:
         """Keys stored in leaf bucket ``index``."""
+        self._hash_pending()
         return frozenset(self._leaf_keys.get(index, ()))
 
     def cover_code(self, level: int, index: int) -> int:
@@ -199,6 +211,7 @@ class MerkleTree:
 
     def keys_of_leaves(self, leaves: Iterable[int]) -> Iterator[set[str]]:
         """The (non-empty) key sets of the given leaves, in order; do not mutate them."""
+        self._hash_pending()
         get = self._leaf_keys.get
         for leaf in leaves:
             keys = get(leaf)
@@ -207,9 +220,11 @@ class MerkleTree:
 
     def item(self, key: str) -> int | None:
         """Item hash of ``key`` or None if absent."""
+        self._hash_pending()
         return self._items.get(key)
 
     def __len__(self) -> int:
+        self._hash_pending()
         return len(self._items)
 
 
