@@ -49,6 +49,15 @@ _MESSAGE_BUDGET = MAX_MESSAGE_BYTES - 64 * 1024
 _MAX_OPERATION = MAX_MESSAGE_BYTES - 64
 
 
+# Operation.timeout_ms is a uint32: a longer deadline (over about 49.7 days) goes as the
+# longest it can say; the caller's own deadline still holds here.
+_MAX_TIMEOUT_MS = 2**32 - 1
+
+
+def _timeout_ms(seconds: float) -> int:
+    return min(_MAX_TIMEOUT_MS, max(1, round(seconds * 1000)))
+
+
 class _Op:
     __slots__ = ("future", "op", "sent", "size")
 
@@ -260,7 +269,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         if timeout is not None:
-            op.timeout_ms = max(1, round(timeout * 1000))
+            op.timeout_ms = _timeout_ms(timeout)
         item = _Op(op, loop.create_future())
         if item.size > _MAX_OPERATION:
             raise errors.InvalidArgument(
@@ -281,7 +290,7 @@ class Pipeline:
             if self.closed:
                 raise errors.TransportError("the pipeline is closed; not sent")
             if deadline is not None:  # (what is left of it goes with the operation)
-                op.timeout_ms = max(1, round((deadline - loop.time()) * 1000))
+                op.timeout_ms = _timeout_ms(deadline - loop.time())
         room.take(item.size)
         try:
             self.queue.append(item)

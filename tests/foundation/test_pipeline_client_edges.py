@@ -154,6 +154,21 @@ async def test_a_caller_admitted_after_close_is_answered(node: NodeServer) -> No
         assert isinstance(err, errors.StoreError) and err.definite, err
 
 
+async def test_a_deadline_beyond_what_an_operation_can_carry_is_served(
+    node: NodeServer,
+) -> None:
+    """Operation.timeout_ms is a uint32 (about 49.7 days): a longer deadline (a follower's
+    forward_timeout_ms has no upper bound) goes as the longest, not as a ValueError that
+    left a forwarded write INTERNAL, outcome unknown, though never sent."""
+    async with grpc.aio.insecure_channel(_ep(node)) as ch:
+        pipe = Pipeline(ch)
+        try:
+            resp = await pipe.call("put", kv_pb2.PutRequest(key="long", value=b"v"), 5e6)
+        finally:
+            await pipe.close()
+    assert isinstance(resp, kv_pb2.PutResponse)
+
+
 async def test_an_oversized_operation_is_refused_alone(node: NodeServer) -> None:
     """kv.proto: one bad operation fails alone with the unary status; a put over the
     value limit is INVALID_ARGUMENT ("value: 0..1 MiB"). Concurrent callers on the same
