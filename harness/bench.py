@@ -21,7 +21,8 @@ all alike. The figures that matter are these same-run ratios.
 
 Raft and etcd writers talk to the leader (found through their status RPCs, as a client
 that follows the leader hint would), so that the measurement is of replication, not
-forwarding; readers are spread over all nodes, which all serve linearizable reads
+forwarding (``--raft-writes-to follower`` measures forwarding too); readers are spread
+over all nodes, which all serve linearizable reads
 (followers through ReadIndex, etcd's too). Gossip clients are spread over all nodes.
 """
 
@@ -242,6 +243,13 @@ async def _leader_endpoint(cluster: LocalCluster, timeout: float = 30.0) -> str:
     raise TimeoutError("no raft leader elected within 30 s")
 
 
+async def _forwarded(endpoint: str) -> int:
+    """Requests the node at ``endpoint`` has forwarded to its leader."""
+    async with grpc.aio.insecure_channel(endpoint) as ch:
+        st = await kv_pb2_grpc.ClusterStub(ch).Status(kv_pb2.StatusRequest(), timeout=5)
+    return int(st.counters["forwarded"])
+
+
 def _machine() -> dict[str, Any]:
     commit = ""
     try:
@@ -303,6 +311,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.data_dir or tempfile.mkdtemp(prefix="caplab-bench-"))
     extra = [f"--set={s}" for s in args.set]
     idle_cpu = idle_wall = 0.0
+    forwarded: dict[str, int] = {}
     async with contextlib.AsyncExitStack() as stack:
         noop_ep = await stack.enter_async_context(_noop_server())
         noop = {"write": [noop_ep], "read": [noop_ep]}
@@ -321,7 +330,12 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     cluster.start()
                     await cluster.wait_ready()
                     every = list(cluster.endpoints.values())
-                    writers = [await _leader_endpoint(cluster)] if store == "raft" else every
+                    writers = every
+                    if store == "raft":
+                        leader = await _leader_endpoint(cluster)
+                        writers = [leader]
+                        if args.raft_writes_to == "follower":  # (it forwards to the leader)
+                            writers = [next(ep for ep in every if ep != leader)]
                     eps = {"write": writers, "read": every}
                     pids = [n.proc.pid for n in cluster.nodes.values() if n.proc is not None]
                     peers = "mutual TLS between nodes" if secure else "plaintext between nodes"
@@ -361,6 +375,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                     target, path, eps, _caplab(path, args.request_ids)
                                 )
                                 cells.append(await _cell(store_target, op, n, args, value))
+                    if store == "raft":  # (writes a follower forwarded: 0 to the leader)
+                        forwarded[target] = await _forwarded(writers[0])
     return {
         "schema_version": SCHEMA_VERSION,
         "stores": stores,
@@ -371,6 +387,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "paths": paths,
         "compare": args.compare,
         "peer_security": args.security,
+        "raft_writes_to": args.raft_writes_to,
+        "raft_forwarded": forwarded,  # per raft pass: writes its writers' node forwarded
         "machine": _machine(),
         # CPU the idle clusters used while the no-op server was measured (one core = 1.0)
         "idle_cpu_during_noop": idle_cpu / idle_wall if idle_wall else 0.0,
@@ -429,6 +447,8 @@ def _print_table(result: dict[str, Any]) -> None:
     title += " beside a raw grpc.aio no-op server" + (
         " and etcd" if result["compare"] == "etcd" else ""
     )
+    if result.get("raft_writes_to") == "follower" and "raft" in result["stores"]:
+        title += "; raft writes through a follower"
     t = Table(title=title)
     cols = ["target", "path", "op", "callers", "ops/s", "p50 ms", "p99 ms", "errors"]
     cols += ["of no-op"]
@@ -495,6 +515,13 @@ def add_bench(sub: Any) -> None:
         default="both",
         help="peer links of the measured cluster: mutual TLS (the default of every cluster), "
         "plaintext (--insecure), or both, one after the other in the same run",
+    )
+    p.add_argument(
+        "--raft-writes-to",
+        choices=["leader", "follower"],
+        default="leader",
+        help="where raft's writers send: the leader (the default: replication alone), or a "
+        "follower, which forwards every write to the leader over one KV.Pipeline",
     )
     p.add_argument(
         "--no-request-ids",

@@ -60,6 +60,48 @@ def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) 
     assert result["machine"]["cpus"] >= 1
 
 
+def test_bench_sends_raft_writes_through_a_follower(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "caplab.cli",
+            "bench",
+            "--store",
+            "raft",
+            "--raft-writes-to",
+            "follower",
+            "--security",
+            "tls",
+            "--concurrency",
+            "4",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "raft writes through a follower" in " ".join(proc.stdout.split())  # (wrapped)
+    result = json.loads(out.read_text())
+    assert result["raft_writes_to"] == "follower"
+    writes = [c for c in result["cells"] if c["target"] == "raft" and c["op"] == "write"]
+    assert {c["path"] for c in writes} == {"unary", "pipelined"}
+    for c in writes:
+        assert c["ops"] > 0 and c["errors"] == 0, c
+    # the writers' node forwarded every write (and the warm-up's) to its leader
+    assert result["raft_forwarded"]["raft"] >= sum(c["ops"] for c in writes)
+
+
 def test_compare_etcd_without_etcd_says_how_to_install_it(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "caplab.cli", "bench", "--compare", "etcd"],
