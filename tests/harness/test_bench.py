@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness.bench import Cell, ratios
 
 
-def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) -> None:
+def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """Run a tiny `caplab bench` (0.3 s cells, no warm-up); its output and its JSON."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
@@ -19,10 +21,7 @@ def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) 
             "-m",
             "caplab.cli",
             "bench",
-            "--store",
-            "raft",
-            "--concurrency",
-            "1,2",
+            *args,
             "--duration",
             "0.3",
             "--warmup",
@@ -38,7 +37,11 @@ def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) 
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) -> None:
+    _, result = _bench(tmp_path, "--store", "raft", "--concurrency", "1,2")
     assert result["schema_version"] == 2 and result["stores"] == ["raft"]
     order = [(c["target"], c["path"], c["op"], c["concurrency"]) for c in result["cells"]]
     one = [
@@ -61,38 +64,12 @@ def test_bench_interleaves_noop_and_store_cells_and_writes_json(tmp_path: Path) 
 
 
 def test_bench_sends_raft_writes_through_a_follower(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "caplab.cli",
-            "bench",
-            "--store",
-            "raft",
-            "--raft-writes-to",
-            "follower",
-            "--security",
-            "tls",
-            "--concurrency",
-            "4",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc, result = _bench(
+        tmp_path,
+        *("--store", "raft", "--raft-writes-to", "follower", "--security", "tls"),
+        *("--concurrency", "4"),
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "raft writes through a follower" in " ".join(proc.stdout.split())  # (wrapped)
-    result = json.loads(out.read_text())
     assert result["raft_writes_to"] == "follower"
     writes = [c for c in result["cells"] if c["target"] == "raft" and c["op"] == "write"]
     assert {c["path"] for c in writes} == {"unary", "pipelined"}
