@@ -72,7 +72,9 @@ def test_closed_deadlines_expire_nothing(loop: str) -> None:
         d: Deadlines[int] = Deadlines(expired.append, lambda i: True, limit=8)
         d.add(lp.time() + 0.001, 1)
         d.close()
-        await asyncio.sleep(0.005)
+        later = asyncio.Event()
+        lp.call_at(lp.time() + 0.005, later.set)  # (a timer due after the closed one)
+        await later.wait()
         assert expired == []
 
     _run(loop, main)
