@@ -165,6 +165,9 @@ class StoreRun:
         self._latest_tombstones: dict[str, int | None] = {}
         self._latest_time_ns = 0
         self._samples_taken = 0
+        self._agreeing_run = 0  # consecutive samples, up to the latest, that agree
+        # set by _stop_sampler: the sampler stops after an agreeing pair or at this time
+        self._stop_agreeing_by: float | None = None
         self._status_client: KVClient | None = None
 
     @property
@@ -370,21 +373,18 @@ class StoreRun:
             self.tombstones_collected_s = await self._wait_tombstones(
                 self.scenario.tombstone_timeout
             )
-        if not await self._agree_at_the_end(self.scenario.converge_timeout):
+        if not await self._stop_sampler(agreeing_within=self.scenario.converge_timeout):
             await self._dump_states()  # the replicas disagree at the end: keep the evidence
-        await self._stop_sampler()
         self.recorder.close()
 
-    async def _agree_at_the_end(self, timeout: float) -> bool:
-        """Whether the replicas agree in the last sample, waiting (up to ``timeout``) for two
-        consecutive agreeing samples if not. The convergence checker reads the tail of the
-        samples ("agree for good"), and after the waits of :meth:`end` a node's background
-        write (its stable mark, a collection) may be in flight at the last sample: seed 6
-        of gossip-crash-restart-short failed so, its client keys identical on every node."""
-        d = self._latest_digests
-        if d and None not in d.values() and len(set(d.values())) == 1:
-            return True
-        return await self._wait_converged(timeout) is not None
+    def _agree(self, digests: dict[str, str | None]) -> bool:
+        """Whether a sample has every node answering with one and the same digest."""
+        return (
+            self.cluster is not None
+            and len(digests) == len(self.cluster.nodes)
+            and None not in digests.values()
+            and len(set(digests.values())) == 1
+        )
 
     async def _dump_states(self) -> None:
         """Every node's Status and whole state (Cluster.Dump) into ``dumps/<node>.json``."""
@@ -434,14 +434,7 @@ class StoreRun:
         while time.monotonic() < deadline:
             if self._samples_taken != seen:
                 seen = self._samples_taken
-                d = self._latest_digests
-                if (
-                    self._latest_time_ns > since
-                    and self.cluster is not None
-                    and len(d) == len(self.cluster.nodes)
-                    and None not in d.values()
-                    and len(set(d.values())) == 1
-                ):
+                if self._latest_time_ns > since and self._agree(self._latest_digests):
                     agreeing += 1
                     if first_agree is None:
                         first_agree = self._latest_time_ns / 1e9
@@ -552,6 +545,10 @@ class StoreRun:
             self._samples_taken += 1
             if self._digest_file is not None:
                 self._digest_file.write(json.dumps(sample, separators=(",", ":")) + "\n")
+            self._agreeing_run = self._agreeing_run + 1 if self._agree(digests) else 0
+            stop_by = self._stop_agreeing_by
+            if stop_by is not None and (self._agreeing_run >= 2 or time.monotonic() >= stop_by):
+                return  # the last sample written ends an agreeing pair (or the time is up)
             next_at += SAMPLE_INTERVAL_S
             delay = next_at - time.monotonic()
             if delay < 0:
@@ -560,14 +557,30 @@ class StoreRun:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sampling.wait(), delay)
 
-    async def _stop_sampler(self) -> None:
-        self._sampling.set()
-        if self._tasks:
+    async def _stop_sampler(self, *, agreeing_within: float = 0.0) -> bool:
+        """Stop the digest sampler; with ``agreeing_within`` > 0, let it first sample (up to
+        that long) until two consecutive samples agree, so the file ends on agreement if the
+        replicas agree at all. Returns whether the last two samples agreed.
+
+        The convergence checker reads the tail of the samples ("agree for good"). A node's
+        background write after the workload (a stable mark, a collection) briefly makes the
+        replicas differ, and a sample in flight when the sampler was told to stop was still
+        written: the run ended on that sample and failed "did not converge" (seed 6 of
+        gossip-crash-restart-short; a spectrum run in CI). Only the sampler itself can say
+        which sample is its last, so it stops itself, right after an agreeing pair."""
+        task = self._tasks[0] if self._tasks else None
+        if agreeing_within > 0 and task is not None and not task.done():
+            self._stop_agreeing_by = time.monotonic() + agreeing_within
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._tasks[0], 5.0)
+                await asyncio.wait_for(asyncio.shield(task), agreeing_within + 5.0)
+        self._sampling.set()
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 5.0)
         if self._digest_file is not None:
             self._digest_file.close()
             self._digest_file = None
+        return self._agreeing_run >= 2
 
     async def close(self) -> None:
         """Stop everything this run started; safe to call more than once and on errors."""
