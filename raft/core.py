@@ -70,13 +70,18 @@ term or leader changes, or when no answer came within an election timeout.
 Recovering nodes: a node that started without durable state (``recovering``: a new
 cluster, or a wiped or replaced disk) may have forgotten votes it cast and entries it
 acknowledged. It grants (pre-)votes only to candidates whose log is empty; to an
-up-to-date candidate with a log it answers ``blank`` (recording a real vote all the same),
-which a candidate counts as a grant only when the blank nodes (itself included, if it is
-one) form a majority: a new cluster, whose first leader is elected that way. A recovering
-node always pre-votes. It leaves the state once it holds an entry of a leader's current
-term that the leader reports committed (by leader completeness it then holds every entry
-committed before that term), or, as a leader, once it commits an entry of its own term;
-that Ready carries ``recovered``. A leader whose follower rejects at the follower's
+up-to-date candidate with a log it answers ``blank`` (recording a real vote all the same).
+A recovering candidate's own vote is blank too. A candidate counts blank answers as grants
+only when the blank nodes form a majority (a new cluster, whose first leader is elected
+that way), or when its real grants alone meet every majority (more than ``n - majority``
+of them: in a cluster of two, its own): every committed entry is on one of those, so the
+candidate holds it, and they voted for no one else this term. A recovering node always
+pre-votes. It leaves the state once it holds an entry of a leader's current term that the
+leader reports committed (by leader completeness it then holds every entry committed
+before that term) and every entry up to the commit index of the first Append it heard in
+that term (the entries of the term it acknowledged before it lost its disk, and the
+leader counted, are among them), or, as a leader, once it commits an entry of its own
+term; that Ready carries ``recovered``. A leader whose follower rejects at the follower's
 ``match`` with a log ending before it forgets that match (the follower lost its disk) and
 catches it up.
 
@@ -278,6 +283,9 @@ class RaftCore:
         self.stats = CoreStats()
         self.last_refusal = ""  #: why ``step`` refused its latest message ("" if never)
         self._recovered = False  #: left ``recovering``; not yet reported in a Ready.
+        #: (term, commit index) of the first Append of the latest term this node heard while
+        #: recovering: it leaves ``recovering`` holding at least that much (see "Recovering")
+        self._recover_to = (0, 0)
 
         # Ready bookkeeping.
         self._prev_hs = HardState(self._term, self._vote, self._commit)
@@ -762,7 +770,9 @@ class RaftCore:
             self._vote = self.id
             term = self._term
         self._votes = {self.id: True}
-        self._blank_votes = set()
+        # a recovering node may have voted otherwise in this term before it lost its state:
+        # its own vote is blank too
+        self._blank_votes = {self.id} if self._recovering else set()
         if vote_result(self._votes, self.voters) is VoteResult.WON:
             self._on_won(pre)
             return
@@ -780,12 +790,16 @@ class RaftCore:
         if blank:
             self._blank_votes.add(frm)
         if self._blank_votes:
-            blanks = len(self._blank_votes) + (1 if self._recovering else 0)
-            if blanks >= majority(len(self.voters)):
-                # A majority started without durable state (itself included, if it did):
-                # a new cluster, or one whose majority never held its state (beyond what
-                # Raft recovers). Blank nodes answered only because this candidate is as
-                # up to date as they are.
+            n, blanks = len(self.voters), len(self._blank_votes)
+            solid = sum(1 for k, v in votes.items() if v and k not in self._blank_votes)
+            if blanks >= majority(n) or solid > n - majority(n):
+                # Either a majority started without durable state (itself included, if it
+                # did): a new cluster, or one whose majority never held its state (beyond
+                # what Raft recovers); blank nodes answered only because this candidate is
+                # as up to date as they are. Or the real grants alone meet every majority
+                # (two voters: the candidate's own, if it kept its disk): each committed
+                # entry is on one of them, so this candidate holds it, and no other
+                # candidate wins this term.
                 votes = {**votes, **dict.fromkeys(self._blank_votes, True)}
             else:  # not a refusal yet: more blank answers may make a majority
                 votes = {k: v for k, v in votes.items() if k not in self._blank_votes}
@@ -1079,6 +1093,8 @@ class RaftCore:
 
     # ------------------------------------------------------------------ follower
     def _handle_append(self, m: Append) -> None:
+        if self._recovering and self._recover_to[0] != m.term:
+            self._recover_to = (m.term, m.commit)
         if m.prev_index < self._commit:
             self._send(AppendResp(self.id, m.frm, self._term, False, self._commit, 0, 0, m.ctx))
             return
@@ -1088,7 +1104,7 @@ class RaftCore:
             c = min(m.commit, last_new)
             if c > self._commit:
                 self._commit = c
-            if self._recovering and c >= 1 and self.log_term(c) == m.term:
+            if self._recovering and c >= max(1, self._recover_to[1]) and self.log_term(c) == m.term:
                 self._caught_up()
             self._send(AppendResp(self.id, m.frm, self._term, False, last_new, 0, 0, m.ctx))
             return

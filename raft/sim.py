@@ -574,16 +574,17 @@ class Simulator:
 
     def _may_wipe(self) -> bool:
         rc = self.cfg.raft
-        # Safe only while a majority keeps its disk, and with the leader lease (check-
-        # quorum) ending stale leaders before a wiped node is back (see README). Every
-        # other node must hold its state durably: its marker gone from disk, not merely
-        # caught up in memory (a node whose disk has been full since it started holds
-        # nothing, however far its core got).
+        # Safe only while the nodes that keep their disks meet every majority (one wipe
+        # at a time: in a cluster of two too), and with the leader lease (check-quorum)
+        # ending stale leaders before a wiped node is back (see README). Every other node
+        # must hold its state durably: its marker gone from disk, not merely caught up in
+        # memory (a node whose disk has been full since it started holds nothing, however
+        # far its core got).
         return (
             self.cfg.wipes
             and rc.pre_vote
             and rc.check_quorum
-            and self.cfg.n_nodes >= 3
+            and self.cfg.n_nodes >= 2
             and all(n.storage is not None and not n.storage.recovering for n in self.nodes.values())
         )
 
@@ -734,10 +735,11 @@ def _disarm(disk: SimDisk, *, faults: bool = False) -> None:
     disk.disarm(faults=faults)
 
 
-def sim_config(seed: int, *, soak: bool = False) -> SimConfig:
-    """The randomized configuration of one seed's run."""
+def sim_config(seed: int, *, soak: bool = False, nodes: int | None = None) -> SimConfig:
+    """The randomized configuration of one seed's run (``nodes``: that many, not 3 or 5)."""
     r = random.Random(seed ^ 0x5EED)
     n = r.choice([3, 3, 5])
+    n = nodes or n
     rc = RaftConfig(
         election_ticks=10,
         heartbeat_ticks=r.choice([1, 2]),
@@ -771,8 +773,8 @@ def sim_config(seed: int, *, soak: bool = False) -> SimConfig:
     )
 
 
-def run_seed(seed: int, *, soak: bool = False) -> Simulator:
+def run_seed(seed: int, *, soak: bool = False, nodes: int | None = None) -> Simulator:
     """Run one randomized scenario derived from ``seed``; raises on any violation."""
-    sim = Simulator(seed, sim_config(seed, soak=soak))
+    sim = Simulator(seed, sim_config(seed, soak=soak, nodes=nodes))
     sim.run()
     return sim

@@ -114,7 +114,7 @@ _GEN_FILE = re.compile(r"raft\.(\d+)\.log|snapshot\.(\d+)")
 RECOVERY_ADVICE = (
     "to recover, move this node's data directory aside and restart it with an empty one: "
     "it rejoins as a recovering replica whose vote elects no leader with a log until it "
-    "has caught up; never do this on more than a minority of the nodes at once "
+    "has caught up; never do this on a majority of the nodes at once "
     "(see README, 'A node lost its disk')"
 )
 

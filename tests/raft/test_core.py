@@ -699,6 +699,105 @@ def test_a_recovering_node_votes_only_for_an_empty_log() -> None:
     assert rd is not None and any(isinstance(m, VoteResp) and not m.reject for m in rd.messages)
 
 
+def restart(net: Net, nid: str) -> RaftCore:
+    """Restart ``nid`` from its durable state (a crash that kept the disk)."""
+    d = net.durable[nid]
+    net.queue = [m for m in net.queue if m.to != nid and m.frm != nid]
+    core = RaftCore(
+        nid, net.ids, net.cfg, random.Random(7), hard_state=d.hs, snapshot=None, entries=d.entries
+    )
+    net.cores[nid] = core
+    return core
+
+
+def _partial_catch_up(net: Net, nid: str, upto: int, commit: int) -> None:
+    """The leader's first Append to a wiped ``nid`` got through with entries 1..``upto``
+    only (a multi-MiB backlog goes in several), reporting commit index ``commit``."""
+    leader = net.cores["n1"]
+    ents = tuple(e for e in net.durable["n1"].entries if e.index <= upto)
+    net.cores[nid].step(Append("n1", nid, leader.term, 0, 0, ents, commit, 0))
+    net.process(nid)
+    net.queue = [m for m in net.queue if m.frm != nid]  # its answer is lost
+
+
+def _elect_among(net: Net, ids: Sequence[str]) -> None:
+    for _ in range(6 * net.cfg.election_ticks):
+        net.tick(only=ids)
+
+
+def test_a_recovering_candidate_does_not_count_its_own_vote() -> None:
+    """A wiped node counted its own vote as a real grant: with a prefix of the leader's log
+    (as up to date as a lagging node's) it won with that lagging node's vote, and the write
+    the two of them lacked, committed on the leader and on the wiped node's lost disk, was
+    gone."""
+    net = Net(3)
+    net.elect("n1")
+    net.isolate("n2")  # n2 lags: it misses the write
+    n1 = net.cores["n1"]
+    n1.propose(b"acked")
+    net.flush()
+    assert n1.commit_index == 2  # committed on n1 and n3
+    n3 = wipe(net, "n3")
+    _partial_catch_up(net, "n3", upto=1, commit=0)
+    assert n3.recovering and n3.last_index == 1 == net.cores["n2"].last_index
+    net.isolate("n1")  # the only other copy is now out of reach
+    net.blocked -= {("n2", "n3"), ("n3", "n2")}
+    _elect_among(net, ["n2", "n3"])
+    assert Role.LEADER not in (net.cores["n2"].role, n3.role)
+    assert n3.recovering
+
+
+def test_a_recovering_node_leaves_only_holding_all_the_leader_reports_committed() -> None:
+    """A wiped node left ``recovering`` holding one committed entry of the leader's term,
+    though later entries of that term, which it had acknowledged before it lost its disk,
+    were committed too: then it and a lagging node elected a leader without them."""
+    net = Net(3)
+    net.elect("n1")
+    net.isolate("n2")
+    n1 = net.cores["n1"]
+    n1.propose(b"a")
+    n1.propose(b"acked")
+    net.flush()
+    assert n1.commit_index == 3
+    n3 = wipe(net, "n3")
+    _partial_catch_up(net, "n3", upto=1, commit=3)
+    assert n3.recovering  # it holds entry 1 of the leader's term, not 2 and 3
+    net.isolate("n1")
+    net.blocked -= {("n2", "n3"), ("n3", "n2")}
+    _elect_among(net, ["n2", "n3"])
+    assert Role.LEADER not in (net.cores["n2"].role, n3.role)
+    # once it holds everything the leader reports committed, it has recovered
+    net.blocked.clear()
+    net.tick(3 * net.cfg.election_ticks)
+    leader = net.leader()
+    assert leader is not None and net.cores[leader].commit_index >= 3
+    assert not n3.recovering and [e.data for e in net.durable["n3"].entries][1:3] == [
+        b"a",
+        b"acked",
+    ]
+
+
+def test_a_two_node_cluster_elects_past_a_wiped_node() -> None:
+    """A cluster of two, one node wiped, the other restarted: the blank vote never made a
+    majority of two, and the cluster stayed without a leader for good. The node with its
+    disk holds every committed entry (each one needed both nodes), so its candidacy is
+    safe with the wiped node's blank vote."""
+    net = Net(2)
+    net.elect("n1")
+    net.cores["n1"].propose(b"acked")
+    net.flush()
+    assert net.cores["n1"].commit_index == 2
+    n2 = wipe(net, "n2")
+    restart(net, "n1")
+    _elect_among(net, ["n1", "n2"])
+    assert net.leader() == "n1"
+    net.tick(3)
+    assert not n2.recovering
+    assert [e.data for e in net.durable["n2"].entries if e.kind is EntryKind.COMMAND] == [b"acked"]
+    # the wiped node itself, with an empty log, cannot win: n1 refuses it
+    assert net.cores["n1"].role is Role.LEADER
+
+
 def test_snapshot_install_moves_applied_only_at_advance() -> None:
     """Issue 12.3: the core reported the snapshot index as applied as soon as the snapshot
     was stepped, before the shell restored its state machine from it."""
