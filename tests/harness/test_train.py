@@ -321,7 +321,7 @@ def _digests_agree(recs: dict[int, list[dict[str, Any]]]) -> int:
 
 
 def test_bsp_workers_hold_identical_parameters(tmp_path: Path) -> None:
-    recs = _simulate(tmp_path, "bsp", 3, factors={2: 3.0})
+    recs = _simulate(tmp_path, "bsp", 3, factors={2: 3.0}, duration=3.0)  # 10 steps: loaded too
     assert _digests_agree(recs) >= 10
     counts = {len(r) for r in recs.values()}
     assert max(counts) - min(counts) <= 1  # lockstep: every step waits for the straggler
