@@ -78,9 +78,14 @@ of them: in a cluster of two, its own): every committed entry is on one of those
 candidate holds it, and they voted for no one else this term. A recovering node always
 pre-votes. It leaves the state once it holds an entry of a leader's current term that the
 leader reports committed (by leader completeness it then holds every entry committed
-before that term) and every entry up to the commit index of the first Append it heard in
-that term (the entries of the term it acknowledged before it lost its disk, and the
-leader counted, are among them), or, as a leader, once it commits an entry of its own
+before that term) and every entry up to the commit index of the first Append of that
+term that fitted its log. The leader sent it after it learned of the lost disk: until
+then it sends at the old ``match``, which an emptied log does not fit, and after it, it
+counts none of the old acknowledgements; so the entries of the term this node
+acknowledged before, that the leader counted, are among them. (A message from before
+the wipe delivered after the restart is outside this argument: the shell keeps a node
+that starts blank out for two election timeouts, longer than any message lives; README,
+"A node lost its disk".) Or, as a leader, it leaves once it commits an entry of its own
 term; that Ready carries ``recovered``. A leader whose follower rejects at the follower's
 ``match`` with a log ending before it forgets that match (the follower lost its disk) and
 catches it up.
@@ -283,8 +288,8 @@ class RaftCore:
         self.stats = CoreStats()
         self.last_refusal = ""  #: why ``step`` refused its latest message ("" if never)
         self._recovered = False  #: left ``recovering``; not yet reported in a Ready.
-        #: (term, commit index) of the first Append of the latest term this node heard while
-        #: recovering: it leaves ``recovering`` holding at least that much (see "Recovering")
+        #: (term, commit index) of the first Append of the latest term that fitted this node's
+        #: log while recovering: it leaves ``recovering`` holding at least that much
         self._recover_to = (0, 0)
 
         # Ready bookkeeping.
@@ -1093,12 +1098,15 @@ class RaftCore:
 
     # ------------------------------------------------------------------ follower
     def _handle_append(self, m: Append) -> None:
-        if self._recovering and self._recover_to[0] != m.term:
-            self._recover_to = (m.term, m.commit)
         if m.prev_index < self._commit:
             self._send(AppendResp(self.id, m.frm, self._term, False, self._commit, 0, 0, m.ctx))
             return
         if self.log_term(m.prev_index) == m.prev_term:
+            if self._recovering and self._recover_to[0] != m.term:
+                # the first Append of the term that fits its log: the leader built it after
+                # it learned of the lost disk (it sends at the old match until then), so
+                # its commit index counts every acknowledgement it ever will from before
+                self._recover_to = (m.term, m.commit)
             last_new = m.prev_index + len(m.entries)
             self._append_entries(m.entries)
             c = min(m.commit, last_new)

@@ -537,6 +537,8 @@ class RaftBackend:
     async def start(self, server: grpc.aio.Server) -> None:
         self.storage = RaftStorage(self.config.data_dir)
         hs, snap, entries = await self._disk_call(self.storage.load)
+        if self.storage.recovering:
+            await self._stay_out()
         if snap is not None:
             self.sm.restore(snap.data)
         cfg = RaftConfig(
@@ -582,6 +584,23 @@ class RaftBackend:
             self._watched(self._ticker(), "ticker"),
             self._watched(self._driver(), "driver"),
         ]
+
+    async def _stay_out(self) -> None:
+        """A node without its durable state keeps out of the cluster for two of the
+        longest election timeouts before it says anything. Its recovery (raft/core.py,
+        "Recovering nodes") assumes that no message of its previous life, to it or from
+        it, arrives after it is back: by then a candidacy it voted in has ended, and what
+        peers queued for it has been dropped (their senders drop a write stalled for an
+        election timeout). A node restarted at once with an empty directory (a container
+        on ephemeral storage) would otherwise meet its own old vote."""
+        wait = 4 * self.opts.election_timeout_s
+        log.warning(
+            "recovering_wait",
+            seconds=wait,
+            reason="this node starts without durable state: it keeps out of the cluster "
+            "until messages of its previous life have died",
+        )
+        await asyncio.sleep(wait)
 
     def _watched(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """A task whose failure is fatal (fail-stop: never a zombie)."""

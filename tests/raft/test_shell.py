@@ -132,6 +132,36 @@ async def test_a_failing_fsync_stops_the_node(
     assert b.failed is not None and "driver" in b.failed
 
 
+async def test_a_node_without_its_disk_keeps_out_before_it_takes_part(
+    tmp_path: Path, sim_disk: SimDisk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reviewer's attack: a node restarted at once with an empty directory met its own
+    vote from before (still in flight) and led a term another node led too
+    (tests/raft/test_recovering_attacks.py, the limit). A blank node now waits two of the
+    longest election timeouts before its core and links exist; a node with its disk
+    does not wait."""
+    gate = asyncio.Event()
+    waits: list[float] = []
+
+    async def stay_out(self: raft_node.RaftBackend) -> None:
+        waits.append(4 * self.opts.election_timeout_s)
+        await gate.wait()
+
+    monkeypatch.setattr(raft_node.RaftBackend, "_stay_out", stay_out)
+    starting = asyncio.create_task(start_node(tmp_path))
+    await eventually(lambda: bool(waits), 5)
+    assert not starting.done() and waits == [0.2]  # 4 x 5 ticks x 10 ms
+    gate.set()
+    b = await starting
+    storage = b.storage
+    assert storage is not None
+    await eventually(lambda: b.core.role is Role.LEADER and not storage.recovering, 5)
+    await b.close()
+    b = await start_node(tmp_path)  # its disk kept: no wait
+    assert waits == [0.2]
+    await b.close()
+
+
 async def test_cancelling_the_reader_during_the_deferred_apply_does_not_wedge(
     tmp_path: Path, sim_disk: SimDisk
 ) -> None:
