@@ -50,6 +50,7 @@ EXIT_FAILED = 1
 
 STORES = {"raft": "raft.node", "gossip": "gossip.node"}
 
+MAX_PENDING_CALLS = 20_000  # the raft store's own admission limit (max_pending)
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -58,6 +59,13 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_ping_strikes", 0),
+    # grpc cancels calls that arrived but that the (one-threaded) application has not taken
+    # yet beyond 1,000 (soft) / 3,000 (hard): a burst of concurrent calls on one connection
+    # came back CANCELLED, an unknown outcome to the client, though never applied. They
+    # wait instead; the stores' own admission limits answer RESOURCE_EXHAUSTED (not
+    # applied, with the reason), and each call's deadline still bounds its wait.
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 ]
 
 
