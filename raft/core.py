@@ -79,13 +79,15 @@ candidate holds it, and they voted for no one else this term. A recovering node 
 pre-votes. It leaves the state once it holds an entry of a leader's current term that the
 leader reports committed (by leader completeness it then holds every entry committed
 before that term) and every entry up to the commit index of the first Append of that
-term that fitted its log. The leader sent it after it learned of the lost disk: until
-then it sends at the old ``match``, which an emptied log does not fit, and after it, it
-counts none of the old acknowledgements; so the entries of the term this node
-acknowledged before, that the leader counted, are among them. (A message from before
-the wipe delivered after the restart is outside this argument: the shell keeps a node
-that starts blank out for two election timeouts, longer than any message lives; README,
-"A node lost its disk".) Or, as a leader, it leaves once it commits an entry of its own
+term that fitted its log: every Append the leader builds while it still counts an old
+acknowledgement is anchored at or above it (at the old ``match``, or at a snapshot
+beyond it), so one that fits means this node holds all that acknowledgement covered, and
+once the leader forgets the old ``match`` (a refusal below it) it counts none of them
+again; the entries of the term this node acknowledged before, that the leader counts,
+are therefore among them. (A message of the node's previous life, built before the wipe,
+delivered after the restart is outside this argument: the shell keeps a node that
+starts blank out for two of the longest election timeouts; README, "A node lost its disk".) Or, as a
+leader, it leaves once it commits an entry of its own
 term; that Ready carries ``recovered``. A leader whose follower rejects at the follower's
 ``match`` with a log ending before it forgets that match (the follower lost its disk) and
 catches it up.
@@ -1103,9 +1105,8 @@ class RaftCore:
             return
         if self.log_term(m.prev_index) == m.prev_term:
             if self._recovering and self._recover_to[0] != m.term:
-                # the first Append of the term that fits its log: the leader built it after
-                # it learned of the lost disk (it sends at the old match until then), so
-                # its commit index counts every acknowledgement it ever will from before
+                # the first Append of the term that fits its log: anchored at or above
+                # every old acknowledgement the leader still counted (see "Recovering")
                 self._recover_to = (m.term, m.commit)
             last_new = m.prev_index + len(m.entries)
             self._append_entries(m.entries)

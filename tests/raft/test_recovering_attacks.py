@@ -4,7 +4,7 @@ Each test drives the synchronous ``Net`` of tests/raft/test_core.py message by m
 The first two are the reviewer's attacks that broke it: the first is fixed (the recovery
 target comes from the first Append that fits the log); the second is outside the fault
 model the recovery assumes (a message of the node's previous life delivered after it is
-back; the shell keeps a blank node out for two election timeouts) and is kept as a
+back; the shell keeps a blank node out for two of the longest election timeouts) and is kept as a
 strict xfail that documents the limit. The others document guarantees.
 """
 
