@@ -647,6 +647,28 @@ def wipe(net: Net, nid: str) -> RaftCore:
     return core
 
 
+def leading(net: Net, *writes: bytes) -> RaftCore:
+    """n1 elected, then each of ``writes`` proposed and delivered in turn: n1's core."""
+    net.elect("n1")
+    n1 = net.cores["n1"]
+    for v in writes:
+        n1.propose(v)
+        net.flush()
+    return n1
+
+
+def _acked_then_wiped(net: Net) -> tuple[RaftCore, RaftCore]:
+    """n1 leads and commits b"acked" with n3 alone (n2 lags, cut off); then n3 loses its
+    disk: (n1, the new n3)."""
+    net.elect("n1")
+    net.isolate("n2")  # n2 lags: it misses the write
+    n1 = net.cores["n1"]
+    n1.propose(b"acked")
+    net.flush()
+    assert n1.commit_index == 2  # committed on n1 and n3
+    return n1, wipe(net, "n3")
+
+
 def test_leader_catches_up_a_follower_that_lost_its_disk() -> None:
     """Issue 12.5: the leader kept its old match index for a wiped follower and ignored
     its rejections at or below it, so the follower never caught up."""
@@ -668,13 +690,7 @@ def test_a_recovering_node_votes_only_for_an_empty_log() -> None:
     """Issue 12.5: a wiped node forgot what it acknowledged; its vote must not elect a
     candidate that lacks a committed write."""
     net = Net(3)
-    net.elect("n1")
-    net.isolate("n2")  # n2 lags: it misses the write
-    n1 = net.cores["n1"]
-    n1.propose(b"acked")
-    net.flush()
-    assert n1.commit_index == 2  # committed on n1 and n3
-    n3 = wipe(net, "n3")
+    _, n3 = _acked_then_wiped(net)
     net.isolate("n1")  # the only other copy is now out of reach
     net.blocked -= {("n2", "n3"), ("n3", "n2")}
     n2 = net.cores["n2"]
@@ -731,13 +747,7 @@ def test_a_recovering_candidate_does_not_count_its_own_vote() -> None:
     the two of them lacked, committed on the leader and on the wiped node's lost disk, was
     gone."""
     net = Net(3)
-    net.elect("n1")
-    net.isolate("n2")  # n2 lags: it misses the write
-    n1 = net.cores["n1"]
-    n1.propose(b"acked")
-    net.flush()
-    assert n1.commit_index == 2  # committed on n1 and n3
-    n3 = wipe(net, "n3")
+    _, n3 = _acked_then_wiped(net)
     _partial_catch_up(net, "n3", upto=1, commit=0)
     assert n3.recovering and n3.last_index == 1 == net.cores["n2"].last_index
     net.isolate("n1")  # the only other copy is now out of reach

@@ -25,7 +25,7 @@ from raft.messages import (
     Vote,
     VoteResp,
 )
-from tests.raft.test_core import Net, _elect_among, restart, role_of, wipe
+from tests.raft.test_core import Net, _elect_among, leading, restart, role_of, wipe
 
 #: one entry per Append: a wiped node's catch-up takes several messages (as a large
 #: backlog does with ``max_bytes_per_msg``)
@@ -364,11 +364,7 @@ def test_the_recovery_target_follows_a_new_term() -> None:
     t (commit c) and then a leader of term t + 1 recovers against the new leader's own
     term entry (which follows every entry committed before), not the old target."""
     net = Net(3, ONE_PER_MSG)
-    net.elect("n1")
-    n1 = net.cores["n1"]
-    for v in (b"a", b"b", b"c"):
-        n1.propose(v)
-        net.flush()
+    n1 = leading(net, b"a", b"b", b"c")
     n3 = wipe(net, "n3")
     n1.tick()
     deliver_until(net, lambda: n3.last_index >= 1)  # hears term t, commit 4
@@ -394,11 +390,7 @@ def test_a_snapshot_does_not_end_recovery_by_itself_and_keeps_every_write() -> N
     an InstallSnapshot; it leaves ``recovering`` only via an Append of the leader's term
     reporting it committed, and then holds every committed write."""
     net = Net(3)
-    net.elect("n1")
-    n1 = net.cores["n1"]
-    for v in (b"a", b"b"):
-        n1.propose(v)
-        net.flush()
+    n1 = leading(net, b"a", b"b")
     n1.compact(n1.applied_index, b"state-ab")
     n3 = wipe(net, "n3")
     snap = n1.snapshot

@@ -38,7 +38,7 @@ from raft.messages import (
     Message,
 )
 from raft.progress import PState
-from tests.raft.test_core import Net, _elect_among, wipe
+from tests.raft.test_core import Net, _elect_among, leading, wipe
 from tests.raft.test_recovering_attacks import deliver, deliver_until, unblock
 
 ONE_PER_MSG = RaftConfig(election_ticks=10, heartbeat_ticks=1, max_entries_per_msg=1)
@@ -347,11 +347,7 @@ def test_every_append_built_while_the_old_match_counts_is_anchored_at_or_above_i
     are stale and move nothing. Then n3 recovers holding every committed write."""
     cfg = RaftConfig(election_ticks=10, heartbeat_ticks=1, max_entries_per_msg=1)
     net = Net(3, cfg)
-    net.elect("n1")
-    n1 = net.cores["n1"]
-    for v in (b"a", b"b", b"c"):
-        n1.propose(v)
-        net.flush()
+    n1 = leading(net, b"a", b"b", b"c")
     assert n1.progress()["n3"] == 4 and n1._prs["n3"].state is PState.REPLICATE
     net.isolate("n2")  # everything from here is committed on n1 and n3 only
     n3 = wipe(net, "n3")
@@ -390,11 +386,7 @@ def test_a_new_leader_starts_from_match_zero_and_its_first_fitting_append_counts
     is refused, the hint brings it to prev 0, which fits; the commit it carries is the
     target, and the new n3 recovers holding every committed write."""
     net = Net(3)
-    net.elect("n1")
-    n1 = net.cores["n1"]
-    for v in (b"a", b"b"):
-        n1.propose(v)
-        net.flush()
+    n1 = leading(net, b"a", b"b")
     n3 = wipe(net, "n3")
     net.isolate("n3")
     t = n1.term
@@ -425,11 +417,7 @@ def test_a_late_duplicate_refusal_forgets_a_real_match_harmlessly() -> None:
     index, n1 relearns the match, n3 stays recovered, and writes commit with n1 and n3
     (n2 cut off)."""
     net = Net(3)
-    net.elect("n1")
-    n1 = net.cores["n1"]
-    for v in (b"a", b"b"):
-        n1.propose(v)
-        net.flush()
+    n1 = leading(net, b"a", b"b")
     net.isolate("n2")
     n3 = wipe(net, "n3")
     n1.tick()
