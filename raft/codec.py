@@ -53,6 +53,8 @@ from raft.messages import (
     ReadIndexResp,
     Snapshot,
     SnapshotMeta,
+    TermProbe,
+    TermProbeResp,
     TimeoutNow,
     Vote,
     VoteResp,
@@ -262,6 +264,10 @@ def to_pb(m: Message) -> pb.RaftMessage:
         out.read_index.CopyFrom(pb.ReadIndex(ctx=m.ctx))
     elif isinstance(m, ReadIndexResp):
         out.read_index_response.CopyFrom(pb.ReadIndexResponse(ctx=m.ctx, index=m.index))
+    elif isinstance(m, TermProbe):
+        out.term_probe.CopyFrom(pb.TermProbe(nonce=m.nonce))
+    elif isinstance(m, TermProbeResp):
+        out.term_probe_response.CopyFrom(pb.TermProbeResponse(nonce=m.nonce))
     else:
         raise TypeError(f"cannot encode {type(m).__name__} as a stream message")
     return out
@@ -323,6 +329,10 @@ def from_pb(m: pb.RaftMessage) -> Message:
         r2 = m.read_index_response
         _below("read index response", r2.index)
         return ReadIndexResp(frm, to, term, r2.ctx, r2.index)
+    if body == "term_probe":
+        return TermProbe(frm, to, term, m.term_probe.nonce)
+    if body == "term_probe_response":
+        return TermProbeResp(frm, to, term, m.term_probe_response.nonce)
     raise CodecError(f"raft message from {frm!r} has no known body ({body!r})")
 
 

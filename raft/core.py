@@ -76,19 +76,32 @@ only when the blank nodes form a majority (a new cluster, whose first leader is 
 that way), or when its real grants alone meet every majority (more than ``n - majority``
 of them: in a cluster of two, its own): every committed entry is on one of those, so the
 candidate holds it, and they voted for no one else this term. A recovering node always
-pre-votes. It leaves the state once it holds an entry of a leader's current term that the
-leader reports committed (by leader completeness it then holds every entry committed
-before that term) and every entry up to the commit index of the first Append of that
-term that fitted its log: every Append the leader builds while it still counts an old
-acknowledgement is anchored at or above it (at the old ``match``, or at a snapshot
-beyond it), so one that fits means this node holds all that acknowledgement covered, and
-once the leader forgets the old ``match`` (a refusal below it) it counts none of them
-again; the entries of the term this node acknowledged before, that the leader counts,
-are therefore among them. (A message of the node's previous life, built before the wipe,
-delivered after the restart is outside this argument: the shell keeps a node that
-starts blank out for two of the longest election timeouts; README, "A node lost its disk".) Or, as a
-leader, it leaves once it commits an entry of its own
-term; that Ready carries ``recovered``. A leader whose follower rejects at the follower's
+pre-votes. It leaves the state once both hold:
+
+* Fenced: every peer answered its ``TermProbe`` (sent each heartbeat, with a nonce drawn
+  at this start, until each answered) with its current term. A vote it forgot counts
+  only if its candidate got it, and that candidate has been at that term or later since,
+  so the highest answer bounds every such term. The node moves to that term and, unless
+  it recorded a vote there already, votes for itself in it (durably): no real vote of
+  its can meet a forgotten one. A vote it had recorded in that term stays blank
+  (``_blank_through``), and the Ready that drops its marker waits until its term moves
+  past that one: a restart before then (the vote on disk, the answer blank forgotten)
+  starts it recovering again. A peer that never answers keeps it recovering, its votes
+  blank.
+* Caught up: it holds an entry of a leader's current term that the leader reports
+  committed (by leader completeness it then holds every entry committed before that
+  term) and every entry up to the commit index of the first Append of that term that
+  fitted its log. Every Append the leader builds while it still counts an old
+  acknowledgement is anchored at or above it (at the old ``match``, or at a snapshot
+  beyond it), so one that fits means this node holds all that acknowledgement covered;
+  once the leader forgets the old ``match`` (a refusal below it) it counts none of them
+  again. So the entries of the term this node acknowledged before, that the leader
+  counts, are among them. (A message the leader built for the node's previous life and
+  sent after its restart is outside this argument: the shell keeps a node that starts
+  blank out for two of the longest election timeouts; README, "A node lost its disk".)
+  As a leader, it is caught up once it commits an entry of its own term.
+
+That Ready carries ``recovered``. A leader whose follower rejects at the follower's
 ``match`` with a log ending before it forgets that match (the follower lost its disk) and
 catches it up.
 
@@ -133,6 +146,8 @@ from raft.messages import (
     ReadIndexResp,
     Snapshot,
     SnapshotMeta,
+    TermProbe,
+    TermProbeResp,
     TimeoutNow,
     Vote,
     VoteResp,
@@ -293,6 +308,19 @@ class RaftCore:
         #: (term, commit index) of the first Append of the latest term that fitted this node's
         #: log while recovering: it leaves ``recovering`` holding at least that much
         self._recover_to = (0, 0)
+        #: it holds what it acknowledged before (the conditions on ``_recover_to`` held)
+        self._data_recovered = False
+        #: recovering: each peer's answer to this start's TermProbe (its current term then)
+        self._probed: dict[str, int] = {}
+        self._probe_nonce = rng.randrange(1, 1 << 62) if recovering else 0
+        #: every peer answered: no term this node may have voted in before is left
+        self._fenced = not recovering or not self.peers
+        self._probe_elapsed = 0
+        #: vote requests of this term or older are answered blank even once recovered: it
+        #: recorded a vote in the term its fence ended at. Until its term moves past it,
+        #: the marker stays on disk (a restart then starts it recovering again)
+        self._blank_through = 0
+        self._marker_due = False  #: left ``recovering``; the marker goes at that term
 
         # Ready bookkeeping.
         self._prev_hs = HardState(self._term, self._vote, self._commit)
@@ -430,6 +458,13 @@ class RaftCore:
     # ------------------------------------------------------------------ local API
     def tick(self) -> None:
         """Advance logical time by one tick."""
+        if not self._fenced:
+            self._probe_elapsed -= 1
+            if self._probe_elapsed <= 0:
+                self._probe_elapsed = self.cfg.heartbeat_ticks
+                for p in self.peers:
+                    if p not in self._probed:
+                        self._send(TermProbe(self.id, p, self._term, self._probe_nonce))
         if self._role is Role.LEADER:
             self._tick_leader()
         else:
@@ -607,6 +642,15 @@ class RaftCore:
             stats.refused_misaddressed += 1
             self._refused(m, "it is addressed to another node")
             return
+        if isinstance(m, TermProbe):  # whatever its term: it changes nothing here
+            self._send(TermProbeResp(self.id, m.frm, self._term, m.nonce))
+            return
+        if isinstance(m, TermProbeResp):
+            if not self._fenced and m.nonce == self._probe_nonce:
+                self._probed[m.frm] = max(m.term, self._probed.get(m.frm, 0))
+                if len(self._probed) == len(self.peers):
+                    self._fence()
+            return
         if isinstance(m, Append):
             if not _append_well_formed(m):
                 stats.refused_malformed += 1
@@ -700,7 +744,8 @@ class RaftCore:
         up_to_date = m.last_term > last_term or (
             m.last_term == last_term and m.last_index >= self.last_index
         )
-        if self._recovering and m.last_index > 0 and can_vote and up_to_date:
+        blank = self._recovering or m.term <= self._blank_through
+        if blank and m.last_index > 0 and can_vote and up_to_date:
             # It may have voted otherwise before it lost its state: no grant. But say so,
             # recording the vote (it counts as a grant only if a majority is blank: a new
             # cluster, see ``_poll``).
@@ -733,6 +778,8 @@ class RaftCore:
             self._term = term
             self._vote = None
             self._term_leader = None
+            if self._marker_due:
+                self._maybe_recovered()
         self._leader = None
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -1170,9 +1217,36 @@ class RaftCore:
 
     # ------------------------------------------------------------------ misc
     def _caught_up(self) -> None:
-        """Leave ``recovering``; the next Ready says so (the shell drops its marker)."""
-        self._recovering = False
-        self._recovered = True
+        """It holds what it acknowledged before: leave ``recovering`` once fenced too."""
+        self._data_recovered = True
+        self._maybe_recovered()
+
+    def _fence(self) -> None:
+        """Every peer told its term after this node started: any term in which a vote it
+        forgot could count is at most the highest of them (the candidate it voted for has
+        been at that term since). Move to that term and vote for itself in it, durably (it
+        grants no one else a vote there), so that its votes are real from the next term on
+        ("Recovering nodes")."""
+        highest = max(self._probed.values(), default=0)
+        if highest > self._term:
+            self._become_follower(highest, None)
+        if self._term == highest:
+            if self._vote is None:
+                self._vote = self.id
+            elif self._vote != self.id:  # a vote it recorded blank: it stays blank
+                self._blank_through = highest
+        self._fenced = True
+        self._maybe_recovered()
+
+    def _maybe_recovered(self) -> None:
+        """Leave ``recovering``; a Ready says so (the shell drops its marker) once no vote
+        request it would answer blank is left (its term past ``_blank_through``)."""
+        if self._recovering and self._data_recovered and self._fenced:
+            self._recovering = False
+            self._marker_due = True
+        if self._marker_due and self._term > self._blank_through:
+            self._marker_due = False
+            self._recovered = True
 
     def _refused(self, m: Message, why: str) -> None:
         self.last_refusal = f"{type(m).__name__} from {m.frm!r} at term {m.term}: {why}"

@@ -198,6 +198,29 @@ class ReadIndexResp:
     index: int  #: the leader's commit index when the ReadIndex arrived.
 
 
+@dataclass(frozen=True, slots=True)
+class TermProbe:
+    """A node that started without durable state -> each peer: tell me your current term.
+    Its ``term`` is the asker's and changes nothing at the receiver (raft/core.py,
+    "Recovering nodes")."""
+
+    frm: str
+    to: str
+    term: int
+    nonce: int  #: drawn at the asker's start: an answer to its previous life does not count
+
+
+@dataclass(frozen=True, slots=True)
+class TermProbeResp:
+    """Answer to TermProbe: ``term`` is the answerer's current term, taken after the probe
+    arrived (hence after the asker started)."""
+
+    frm: str
+    to: str
+    term: int
+    nonce: int  #: echoes TermProbe.nonce
+
+
 Message = Union[  # noqa: UP007 - a runtime alias usable in isinstance-free match statements
     PreVote,
     PreVoteResp,
@@ -209,4 +232,6 @@ Message = Union[  # noqa: UP007 - a runtime alias usable in isinstance-free matc
     TimeoutNow,
     ReadIndex,
     ReadIndexResp,
+    TermProbe,
+    TermProbeResp,
 ]

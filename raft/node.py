@@ -588,11 +588,11 @@ class RaftBackend:
     async def _stay_out(self) -> None:
         """A node without its durable state keeps out of the cluster for two of the
         longest election timeouts before it says anything. Its recovery (raft/core.py,
-        "Recovering nodes") assumes that no message of its previous life, to it or from
-        it, arrives after it is back: by then a candidacy it voted in has ended, and what
-        peers queued for it has been dropped (their senders drop a write stalled for an
-        election timeout). A node restarted at once with an empty directory (a container
-        on ephemeral storage) would otherwise meet its own old vote."""
+        "Recovering nodes") assumes that no Append a leader built for its previous life
+        arrives after it is back: by then what peers queued for it has been dropped (their
+        senders drop a write stalled for an election timeout), and a leader stalled in its
+        own fsync has been deposed. A node restarted at once with an empty directory (a
+        container on ephemeral storage) would otherwise meet such a message."""
         wait = 4 * self.opts.election_timeout_s
         log.warning(
             "recovering_wait",

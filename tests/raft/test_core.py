@@ -21,6 +21,8 @@ from raft.messages import (
     ReadIndexResp,
     Snapshot,
     SnapshotMeta,
+    TermProbe,
+    TermProbeResp,
     TimeoutNow,
     Vote,
     VoteResp,
@@ -34,6 +36,7 @@ class Durable:
     hs: HardState = field(default_factory=lambda: HardState(0, None, 0))
     snapshot: Snapshot | None = None
     entries: list[Entry] = field(default_factory=list)
+    recovering: bool = False  #: the marker file (raft/storage.py): restarts recovering
 
 
 CFG = RaftConfig(election_ticks=10, heartbeat_ticks=1)
@@ -96,6 +99,8 @@ class Net:
                 d.entries = [e for e in d.entries if e.index < first] + list(rd.entries)
             if rd.hard_state:
                 d.hs = rd.hard_state
+            if rd.recovered:  # (after the rest is durable)
+                d.recovering = False
             for m in rd.messages:
                 # Ordering contract: nothing leaves before the state it carries is durable.
                 if not isinstance(m, PreVote | PreVoteResp):
@@ -629,9 +634,11 @@ def test_stale_leader_learns_new_term_from_append_response() -> None:
     assert resp and resp[-1].term == c.term
 
 
-def wipe(net: Net, nid: str) -> RaftCore:
-    """Replace ``nid`` by a node that lost its disk (restarts blank, recovering)."""
-    net.durable[nid] = Durable()
+def wipe(net: Net, nid: str, *, probed: bool = True) -> RaftCore:
+    """Replace ``nid`` by a node that lost its disk (restarts blank, recovering). With
+    ``probed``, its first TermProbes reach every peer and the answers come back at once,
+    whatever the links (they carry only terms): it is fenced from the start."""
+    net.durable[nid] = Durable(recovering=True)
     net.queue = [m for m in net.queue if m.to != nid and m.frm != nid]
     core = RaftCore(
         nid,
@@ -644,7 +651,27 @@ def wipe(net: Net, nid: str) -> RaftCore:
         recovering=True,
     )
     net.cores[nid] = core
+    if probed:
+        answer_probes(net, nid)
     return core
+
+
+def answer_probes(net: Net, nid: str) -> None:
+    """``nid`` ticks once (sending its TermProbes), they reach every peer and the answers
+    come back at once, whatever the links (they carry only terms)."""
+    core = net.cores[nid]
+    core.tick()
+    net.process(nid)
+    probes = [m for m in net.queue if isinstance(m, TermProbe) and m.frm == nid]
+    net.queue = [m for m in net.queue if m not in probes]
+    for probe in probes:
+        net.cores[probe.to].step(probe)
+        net.process(probe.to)
+    answers = [m for m in net.queue if isinstance(m, TermProbeResp) and m.to == nid]
+    net.queue = [m for m in net.queue if m not in answers]
+    for answer in answers:
+        core.step(answer)
+    net.process(nid)
 
 
 def leading(net: Net, *writes: bytes) -> RaftCore:
@@ -716,11 +743,19 @@ def test_a_recovering_node_votes_only_for_an_empty_log() -> None:
 
 
 def restart(net: Net, nid: str) -> RaftCore:
-    """Restart ``nid`` from its durable state (a crash that kept the disk)."""
+    """Restart ``nid`` from its durable state (a crash that kept the disk; recovering if
+    its marker is still there)."""
     d = net.durable[nid]
     net.queue = [m for m in net.queue if m.to != nid and m.frm != nid]
     core = RaftCore(
-        nid, net.ids, net.cfg, random.Random(7), hard_state=d.hs, snapshot=None, entries=d.entries
+        nid,
+        net.ids,
+        net.cfg,
+        random.Random(7),
+        hard_state=d.hs,
+        snapshot=None,
+        entries=d.entries,
+        recovering=d.recovering,
     )
     net.cores[nid] = core
     return core
@@ -806,6 +841,79 @@ def test_a_two_node_cluster_elects_past_a_wiped_node() -> None:
     assert [e.data for e in net.durable["n2"].entries if e.kind is EntryKind.COMMAND] == [b"acked"]
     # the wiped node itself, with an empty log, cannot win: n1 refuses it
     assert net.cores["n1"].role is Role.LEADER
+
+
+def test_term_probes_fence_a_recovering_node_at_the_highest_term_its_peers_report() -> None:
+    """A reviewer's attack: a wiped node's vote of its previous life (term 2, for n2)
+    arrived after it was back, and the node, recovered at term 1, voted in term 2 again:
+    two leaders in term 2 (tests/raft/test_recovering_attacks.py). Its votes now count
+    only once every peer has answered its TermProbe: it then moves to the highest term
+    they report and votes for itself there (durably), so it grants no one a vote in any
+    term it may have voted in before."""
+    net = Net(3)
+    net.elect("n1")
+    net.cores["n2"].step(Vote("n1", "n2", 2, 9, 1, True))  # (n2 now at term 2)
+    net.process("n2")
+    net.queue.clear()
+    n3 = wipe(net, "n3", probed=False)
+    assert n3.recovering and n3.term == 0
+    # a probe answers with the current term and changes nothing at the answerer
+    n3.tick()
+    net.process("n3")
+    probes = [m for m in net.queue if isinstance(m, TermProbe)]
+    assert sorted(m.to for m in probes) == ["n1", "n2"] and all(m.term == 0 for m in probes)
+    net.queue.clear()
+    before = {i: (net.cores[i].term, net.cores[i].role) for i in ("n1", "n2")}
+    for m in probes:
+        net.cores[m.to].step(m)
+        net.process(m.to)
+    assert before == {i: (net.cores[i].term, net.cores[i].role) for i in ("n1", "n2")}
+    answers = [m for m in net.queue if isinstance(m, TermProbeResp)]
+    assert sorted((m.frm, m.term) for m in answers) == [("n1", 1), ("n2", 2)]
+    net.queue.clear()
+    # an answer to another start (another nonce) does not count
+    n3.step(TermProbeResp("n2", "n3", 1, answers[0].nonce + 1))
+    n3.step(next(m for m in answers if m.frm == "n1"))
+    assert n3.term == 0 and n3.recovering  # n2 has not answered this start yet
+    n3.step(next(m for m in answers if m.frm == "n2"))
+    net.process("n3")
+    assert n3.term == 2 and net.durable["n3"].hs.vote == "n3"  # durable before it answers
+    n3.step(Vote("n1", "n3", 2, 9, 1, False))
+    net.process("n3")
+    assert [m.reject for m in net.queue if isinstance(m, VoteResp)] == [True]
+
+
+def test_a_fenced_node_keeps_a_vote_it_recorded_blank_blank() -> None:
+    """The fence ends at a term in which it already recorded a vote (answered blank,
+    while recovering): a vote never changes within a term, and a later request of that
+    term is answered blank still, so that it cannot count next to one it forgot."""
+    net = Net(3)
+    net.elect("n1")
+    n3 = wipe(net, "n3", probed=False)
+    n3.step(Vote("n2", "n3", 1, 9, 1, False))  # recorded, answered blank
+    net.process("n3")
+    assert net.durable["n3"].hs == HardState(1, "n2", 0)
+    net.queue.clear()
+    answer_probes(net, "n3")
+    assert net.durable["n3"].hs.vote == "n2"
+    n3.step(Vote("n2", "n3", 1, 9, 1, False))  # (a duplicate of the request)
+    net.process("n3")
+    resp = [m for m in net.queue if isinstance(m, VoteResp)]
+    assert len(resp) == 1 and resp[0].reject and resp[0].blank
+
+
+def test_a_recovering_node_with_a_silent_peer_stays_recovering() -> None:
+    """Caught up with the leader but one peer never answers (down, or cut off): it stays
+    recovering, its votes blank; the answer, whenever it comes, ends it."""
+    net = Net(3)
+    n1 = leading(net, b"a")
+    net.isolate("n2")
+    n3 = wipe(net, "n3", probed=False)
+    net.tick(3 * net.cfg.election_ticks, only=["n1", "n3"])
+    assert n3.last_index == n1.last_index and n3.recovering
+    net.blocked -= {("n2", "n3"), ("n3", "n2")}
+    net.tick(2, only=["n1", "n3"])
+    assert not n3.recovering
 
 
 def test_snapshot_install_moves_applied_only_at_advance() -> None:

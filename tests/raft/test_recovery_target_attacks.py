@@ -38,7 +38,7 @@ from raft.messages import (
     Message,
 )
 from raft.progress import PState
-from tests.raft.test_core import Net, _elect_among, leading, wipe
+from tests.raft.test_core import Net, _elect_among, answer_probes, leading, wipe
 from tests.raft.test_recovering_attacks import deliver, deliver_until, unblock
 
 ONE_PER_MSG = RaftConfig(election_ticks=10, heartbeat_ticks=1, max_entries_per_msg=1)
@@ -589,6 +589,7 @@ def test_a_recovering_node_that_restarts_with_its_disk_keeps_its_target_covered(
         recovering=True,
     )
     net.cores["n3"] = n3
+    answer_probes(net, "n3")  # (a new start asks every peer's term again)
     for _ in range(20):
         n1.tick()
         deliver_until(net, lambda: not n3.recovering)

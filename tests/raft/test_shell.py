@@ -135,11 +135,11 @@ async def test_a_failing_fsync_stops_the_node(
 async def test_a_node_without_its_disk_keeps_out_before_it_takes_part(
     tmp_path: Path, sim_disk: SimDisk, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A reviewer's attack: a node restarted at once with an empty directory met its own
-    vote from before (still in flight) and led a term another node led too
-    (tests/raft/test_recovering_attacks.py, the limit). A blank node now waits two of the
-    longest election timeouts before its core and links exist; a node with its disk
-    does not wait."""
+    """A reviewer's attack: a heartbeat the leader built for a node's previous life, sent
+    after the node was back at once with an empty directory, set its recovery target
+    too low (tests/raft/test_recovery_target_attacks.py, the limit). A blank node now
+    waits two of the longest election timeouts before its core and links exist; a node
+    with its disk does not wait."""
     gate = asyncio.Event()
     waits: list[float] = []
 

@@ -292,6 +292,48 @@ class ReadIndexResponse(_message.Message):
 Global___ReadIndexResponse: _TypeAlias = ReadIndexResponse  # noqa: Y015
 
 @_typing.final
+class TermProbe(_message.Message):
+    """A node that started without durable state asks every peer for its current term (the
+    message's term) before its votes count again (raft/core.py, "Recovering nodes").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.int
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TermProbe: _TypeAlias = TermProbe  # noqa: Y015
+
+@_typing.final
+class TermProbeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.int
+    def __init__(
+        self,
+        *,
+        nonce: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TermProbeResponse: _TypeAlias = TermProbeResponse  # noqa: Y015
+
+@_typing.final
 class RaftMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -307,6 +349,8 @@ class RaftMessage(_message.Message):
     TIMEOUT_NOW_FIELD_NUMBER: _builtins.int
     READ_INDEX_FIELD_NUMBER: _builtins.int
     READ_INDEX_RESPONSE_FIELD_NUMBER: _builtins.int
+    TERM_PROBE_FIELD_NUMBER: _builtins.int
+    TERM_PROBE_RESPONSE_FIELD_NUMBER: _builtins.int
     sender: _builtins.str
     to: _builtins.str
     term: _builtins.int
@@ -328,6 +372,10 @@ class RaftMessage(_message.Message):
     def read_index(self) -> Global___ReadIndex: ...
     @_builtins.property
     def read_index_response(self) -> Global___ReadIndexResponse: ...
+    @_builtins.property
+    def term_probe(self) -> Global___TermProbe: ...
+    @_builtins.property
+    def term_probe_response(self) -> Global___TermProbeResponse: ...
     def __init__(
         self,
         *,
@@ -343,12 +391,14 @@ class RaftMessage(_message.Message):
         timeout_now: Global___TimeoutNow | None = ...,
         read_index: Global___ReadIndex | None = ...,
         read_index_response: Global___ReadIndexResponse | None = ...,
+        term_probe: Global___TermProbe | None = ...,
+        term_probe_response: Global___TermProbeResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "read_index", b"read_index", "read_index_response", b"read_index_response", "timeout_now", b"timeout_now", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "read_index", b"read_index", "read_index_response", b"read_index_response", "term_probe", b"term_probe", "term_probe_response", b"term_probe_response", "timeout_now", b"timeout_now", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "read_index", b"read_index", "read_index_response", b"read_index_response", "sender", b"sender", "term", b"term", "timeout_now", b"timeout_now", "to", b"to", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "append_response", b"append_response", "body", b"body", "pre_vote", b"pre_vote", "pre_vote_response", b"pre_vote_response", "read_index", b"read_index", "read_index_response", b"read_index_response", "sender", b"sender", "term", b"term", "term_probe", b"term_probe", "term_probe_response", b"term_probe_response", "timeout_now", b"timeout_now", "to", b"to", "vote", b"vote", "vote_response", b"vote_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["pre_vote", "pre_vote_response", "vote", "vote_response", "append", "append_response", "timeout_now", "read_index", "read_index_response"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["pre_vote", "pre_vote_response", "vote", "vote_response", "append", "append_response", "timeout_now", "read_index", "read_index_response", "term_probe", "term_probe_response"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
