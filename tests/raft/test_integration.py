@@ -313,3 +313,33 @@ async def test_graceful_leader_shutdown_transfers_leadership(net3: Net) -> None:
     assert {s.term for s in statuses} == {term + 1}
     async with KVClient([net3.eps[n] for n in others]) as c:
         await c.put("after-transfer", b"ok")
+
+
+async def test_a_node_that_lost_its_disk_recovers_and_its_vote_elects(net3: Net) -> None:
+    """README, "A node lost its disk", on real nodes: a follower restarted with an empty
+    directory keeps out (``recovering_wait``), probes every peer's term over the wire,
+    catches up and drops its ``recovering`` file; then the leader dies, and the two
+    left, the recovered node's vote now real, elect a leader that holds every write."""
+    import shutil
+
+    leader = await net3.leader()
+    async with KVClient(list(net3.eps.values()), timeout=3.0, retries=5) as c:
+        for i in range(30):
+            await c.put(f"k{i}", b"%d" % i)
+    victim = next(n for n in net3.eps if n != leader)
+    node = net3.cluster.nodes[victim]
+    node.kill()
+    shutil.rmtree(node.data_dir)
+    node.start()
+    net3.proxies.reset_links_to([victim])
+    await net3.cluster.wait_ready(nodes=[victim])
+    marker = node.data_dir / "recovering"
+    await eventually(lambda: not marker.exists(), 20)
+    assert "recovering_wait" in node.log_path.read_text(encoding="utf-8")
+    net3.cluster.nodes[leader].kill()
+    rest = [n for n in net3.eps if n != leader]
+    await net3.leader(among=rest, timeout=20)
+    async with KVClient([net3.eps[n] for n in rest], timeout=3.0, retries=20) as c:
+        for i in range(30):
+            assert (await c.get(f"k{i}")).value == b"%d" % i
+        await c.put("after", b"1")
