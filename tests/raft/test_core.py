@@ -639,18 +639,7 @@ def wipe(net: Net, nid: str, *, probed: bool = True) -> RaftCore:
     ``probed``, its first TermProbes reach every peer and the answers come back at once,
     whatever the links (they carry only terms): it is fenced from the start."""
     net.durable[nid] = Durable(recovering=True)
-    net.queue = [m for m in net.queue if m.to != nid and m.frm != nid]
-    core = RaftCore(
-        nid,
-        net.ids,
-        net.cfg,
-        random.Random(99),
-        hard_state=HardState(0, None, 0),
-        snapshot=None,
-        entries=[],
-        recovering=True,
-    )
-    net.cores[nid] = core
+    core = restart(net, nid, seed=99)
     if probed:
         answer_probes(net, nid)
     return core
@@ -742,7 +731,7 @@ def test_a_recovering_node_votes_only_for_an_empty_log() -> None:
     assert rd is not None and any(isinstance(m, VoteResp) and not m.reject for m in rd.messages)
 
 
-def restart(net: Net, nid: str) -> RaftCore:
+def restart(net: Net, nid: str, seed: int = 7) -> RaftCore:
     """Restart ``nid`` from its durable state (a crash that kept the disk; recovering if
     its marker is still there)."""
     d = net.durable[nid]
@@ -751,7 +740,7 @@ def restart(net: Net, nid: str) -> RaftCore:
         nid,
         net.ids,
         net.cfg,
-        random.Random(7),
+        random.Random(seed),
         hard_state=d.hs,
         snapshot=None,
         entries=d.entries,

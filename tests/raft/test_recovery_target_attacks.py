@@ -38,7 +38,7 @@ from raft.messages import (
     Message,
 )
 from raft.progress import PState
-from tests.raft.test_core import Net, _elect_among, answer_probes, leading, wipe
+from tests.raft.test_core import Net, _elect_among, answer_probes, leading, restart, wipe
 from tests.raft.test_recovering_attacks import deliver, deliver_until, unblock
 
 ONE_PER_MSG = RaftConfig(election_ticks=10, heartbeat_ticks=1, max_entries_per_msg=1)
@@ -577,18 +577,8 @@ def test_a_recovering_node_that_restarts_with_its_disk_keeps_its_target_covered(
     deliver_until(net, lambda: n3.last_index >= 2)
     assert n3.recovering and n3._recover_to == (n1.term, 4) and n3.last_index == 2
     net.queue = [m for m in net.queue if m.to != "n3"]
-    d = net.durable["n3"]
-    n3 = RaftCore(
-        "n3",
-        net.ids,
-        net.cfg,
-        random.Random(5),
-        hard_state=d.hs,
-        snapshot=None,
-        entries=d.entries,
-        recovering=True,
-    )
-    net.cores["n3"] = n3
+    n3 = restart(net, "n3", seed=5)
+    assert n3.recovering  # (its marker is still there)
     answer_probes(net, "n3")  # (a new start asks every peer's term again)
     for _ in range(20):
         n1.tick()
