@@ -86,7 +86,9 @@ pre-votes. It leaves the state once both hold:
   its can meet a forgotten one. A vote it had recorded in that term stays blank
   (``_blank_through``), and the Ready that drops its marker waits until its term moves
   past that one: a restart before then (the vote on disk, the answer blank forgotten)
-  starts it recovering again. A peer that never answers keeps it recovering, its votes
+  starts it recovering again. Unless the node it voted for leads that term (it accepted
+  its Append): then no one else won the term with a vote it forgot (the two majorities
+  would share a real voter), and nothing waits. A peer that never answers keeps it recovering, its votes
   blank.
 * Caught up: it holds an entry of a leader's current term that the leader reports
   committed (by leader completeness it then holds every entry committed before that
@@ -714,6 +716,8 @@ class RaftCore:
             if isinstance(m, Append | InstallSnapshot):
                 self._election_elapsed = 0
                 self._leader = self._term_leader = m.frm
+                if self._marker_due:
+                    self._maybe_recovered()
                 if isinstance(m, Append):
                     self._handle_append(m)
                 else:
@@ -1233,17 +1237,21 @@ class RaftCore:
         if self._term == highest:
             if self._vote is None:
                 self._vote = self.id
-            elif self._vote != self.id:  # a vote it recorded blank: it stays blank
-                self._blank_through = highest
+            elif self._vote != self.id:  # a vote it recorded blank: it stays blank ...
+                self._blank_through = highest  # ... unless its candidate leads (below)
         self._fenced = True
         self._maybe_recovered()
 
     def _maybe_recovered(self) -> None:
         """Leave ``recovering``; a Ready says so (the shell drops its marker) once no vote
-        request it would answer blank is left (its term past ``_blank_through``)."""
+        request it would answer blank is left: its term is past ``_blank_through``, or the
+        candidate it recorded its vote for there leads that term (then no one else won it
+        with a vote it forgot: the two majorities would share a real voter)."""
         if self._recovering and self._data_recovered and self._fenced:
             self._recovering = False
             self._marker_due = True
+        if self._blank_through == self._term and self._vote == self._term_leader:
+            self._blank_through = 0
         if self._marker_due and self._term > self._blank_through:
             self._marker_due = False
             self._recovered = True
