@@ -88,8 +88,8 @@ pre-votes. It leaves the state once both hold:
   past that one: a restart before then (the vote on disk, the answer blank forgotten)
   starts it recovering again. Unless the node it voted for leads that term (it accepted
   its Append): then no one else won the term with a vote it forgot (the two majorities
-  would share a real voter), and nothing waits. A peer that never answers keeps it recovering, its votes
-  blank.
+  would share a real voter), and nothing waits. A peer that never answers keeps it
+  recovering, its votes blank.
 * Caught up: it holds an entry of a leader's current term that the leader reports
   committed (by leader completeness it then holds every entry committed before that
   term) and every entry up to the commit index of the first Append of that term that
