@@ -198,24 +198,37 @@ async def test_a_request_forwarded_over_a_pipeline_is_never_forwarded_again(
 async def test_concurrent_writes_through_a_follower_share_pipeline_messages(
     raft_cluster: LocalCluster,
 ) -> None:
+    """64 concurrent writes through a follower take fewer than 64 pipeline messages. How
+    many arrive together depends on the machine: a loaded one (CI with a simulator
+    beside it) once delivered all 64 one by one, each forwarded alone; so up to five
+    bursts, one of which must share messages (one message per write, as with unary
+    forwarding, fails every time)."""
     cluster = raft_cluster
     leader = (await _status(cluster, "n1")).leader_id
     follower = "n1" if leader != "n1" else "n2"
-    before = (await _status(cluster, follower)).counters
     n = 64
-    async with grpc.aio.insecure_channel(cluster.endpoints[follower]) as ch:
-        stub = kv_pb2_grpc.KVStub(ch)
-        answers = await asyncio.gather(
-            *(stub.Put(kv_pb2.PutRequest(key=f"fw/{i}", value=b"v"), timeout=10) for i in range(n))
-        )
-    assert {a.header.node_id for a in answers} == {leader}
-    assert {a.header.forwarded_by for a in answers} == {follower}
-    after = (await _status(cluster, follower)).counters
-    assert after["forwarded"] - before.get("forwarded", 0) == n
-    messages = after["forward_messages"] - before.get("forward_messages", 0)
-    assert 1 <= messages < n, messages
-    dump = await _dump(cluster, leader)
-    assert all(f"fw/{i}" in dump for i in range(n))
+    per_burst: list[int] = []
+    for burst in range(5):
+        before = (await _status(cluster, follower)).counters
+        async with grpc.aio.insecure_channel(cluster.endpoints[follower]) as ch:
+            stub = kv_pb2_grpc.KVStub(ch)
+            answers = await asyncio.gather(
+                *(
+                    stub.Put(kv_pb2.PutRequest(key=f"fw/{burst}/{i}", value=b"v"), timeout=10)
+                    for i in range(n)
+                )
+            )
+        assert {a.header.node_id for a in answers} == {leader}
+        assert {a.header.forwarded_by for a in answers} == {follower}
+        after = (await _status(cluster, follower)).counters
+        assert after["forwarded"] - before.get("forwarded", 0) == n
+        per_burst.append(after["forward_messages"] - before.get("forward_messages", 0))
+        assert per_burst[-1] >= 1
+        dump = await _dump(cluster, leader)
+        assert all(f"fw/{burst}/{i}" in dump for i in range(n))
+        if per_burst[-1] < n:
+            break
+    assert per_burst[-1] < n, per_burst
 
 
 async def test_raft_peer_attacks_are_refused(raft_cluster: LocalCluster) -> None:
