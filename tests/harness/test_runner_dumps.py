@@ -104,7 +104,8 @@ async def test_the_sampler_stops_only_on_agreeing_replicas(tmp_path: Path) -> No
     replicas.digests = {"n1": "a", "n2": "a", "n3": "b"}
     await eventually(lambda: replicas.held == 1, 10)
     stopping = asyncio.create_task(run._stop_sampler(agreeing_within=10.0))
-    await asyncio.sleep(0)  # the stop is asked for while the sample is in flight
+    # the stop is asked for while the sample is in flight
+    await eventually(lambda: run._stop_agreeing_by is not None, 10)
     taken = run._samples_taken
     replicas.digests = {"n1": "b", "n2": "b", "n3": "b"}  # the mark spreads
     hold, replicas.hold = replicas.hold, None
