@@ -738,8 +738,8 @@ def _disarm(disk: SimDisk, *, faults: bool = False) -> None:
 def sim_config(seed: int, *, soak: bool = False, nodes: int | None = None) -> SimConfig:
     """The randomized configuration of one seed's run (``nodes``: that many, not 3 or 5)."""
     r = random.Random(seed ^ 0x5EED)
-    n = r.choice([3, 3, 5])
-    n = nodes or n
+    drawn = r.choice([3, 3, 5])  # (drawn whatever ``nodes`` says: the later draws stay)
+    n = nodes or drawn
     rc = RaftConfig(
         election_ticks=10,
         heartbeat_ticks=r.choice([1, 2]),
